@@ -1,0 +1,384 @@
+"""Find attention blocks; fold every spelling to one :class:`AttentionBlock` record. Changes nothing.
+
+Spellings matched (op-type strings live here, not in passes):
+  1. ``MatMul(q, kᵀ) → (Mul|Div by scalar)? → (Add bias/mask)? → Softmax → (Where(IsNaN) guard | Cast)? → MatMul(·, v)``:
+     dynamo opset-18 and TorchScript exports. The scale may also sit on q and kᵀ separately (√scale each, as
+     torch's SDPA decomposition writes it). kᵀ is ``Transpose(k, perm=(..., -1, -2))`` or HF's
+     ``Reshape → Transpose(0, 2, 1) → Reshape``; when neither, ``k`` is ``None`` and only ``k_transposed`` is set.
+  2. The standard ``Attention`` op (opset ≥ 23), 4-D [B, H, N, D] inputs, or 3-D with ``q_num_heads``.
+  3. ``com.microsoft`` ``Attention`` (packed QKV projection inside) and ``MultiHeadAttention`` ([B, N, C] inputs).
+
+Besides the core, each record carries the residual stream the block lives on when the graph shows it:
+the value entering the qkv projection (``attn_input``), the output projection and the residual ``Add``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+MS = "com.microsoft"
+
+
+@dataclasses.dataclass
+class AttentionBlock:
+    """One attention core found in a graph (graph order gives ``index``)."""
+
+    index: int
+    kind: str  # "matmul_softmax" | "attention_op" | "ms_attention" | "ms_mha"
+    nodes: list[ir.Node]  # the core nodes, q·kᵀ … ·v (or the single fused node)
+    q: ir.Value | None
+    k: ir.Value | None  # [B, H, N, D] when recoverable
+    v: ir.Value | None
+    output: ir.Value  # attention output in the core's layout, before heads are merged
+    layout: str = "BHND"  # "BHND" | "BNC" (MultiHeadAttention) | "packed" (ms Attention)
+    k_transposed: ir.Value | None = None  # [B, H, D, N] input of the q·kᵀ MatMul
+    probs: ir.Value | None = None  # softmax output; None for fused ops
+    logits: ir.Value | None = None  # softmax input (after scale and mask)
+    mask: ir.Value | None = None  # additive bias / mask input, if any
+    scale: float | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    tokens: int | None = None  # static query length, when known
+    token_axis: int = 1  # token axis of the residual stream [B, N, C]
+    prefix_tokens: int = 0  # CLS / register / distillation tokens before the patch tokens
+    causal: bool = False
+    attn_input: ir.Value | None = None  # residual-stream value feeding the q/k/v projections
+    out_proj: ir.Node | None = None  # output projection (MatMul/Gemm with weight initializer)
+    residual_add: ir.Node | None = None  # the Add that puts the block's output back on the stream
+    residual_in: ir.Value | None = None  # the stream value the residual Add adds to
+
+    @property
+    def residual_out(self) -> ir.Value | None:
+        return self.residual_add.outputs[0] if self.residual_add is not None else None
+
+    def describe(self) -> dict:
+        """JSON-ready summary, as ``graphprune inspect --json`` prints it."""
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "heads": self.heads,
+            "head_dim": self.head_dim,
+            "tokens": self.tokens,
+            "kv_heads": self.kv_heads,
+            "prefix_tokens": self.prefix_tokens,
+            "has_probs": self.probs is not None,
+            "has_mask": self.mask is not None,
+            "causal": self.causal,
+            "nodes": [n.name for n in self.nodes],
+        }
+
+
+def const_value(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of a constant value (initializer or Constant node output), else ``None``."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    prod = value.producer()
+    if prod is not None and prod.op_type == "Constant" and prod.domain == "":
+        attr = prod.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+        for key in ("value_float", "value_int"):
+            if key in prod.attributes:
+                return np.array(prod.attributes[key].value)
+        for key in ("value_floats", "value_ints"):
+            if key in prod.attributes:
+                return np.array(prod.attributes[key].value)
+    return None
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    arr = const_value(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(()))
+
+
+def _producer(value: ir.Value | None, op: str, domain: str = "") -> ir.Node | None:
+    if value is None:
+        return None
+    node = value.producer()
+    if node is not None and node.op_type == op and node.domain == domain:
+        return node
+    return None
+
+
+def _dim(value: ir.Value | None, axis: int) -> int | None:
+    if value is None or value.shape is None or len(value.shape) < abs(axis):
+        return None
+    d = value.shape[axis]
+    return d if isinstance(d, int) else None
+
+
+def _strip_scale(value: ir.Value) -> tuple[ir.Value, float]:
+    """``Mul(x, c)`` / ``Div(x, c)`` by a scalar constant → (x, factor); else (value, 1)."""
+    for op in ("Mul", "Div"):
+        node = _producer(value, op)
+        if node is None:
+            continue
+        for i in (0, 1):
+            c = _scalar(node.inputs[1 - i]) if (op == "Mul" or i == 0) else None
+            if c is not None and node.inputs[i] is not None:
+                return node.inputs[i], (c if op == "Mul" else 1.0 / c)
+    return value, 1.0
+
+
+def _untranspose_k(kt: ir.Value) -> ir.Value | None:
+    """Recover k [B, H, N, D] from kᵀ [B, H, D, N] when kᵀ is a transpose of it."""
+    tr = _producer(kt, "Transpose")
+    if tr is not None:
+        perm = list(tr.attributes.get_ints("perm", []))
+        n = len(perm)
+        if n >= 2 and perm == list(range(n - 2)) + [n - 1, n - 2]:
+            return tr.inputs[0]
+    # HF / SDPA decomposition: Reshape([B*H, N, D]) → Transpose(0, 2, 1) → Reshape([B, H, D, N]).
+    r2 = _producer(kt, "Reshape")
+    tr = _producer(r2.inputs[0], "Transpose") if r2 is not None else None
+    r1 = _producer(tr.inputs[0], "Reshape") if tr is not None else None
+    if r1 is not None and list(tr.attributes.get_ints("perm", [])) == [0, 2, 1]:
+        return r1.inputs[0]
+    return None
+
+
+def _single_user(value: ir.Value, skip_guards: bool = True) -> tuple[ir.Node | None, list[ir.Node]]:
+    """Follow the softmax output through guard nodes (IsNaN/Where, Cast, Dropout, Identity) to its consumer."""
+    passed: list[ir.Node] = []
+    cur = value
+    while True:
+        users = [u for u, _ in cur.uses()]
+        if not skip_guards:
+            return (users[0] if len(users) == 1 else None), passed
+        isnan = [u for u in users if u.op_type == "IsNaN"]
+        where = [u for u in users if u.op_type == "Where"]
+        if isnan and len(where) == 1 and len(users) == 2:
+            passed += [isnan[0], where[0]]
+            cur = where[0].outputs[0]
+            continue
+        if len(users) == 1 and users[0].op_type in ("Cast", "Dropout", "Identity"):
+            passed.append(users[0])
+            cur = users[0].outputs[0]
+            continue
+        return (users[0] if len(users) == 1 else None), passed
+
+
+def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
+    axis = sm.attributes.get_int("axis", -1)
+    logits = sm.inputs[0]
+    rank = len(logits.shape) if logits.shape is not None else None
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return None
+    core = [sm]
+    mask = None
+    cur = logits
+    add = _producer(cur, "Add")
+    if add is not None:
+        # The branch that leads back to a MatMul (possibly via a scalar Mul/Div) is the q·kᵀ side.
+        for i in (0, 1):
+            inner, _ = _strip_scale(add.inputs[i])
+            if _producer(inner, "MatMul") is not None:
+                mask, cur = add.inputs[1 - i], add.inputs[i]
+                core.append(add)
+                break
+        else:
+            return None
+    scale = 1.0
+    inner, factor = _strip_scale(cur)
+    if inner is not cur:
+        core.append(cur.producer())
+        scale *= factor
+    qk = _producer(inner, "MatMul")
+    if qk is None:
+        return None
+    core.append(qk)
+    q, fq = _strip_scale(qk.inputs[0])
+    kt, fk = _strip_scale(qk.inputs[1])
+    scale *= fq * fk
+    pv, guards = _single_user(sm.outputs[0])
+    if pv is None or pv.op_type != "MatMul" or pv.inputs[0] is not (guards[-1].outputs[0] if guards else sm.outputs[0]):
+        return None
+    core += guards + [pv]
+    v = pv.inputs[1]
+    out = pv.outputs[0]
+    rank = len(q.shape) if q.shape is not None else 0
+    heads = _dim(q, -3) if rank >= 4 else None
+    kv_heads = _dim(v, -3) if rank >= 4 else None
+    head_dim = _dim(q, -1)
+    if head_dim is not None and math.isclose(scale, 1.0) and fq == fk == 1.0 and len(core) == 3 + len(guards) + (1 if mask is not None else 0):
+        pass  # unscaled attention: keep scale 1.0 as found
+    return AttentionBlock(
+        index=-1,
+        kind="matmul_softmax",
+        nodes=list(reversed(core[: len(core) - len(guards) - 1])) + guards + [pv],
+        q=q,
+        k=_untranspose_k(kt),
+        v=v,
+        output=out,
+        k_transposed=kt,
+        probs=sm.outputs[0],
+        logits=logits,
+        mask=mask,
+        scale=scale,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        tokens=_dim(q, -2),
+    )
+
+
+def _match_attention_op(node: ir.Node) -> AttentionBlock:
+    q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    qh = node.attributes.get_int("q_num_heads", 0) or None
+    kvh = node.attributes.get_int("kv_num_heads", 0) or None
+    rank = len(q.shape) if q.shape is not None else 4
+    if rank == 4:
+        heads, kv_heads, head_dim, tokens = _dim(q, 1), _dim(k, 1), _dim(q, 3), _dim(q, 2)
+    else:  # [B, N, H*D]
+        heads, kv_heads = qh, kvh
+        hidden = _dim(q, 2)
+        head_dim = hidden // heads if (hidden and heads) else None
+        tokens = _dim(q, 1)
+    scale = node.attributes.get_float("scale", 0.0) or (1.0 / math.sqrt(head_dim) if head_dim else None)
+    return AttentionBlock(
+        index=-1,
+        kind="attention_op",
+        nodes=[node],
+        q=q,
+        k=k,
+        v=v,
+        output=node.outputs[0],
+        layout="BHND" if rank == 4 else "BNC",
+        mask=mask,
+        scale=scale,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        tokens=tokens,
+        causal=bool(node.attributes.get_int("is_causal", 0)),
+    )
+
+
+def _match_ms(node: ir.Node) -> AttentionBlock:
+    heads = node.attributes.get_int("num_heads", 0) or None
+    scale = node.attributes.get_float("scale", 0.0) or None
+    if node.op_type == "Attention":  # input [B, N, C], packed weights [C, 3C]
+        x = node.inputs[0]
+        w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        hidden = (w.shape[1] // 3) if w is not None else None
+        head_dim = hidden // heads if (hidden and heads) else None
+        blk = AttentionBlock(
+            index=-1, kind="ms_attention", nodes=[node], q=None, k=None, v=None, output=node.outputs[0],
+            layout="packed", heads=heads, head_dim=head_dim, tokens=_dim(x, 1), scale=scale, attn_input=x,
+            causal=bool(node.attributes.get_int("unidirectional", 0)),
+        )
+        return blk
+    q, k, v = (node.inputs[i] if len(node.inputs) > i else None for i in range(3))
+    hidden = _dim(q, 2)
+    head_dim = hidden // heads if (hidden and heads) else None
+    return AttentionBlock(
+        index=-1, kind="ms_mha", nodes=[node], q=q, k=k, v=v, output=node.outputs[0], layout="BNC",
+        heads=heads, head_dim=head_dim, tokens=_dim(q, 1), scale=scale,
+        mask=node.inputs[4] if len(node.inputs) > 4 else None,
+    )
+
+
+_PASS_THROUGH = {"Transpose", "Reshape", "Gather", "Split", "Squeeze", "Unsqueeze", "Slice", "Mul", "Add", "Div"}
+
+
+def _is_weight(value: ir.Value | None) -> bool:
+    return value is not None and const_value(value) is not None
+
+
+def _projection_input(value: ir.Value | None, limit: int = 8) -> ir.Value | None:
+    """Walk back from q/k/v through reshapes, head splits, bias and scale to the projection's input."""
+    cur = value
+    for _ in range(limit):
+        node = cur.producer() if cur is not None else None
+        if node is None:
+            return None
+        if node.op_type in ("MatMul", "Gemm") and _is_weight(node.inputs[1]):
+            return node.inputs[0]
+        if node.op_type not in _PASS_THROUGH:
+            return None
+        # follow the non-constant data input
+        data = [i for i in node.inputs[:2] if i is not None and const_value(i) is None]
+        if len(data) != 1:
+            return None
+        cur = data[0]
+    return None
+
+
+def _attach_stream(blk: AttentionBlock) -> None:
+    """Find the projection input, output projection and residual Add around a core."""
+    src = blk.q if blk.q is not None else None
+    if blk.attn_input is None and src is not None:
+        blk.attn_input = _projection_input(src)
+    cur = blk.output
+    for _ in range(6):
+        users = [u for u, _ in cur.uses()]
+        if len(users) != 1:
+            return
+        node = users[0]
+        if node.op_type in ("MatMul", "Gemm") and _is_weight(node.inputs[1]) and blk.out_proj is None:
+            blk.out_proj = node
+        elif node.op_type == "Add" and blk.out_proj is not None:
+            other = node.inputs[1] if node.inputs[0] is cur else node.inputs[0]
+            if const_value(other) is None:
+                blk.residual_add, blk.residual_in = node, other
+                return
+        elif node.op_type not in ("Transpose", "Reshape", "Add"):
+            return
+        cur = node.outputs[0]
+
+
+def detect_prefix_tokens(graph: ir.Graph) -> int:
+    """Number of prefix (CLS/register) tokens: a token-axis Concat of a learned [1|B, p, C] tensor with patch tokens.
+
+    Returns 0 when the graph shows no such Concat (e.g. BERT, where [CLS] is an ordinary input token).
+    """
+    for node in graph:
+        if node.op_type != "Concat" or len(node.inputs) < 2:
+            continue
+        out = node.outputs[0]
+        if out.shape is None or len(out.shape) != 3 or node.attributes.get_int("axis", 0) not in (1, -2):
+            continue
+        first = node.inputs[0]
+        root = first
+        for _ in range(3):  # Expand(cls_token, [B, 1, C]) or Tile or the parameter itself
+            prod = root.producer() if root is not None else None
+            if prod is None or prod.op_type not in ("Expand", "Tile", "Cast"):
+                break
+            root = prod.inputs[0]
+        if root is not None and root.const_value is not None:
+            p = _dim(first, 1)
+            if p is not None and p < (_dim(out, 1) or 1 << 30):
+                return p
+    return 0
+
+
+def find_attention_blocks(model: ir.Model | ir.Graph) -> list[AttentionBlock]:
+    """All attention cores of the main graph, in graph order, with stream facts attached."""
+    graph = model.graph if isinstance(model, ir.Model) else model
+    blocks: list[AttentionBlock] = []
+    for node in graph:
+        blk = None
+        if node.domain == "" and node.op_type == "Softmax":
+            blk = _match_softmax(node)
+        elif node.domain == "" and node.op_type == "Attention":
+            blk = _match_attention_op(node)
+        elif node.domain == MS and node.op_type in ("Attention", "MultiHeadAttention"):
+            blk = _match_ms(node)
+        if blk is not None:
+            blk.index = len(blocks)
+            _attach_stream(blk)
+            blocks.append(blk)
+    prefix = detect_prefix_tokens(graph)
+    for blk in blocks:
+        blk.prefix_tokens = prefix
+    return blocks

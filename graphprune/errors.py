@@ -1,0 +1,23 @@
+"""Exceptions. ``GraphpruneError`` and its subclasses are errors a user can cause: the CLI prints one line, exit 2."""
+
+from __future__ import annotations
+
+
+class GraphpruneError(Exception):
+    """An error the user can fix (bad path, malformed model, bad config). Its message is one line."""
+
+
+class ModelLoadError(GraphpruneError):
+    """The model file is missing, not ONNX, truncated, or its external data is missing or unsafe."""
+
+
+class ConfigError(GraphpruneError):
+    """A pipeline or pass config is invalid; the message names the key."""
+
+
+class UnsupportedPatternError(GraphpruneError):
+    """The graph contains a pattern a pass cannot handle correctly."""
+
+
+class VerificationError(GraphpruneError):
+    """The optimized model's outputs do not match the original within the configured thresholds."""

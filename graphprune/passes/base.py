@@ -1,0 +1,99 @@
+"""The pass contract, built on ``onnx_ir.passes``.
+
+A graphprune pass is an :class:`onnx_ir.passes.InPlacePass` with:
+  * ``name``: its registry name (the ``name:`` key in pipeline YAML);
+  * ``Config``: a pydantic model whose fields are the YAML keys (unknown keys are errors);
+  * ``call(model) -> GraphResult``: the rewrite. The result says whether anything changed, what was rewritten
+    (one record per layer/block/group) and what was skipped and why. Never skip silently.
+
+Passes are stateless between calls: per-run state (calibration data, target backend, progress) lives in the
+:class:`PassContext` handed to the constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+import pydantic
+
+
+class PassConfig(pydantic.BaseModel):
+    """Base for pass configs: unknown keys are errors; configs are immutable."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+class NoConfig(PassConfig):
+    """A pass without options."""
+
+
+@dataclasses.dataclass
+class GraphResult(ir.passes.PassResult):
+    """:class:`onnx_ir.passes.PassResult` plus what was rewritten and what was skipped (with reasons)."""
+
+    rewritten: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass
+class PassContext:
+    """Per-run state shared by the passes of one pipeline run.
+
+    Attributes:
+        calibration: input feeds (name -> array) for passes that look at activations; ``None`` means
+            the pass generates them from the model's input specs (``analysis.inputs.example_inputs``).
+        target: the backend the result is meant for: ``onnxruntime`` (default) or ``tensorrt``.
+        progress: ``progress(task, done, total)`` for long steps; the CLI shows it as a progress bar.
+        source_path: the path the model was loaded from (for messages), if any.
+    """
+
+    calibration: list[dict[str, np.ndarray]] | None = None
+    target: str = "onnxruntime"
+    progress: Progress | None = None
+    source_path: str | None = None
+
+    @contextmanager
+    def task(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
+        """Report progress of a step with ``total`` units: ``with ctx.task("rank", n) as step: step(1)``."""
+        done = 0
+
+        def step(n: int = 1) -> None:
+            nonlocal done
+            done += n
+            if self.progress is not None:
+                self.progress(name, done, total)
+
+        if self.progress is not None:
+            self.progress(name, 0, total)
+        yield step
+
+
+class GraphPass(ir.passes.InPlacePass):
+    """Base class of every registered graphprune pass."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = NoConfig
+    #: One line for ``graphprune passes``.
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: PassConfig | dict | None = None, context: PassContext | None = None) -> None:
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            config = self.Config.model_validate(config)
+        elif not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, not {type(config).__name__}")
+        self.config = config
+        self.context = context or PassContext()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
