@@ -1,5 +1,31 @@
 """``ai.graphprune`` ops: one module per op (schema, numpy reference, standard-op function body)."""
 
-from graphprune.ops._base import DOMAIN, DOMAIN_VERSION, OpSchema, add_function, overload_key
+from __future__ import annotations
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "OpSchema", "add_function", "overload_key"]
+import importlib
+
+from graphprune.ops._base import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    FLOPS_RULES,
+    OpSchema,
+    add_function,
+    flops_rule,
+    overload_key,
+)
+
+# Op modules, imported lazily (``load_all``) so that their FLOPs rules are registered.
+_OP_MODULES = ("token_select", "token_merge", "diversity_select", "sparse_attention")
+
+
+def load_all() -> None:
+    """Import every op module (registers FLOPs rules)."""
+    for mod in _OP_MODULES:
+        try:
+            importlib.import_module(f"graphprune.ops.{mod}")
+        except ModuleNotFoundError as e:  # optional ops (e.g. diversity_select) may be absent
+            if e.name != f"graphprune.ops.{mod}":
+                raise
+
+
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "FLOPS_RULES", "OpSchema", "add_function", "flops_rule", "load_all", "overload_key"]

@@ -18,6 +18,8 @@ import dataclasses
 import hashlib
 import json
 
+from collections.abc import Callable
+
 import onnx_ir as ir
 
 DOMAIN = "ai.graphprune"
@@ -52,3 +54,17 @@ def add_function(model: ir.Model, function: ir.Function) -> None:
     model.graph.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
     # Function bodies use standard ops; the model must import a default opset they can run under.
     model.graph.opset_imports.setdefault("", BODY_OPSET)
+
+
+#: FLOPs rules for ``ai.graphprune`` ops, by op type: ``rule(node) -> int`` (multiply-add = 2 FLOPs).
+FLOPS_RULES: dict[str, Callable[[ir.Node], int]] = {}
+
+
+def flops_rule(op_type: str) -> Callable[[Callable[[ir.Node], int]], Callable[[ir.Node], int]]:
+    """Decorator: register the FLOPs rule of an ``ai.graphprune`` op (used by ``analysis.flops``)."""
+
+    def deco(fn: Callable[[ir.Node], int]) -> Callable[[ir.Node], int]:
+        FLOPS_RULES[op_type] = fn
+        return fn
+
+    return deco
