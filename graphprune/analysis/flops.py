@@ -1,0 +1,156 @@
+"""FLOPs and parameter counts, per node and per model. A multiply-add counts as 2 FLOPs.
+
+Rules: MatMul/Gemm (2·M·N·K), Conv (grouped: 2·out·Cin/g·k), ConvTranspose, the standard ``Attention`` op and
+com.microsoft ``Attention``/``MultiHeadAttention`` (projections + 4·B·H·N·M·D + softmax), LayerNorm/GroupNorm/
+InstanceNorm (5/elem), Softmax (5/elem), BatchNormalization (2/elem), pooling (kernel·out), reductions (in),
+elementwise ops (1/elem of the output). Shape-only ops (Reshape, Transpose, Gather, Concat, ...) are free.
+``ai.graphprune`` ops use the rule their op module registers (``graphprune.ops.flops_rule``).
+
+Shapes come from ONNX shape inference at a fixed input size (batch 1 by default). Nodes whose shapes stay
+unknown are listed in ``FlopsReport.unknown`` rather than silently counted as zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.analysis.shapes import concrete_shapes, input_dims
+from graphprune.ops import FLOPS_RULES, load_all
+from graphprune.ops._base import DOMAIN
+
+_ELEMENTWISE = {
+    "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Log", "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Gelu",
+    "HardSigmoid", "HardSwish", "Clip", "Min", "Max", "Where", "Neg", "Abs", "Reciprocal", "Sum", "Mean", "Elu",
+    "Selu", "Softplus", "PRelu", "Mish", "Swish", "Cos", "Sin", "IsNaN", "Equal", "Less", "Greater", "And", "Or", "Not",
+}
+_NORM5 = {"LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax", "LogSoftmax",
+          "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization"}
+_REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceProd",
+           "GlobalAveragePool", "GlobalMaxPool", "ArgMax", "ArgMin", "TopK"}
+
+
+@dataclasses.dataclass
+class FlopsReport:
+    flops: int
+    params: int
+    per_node: dict[str, int]
+    unknown: list[str]
+
+    def to_dict(self) -> dict:
+        return {"flops": self.flops, "params": self.params, "unknown_nodes": len(self.unknown)}
+
+
+def _numel(shape) -> int | None:
+    if shape is None or any(not isinstance(d, int) for d in shape):
+        return None
+    return int(math.prod(shape))
+
+
+def _node_flops(node: ir.Node, shp) -> int | None:  # noqa: C901 - a flat table of rules
+    op = node.op_type
+    ins = [shp(v) for v in node.inputs]
+    outs = [shp(v) for v in node.outputs]
+    out = outs[0] if outs else None
+    if node.domain == DOMAIN:
+        rule = FLOPS_RULES.get(op)
+        return rule(node) if rule is not None else None
+    if op == "MatMul":
+        if ins[0] is None or _numel(out) is None or not ins[0]:
+            return None
+        return 2 * _numel(out) * ins[0][-1]
+    if op == "Gemm":
+        if ins[0] is None or _numel(out) is None:
+            return None
+        k = ins[0][0] if node.attributes.get_int("transA", 0) else ins[0][-1]
+        return 2 * _numel(out) * k + (_numel(out) if len(node.inputs) > 2 else 0)
+    if op in ("Conv", "ConvTranspose"):
+        w = ins[1]
+        if w is None or _numel(out) is None:
+            return None
+        k = math.prod(w[2:])
+        if op == "Conv":
+            return 2 * _numel(out) * w[1] * k + (_numel(out) if len(node.inputs) > 2 else 0)
+        x = _numel(ins[0])
+        return None if x is None else 2 * x * w[1] * k  # weight [Cin, Cout/g, k...]
+    if op == "Attention" and node.domain == "":
+        q, k = ins[0], ins[1]
+        if q is None or k is None:
+            return None
+        if len(q) == 4:
+            b, h, n, d = q
+            m = k[2]
+            dv = ins[2][3] if ins[2] is not None else d
+        else:
+            heads = node.attributes.get_int("q_num_heads", 1)
+            b, n, hd = q
+            h, d, m = heads, hd // heads, k[1]
+            dv = d
+        return 2 * b * h * n * m * (d + dv) + 5 * b * h * n * m
+    if node.domain == "com.microsoft" and op in ("Attention", "MultiHeadAttention"):
+        heads = node.attributes.get_int("num_heads", 1)
+        x = ins[0]
+        if x is None:
+            return None
+        b, n, c = x
+        proj = 2 * b * n * c * ins[1][1] if (op == "Attention" and ins[1] is not None) else 0
+        hidden = ins[1][1] // 3 if (op == "Attention" and ins[1] is not None) else c
+        m = n if op == "Attention" or ins[1] is None else ins[1][1]
+        return proj + 4 * b * heads * n * m * (hidden // heads) + 5 * b * heads * n * m
+    if op in _NORM5:
+        e = _numel(out)
+        return None if e is None else 5 * e
+    if op == "BatchNormalization":
+        e = _numel(out)
+        return None if e is None else 2 * e
+    if op in ("MaxPool", "AveragePool", "LpPool"):
+        e = _numel(out)
+        ks = node.attributes.get_ints("kernel_shape", [1])
+        return None if e is None else e * math.prod(ks)
+    if op in _REDUCE:
+        e = _numel(ins[0])
+        return None if e is None else e
+    if op in _ELEMENTWISE:
+        e = _numel(out)
+        return None if e is None else e
+    return 0
+
+
+def count_params(model: ir.Model) -> int:
+    """Elements of floating-point initializers (each tensor once, however many users)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if t is not None and t.dtype.is_floating_point():
+            total += int(np.prod(t.shape.numpy())) if len(t.shape) else 1
+    return total
+
+
+def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None) -> FlopsReport:
+    """FLOPs of one forward pass at ``batch`` (symbolic non-batch axes from ``dims`` or 32)."""
+    load_all()
+    shapes = concrete_shapes(model, input_dims(model, batch=batch, dims=dims))
+
+    def shp(value: ir.Value | None):
+        if value is None:
+            return None
+        s = shapes.get(value.name)
+        if s is None and value.shape is not None:
+            s = tuple(value.shape)
+        return s
+
+    per_node: dict[str, int] = {}
+    unknown: list[str] = []
+    for node in model.graph:
+        try:
+            f = _node_flops(node, shp)
+        except (TypeError, IndexError, ValueError):
+            f = None
+        if f is None:
+            unknown.append(node.name or node.op_type)
+            f = 0
+        per_node[node.name or f"{node.op_type}_{len(per_node)}"] = int(f)
+    return FlopsReport(int(sum(per_node.values())), count_params(model), per_node, unknown)

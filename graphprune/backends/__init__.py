@@ -1,0 +1,1 @@
+"""Backends: build, run and benchmark optimized models (ONNX Runtime; TensorRT lowering)."""

@@ -1,0 +1,312 @@
+"""The ``graphprune`` command: optimize, inspect, bench, passes.
+
+User errors (bad paths, malformed models, bad configs, failed verification) print one line to stderr and exit
+with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from graphprune.errors import ConfigError, GraphpruneError
+
+app = typer.Typer(
+    name="graphprune",
+    help="Make trained networks cheaper: token drop, sparse attention and channel pruning on ONNX graphs, verified.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+class _Bar:
+    """PassContext.progress → a rich progress bar per task (on stderr; silent when not a terminal)."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(name, total=total)
+        self.progress.update(self.tasks[name], completed=done, total=total)
+
+    def __enter__(self) -> _Bar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+def parse_sparse_spec(spec: str) -> dict[str, Any]:
+    """``PATTERN[:key=value,...]`` → a ``sparse_attention`` pass entry (values parsed as YAML scalars)."""
+    pattern, _, rest = spec.partition(":")
+    if not pattern:
+        raise ConfigError("--sparse-attention: expected PATTERN[:key=value,...], e.g. sliding_window:window=256")
+    entry: dict[str, Any] = {"name": "sparse_attention", "pattern": pattern}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--sparse-attention: {item!r} is not key=value")
+        try:
+            entry[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"--sparse-attention: cannot parse value of {key!r}: {value!r}") from None
+    return entry
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+@app.command()
+def optimize(
+    model: Annotated[Path, typer.Argument(help="Input ONNX model (never modified).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output ONNX path (must differ from the input).")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Pipeline YAML (passes + verify).")] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
+    bench: Annotated[bool, typer.Option("--bench", help="Benchmark original vs optimized in ONNX Runtime.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write the output even if verification fails.")] = False,
+    token_keep: Annotated[float | None, typer.Option("--token-keep", help="Add token_drop with this keep ratio.")] = None,
+    sparse_attention: Annotated[
+        str | None, typer.Option("--sparse-attention", help="Add sparse_attention: PATTERN[:key=value,...].")
+    ] = None,
+    prune_channels: Annotated[float | None, typer.Option("--prune-channels", help="Add channel_prune with this ratio.")] = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", help=".npz of input arrays for verification.")] = None,
+    cosine_min: Annotated[float | None, typer.Option(help="Verification threshold (overrides the config).")] = None,
+    max_abs_err: Annotated[float | None, typer.Option(help="Verification threshold (overrides the config).")] = None,
+    top1_min: Annotated[float | None, typer.Option(help="Verification threshold (overrides the config).")] = None,
+    batch: Annotated[int, typer.Option(help="Batch size for --bench.")] = 1,
+    runs: Annotated[int, typer.Option(help="Timed runs per model for --bench.")] = 20,
+    threads: Annotated[int | None, typer.Option(help="ORT intra-op threads (default: all cores).")] = None,
+) -> None:
+    """Run a pass pipeline on MODEL, verify the result against MODEL, and write it to OUTPUT.
+
+    Without --config or shortcut flags the pipeline is `cleanup`. Shortcut flags append their pass (then
+    `cleanup`) after the config's passes. Verification defaults to cosine_min 0.95 when nothing sets a threshold.
+    """
+    from graphprune.pipeline import Pipeline, optimize as run_optimize
+    from graphprune.verify import VerifyThresholds
+
+    pipe = Pipeline.from_yaml(config) if config else Pipeline()
+    shortcut = []
+    if token_keep is not None:
+        shortcut.append({"name": "token_drop", "keep_ratio": token_keep})
+    if sparse_attention is not None:
+        shortcut.append(parse_sparse_spec(sparse_attention))
+    if prune_channels is not None:
+        shortcut.append({"name": "channel_prune", "ratio": prune_channels})
+    for entry in shortcut:
+        pipe.steps.append(Pipeline.step(entry, f"--{entry['name'].replace('_', '-')}"))
+    if shortcut or not pipe.steps:
+        pipe.add("cleanup")
+    overrides = {k: v for k, v in dict(cosine_min=cosine_min, max_abs_err=max_abs_err, top1_min=top1_min).items() if v is not None}
+    thresholds = pipe.verify.model_dump(exclude_none=True) | overrides
+    pipe.verify = VerifyThresholds(**(thresholds or {"cosine_min": 0.95}))
+    feeds = None
+    if inputs is not None:
+        from graphprune.analysis.inputs import load_npz
+        from graphprune.io import load_model
+
+        feeds = load_npz(str(inputs), load_model(model))
+    if report is not None and not report.parent.exists():
+        raise GraphpruneError(f"report folder {report.parent} does not exist")
+    from graphprune.passes.base import PassContext
+
+    with _Bar() as bar:
+        try:
+            rep = run_optimize(model, output, pipe, feeds=feeds, bench=bench, bench_batch=batch, bench_runs=runs,
+                               threads=threads, force=force, context=PassContext(progress=bar))
+        except GraphpruneError as e:
+            if report is not None and getattr(e, "report", None) is not None:
+                _write_json_atomic(report, e.report)
+            raise
+    if report is not None:
+        _write_json_atomic(report, rep)
+    _summary(rep)
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _summary(rep: dict) -> None:
+    t = Table(title=f"graphprune: {rep['model']} → {rep['output']}", title_justify="left")
+    for col in ("pass", "changed", "nodes", "FLOPs", "params", "s", "skipped"):
+        t.add_column(col)
+    for p in rep["passes"]:
+        t.add_row(
+            p["name"], "yes" if p["changed"] else "no", f"{p['nodes']['before']}→{p['nodes']['after']}",
+            f"{_fmt_flops(p['flops']['before'])}→{_fmt_flops(p['flops']['after'])}",
+            f"{_fmt_flops(p['params']['before'])}→{_fmt_flops(p['params']['after'])}", f"{p['seconds']:.2f}",
+            str(len(p["skipped"])),
+        )
+    out.print(t)
+    for p in rep["passes"]:
+        for s in p["skipped"][:10]:
+            out.print(f"  [yellow]skipped[/] {p['name']}: {s.get('where', '')}: {s.get('reason', '')}")
+    v = rep["verify"]
+    top1 = f", top-1 agreement {v['top1_agreement']:.4f}" if v.get("top1_agreement") is not None else ""
+    status = "[green]passed[/]" if v["passed"] else "[red]FAILED (written with --force)[/]"
+    out.print(f"verify {status}: max abs err {v['max_abs_err']:.3g}, min cosine {v['cosine_min']:.6f}{top1}")
+    out.print(f"FLOPs ×{rep['flops']['ratio']:.3f}, params ×{rep['params']['ratio']:.3f}")
+    if "latency_ms" in rep:
+        lat = rep["latency_ms"]
+        out.print(f"latency {lat['before']:.2f} ms → {lat['after']:.2f} ms (median, batch {lat['batch']}): {lat['speedup']:.2f}× speedup")
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="ONNX model.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show inputs, outputs, opset, FLOPs/params, attention blocks and channel groups of MODEL."""
+    from graphprune.analysis import summarize
+    from graphprune.io import load_model
+
+    info = summarize(load_model(model))
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    out.print(f"[bold]{model}[/]  opset {info['opset']}  FLOPs {_fmt_flops(info['flops'])} (batch 1)  params {_fmt_flops(info['params'])}")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            out.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
+    t = Table(title=f"attention blocks: {len(info['attention_blocks'])}", title_justify="left")
+    for col in ("index", "kind", "heads", "head_dim", "tokens", "prefix", "probs", "mask"):
+        t.add_column(col)
+    for b in info["attention_blocks"]:
+        t.add_row(*(str(b[k]) for k in ("index", "kind", "heads", "head_dim", "tokens", "prefix_tokens", "has_probs", "has_mask")))
+    out.print(t)
+    groups = info.get("channel_groups")
+    if groups is not None:
+        prunable = [g for g in groups if g.get("prunable")]
+        g = Table(title=f"channel groups: {len(groups)} ({len(prunable)} prunable)", title_justify="left")
+        for col in ("id", "size", "prunable", "members / reason"):
+            g.add_column(col)
+        for grp in groups[:200]:
+            members = ", ".join(map(str, grp.get("members", [])[:4])) + (" …" if len(grp.get("members", [])) > 4 else "")
+            g.add_row(str(grp.get("id")), str(grp.get("size")), "yes" if grp.get("prunable") else "no",
+                      members if grp.get("prunable") else str(grp.get("reason", "")))
+        out.print(g)
+
+
+@app.command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="ONNX model to time.")],
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="Time this model too, interleaved, and report the ratio.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    batch: Annotated[int, typer.Option(help="Batch size of the generated inputs.")] = 1,
+    runs: Annotated[int, typer.Option(help="Timed runs per model.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per model.")] = 3,
+    threads: Annotated[int | None, typer.Option(help="ORT intra-op threads (default: all cores).")] = None,
+) -> None:
+    """Median and p90 latency of MODEL in ONNX Runtime (CPU), optionally against a baseline."""
+    from graphprune.analysis.inputs import example_inputs
+    from graphprune.backends.onnxruntime import benchmark
+    from graphprune.io import load_model
+
+    m = load_model(model)
+    models: dict[str, Any] = {"model": model}
+    if baseline is not None:
+        load_model(baseline)
+        models = {"baseline": baseline, "model": model}
+    feeds = example_inputs(m, batch=batch, seed=1)
+    with _Bar() as bar:
+        res = benchmark(models, feeds, warmup=warmup, runs=runs, threads=threads, progress=lambda d, t: bar("benchmark", d, t))
+    result: dict[str, Any] = {"batch": batch, "runs": runs, "latency_ms": res}
+    if baseline is not None:
+        result["speedup"] = res["baseline"]["median_ms"] / res["model"]["median_ms"]
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    t = Table(title=f"ONNX Runtime CPU, batch {batch}, {runs} interleaved runs", title_justify="left")
+    for col in ("model", "median ms", "p90 ms"):
+        t.add_column(col)
+    for k, v in res.items():
+        t.add_row(str(models[k]), f"{v['median_ms']:.3f}", f"{v['p90_ms']:.3f}")
+    out.print(t)
+    if baseline is not None:
+        out.print(f"speedup over baseline: {result['speedup']:.2f}×")
+
+
+@app.command("passes")
+def list_passes(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
+    """List the registered passes and their options (the YAML keys)."""
+    from graphprune.passes import registry
+
+    info = {}
+    for name, cls in sorted(registry().items()):
+        fields = {}
+        for fname, f in cls.Config.model_fields.items():
+            fields[fname] = {"type": str(f.annotation).replace("typing.", ""), "default": f.default if not f.is_required() else None,
+                             "required": f.is_required(), "help": f.description or ""}
+        info[name] = {"summary": cls.summary, "options": fields}
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    for name, p in info.items():
+        out.print(f"[bold]{name}[/]: {p['summary']}")
+        for fname, f in p["options"].items():
+            default = "required" if f["required"] else f"default {f['default']!r}"
+            out.print(f"    {fname}: {f['type']} ({default}) {f['help']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors with exit code 2 unless --debug."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        app(args=args, standalone_mode=False)
+    except GraphpruneError as e:
+        if "--debug" in args:
+            raise
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        if "--debug" in args:
+            raise
+        err.print(f"[red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
