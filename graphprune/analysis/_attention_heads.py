@@ -1,0 +1,313 @@
+"""Whole-head channel rule for :mod:`graphprune.analysis.channels`, anchored on :class:`AttentionBlock`.
+
+Pattern (any layout the exporter writes between the projections and the core):
+    root_q/k/v [.., C] --(Reshape | Transpose | Gather | Split | Squeeze | Unsqueeze | Expand | Mul/Div by scalar)*-->
+        q [B, H, N, D], k (or kᵀ) [B, Hk, N, D], v [B, Hk, N, D] --core--> out [B, H, N, D]
+        --(Transpose | Reshape)*--> merged [.., H·D] --> output projection
+The root values are the outputs of the q/k/v projections (plus bias), labeled on their last axis.
+
+How the channel ↔ (head, dim) maps are found: an index tensor (channel + C·position) is pushed through the
+exact chain ops in numpy, with symbolic dims (batch, tokens) set to 1. The result at q/k/v gives, for each
+(head, dim), the projection channel it reads; a channel that would depend on the token position, or a head
+that would mix channels of several positions, blocks the block. The same is done backwards from the core
+output to the merged tensor. Nothing about ``[B, N, 3, H, D]`` or ``permute(2, 0, 3, 1, 4)`` is assumed.
+
+Coupling: each q head h is one class with k/v head ``h·Hk/H`` (grouped-query attention keeps whole kv groups),
+and with the merged channels of head h (the rows of the output projection).
+Rewrites: every static entry of a chain Reshape/Expand target and Split sizes that varies with the channel; the
+``q_num_heads``/``kv_num_heads`` attributes of a 3-D ``Attention`` op; com.microsoft ``num_heads``.
+Blocked: com.microsoft packed ``Attention``, per-head masks, chains with other ops or other users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.analysis.attention import AttentionBlock, const_value
+
+if TYPE_CHECKING:
+    from graphprune.analysis.channels import Builder
+
+_CHAIN = {"Reshape", "Transpose", "Gather", "Split", "Squeeze", "Unsqueeze", "Expand", "Mul", "Div", "Identity", "Cast"}
+_OUT_CHAIN = {"Transpose", "Reshape"}
+
+
+@dataclasses.dataclass
+class _Block:
+    blk: AttentionBlock
+    operands: list[ir.Value]  # q-side, k-side, v-side inputs of the core
+    k_transposed: bool
+    chains: list[list[ir.Node]]  # per operand, forward order
+    roots: list[ir.Value]
+    out_chain: list[ir.Node]
+    merged: ir.Value | None
+    reason: str | None = None
+
+
+@dataclasses.dataclass
+class Claims:
+    finishers: dict[ir.Node, _Block]
+
+
+def _data_input(node: ir.Node) -> ir.Value | None:
+    if node.op_type in ("Mul", "Div"):
+        consts = [v for v in node.inputs if const_value(v) is not None and const_value(v).size == 1]
+        data = [v for v in node.inputs if const_value(v) is None]
+        return data[0] if len(consts) == 1 and len(data) == 1 else None
+    return node.inputs[0]
+
+
+def _walk_back(value: ir.Value) -> tuple[list[ir.Node], ir.Value]:
+    chain: list[ir.Node] = []
+    cur = value
+    while True:
+        p = cur.producer()
+        if p is None or p.domain != "" or p.op_type not in _CHAIN:
+            return list(reversed(chain)), cur
+        data = _data_input(p)
+        if data is None or any(const_value(v) is None for v in p.inputs[1:] if v is not None and v is not data):
+            return list(reversed(chain)), cur
+        chain.append(p)
+        cur = data
+
+
+def _walk_forward(value: ir.Value) -> tuple[list[ir.Node], ir.Value]:
+    chain: list[ir.Node] = []
+    cur = value
+    while True:
+        users = [u for u, _ in cur.uses()]
+        if len(users) != 1 or users[0].op_type not in _OUT_CHAIN or users[0].domain != "":
+            return chain, cur
+        chain.append(users[0])
+        cur = users[0].outputs[0]
+
+
+def _describe(b: Builder, blk: AttentionBlock) -> _Block:
+    if blk.kind == "ms_attention":
+        return _Block(blk, [], False, [], [], [], None, "com.microsoft packed Attention: heads are not separable")
+    if blk.kind == "matmul_softmax":
+        qk = next(n for n in blk.nodes if n.op_type == "MatMul")
+        pv = blk.nodes[-1]
+        operands, kt = [qk.inputs[0], qk.inputs[1], pv.inputs[1]], True
+    else:
+        operands, kt = list(blk.nodes[0].inputs[:3]), False
+    chains, roots = [], []
+    for v in operands:
+        c, r = _walk_back(v)
+        chains.append(c)
+        roots.append(r)
+    out_chain, merged = _walk_forward(blk.output)
+    rec = _Block(blk, operands, kt, chains, roots, out_chain, merged)
+    if blk.mask is not None and blk.mask.shape is not None and len(blk.mask.shape) == 4:
+        h = blk.mask.shape[1]
+        if not (isinstance(h, int) and h == 1):
+            rec.reason = "the mask has a head axis"
+    return rec
+
+
+def claim(b: Builder, blocks: list[AttentionBlock]) -> Claims:
+    """Mark core and chain nodes as handled by this rule; the last core node finishes the block."""
+    finishers: dict[ir.Node, _Block] = {}
+    for blk in blocks:
+        rec = _describe(b, blk)
+        nodes = set(blk.nodes) | set(rec.out_chain) | {n for c in rec.chains for n in c}
+        inner = [o for n in nodes for o in n.outputs if o is not rec.merged]
+        if any(u not in nodes for o in inner for u, _ in o.uses()):
+            rec.reason = rec.reason or "an intermediate attention value has users outside the block"
+        b.claimed |= nodes
+        finishers[blk.nodes[-1]] = rec
+    return Claims(finishers)
+
+
+def _run(node: ir.Node, x: np.ndarray) -> list[np.ndarray]:
+    from graphprune.analysis.channels import static_shape
+
+    op = node.op_type
+    if op in ("Reshape", "Squeeze", "Unsqueeze"):
+        return [x.reshape(static_shape(node.outputs[0]))]
+    if op == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        return [np.transpose(x, perm)]
+    if op == "Gather":
+        return [np.take(x, const_value(node.inputs[1]), axis=node.attributes.get_int("axis", 0))]
+    if op == "Expand":
+        return [np.broadcast_to(x, static_shape(node.outputs[0]))]
+    if op == "Split":
+        sizes = np.asarray(const_value(node.inputs[1])) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        axis = node.attributes.get_int("axis", 0)
+        if sizes is None:
+            return list(np.split(x, len(node.outputs), axis=axis))
+        return list(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
+    return [x]  # Mul/Div by a scalar, Identity, Cast
+
+
+def _simulate(chain: list[ir.Node], start: ir.Value, arr: np.ndarray, env: dict) -> None:
+    env[start] = arr
+    for node in chain:
+        x = env.get(_data_input(node))
+        if x is None:
+            continue
+        for o, y in zip(node.outputs, _run(node, x), strict=False):
+            env[o] = y
+
+
+def _index_array(value: ir.Value, width: int) -> np.ndarray | None:
+    from graphprune.analysis.channels import static_shape
+
+    s = static_shape(value)
+    if s is None or s[-1] != width:
+        return None
+    outer = int(np.prod(s[:-1]))
+    return (np.arange(width)[None, :] + width * np.arange(outer)[:, None]).reshape(s)
+
+
+def _head_map(arr: np.ndarray | None, width: int, transposed: bool) -> np.ndarray | str:
+    """[H, D] channel of each (head, dim), from a simulated [1, H, N, D] (or [1, H, D, N]) operand."""
+    if arr is None or arr.ndim != 4 or arr.shape[0] != 1:
+        return "q/k/v are not [B, H, N, D] views of the projections"
+    if transposed:
+        arr = np.swapaxes(arr, 2, 3)
+    ch, pos = arr % width, arr // width
+    if not (ch == ch[:, :, :1, :]).all() or not (pos == pos[:, :1, :, :1]).all():
+        return "heads mix channels with token positions"
+    return ch[0, :, 0, :]
+
+
+def _edits(b: Builder, rec: _Block, env: dict, atoms_of) -> str | None:
+    """Count edits for every chain Reshape/Expand/Split entry that varies with the kept heads."""
+    for node in [n for c in rec.chains for n in c] + rec.out_chain:
+        if node.op_type in ("Reshape", "Expand"):
+            y = env.get(node.outputs[0])
+            if y is None:
+                continue
+            target = const_value(node.inputs[1])
+            if target is None:
+                return f"{node.op_type} {node.name!r} target is not a constant"
+            target = np.asarray(target).ravel()
+            off = y.ndim - len(target)
+            for p in range(len(target)):
+                if target[p] <= 0 or p + off < 0:
+                    continue
+                lines = atoms_of(np.moveaxis(y, p + off, 0).reshape(y.shape[p + off], -1))
+                if not (lines == lines[:1]).all():
+                    b.count_edit(node, 1, p, lines)
+        elif node.op_type == "Split":
+            if len(node.inputs) < 2 or node.inputs[1] is None:
+                return f"Split {node.name!r} without sizes"
+            axis = node.attributes.get_int("axis", 0)
+            for k, o in enumerate(node.outputs):
+                y = env.get(o)
+                if y is not None:
+                    b.count_edit(node, 1, k, atoms_of(np.moveaxis(y, axis, 0).reshape(y.shape[axis], -1)))
+    return None
+
+
+def apply(b: Builder, rec: _Block) -> None:
+    """Finish one block: derive head maps, union whole heads, label the merged tensor, record rewrites."""
+    labs = [b.label(r) for r in rec.roots]
+    all_atoms = [lab.atoms for lab in labs if lab is not None]
+
+    def fail(reason: str) -> None:
+        for a in all_atoms:
+            b.block(a, f"attention block {rec.blk.index}: {reason}")
+        if rec.merged is not None:
+            b.set_label(rec.merged, (len(rec.merged.shape) if rec.merged.shape is not None else 1) - 1,
+                        b.new_space(rec.blk.nodes[-1], 1))
+            b.block(b.labels[rec.merged].atoms, f"attention block {rec.blk.index}: {reason}")
+
+    if rec.reason:
+        return fail(rec.reason)
+    if any(lab is None for lab in labs):
+        return fail("q/k/v do not come from tracked projections")
+    ranks = [len(r.shape) if r.shape is not None else None for r in rec.roots]
+    if any(lab.axis != (rk or 0) - 1 for lab, rk in zip(labs, ranks, strict=True)):
+        return fail("projection channels are not on the last axis")
+    env: dict = {}
+    maps = []
+    three_d = rec.blk.layout == "BNC"
+    for i, (chain, root, lab) in enumerate(zip(rec.chains, rec.roots, labs, strict=True)):
+        width = len(lab.atoms)
+        if three_d:
+            heads = rec.blk.heads if i == 0 else (rec.blk.kv_heads or rec.blk.heads)
+            if not heads or width % heads or chain:
+                return fail("3-D attention inputs without a head count")
+            maps.append(np.arange(width).reshape(heads, -1))
+            continue
+        arr = _index_array(root, width)
+        if arr is None:
+            return fail("projection output shape is unknown")
+        _simulate(chain, root, arr, env)
+        hm = _head_map(env.get(rec.operands[i]), width, rec.k_transposed and i == 1)
+        if isinstance(hm, str):
+            return fail(hm)
+        maps.append(hm)
+    qa, ka, va = (lab.atoms[m] for lab, m in zip(labs, maps, strict=True))
+    h, hk = qa.shape[0], ka.shape[0]
+    if h % hk or va.shape[0] != hk:
+        return fail(f"{h} query heads do not split evenly over {hk} key/value heads")
+    for i in range(h):
+        j = i * hk // h
+        b.union_all(np.concatenate([qa[i], ka[j], va[j]]))
+    for s in {int(b.atom_space[a]) for a in np.concatenate([qa.ravel(), ka.ravel(), va.ravel()]).tolist()}:
+        b.kinds[s] = "heads"
+    d = qa.shape[1]
+    out_atoms = qa  # output channel (head h, dim d) belongs to q head h's class
+    if three_d:
+        merged_atoms = qa.reshape(-1)
+        node = rec.blk.nodes[0]
+        if rec.blk.kind == "attention_op":
+            b.count_edit(node, None, 0, qa, attr="q_num_heads")
+            b.count_edit(node, None, 0, ka, attr="kv_num_heads")
+        else:
+            b.count_edit(node, None, 0, qa, attr="num_heads")
+        b.set_label(rec.blk.output, len(rec.blk.output.shape) - 1, merged_atoms)
+    else:
+        if rec.merged is None or rec.merged.shape is None:
+            return fail("no merged output")
+        start = _index_array(rec.blk.output, d)
+        if start is None or start.shape[1] != h:
+            return fail("core output is not [B, H, N, D]")
+        code = (start % d) + d * np.arange(h)[None, :, None, None]
+        tok = np.arange(start.shape[2])[None, None, :, None]
+        _simulate(rec.out_chain, rec.blk.output, code + h * d * tok, env)
+        y = env.get(rec.merged)
+        if y is None or y.shape[-1] != h * d:
+            return fail("merged output is not [.., H·D]")
+        ch = y % (h * d)
+        if not (ch == ch.reshape(-1, h * d)[:1].reshape((1,) * (y.ndim - 1) + (h * d,))).all():
+            return fail("merged output mixes heads with token positions")
+        merged_atoms = out_atoms.reshape(-1)[ch.reshape(-1, h * d)[0]]
+        b.set_label(rec.merged, y.ndim - 1, merged_atoms)
+    # atoms of a simulated element: input side (channel + C·pos of one root) or output side ((h, d) + H·D·pos)
+    root_atoms = {id(r): lab.atoms for r, lab in zip(rec.roots, labs, strict=True)}
+
+    def atoms_of_in(root):
+        a = root_atoms[id(root)]
+        return lambda arr: a[arr % len(a)]
+
+    out_flat = out_atoms.reshape(-1)
+    for chain, root in zip(rec.chains, rec.roots, strict=True):
+        sub = _Block(rec.blk, rec.operands, rec.k_transposed, [chain], [root], [], None)
+        reason = _edits(b, sub, env, atoms_of_in(root))
+        if reason:
+            return fail(reason)
+    sub = _Block(rec.blk, rec.operands, rec.k_transposed, [], [], rec.out_chain, None)
+    reason = _edits(b, sub, env, lambda arr: out_flat[arr % (h * d)])
+    if reason:
+        return fail(reason)
+    _core_cost(b, rec, qa[:, 0], h, d)
+
+
+def _core_cost(b: Builder, rec: _Block, head_atoms: np.ndarray, h: int, d: int) -> None:
+    from graphprune.analysis.channels import static_shape
+
+    n = rec.blk.tokens
+    q = static_shape(rec.blk.q) if rec.blk.q is not None else None
+    if not n and q is not None and len(q) >= 2:
+        n = q[-2]
+    if n:
+        b.cost(rec.blk.nodes[-1], 4 * h * n * n * d, None, head_atoms)

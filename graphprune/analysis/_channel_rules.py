@@ -1,0 +1,628 @@
+"""Per-op channel rules for :mod:`graphprune.analysis.channels` (op-type strings live here).
+
+Each rule reads the labels of a node's inputs and sets the labels of its outputs, recording members to slice,
+shape constants to rewrite and couplings (unions). An op with a labeled input and no rule blocks the atoms.
+
+Cases
+  1. Producers: Conv (groups: each conv group unions its input and output channels; depthwise is the case of one
+     input channel per group), ConvTranspose (group 1), Gemm (transB either way), MatMul with a constant 2-D
+     weight, Gather from a constant embedding table. Output channels open a new space.
+  2. Per-channel ops: BatchNorm, InstanceNorm, LayerNorm over the last axis only, GroupNorm (whole norm groups),
+     PRelu, unary activations, pooling, Softmax/Reduce over other axes.
+  3. Broadcasting ops (Add, Mul, Where, ...): operands with the full channel count are unioned position by
+     position; a constant with the full channel count is a member (bias, layer scale, gate); an operand with
+     one channel on that axis couples nothing. An untracked operand with the full channel count blocks.
+  4. Layout: Transpose, Squeeze/Unsqueeze, Reshape/Flatten that keep the channel axis or merge it with the
+     static axes after it (Flatten→Gemm: channel × spatial blocks), Expand/Tile with channel factor 1.
+  5. Channel offsets: Concat (on the channel axis: labels concatenated; on another axis: unioned), Split,
+     Slice (step 1) and Gather on the channel axis with constant sizes/bounds/indices, which are rewritten.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.analysis.attention import const_value
+
+if TYPE_CHECKING:
+    from graphprune.analysis.channels import Builder
+
+_UNARY = {
+    "Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Clip", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Selu",
+    "Softplus", "Softsign", "Mish", "Identity", "Cast", "CastLike", "Dropout", "Neg", "Abs", "Sqrt", "Exp", "Log",
+    "Reciprocal", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf", "Not", "Swish", "ThresholdedRelu",
+}
+_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal", "Less",
+              "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "BitShift"}
+_POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
+_REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceProd",
+           "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "ArgMax", "ArgMin"}
+_SINKS = {"Shape", "Size"}  # read only sizes, which follow the pruned tensor at run time
+
+
+def _rank(v: ir.Value | None) -> int | None:
+    return len(v.shape) if v is not None and v.shape is not None else None
+
+
+def _dim(v: ir.Value | None, axis: int) -> int | None:
+    if v is None or v.shape is None or not -len(v.shape) <= axis < len(v.shape):
+        return None
+    d = v.shape[axis]
+    return d if isinstance(d, int) else None
+
+
+def _ints(v: ir.Value | None) -> list[int] | None:
+    c = const_value(v)
+    return None if c is None else [int(x) for x in np.asarray(c).ravel()]
+
+
+def _axes(node: ir.Node, index: int, attr: str = "axes") -> list[int] | None:
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        return _ints(node.inputs[index])
+    a = node.attributes.get(attr)
+    return list(a.value) if a is not None else None
+
+
+def _numel(v: ir.Value | None) -> int | None:
+    from graphprune.analysis.channels import static_shape
+
+    s = static_shape(v)
+    return None if s is None else int(math.prod(s))
+
+
+def const_slot(node: ir.Node, index: int, pos: int) -> tuple[ir.Node, int, int] | str:
+    """Where entry ``pos`` of the 1-D shape input ``index`` of ``node`` is stored as a constant, or a reason."""
+    v = node.inputs[index] if len(node.inputs) > index else None
+    if v is None:
+        return "missing shape input"
+    if const_value(v) is not None:
+        return (node, index, pos)
+    p = v.producer()
+    if p is not None and p.op_type == "Concat" and p.domain == "":
+        off = 0
+        for j, piece in enumerate(p.inputs):
+            n = _dim(piece, 0) if _rank(piece) == 1 else (1 if _rank(piece) == 0 else None)
+            if n is None:
+                return f"shape piece {piece.name!r} has unknown length"
+            if off <= pos < off + n:
+                return const_slot(p, j, pos - off)
+            off += n
+    return f"channel count in {v.name!r} is computed by {p.op_type if p else 'a graph input'}, not a constant"
+
+
+def _shape_edit(b: Builder, node: ir.Node, index: int, pos: int, expected: int, lines: np.ndarray) -> None:
+    """Rewrite entry ``pos`` of shape input ``index`` (expected value ``expected``; 0/-1 need no rewrite)."""
+    slot = const_slot(node, index, pos)
+    if isinstance(slot, str):
+        b.block(lines, f"{node.op_type} {node.name!r}: {slot}")
+        return
+    snode, sidx, spos = slot
+    cur = int(np.asarray(const_value(snode.inputs[sidx])).ravel()[spos])
+    if cur in (-1, 0) and node.op_type == "Reshape":
+        return
+    if node.op_type == "Expand" and cur == 1:
+        return
+    if cur != expected:
+        b.block(lines, f"{node.op_type} {node.name!r}: shape entry {cur} is not the channel count {expected}")
+        return
+    b.count_edit(snode, sidx, spos, lines)
+
+
+def _new_space(b: Builder, node: ir.Node, size: int, data: ir.Value | None, kind: str = "channels") -> np.ndarray:
+    atoms = b.new_space(node, size, kind)
+    if b.label(data) is None and data not in b.derived:
+        b.stem_spaces.add(len(b.space_nodes) - 1)
+    return atoms
+
+
+def _conv(b: Builder, node: ir.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    wv = const_value(w)
+    lab = b.label(x)
+    if wv is None or _rank(x) is None:
+        b.block_value(x, f"Conv {node.name!r} has a computed weight")
+        return
+    if lab is not None and lab.axis != 1:
+        b.block(lab.atoms, f"Conv {node.name!r} reads channels on axis {lab.axis}")
+        lab = None
+    g = node.attributes.get_int("group", 1)
+    cout, cin_g = wv.shape[0], wv.shape[1]
+    out = _new_space(b, node, cout, x, "groups" if g > 1 else "channels")
+    if g == 1:
+        if lab is not None:
+            b.member(node, 1, 1, lab.atoms, "in")
+    elif lab is None:
+        b.block(out, f"grouped Conv {node.name!r} on an untracked input")
+    else:
+        in_g = lab.atoms.reshape(g, cin_g)
+        out_g = out.reshape(g, cout // g)
+        for i in range(g):
+            b.union_all(np.concatenate([in_g[i], out_g[i]]))
+        b.count_edit(node, None, 0, out_g, attr="group")
+    b.member(node, 1, 0, out, "out")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        b.member(node, 2, 0, out, "param")
+    b.set_label(node.outputs[0], 1, out)
+    n = _numel(node.outputs[0])
+    b.cost(node, 2 * n * cin_g * int(np.prod(wv.shape[2:])) if n else None, lab.atoms if (g == 1 and lab) else None, out)
+
+
+def _conv_transpose(b: Builder, node: ir.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    wv = const_value(w)
+    lab = b.label(x)
+    if wv is None or node.attributes.get_int("group", 1) != 1 or (lab is not None and lab.axis != 1):
+        b.block_value(x, f"ConvTranspose {node.name!r}: computed weight, groups or channels off axis 1")
+        return
+    out = _new_space(b, node, wv.shape[1], x)
+    if lab is not None:
+        b.member(node, 1, 0, lab.atoms, "in")
+    b.member(node, 1, 1, out, "out")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        b.member(node, 2, 0, out, "param")
+    b.set_label(node.outputs[0], 1, out)
+    n = _numel(x)
+    b.cost(node, 2 * n * wv.shape[1] * int(np.prod(wv.shape[2:])) if n else None, lab.atoms if lab else None, out)
+
+
+def _gemm(b: Builder, node: ir.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    wv = const_value(w)
+    lab = b.label(x)
+    if wv is None or wv.ndim != 2 or node.attributes.get_int("transA", 0) or (lab is not None and lab.axis != 1):
+        b.block_value(x, f"Gemm {node.name!r}: computed weight or transA")
+        return
+    tb = node.attributes.get_int("transB", 0)
+    n_out = wv.shape[0] if tb else wv.shape[1]
+    out = _new_space(b, node, n_out, x)
+    if lab is not None:
+        b.member(node, 1, 1 if tb else 0, lab.atoms, "in")
+    b.member(node, 1, 0 if tb else 1, out, "out")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        c = const_value(node.inputs[2])
+        if c is not None and c.ndim >= 1 and c.shape[-1] == n_out:
+            b.member(node, 2, c.ndim - 1, out, "param")
+        elif c is None or (c.size != 1):
+            b.block(out, f"Gemm {node.name!r}: bias does not broadcast per channel")
+    b.set_label(node.outputs[0], 1, out)
+    n = _numel(node.outputs[0])
+    k = wv.shape[1] if tb else wv.shape[0]
+    b.cost(node, 2 * n * k if n else None, lab.atoms if lab else None, out)
+
+
+def _matmul(b: Builder, node: ir.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    wv = const_value(w)
+    lab = b.label(x)
+    if wv is None or wv.ndim != 2 or const_value(x) is not None:
+        for v in node.inputs:
+            b.block_value(v, f"MatMul {node.name!r} has no constant 2-D weight")
+        return
+    r = _rank(x)
+    if lab is not None and (r is None or lab.axis != r - 1):
+        b.block(lab.atoms, f"MatMul {node.name!r} contracts axis {r and r - 1}, not the channel axis {lab.axis}")
+        lab = None
+    out = _new_space(b, node, wv.shape[1], x)
+    if lab is not None:
+        b.member(node, 1, 0, lab.atoms, "in")
+    b.member(node, 1, 1, out, "out")
+    ro = _rank(node.outputs[0])
+    b.set_label(node.outputs[0], (ro or 2) - 1, out)
+    n = _numel(node.outputs[0])
+    b.cost(node, 2 * n * wv.shape[0] if n else None, lab.atoms if lab else None, out)
+
+
+def _gather(b: Builder, node: ir.Node) -> None:
+    data, idx = node.inputs[0], node.inputs[1]
+    axis = node.attributes.get_int("axis", 0)
+    table = const_value(data)
+    if table is not None and table.ndim == 2 and axis == 0 and b.label(idx) is None:  # embedding lookup
+        out = _new_space(b, node, table.shape[1], idx)
+        b.member(node, 0, 1, out, "out")
+        b.set_label(node.outputs[0], (_rank(node.outputs[0]) or 2) - 1, out)
+        return
+    lab = b.label(data)
+    if lab is None:
+        b.block_value(idx, f"Gather {node.name!r} uses channels as indices")
+        return
+    r = _rank(data)
+    axis = axis % r if r else axis
+    ind = const_value(idx)
+    if axis == lab.axis:
+        if ind is None or ind.ndim != 1:
+            b.block(lab.atoms, f"Gather {node.name!r} picks channels with {'computed' if ind is None else 'scalar'} indices")
+            return
+        ind = np.where(ind < 0, ind + len(lab.atoms), ind)
+        b.gather_edits.append(_gather_edit(node, lab.atoms))
+        b.set_label(node.outputs[0], axis, lab.atoms[ind])
+        return
+    ir_rank = _rank(idx)
+    if ir_rank is None:
+        b.block(lab.atoms, f"Gather {node.name!r}: unknown index rank")
+        return
+    b.set_label(node.outputs[0], lab.axis if lab.axis < axis else lab.axis - 1 + ir_rank, lab.atoms)
+
+
+def _gather_edit(node: ir.Node, atoms: np.ndarray):
+    from graphprune.analysis.channels import GatherEdit
+
+    return GatherEdit(node, 1, atoms)
+
+
+def _expand_like(b: Builder, node: ir.Node) -> None:
+    """Expand / Tile of a labeled tensor: the channel factor must stay 1 (Tile) or the size C (Expand)."""
+    lab = b.label(node.inputs[0])
+    r_in, r_out = _rank(node.inputs[0]), _rank(node.outputs[0])
+    if r_in is None or r_out is None:
+        b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown rank")
+        return
+    ax = lab.axis + r_out - r_in
+    if node.op_type == "Tile":
+        reps = _ints(node.inputs[1])
+        if reps is None or reps[lab.axis] != 1:
+            b.block(lab.atoms, f"Tile {node.name!r} repeats channels")
+            return
+    else:
+        length = _dim(node.inputs[1], 0)
+        if length is None or ax - (r_out - length) < 0:
+            b.block(lab.atoms, f"Expand {node.name!r}: unknown target length")
+            return
+        _shape_edit(b, node, 1, ax - (r_out - length), len(lab.atoms), lab.atoms)
+    b.set_label(node.outputs[0], ax, lab.atoms)
+
+
+def _const_member(b: Builder, node: ir.Node, index: int, axis_from_end: int, atoms: np.ndarray) -> str | None:
+    """An untracked operand with the full channel count: a constant (maybe Expand/Cast of one) becomes a member."""
+    v = node.inputs[index]
+    c = const_value(v)
+    if c is not None:
+        b.member(node, index, c.ndim - axis_from_end, atoms, "param")
+        return None
+    p = v.producer()
+    if p is not None and p.op_type in ("Expand", "Cast") and p.domain == "" and const_value(p.inputs[0]) is not None:
+        src = const_value(p.inputs[0])
+        if src.ndim < axis_from_end or src.shape[src.ndim - axis_from_end] != len(atoms):
+            return f"{v.name!r} broadcasts a constant to the channel axis"
+        if len(v.uses()) != 1:
+            return f"{v.name!r} is also used elsewhere"
+        if p.op_type == "Expand":
+            shp = _ints(p.inputs[1]) if const_value(p.inputs[1]) is not None else None
+            if shp is None:  # Concat of pieces: check the piece at the channel axis
+                r = _rank(v)
+                _shape_edit(b, p, 1, r - axis_from_end, len(atoms), atoms)
+            else:
+                _shape_edit(b, p, 1, len(shp) - axis_from_end, len(atoms), atoms)
+        b.member(p, 0, src.ndim - axis_from_end, atoms, "param")
+        return None
+    return f"{v.name!r} ({p.op_type if p else 'graph input'}) carries untracked channels"
+
+
+def _broadcast(b: Builder, node: ir.Node) -> None:
+    out = node.outputs[0]
+    r = _rank(out)
+    labeled = [(i, b.label(v)) for i, v in enumerate(node.inputs) if b.label(v) is not None]
+    if r is None or any(_rank(node.inputs[i]) is None for i, _ in labeled):
+        for _, lab in labeled:
+            b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown rank")
+        return
+    axes = {r - _rank(node.inputs[i]) + lab.axis for i, lab in labeled}
+    if len(axes) != 1:
+        for _, lab in labeled:
+            b.block(lab.atoms, f"{node.op_type} {node.name!r} mixes channels on different axes")
+        return
+    ax = axes.pop()
+    c = max(len(lab.atoms) for _, lab in labeled)
+    ref = next(lab.atoms for _, lab in labeled if len(lab.atoms) == c)
+    if c == 1 and (_dim(out, ax) or 1) > 1:  # a 1-channel tensor broadcast over many: fixed size
+        b.block(ref, f"{node.op_type} {node.name!r} broadcasts a single channel")
+        return
+    for i, v in enumerate(node.inputs):
+        if v is None:
+            continue
+        lab = b.label(v)
+        if lab is not None:
+            if len(lab.atoms) == c:
+                b.union(ref, lab.atoms)
+            else:
+                b.block(lab.atoms, f"{node.op_type} {node.name!r} broadcasts a single channel")
+            continue
+        rv = _rank(v)
+        d = None if rv is None else (1 if ax - (r - rv) < 0 else _dim(v, ax - (r - rv)))
+        if d == 1:
+            continue  # broadcast over channels: no coupling
+        reason = "operand of unknown size" if d is None else _const_member(b, node, i, r - ax, ref)
+        if reason is not None:
+            b.block(ref, f"{node.op_type} {node.name!r}: {reason}")
+    b.set_label(out, ax, ref)
+
+
+def _concat(b: Builder, node: ir.Node) -> None:
+    out = node.outputs[0]
+    r = _rank(out)
+    axis = node.attributes.get_int("axis", 0) % r if r else None
+    labs = [b.label(v) for v in node.inputs]
+    lab0 = next(lab for lab in labs if lab is not None)
+    if axis is None or any(lab is not None and lab.axis != lab0.axis for lab in labs):
+        for lab in labs:
+            if lab is not None:
+                b.block(lab.atoms, f"Concat {node.name!r}: channels on different axes")
+        return
+    if axis == lab0.axis:
+        if any(lab is None for lab in labs):
+            for lab in labs:
+                if lab is not None:
+                    b.block(lab.atoms, f"Concat {node.name!r} joins tracked and untracked channels")
+            return
+        b.set_label(out, axis, np.concatenate([lab.atoms for lab in labs]))
+        return
+    _broadcast(b, node)  # same channels in every input, joined on another axis
+
+
+def _split(b: Builder, node: ir.Node) -> None:
+    lab = b.label(node.inputs[0])
+    r = _rank(node.inputs[0])
+    axis = node.attributes.get_int("axis", 0) % r
+    if axis != lab.axis:
+        for o in node.outputs:
+            b.set_label(o, lab.axis, lab.atoms)
+        return
+    sizes = _ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if sizes is None:
+        b.block(lab.atoms, f"Split {node.name!r} on the channel axis without constant sizes")
+        return
+    off = 0
+    for k, (o, s) in enumerate(zip(node.outputs, sizes, strict=True)):
+        piece = lab.atoms[off: off + s]
+        b.count_edit(node, 1, k, piece)
+        b.set_label(o, axis, piece)
+        off += s
+
+
+def _slice(b: Builder, node: ir.Node) -> None:
+    lab = b.label(node.inputs[0])
+    r = _rank(node.inputs[0])
+    starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
+    axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(len(starts or [])))
+    steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(axes or [])
+    if None in (starts, ends, axes, steps) or r is None:
+        b.block(lab.atoms, f"Slice {node.name!r} with computed bounds")
+        return
+    axes = [a % r for a in axes]
+    if lab.axis not in axes:
+        b.set_label(node.outputs[0], lab.axis, lab.atoms)
+        return
+    k = axes.index(lab.axis)
+    n = len(lab.atoms)
+    if steps[k] != 1:
+        b.block(lab.atoms, f"Slice {node.name!r} strides over channels")
+        return
+    s, e = (min(max(x + n if x < 0 else x, 0), n) for x in (starts[k], ends[k]))
+    if s > 0:
+        b.count_edit(node, 1, k, lab.atoms[:s])
+    if e < n:
+        b.count_edit(node, 2, k, lab.atoms[:e])
+    b.set_label(node.outputs[0], lab.axis, lab.atoms[s:e])
+
+
+def _dims(v: ir.Value) -> list | None:
+    return None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape]
+
+
+def _prod(dims: list) -> tuple[int, tuple]:
+    p, syms = 1, []
+    for d in dims:
+        if isinstance(d, int):
+            p *= d
+        else:
+            syms.append(d)
+    return p, tuple(sorted(syms))
+
+
+def _reshape(b: Builder, node: ir.Node) -> None:
+    lab = b.label(node.inputs[0])
+    src, dst = _dims(node.inputs[0]), _dims(node.outputs[0])
+    if src is None or dst is None:
+        b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown shapes")
+        return
+    a, c = lab.axis, len(lab.atoms)
+    inner, inner_syms = _prod(src[a + 1:])
+    before = _prod(src[:a])
+    for j in range(len(dst)):
+        if _prod(dst[:j]) != before or not isinstance(dst[j], int):
+            continue
+        tail = _prod(dst[j + 1:])
+        if inner_syms:
+            break
+        if dst[j] == c and tail == (inner, ()):
+            atoms = lab.atoms
+        elif dst[j] == c * inner and tail == (1, ()):
+            atoms = np.repeat(lab.atoms, inner)  # channel-major flatten: channel × spatial blocks
+        else:
+            continue
+        if node.op_type == "Reshape":
+            _shape_edit(b, node, 1, j, dst[j], atoms)
+        elif node.op_type == "Flatten" and not (node.attributes.get_int("axis", 1) % len(src) <= a and j == 1):
+            break
+        b.set_label(node.outputs[0], j, atoms)
+        return
+    b.block(lab.atoms, f"{node.op_type} {node.name!r} mixes the channel axis with other axes")
+
+
+def _transpose(b: Builder, node: ir.Node) -> None:
+    lab = b.label(node.inputs[0])
+    r = _rank(node.inputs[0])
+    perm = list(node.attributes.get_ints("perm", list(range(r - 1, -1, -1)) if r else []))
+    b.set_label(node.outputs[0], perm.index(lab.axis), lab.atoms)
+
+
+def _squeeze(b: Builder, node: ir.Node) -> None:
+    lab = b.label(node.inputs[0])
+    r_in, r_out = _rank(node.inputs[0]), _rank(node.outputs[0])
+    axes = _axes(node, 1)
+    if r_in is None or r_out is None or (axes is None and node.op_type == "Unsqueeze"):
+        b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown axes")
+        return
+    if node.op_type == "Squeeze":
+        if axes is None:
+            axes = [i for i in range(r_in) if _dim(node.inputs[0], i) == 1]
+        axes = [x % r_in for x in axes]
+        if lab.axis in axes:
+            b.block(lab.atoms, f"Squeeze {node.name!r} removes the channel axis")
+            return
+        new = lab.axis - sum(1 for x in axes if x < lab.axis)
+    else:
+        axes = sorted(x % r_out for x in axes)
+        kept = [i for i in range(r_out) if i not in axes]
+        new = kept[lab.axis]
+    b.set_label(node.outputs[0], new, lab.atoms)
+
+
+def _norm(b: Builder, node: ir.Node) -> None:
+    x = node.inputs[0]
+    lab = b.label(x)
+    r = _rank(x)
+    op = node.op_type
+    if op in ("BatchNormalization", "InstanceNormalization"):
+        if lab.axis != 1:
+            b.block(lab.atoms, f"{op} {node.name!r} normalizes axis 1, channels are on {lab.axis}")
+            return
+        for i in range(1, len(node.inputs)):
+            if node.inputs[i] is not None:
+                b.member(node, i, 0, lab.atoms, "bn" if (op == "BatchNormalization" and i == 1) else "param")
+    elif op == "LayerNormalization":
+        start = node.attributes.get_int("axis", -1) % r
+        if lab.axis >= start and not (lab.axis == start == r - 1):
+            b.block(lab.atoms, f"LayerNormalization {node.name!r} normalizes channels with other axes")
+            return
+        if lab.axis == start:
+            for i in (1, 2):
+                if len(node.inputs) > i and node.inputs[i] is not None:
+                    b.member(node, i, 0, lab.atoms, "param")
+    elif op == "GroupNormalization":
+        g = node.attributes.get_int("num_groups", 0)
+        if lab.axis != 1 or g <= 0 or len(lab.atoms) % g:
+            b.block(lab.atoms, f"GroupNormalization {node.name!r}: channels off axis 1")
+            return
+        per = lab.atoms.reshape(g, -1)
+        for row in per:
+            b.union_all(row)
+        b.count_edit(node, None, 0, per, attr="num_groups")
+        for i in (1, 2):
+            c = const_value(node.inputs[i])
+            b.member(node, i, 0, lab.atoms if (c is not None and c.shape[0] == len(lab.atoms)) else per[:, 0], "param")
+    b.set_label(node.outputs[0], lab.axis, lab.atoms)
+
+
+def _axis_op(b: Builder, node: ir.Node) -> None:
+    """Pooling, Softmax and reductions: fine as long as the channel axis is not the one they work on."""
+    lab = b.label(node.inputs[0])
+    r = _rank(node.inputs[0])
+    op = node.op_type
+    if op in _POOL:
+        if lab.axis != 1:
+            b.block(lab.atoms, f"{op} {node.name!r} pools with channels on axis {lab.axis}")
+            return
+        b.set_label(node.outputs[0], 1, lab.atoms)
+        return
+    if op in ("Softmax", "LogSoftmax"):
+        if node.attributes.get_int("axis", -1) % r == lab.axis:
+            b.block(lab.atoms, f"{op} {node.name!r} normalizes over channels")
+            return
+        b.set_label(node.outputs[0], lab.axis, lab.atoms)
+        return
+    if op in ("ArgMax", "ArgMin"):
+        axes = [node.attributes.get_int("axis", 0)]
+    else:
+        axes = _axes(node, 1)
+    keep = node.attributes.get_int("keepdims", 1)
+    if axes is None or not axes:
+        if node.attributes.get_int("noop_with_empty_axes", 0) and axes == []:
+            b.set_label(node.outputs[0], lab.axis, lab.atoms)
+            return
+        axes = list(range(r))
+    axes = [x % r for x in axes]
+    if lab.axis in axes:
+        b.block(lab.atoms, f"{op} {node.name!r} reduces over the channel axis")
+        return
+    new = lab.axis if keep else lab.axis - sum(1 for x in axes if x < lab.axis)
+    b.set_label(node.outputs[0], new, lab.atoms)
+
+
+def _pad(b: Builder, node: ir.Node) -> None:
+    lab = b.label(node.inputs[0])
+    r = _rank(node.inputs[0])
+    pads = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
+    axes = _axes(node, 3) or list(range(r))
+    axes = [x % r for x in axes]
+    if pads is None:
+        b.block(lab.atoms, f"Pad {node.name!r} with computed pads")
+        return
+    if lab.axis in axes:
+        k = axes.index(lab.axis)
+        if pads[k] or pads[k + len(axes)]:
+            b.block(lab.atoms, f"Pad {node.name!r} pads channels")
+            return
+    b.set_label(node.outputs[0], lab.axis, lab.atoms)
+
+
+def _resize(b: Builder, node: ir.Node) -> None:
+    lab = b.label(node.inputs[0])
+    scales = _ints(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    sc = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if sc is not None and sc.size and float(np.asarray(sc).ravel()[lab.axis]) == 1.0:
+        b.set_label(node.outputs[0], lab.axis, lab.atoms)
+        return
+    if len(node.inputs) > 3 and node.inputs[3] is not None and scales is None:
+        _shape_edit(b, node, 3, lab.axis, len(lab.atoms), lab.atoms)
+        b.set_label(node.outputs[0], lab.axis, lab.atoms)
+        return
+    b.block(lab.atoms, f"Resize {node.name!r} scales channels")
+
+
+_PRODUCERS = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul, "Gather": _gather}
+_RULES = {
+    "Concat": _concat, "Split": _split, "Slice": _slice, "Reshape": _reshape, "Flatten": _reshape,
+    "Transpose": _transpose, "Squeeze": _squeeze, "Unsqueeze": _squeeze, "Expand": _expand_like, "Tile": _expand_like,
+    "BatchNormalization": _norm, "InstanceNormalization": _norm, "LayerNormalization": _norm,
+    "GroupNormalization": _norm, "Pad": _pad, "Resize": _resize,
+}
+
+
+def apply(b: Builder, node: ir.Node) -> None:
+    """Propagate labels through one node (graph order)."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        _block_all(b, node, f"{node.domain}::{op} {node.name!r} has no channel rule")
+        return
+    if op in _PRODUCERS:
+        _PRODUCERS[op](b, node)
+        return
+    labeled = [v for v in node.inputs if b.label(v) is not None]
+    if not labeled or op in _SINKS:
+        return
+    if op in _UNARY:
+        lab = b.label(node.inputs[0])
+        if lab is None:
+            _block_all(b, node, f"{op} {node.name!r} takes channels as a parameter")
+            return
+        b.set_label(node.outputs[0], lab.axis, lab.atoms)
+    elif op in _BROADCAST:
+        _broadcast(b, node)
+    elif op in _POOL or op in _REDUCE or op in ("Softmax", "LogSoftmax"):
+        _axis_op(b, node)
+    elif op in _RULES:
+        if b.label(node.inputs[0]) is None and op != "Concat":
+            _block_all(b, node, f"{op} {node.name!r} takes channels as a parameter")
+            return
+        _RULES[op](b, node)
+    else:
+        _block_all(b, node, f"{op} {node.name!r} has no channel rule")
+
+
+def _block_all(b: Builder, node: ir.Node, reason: str) -> None:
+    for v in node.inputs:
+        b.block_value(v, reason)

@@ -1,0 +1,323 @@
+"""Channel dependency groups: which channels, heads and hidden units must be removed together. Changes nothing.
+
+Model
+  * Every layer that *creates* channels (Conv / ConvTranspose / Gemm / MatMul with a constant weight, an
+    embedding Gather) opens a *space*: one atom per output channel.
+  * Channels are followed forward through the graph (one tracked axis per value, a *label*: the atom of every
+    position along that axis). Op rules live in ``_channel_rules`` (elementwise, norms, pooling, Concat/Split/
+    Slice/Gather, Reshape/Flatten, Transpose, grouped convolution) and ``_attention_heads`` (whole heads).
+  * Rules that couple channels *union* atoms (union-find): a residual ``Add`` unions its inputs position by
+    position; a grouped convolution unions each conv group; a head unions all its q/k/v/output channels.
+    A broadcast of a 1-channel operand couples nothing.
+  * The atoms that end up in one union class form one prunable unit (a channel, a head, a conv group); spaces
+    that share a class form one :class:`ChannelGroup`.
+  * Whatever the rules cannot prove (an op without a rule, a graph output, a reshape that mixes channels with
+    other axes, a shape constant that is not a constant) *blocks* the atoms it touches; a group with a blocked
+    atom is unprunable and carries the reason. Nothing is guessed.
+
+The analysis also records every dependent tensor to slice (:class:`Member`), every shape constant and attribute
+to rewrite (:class:`CountEdit`, :class:`GatherEdit`) and compute terms for a FLOPs model (:class:`CostTerm`).
+``graphprune.passes.channel_prune`` turns a choice of kept classes into a replayable plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.analysis import _channel_rules, _attention_heads
+from graphprune.analysis.attention import const_value, find_attention_blocks
+
+
+@dataclasses.dataclass
+class Label:
+    """The tracked channel axis of a value and the atom of every position along it."""
+
+    axis: int
+    atoms: np.ndarray  # int64 [dim]
+
+
+@dataclasses.dataclass
+class Member:
+    """A constant input of ``node`` whose ``axis`` is indexed by channels: position i belongs to ``atoms[i]``."""
+
+    node: ir.Node
+    input_index: int
+    axis: int
+    atoms: np.ndarray
+    role: str  # "out" (producer weight) | "in" (consumer weight) | "param" (bias, norm, gate, embedding)
+
+    @property
+    def value(self) -> ir.Value:
+        return self.node.inputs[self.input_index]
+
+
+@dataclasses.dataclass
+class CountEdit:
+    """Entry ``pos`` of constant input ``input_index`` of ``node`` (or attribute ``attr``) becomes the number of
+    rows of ``lines`` ([size, k] atoms) that keep at least one atom. Reshape targets, split sizes, slice bounds,
+    head counts, conv ``group``."""
+
+    node: ir.Node
+    input_index: int | None
+    pos: int
+    lines: np.ndarray
+    attr: str | None = None
+
+
+@dataclasses.dataclass
+class GatherEdit:
+    """Constant indices (input ``input_index``) into a channel axis whose positions are ``atoms``."""
+
+    node: ir.Node
+    input_index: int
+    atoms: np.ndarray
+
+
+@dataclasses.dataclass
+class CostTerm:
+    """A compute node: ``flops`` at full width, scaled by the kept fraction of ``fan_in`` and ``fan_out``."""
+
+    node: ir.Node
+    flops: int
+    fan_in: np.ndarray | None
+    fan_out: np.ndarray | None
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Coupled spaces: each class (a union of atoms) is removed or kept as a whole."""
+
+    id: int
+    spaces: list[int]
+    classes: np.ndarray  # root atom of every class
+    widths: np.ndarray  # channels per class in the widest space (1 for plain channels, head_dim for heads)
+    members: list[Member]
+    prunable: bool
+    reason: str | None
+    kind: str = "channels"  # "channels" | "heads" | "groups" (grouped conv)
+
+    @property
+    def size(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> dict:
+        """JSON-ready summary, as ``graphprune inspect`` prints it."""
+        names: list[str] = []
+        for m in self.members:
+            v = m.value
+            name = v.name if (v is not None and v.name and v.is_initializer()) else m.node.name
+            if name not in names:
+                names.append(name)
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "size": self.size,
+            "channels": int(self.widths.sum()),
+            "members": names,
+            "prunable": self.prunable,
+            "reason": self.reason,
+        }
+
+
+@dataclasses.dataclass
+class ChannelAnalysis:
+    groups: list[ChannelGroup]
+    members: list[Member]
+    count_edits: list[CountEdit]
+    gather_edits: list[GatherEdit]
+    costs: list[CostTerm]
+    root: np.ndarray  # root atom of every atom
+    group_of_root: dict[int, int]
+    space_nodes: list[ir.Node]
+
+    def group_of_atom(self, atom: int) -> ChannelGroup:
+        return self.groups[self.group_of_root[int(self.root[atom])]]
+
+
+class Builder:
+    """Mutable state of one analysis run; rules call its methods."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.labels: dict[ir.Value, Label] = {}
+        self.parent: list[int] = []
+        self.atom_space: list[int] = []
+        self.space_nodes: list[ir.Node] = []
+        self.space_sizes: list[int] = []
+        self.stem_spaces: set[int] = set()
+        self.blocked: dict[int, str] = {}  # atom -> reason (first reason wins)
+        self.members: list[Member] = []
+        self.count_edits: list[CountEdit] = []
+        self.gather_edits: list[GatherEdit] = []
+        self.costs: list[CostTerm] = []
+        self.claimed: set[ir.Node] = set()
+        self.derived: set[ir.Value] = set()  # values computed from some layer's channels (not input-only)
+        self.kinds: dict[int, str] = {}  # space -> kind hint
+
+    # -- atoms ------------------------------------------------------------------------------------
+    def new_space(self, node: ir.Node, size: int, kind: str = "channels") -> np.ndarray:
+        sid = len(self.space_nodes)
+        start = len(self.parent)
+        self.parent.extend(range(start, start + size))
+        self.atom_space.extend([sid] * size)
+        self.space_nodes.append(node)
+        self.space_sizes.append(size)
+        self.kinds[sid] = kind
+        return np.arange(start, start + size, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(np.asarray(a).ravel().tolist(), np.asarray(b).ravel().tolist(), strict=True):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def union_all(self, atoms: np.ndarray) -> None:
+        flat = np.asarray(atoms).ravel()
+        if flat.size > 1:
+            self.union(np.full(flat.size - 1, flat[0]), flat[1:])
+
+    def block(self, atoms: np.ndarray | None, reason: str) -> None:
+        if atoms is None:
+            return
+        for a in np.asarray(atoms).ravel().tolist():
+            self.blocked.setdefault(a, reason)
+
+    def block_value(self, value: ir.Value | None, reason: str) -> None:
+        lab = self.labels.get(value) if value is not None else None
+        if lab is not None:
+            self.block(lab.atoms, reason)
+
+    # -- labels and records -----------------------------------------------------------------------
+    def label(self, value: ir.Value | None) -> Label | None:
+        return self.labels.get(value) if value is not None else None
+
+    def set_label(self, value: ir.Value, axis: int, atoms: np.ndarray) -> None:
+        self.labels[value] = Label(axis, np.asarray(atoms, dtype=np.int64))
+
+    def member(self, node: ir.Node, index: int, axis: int, atoms: np.ndarray, role: str) -> None:
+        self.members.append(Member(node, index, axis, np.asarray(atoms, dtype=np.int64), role))
+
+    def count_edit(self, node: ir.Node, index: int | None, pos: int, lines: np.ndarray, attr: str | None = None) -> None:
+        lines = np.asarray(lines, dtype=np.int64)
+        if lines.ndim == 1:
+            lines = lines[:, None]
+        self.count_edits.append(CountEdit(node, index, pos, lines, attr))
+
+    def cost(self, node: ir.Node, flops: int | None, fan_in: np.ndarray | None, fan_out: np.ndarray | None) -> None:
+        if flops:
+            self.costs.append(CostTerm(node, int(flops), fan_in, fan_out))
+
+
+def static_shape(value: ir.Value | None) -> list[int] | None:
+    """The shape with symbolic dims as 1 (batch, tokens); ``None`` when the rank or a dim is unknown."""
+    if value is None or value.shape is None:
+        return None
+    dims = []
+    for d in value.shape:
+        if isinstance(d, int):
+            dims.append(d)
+        elif isinstance(d, ir.SymbolicDim) and d.value is not None:
+            dims.append(1)
+        else:
+            return None
+    return dims
+
+
+def _groups(b: Builder, ignore: set[str], ignore_stem: bool) -> ChannelAnalysis:
+    n = len(b.parent)
+    root = np.array([b.find(a) for a in range(n)], dtype=np.int64) if n else np.zeros(0, dtype=np.int64)
+    # spaces sharing a class are one group
+    sp = list(range(len(b.space_nodes)))
+
+    def sfind(s: int) -> int:
+        while sp[s] != s:
+            sp[s] = sp[sp[s]]
+            s = sp[s]
+        return s
+
+    atom_space = np.asarray(b.atom_space, dtype=np.int64)
+    for a in range(n):
+        x, y = sfind(int(atom_space[a])), sfind(int(atom_space[root[a]]))
+        if x != y:
+            sp[max(x, y)] = min(x, y)
+    comp: dict[int, list[int]] = {}
+    for s in range(len(sp)):
+        comp.setdefault(sfind(s), []).append(s)
+    by_space_members: dict[int, list[Member]] = {}
+    for m in b.members:
+        for s in {sfind(int(x)) for x in np.unique(atom_space[m.atoms]).tolist()}:
+            by_space_members.setdefault(s, []).append(m)
+    groups: list[ChannelGroup] = []
+    group_of_root: dict[int, int] = {}
+    for gid, (key, spaces) in enumerate(sorted(comp.items())):
+        atoms = np.concatenate([np.nonzero(atom_space == s)[0] for s in spaces])
+        roots, counts = np.unique(root[atoms], return_counts=True)
+        widest = max(spaces, key=lambda s: b.space_sizes[s])
+        w_atoms = np.nonzero(atom_space == widest)[0]
+        _, wcount = np.unique(root[w_atoms], return_counts=True)
+        widths = np.ones(len(roots), dtype=np.int64) * (int(wcount.min()) if len(wcount) else 1)
+        reason = next((b.blocked[a] for a in atoms.tolist() if a in b.blocked), None)
+        members = by_space_members.get(key, [])
+        names = {m.node.name for m in members} | {m.value.name for m in members if m.value is not None}
+        names |= {b.space_nodes[s].name for s in spaces}
+        hit = sorted(names & ignore)
+        if reason is None and hit:
+            reason = f"ignored by config ({', '.join(hit)})"
+        if reason is None and ignore_stem and any(s in b.stem_spaces for s in spaces):
+            reason = "input stem (ignored by default; set ignore_stem: false to prune it)"
+        if reason is None and len(roots) < 2:
+            reason = "a single channel"
+        kinds = {b.kinds[s] for s in spaces}
+        kind = "heads" if "heads" in kinds else ("groups" if "groups" in kinds else "channels")
+        groups.append(ChannelGroup(gid, spaces, roots, widths, members, reason is None, reason, kind))
+        for r in roots.tolist():
+            group_of_root[r] = gid
+    return ChannelAnalysis(groups, b.members, b.count_edits, b.gather_edits, b.costs, root, group_of_root, b.space_nodes)
+
+
+def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), ignore_stem: bool = True) -> ChannelAnalysis:
+    """Run the dependency analysis on the main graph (shapes must be inferred; dynamo exports carry them)."""
+    b = Builder(model)
+    blocks = find_attention_blocks(model)
+    heads = _attention_heads.claim(b, blocks)
+    outputs = set(model.graph.outputs)
+    for node in model.graph:
+        if node in heads.finishers:
+            _attention_heads.apply(b, heads.finishers[node])
+        elif node not in b.claimed:
+            _channel_rules.apply(b, node)
+        if any(v is not None and (v in b.derived or v in b.labels) for v in node.inputs):
+            b.derived.update(node.outputs)
+    for value in outputs:
+        b.block_value(value, f"reaches graph output {value.name!r}")
+    for value, lab in b.labels.items():
+        if value.is_graph_output():
+            b.block(lab.atoms, f"reaches graph output {value.name!r}")
+    return _groups(b, set(ignore), ignore_stem)
+
+
+def find_channel_groups(model: ir.Model) -> list[ChannelGroup]:
+    """Channel dependency groups with default settings (stem ignored), as ``graphprune inspect`` lists them."""
+    return analyze_channels(model).groups
+
+
+def numel(shape: list[int] | None) -> int | None:
+    return None if shape is None else int(math.prod(shape))
+
+
+__all__ = ["ChannelAnalysis", "ChannelGroup", "CountEdit", "CostTerm", "GatherEdit", "Label", "Member",
+           "analyze_channels", "const_value", "find_channel_groups", "static_shape"]

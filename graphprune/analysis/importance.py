@@ -1,0 +1,127 @@
+"""Channel importance: one score per class (channel, head, conv group) of every channel group. Changes nothing.
+
+Criteria
+  * ``l1`` / ``l2``: magnitude of every weight slice a class owns, summed over the group: the output rows of the
+    layers that produce the channels and the input columns of the layers that consume them (L1: sum of |w|;
+    L2: the Euclidean norm of each slice).
+  * ``bn``: |γ| of the BatchNormalization nodes in the group (network-slimming). Groups without a BatchNorm fall
+    back to ``l2`` and are listed in the ``fallback`` result. Exporters that fold BatchNorm into Conv (the torch
+    dynamo exporter in eval mode) leave nothing to read: that is an error naming the key.
+  * ``activation``: for every consumer layer, mean |x_c| of its input over the calibration feeds (run in ONNX
+    Runtime) times the L2 norm of the weights that read channel c: the channel's contribution to the next layer
+    (output-error criterion in the spirit of Wanda / activation-weighted magnitude).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.analysis.channels import ChannelAnalysis, Member
+from graphprune.errors import ConfigError
+
+METHODS = ("l1", "l2", "bn", "activation")
+
+
+@dataclasses.dataclass
+class Importance:
+    scores: dict[int, np.ndarray]  # group id -> score per class
+    method: str
+    fallback: list[int] = dataclasses.field(default_factory=list)  # groups scored with l2 instead
+
+
+def _slice_norms(m: Member, p: float) -> np.ndarray:
+    w = np.asarray(m.value.const_value.numpy(), dtype=np.float64)
+    w = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)
+    return np.abs(w).sum(axis=1) if p == 1 else np.sqrt((w * w).sum(axis=1))
+
+
+def _per_root(analysis: ChannelAnalysis, members: list[Member], values) -> np.ndarray:
+    acc = np.zeros(len(analysis.root), dtype=np.float64)
+    for m, v in zip(members, values, strict=True):
+        np.add.at(acc, analysis.root[m.atoms], v)
+    return acc
+
+
+def _magnitude(analysis: ChannelAnalysis, p: float) -> np.ndarray:
+    ms = [m for m in analysis.members if m.role in ("out", "in") and m.value is not None and m.value.const_value is not None]
+    return _per_root(analysis, ms, [_slice_norms(m, p) for m in ms])
+
+
+def _activation_means(model: ir.Model, values: list[ir.Value], axes: list[int], feeds: list[dict]) -> list[np.ndarray]:
+    """mean |x| per position of ``axes[i]`` of each value, over the calibration feeds (one ORT session)."""
+    import onnxruntime as ort
+
+    added = [v for v in dict.fromkeys(values) if not v.is_graph_output()]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "calib.onnx"
+        model.graph.outputs.extend(added)  # restored below; the saved copy is what ORT reads
+        try:
+            ir.save(model, path, external_data="calib.onnx.data")
+        finally:
+            for v in added:
+                model.graph.outputs.remove(v)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        names = [v.name for v in values]
+        inputs = {i.name for i in sess.get_inputs()}
+        sums = [None] * len(values)
+        for feed in feeds:
+            outs = sess.run(names, {k: a for k, a in feed.items() if k in inputs})
+            for i, (y, ax) in enumerate(zip(outs, axes, strict=True)):
+                y = np.moveaxis(np.abs(np.asarray(y, dtype=np.float64)), ax, 0)
+                s = y.reshape(y.shape[0], -1).mean(axis=1)
+                sums[i] = s if sums[i] is None else sums[i] + s
+    return [s / max(len(feeds), 1) for s in sums]
+
+
+def _activation(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -> np.ndarray:
+    ms = [m for m in analysis.members if m.role == "in" and m.value is not None and m.value.const_value is not None]
+    data = [m.node.inputs[0] for m in ms]
+    labels_axis = []
+    for m, x in zip(ms, data, strict=True):
+        r = len(x.shape) if x.shape is not None else 2
+        labels_axis.append(1 if m.node.op_type in ("Conv", "ConvTranspose", "Gemm") else r - 1)
+    uniq: dict[ir.Value, int] = {}
+    for x, ax in zip(data, labels_axis, strict=True):
+        uniq.setdefault(x, ax)
+    means = dict(zip(uniq, _activation_means(model, list(uniq), list(uniq.values()), feeds), strict=True))
+    vals = []
+    for m, x in zip(ms, data, strict=True):
+        a = means[x]
+        vals.append(a[: len(m.atoms)] * _slice_norms(m, 2) if len(a) == len(m.atoms) else _slice_norms(m, 2))
+    return _per_root(analysis, ms, vals)
+
+
+def compute_importance(
+    model: ir.Model, analysis: ChannelAnalysis, method: str = "l2", calibration: list[dict] | None = None
+) -> Importance:
+    """Scores for every group (prunable or not); ``calibration`` feeds are needed for ``activation``."""
+    if method not in METHODS:
+        raise ConfigError(f"importance: unknown criterion {method!r}; choose one of {', '.join(METHODS)}")
+    fallback: list[int] = []
+    if method in ("l1", "l2"):
+        per_root = _magnitude(analysis, 1 if method == "l1" else 2)
+    elif method == "bn":
+        bns = [m for m in analysis.members if m.role == "bn"]
+        if not bns:
+            raise ConfigError("importance: 'bn' needs BatchNormalization nodes; this model has none "
+                              "(the exporter folded them into Conv); use l1, l2 or activation")
+        per_root = _per_root(analysis, bns, [np.abs(m.value.const_value.numpy()).astype(np.float64) for m in bns])
+        with_bn = {analysis.group_of_root[int(analysis.root[m.atoms[0]])] for m in bns}
+        l2 = _magnitude(analysis, 2)
+        for g in analysis.groups:
+            if g.id not in with_bn:
+                per_root[g.classes] = l2[g.classes]
+                if g.prunable:
+                    fallback.append(g.id)
+    else:
+        if not calibration:
+            raise ConfigError("importance: 'activation' needs calibration inputs")
+        per_root = _activation(model, analysis, calibration)
+    return Importance({g.id: per_root[g.classes] for g in analysis.groups}, method, fallback)

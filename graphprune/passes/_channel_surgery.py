@@ -1,0 +1,146 @@
+"""Apply a channel prune plan (``_channel_plan``) to a model, in place, with onnx-ir.
+
+Steps
+  1. Slices: every (node, input) listed gets the kept indices along each listed axis. An initializer whose
+     users all take the same slices is sliced in place and keeps its name (torch parameter names survive). An
+     initializer shared by users with different slices (the dynamo exporter deduplicates identical tensors, e.g.
+     every LayerNorm weight of ones) is copied per distinct slicing (``<name>.pruned<k>``), so no other user is
+     affected; the original stays for users that take it whole and is dropped when none is left.
+  2. Shape constants (Reshape/Expand targets, Split sizes, Slice bounds) and Gather indices: the constant is
+     copied with the new entries and the node input re-pointed (shape constants are shared between blocks too).
+  3. Attributes: conv ``group``, GroupNorm ``num_groups``, ``q_num_heads``/``kv_num_heads``, ``num_heads``.
+  4. Shapes of every intermediate value are cleared and ONNX shape inference is run again.
+
+Preconditions, checked: every named node exists (names are unique), every sliced tensor still has the shape the
+plan recorded. A mismatch raises :class:`GraphpruneError` before anything is changed.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.analysis.attention import const_value
+from graphprune.errors import GraphpruneError
+
+
+def _nodes_by_name(model: ir.Model) -> dict[str, ir.Node]:
+    out: dict[str, ir.Node] = {}
+    for node in model.graph:
+        if node.name in out:
+            raise GraphpruneError(f"node name {node.name!r} is not unique; a prune plan cannot address it")
+        out[node.name] = node
+    return out
+
+
+def _new_const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
+    base, k = name, 1
+    while name in graph.initializers:
+        name = f"{base}{k}"
+        k += 1
+    v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                 const_value=ir.tensor(arr, name=name))
+    graph.register_initializer(v)
+    return v
+
+
+def _set_input(node: ir.Node, index: int, value: ir.Value) -> None:
+    node.replace_input_with(index, value)
+
+
+def _check(plan: dict, nodes: dict[str, ir.Node]) -> None:
+    if not str(plan.get("format", "")).startswith("graphprune.channel_plan/"):
+        raise GraphpruneError("plan_in: not a graphprune channel plan (missing 'format')")
+    for key in ("slices", "shape_edits", "gather_edits"):
+        for e in plan.get(key, []):
+            if e["node"] not in nodes:
+                raise GraphpruneError(f"plan_in: node {e['node']!r} is not in this model")
+    for e in plan.get("slices", []):
+        v = nodes[e["node"]].inputs[e["input"]]
+        arr = const_value(v)
+        if arr is None or (e.get("shape") is not None and list(arr.shape) != list(e["shape"])):
+            raise GraphpruneError(
+                f"plan_in: input {e['input']} of node {e['node']!r} ({e.get('initializer')}) does not have the "
+                f"shape the plan was made for ({e.get('shape')}); was the plan written for another model?")
+
+
+def apply_plan(model: ir.Model, plan: dict) -> dict:
+    """Apply ``plan`` in place; returns counts of what changed."""
+    graph = model.graph
+    nodes = _nodes_by_name(model)
+    _check(plan, nodes)
+    # 1. slices, grouped per (node, input) then per source value
+    per_use: dict[tuple[str, int], list[tuple[int, list[int]]]] = defaultdict(list)
+    for e in plan.get("slices", []):
+        per_use[(e["node"], e["input"])].append((e["axis"], e["keep"]))
+    by_value: dict[ir.Value, dict[tuple, list[tuple[ir.Node, int]]]] = defaultdict(lambda: defaultdict(list))
+    for (name, idx), specs in per_use.items():
+        node = nodes[name]
+        spec = tuple(sorted((a, tuple(k)) for a, k in specs))
+        by_value[node.inputs[idx]][spec].append((node, idx))
+    copies = 0
+    for value, specs in by_value.items():
+        arr = const_value(value)
+        whole_users = [(u, i) for u, i in value.uses() if not any((u, i) in uses for uses in specs.values())]
+        in_place = value.is_initializer() and len(specs) == 1 and not whole_users
+        for k, (spec, uses) in enumerate(specs.items()):
+            new = arr
+            for axis, keep in spec:
+                new = np.take(new, np.asarray(keep, dtype=np.int64), axis=axis)
+            new = np.ascontiguousarray(new)
+            if in_place:
+                value.const_value = ir.tensor(new, name=value.name)
+                value.shape = ir.Shape(new.shape)
+                continue
+            nv = _new_const(graph, f"{value.name}.pruned{k}", new)
+            copies += 1
+            for node, idx in uses:
+                _set_input(node, idx, nv)
+        if not in_place and value.is_initializer() and not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name, None)
+    # 2. shape constants and gather indices
+    edits: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+    for e in plan.get("shape_edits", []):
+        if "attr" in e:
+            nodes[e["node"]].attributes[e["attr"]] = ir.AttrInt64(e["attr"], int(e["value"]))
+        else:
+            edits[(e["node"], e["input"])].append((e["pos"], int(e["value"])))
+    for (name, idx), entries in edits.items():
+        node = nodes[name]
+        old = node.inputs[idx]
+        arr = np.array(const_value(old))
+        flat = arr.reshape(-1)
+        for pos, val in entries:
+            flat[pos] = val
+        _set_input(node, idx, _new_const(graph, f"{name}.{idx}.pruned", flat.reshape(arr.shape)))
+        _drop_if_unused(graph, old)
+    for e in plan.get("gather_edits", []):
+        node = nodes[e["node"]]
+        old = node.inputs[e["input"]]
+        arr = np.asarray(e["value"], dtype=np.asarray(const_value(old)).dtype)
+        _set_input(node, e["input"], _new_const(graph, f"{node.name}.{e['input']}.pruned", arr))
+        _drop_if_unused(graph, old)
+    _reinfer(model)
+    return {"slices": len(plan.get("slices", [])), "copies": copies, "shape_edits": len(plan.get("shape_edits", [])),
+            "gather_edits": len(plan.get("gather_edits", []))}
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    if value.is_initializer() and not value.uses() and not value.is_graph_output():
+        graph.initializers.pop(value.name, None)
+    prod = value.producer()
+    if prod is not None and prod.op_type == "Constant" and not value.uses():
+        graph.remove(prod, safe=True)
+
+
+def _reinfer(model: ir.Model) -> None:
+    from graphprune.analysis.shapes import infer_shapes
+
+    outputs = set(model.graph.outputs)
+    for node in model.graph:
+        for o in node.outputs:
+            if o not in outputs:
+                o.shape = None
+    infer_shapes(model)
