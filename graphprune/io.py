@@ -128,7 +128,8 @@ def save_model(
             ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
             os.replace(tmpdir / data_name, out.parent / data_name)
         else:
-            ir.save(model, tmp_model)
+            # Pull externally stored weights into the single file; otherwise it would point at the input's data.
+            ir.save(_with_weights_in_memory(model), tmp_model)
         os.replace(tmp_model, out)
         if not external and (out.parent / data_name).exists() and not _is_referenced(out.parent / data_name, model):
             # A stale weights file from an earlier save of this output would mislead; remove it.
@@ -140,3 +141,12 @@ def save_model(
 
 def _is_referenced(p: Path, model: ir.Model) -> bool:
     return any(_same_file(Path(t.base_dir) / t.location, p) for _, t in _external_tensors(model))
+
+
+def _with_weights_in_memory(model: ir.Model) -> ir.Model:
+    """``model`` with every external initializer replaced by an in-memory copy (small models only)."""
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if isinstance(t, ir.ExternalTensor):
+            value.const_value = ir.Tensor(t.numpy(), name=t.name)
+    return model

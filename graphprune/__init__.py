@@ -1,0 +1,20 @@
+"""graphprune: compiler-style graph transformations that make trained networks cheaper, verified.
+
+The public API is what this module exports; everything else is implementation.
+"""
+
+from graphprune.analysis import count_flops, find_attention_blocks, summarize
+from graphprune.analysis.attention import AttentionBlock
+from graphprune.errors import ConfigError, GraphpruneError, ModelLoadError, VerificationError
+from graphprune.io import load_model, save_model
+from graphprune.passes import GraphPass, GraphResult, PassConfig, PassContext, register, registry
+from graphprune.pipeline import Pipeline, optimize
+from graphprune.verify import VerifyThresholds, compare
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionBlock", "ConfigError", "GraphPass", "GraphResult", "GraphpruneError", "ModelLoadError", "PassConfig",
+    "PassContext", "Pipeline", "VerificationError", "VerifyThresholds", "compare", "count_flops",
+    "find_attention_blocks", "load_model", "optimize", "register", "registry", "save_model", "summarize",
+]

@@ -1,0 +1,158 @@
+"""Bad input: one line on stderr, exit code 2, and no file written — through the real CLI entry point."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from graphprune.cli import main
+from graphprune.errors import ModelLoadError
+from graphprune.io import load_model, save_model
+from tests.helpers import linear_model, set_external_location
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return exc.value.code, capsys.readouterr().err.strip()
+
+
+def assert_user_error(args, capsys, out: Path, needle: str) -> None:
+    code, err = run_cli(args, capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert needle in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not out.with_name(out.name + ".data").exists()
+
+
+def test_missing_file(tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert_user_error(["optimize", tmp_path / "nope.onnx", "-o", out], capsys, out, "not found")
+
+
+def test_not_onnx(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    out = tmp_path / "o.onnx"
+    assert_user_error(["optimize", bad, "-o", out], capsys, out, "not a valid ONNX model")
+
+
+def test_text_file_is_not_onnx(tmp_path, capsys):
+    bad = tmp_path / "notes.onnx"
+    bad.write_text("hello\n")
+    out = tmp_path / "o.onnx"
+    assert_user_error(["optimize", bad, "-o", out], capsys, out, "not a valid ONNX model")
+
+
+def test_truncated(tmp_path, capsys):
+    src = linear_model(tmp_path / "m.onnx", external=False)
+    data = src.read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "o.onnx"
+    assert_user_error(["optimize", cut, "-o", out], capsys, out, "not a valid ONNX model")
+
+
+def test_missing_external_data(tmp_path, capsys):
+    src = linear_model(tmp_path / "m.onnx")
+    (tmp_path / "m.onnx.data").unlink()
+    out = tmp_path / "o.onnx"
+    assert_user_error(["optimize", src, "-o", out], capsys, out, "missing")
+
+
+def test_truncated_external_data(tmp_path, capsys):
+    src = linear_model(tmp_path / "m.onnx")
+    data = tmp_path / "m.onnx.data"
+    data.write_bytes(data.read_bytes()[:16])
+    out = tmp_path / "o.onnx"
+    assert_user_error(["optimize", src, "-o", out], capsys, out, "truncated")
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_external_data_outside_folder(tmp_path, capsys, kind):
+    inner = tmp_path / "model"
+    inner.mkdir()
+    src = linear_model(inner / "m.onnx")
+    outside = tmp_path / "secret.bin"
+    os.replace(inner / "m.onnx.data", outside)
+    if kind == "dotdot":
+        set_external_location(src, "../secret.bin")
+    elif kind == "absolute":
+        set_external_location(src, str(outside))
+    else:
+        (inner / "m.onnx.data").symlink_to(outside)
+    out = tmp_path / "o.onnx"
+    code, err = run_cli(["optimize", src, "-o", out], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "refused" in err
+    assert not out.exists()
+    with pytest.raises(ModelLoadError):
+        load_model(src)
+
+
+def test_output_equals_input(tmp_path, capsys):
+    src = linear_model(tmp_path / "m.onnx")
+    before = src.read_bytes(), (tmp_path / "m.onnx.data").read_bytes()
+    code, err = run_cli(["optimize", src, "-o", src], capsys)
+    assert code == 2 and "overwrite" in err and len(err.splitlines()) == 1
+    assert (src.read_bytes(), (tmp_path / "m.onnx.data").read_bytes()) == before
+
+
+def test_output_equal_via_other_spelling(tmp_path, capsys, monkeypatch):
+    src = linear_model(tmp_path / "m.onnx")
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["optimize", src, "-o", "./sub/../m.onnx"], capsys)
+    assert code == 2 and "overwrite" in err
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("passes:\n  - name: cleanup\n    bogus: 1\n", "bogus"),
+        ("passes:\n  - name: no_such_pass\n", "no_such_pass"),
+        ("pases: []\n", "pases"),
+        ("passes:\n  - name: cleanup\nverify:\n  cosine_min: 7\n", "cosine_min"),
+        ("passes:\n  - name: constant_folding\n    input_size_limit: -3\n", "input_size_limit"),
+        ("passes: [\n", "invalid YAML"),
+        ("passes:\n  - keep_ratio: 0.5\n", "name"),
+    ],
+)
+def test_invalid_yaml_config(tmp_path, capsys, text, key):
+    src = linear_model(tmp_path / "m.onnx")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "o.onnx"
+    assert_user_error(["optimize", src, "-o", out, "--config", cfg], capsys, out, key)
+
+
+def test_save_is_atomic_and_loadable(tmp_path):
+    src = linear_model(tmp_path / "m.onnx")
+    model = load_model(src)
+    out = save_model(model, tmp_path / "o.onnx", inputs=(src,), external_threshold=0)
+    assert (tmp_path / "o.onnx.data").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.onnx")]  # no temp folder left
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    a = ort.InferenceSession(str(src)).run(None, {"X": x})[0]
+    b = ort.InferenceSession(str(out)).run(None, {"X": x})[0]
+    np.testing.assert_array_equal(a, b)
+    # single-file save below the threshold
+    out2 = save_model(load_model(src), tmp_path / "p.onnx", inputs=(src,))
+    assert not (tmp_path / "p.onnx.data").exists()
+    np.testing.assert_array_equal(ort.InferenceSession(str(out2)).run(None, {"X": x})[0], a)
+
+
+def test_save_refuses_data_file_in_use(tmp_path):
+    from graphprune.errors import GraphpruneError
+
+    src = linear_model(tmp_path / "m.onnx")
+    model = load_model(src)
+    # "m.onnx" output in another folder is fine; output whose .data is the model's live data file is not
+    (tmp_path / "m").mkdir()
+    with pytest.raises(GraphpruneError, match="overwrite"):
+        save_model(model, tmp_path / "m.onnx")

@@ -1,0 +1,117 @@
+"""Pipeline, verification, report JSON and the optimize/inspect/bench/passes commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from graphprune.analysis.inputs import example_inputs
+from graphprune.cli import main
+from graphprune.io import load_model
+from graphprune.pipeline import Pipeline
+from graphprune.verify import VerifyThresholds, compare
+from tests.helpers import linear_model
+
+
+def cli(args, capsys):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_cleanup_on_deit_vit_is_identity(export, tmp_path, capsys):
+    src = export("vit")  # DeiT-S shaped, dynamo export with external data
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, stdout, err = cli(["optimize", src, "-o", out, "--report", rep, "--bench", "--runs", "3"], capsys)
+    assert code == 0, err
+    report = json.loads(rep.read_text())
+    assert {"passes", "flops", "params", "verify", "latency_ms"} <= set(report)
+    assert set(report["flops"]) >= {"before", "after"} and set(report["params"]) >= {"before", "after"}
+    assert set(report["latency_ms"]) >= {"before", "after", "speedup"}
+    assert report["passes"][0]["name"] == "cleanup"
+    feeds = example_inputs(load_model(src), batch=2, seed=5)
+    a = ort.InferenceSession(str(src)).run(None, feeds)[0]
+    b = ort.InferenceSession(str(out)).run(None, feeds)[0]
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    assert report["verify"]["max_abs_err"] <= 1e-5 and report["verify"]["passed"]
+    assert "speedup" in stdout
+
+
+def test_pipeline_from_yaml_runs_and_reports(tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("passes:\n  - name: identity_elimination\n  - name: constant_folding\n    input_size_limit: 1024\n  - name: dce\nverify: {cosine_min: 0.99}\n")
+    pipe = Pipeline.from_yaml(cfg)
+    assert [s.name for s in pipe.steps] == ["identity_elimination", "constant_folding", "dce"]
+    assert pipe.verify.cosine_min == 0.99
+    model = load_model(linear_model(tmp_path / "m.onnx"))
+    records = pipe.run(model)
+    assert [r["name"] for r in records] == ["identity_elimination", "constant_folding", "dce"]
+    assert records[0]["nodes"] == {"before": 2, "after": 2}
+    assert records[0]["flops"]["before"] == 2 * 8 * 4 + 4  # FLOPs are counted at batch 1
+
+
+def test_dce_removes_dead_nodes(tmp_path):
+    model = load_model(linear_model(tmp_path / "m.onnx"))
+    x = model.graph.inputs[0]
+    model.graph.append(ir.node("Relu", [x]))  # dead
+    records = Pipeline().add("dce").run(model)
+    assert records[0]["changed"] and records[0]["nodes"] == {"before": 3, "after": 2}
+
+
+def test_verify_detects_changed_weights(tmp_path):
+    a = linear_model(tmp_path / "a.onnx", external=False)
+    w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    w2 = w.copy()
+    w2[0, 0] += 0.5
+    b = linear_model(tmp_path / "b.onnx", external=False, w=w2)
+    feeds = [{"X": np.ones((3, 8), np.float32)}]
+    rep = compare(a, b, feeds, VerifyThresholds(max_abs_err=1e-3))
+    assert rep.max_abs_err == pytest.approx(0.5, rel=1e-5)  # X=1 → Y[:,0] shifts by exactly 0.5
+    assert not rep.passed and "max_abs_err" in rep.failures[0]
+    assert compare(a, a, feeds, VerifyThresholds(max_abs_err=0)).passed
+
+
+def test_verification_failure_writes_nothing(tmp_path, capsys, monkeypatch):
+    import graphprune.pipeline as pl
+    from graphprune.verify import VerifyReport
+
+    src = linear_model(tmp_path / "m.onnx")
+    monkeypatch.setattr("graphprune.verify.compare", lambda *a, **k: VerifyReport(1.0, 0.5, None, [], ["cosine 0.5 < 0.95"]))
+    out = tmp_path / "o.onnx"
+    code, _, err = cli(["optimize", src, "-o", out], capsys)
+    assert code == 2 and "verification failed" in err and not out.exists()
+    code, _, err = cli(["optimize", src, "-o", out, "--force"], capsys)
+    assert code == 0 and out.exists()
+    del pl
+
+
+def test_inspect_json_keys(export, capsys):
+    code, stdout, _ = cli(["inspect", export("vit_tiny"), "--json"], capsys)
+    assert code == 0
+    info = json.loads(stdout)
+    assert {"inputs", "outputs", "opset", "flops", "params", "attention_blocks"} <= set(info)
+    assert info["opset"] == 18 and len(info["attention_blocks"]) == 4
+    assert {"index", "heads", "head_dim", "tokens", "kind"} <= set(info["attention_blocks"][0])
+
+
+def test_bench_with_baseline(tmp_path, capsys):
+    a = linear_model(tmp_path / "a.onnx")
+    code, stdout, _ = cli(["bench", a, "--baseline", a, "--json", "--runs", "5"], capsys)
+    assert code == 0
+    res = json.loads(stdout)
+    assert set(res["latency_ms"]) == {"baseline", "model"} and res["speedup"] > 0
+
+
+def test_passes_lists_registry(capsys):
+    code, stdout, _ = cli(["passes", "--json"], capsys)
+    info = json.loads(stdout)
+    assert code == 0 and {"cleanup", "dce", "constant_folding"} <= set(info)
+    assert "input_size_limit" in info["constant_folding"]["options"]
