@@ -6,7 +6,6 @@ with ``torch.onnx.export(dynamo=True)``, which always produces a separate ``.onn
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch

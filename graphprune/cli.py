@@ -7,6 +7,7 @@ with code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -111,7 +112,8 @@ def optimize(
     Without --config or shortcut flags the pipeline is `cleanup`. Shortcut flags append their pass (then
     `cleanup`) after the config's passes. Verification defaults to cosine_min 0.95 when nothing sets a threshold.
     """
-    from graphprune.pipeline import Pipeline, optimize as run_optimize
+    from graphprune.pipeline import Pipeline
+    from graphprune.pipeline import optimize as run_optimize
     from graphprune.verify import VerifyThresholds
 
     pipe = Pipeline.from_yaml(config) if config else Pipeline()
@@ -284,6 +286,9 @@ def list_passes(as_json: Annotated[bool, typer.Option("--json", help="Print one 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors with exit code 2 unless --debug."""
     args = sys.argv[1:] if argv is None else argv
+    if "--debug" not in args:  # library warnings (e.g. a constant the folder could not evaluate) are not ours
+        for name in ("onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         app(args=args, standalone_mode=False)
     except GraphpruneError as e:

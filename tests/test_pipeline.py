@@ -115,3 +115,17 @@ def test_passes_lists_registry(capsys):
     info = json.loads(stdout)
     assert code == 0 and {"cleanup", "dce", "constant_folding"} <= set(info)
     assert "input_size_limit" in info["constant_folding"]["options"]
+
+
+def test_inputs_npz_used_for_verification(tmp_path, capsys):
+    src = linear_model(tmp_path / "m.onnx")
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, X=np.full((5, 8), 2.0, np.float32))
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, _, err = cli(["optimize", src, "-o", out, "--inputs", feeds, "--report", rep], capsys)
+    assert code == 0, err
+    assert json.loads(rep.read_text())["verify"]["max_abs_err"] == 0.0
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, Y=np.zeros((1, 8), np.float32))
+    code, _, err = cli(["optimize", src, "-o", tmp_path / "o2.onnx", "--inputs", bad], capsys)
+    assert code == 2 and "lacks model inputs: X" in err and not (tmp_path / "o2.onnx").exists()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-
 from collections.abc import Callable
 
 import onnx_ir as ir

@@ -143,7 +143,7 @@ def build_plan(analysis: ChannelAnalysis, kept: np.ndarray, info: dict | None = 
         if len(keep) == len(m.atoms):
             continue
         v = m.value
-        entry = {"node": m.node.name, "input": m.input_index, "initializer": v.name, "axis": m.axis,
+        entry = {"node": m.node.name, "input": m.input_index, "initializer": v.name, "axis": m.axis, "role": m.role,
                  "shape": list(v.const_value.shape) if v.const_value is not None else None, "keep": keep.tolist()}
         if _scopes(m.node):
             entry["scope"] = _scopes(m.node)
