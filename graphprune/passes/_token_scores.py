@@ -1,0 +1,89 @@
+"""Token scores computed inside the graph from an :class:`AttentionBlock` (used by ``token_drop``).
+
+Sources (each returns a ``[B, N]`` float value built on a tape; nothing is inserted here):
+  1. ``cls_attention``: head-mean of the query rows ``rows`` (the CLS row ``[0, 1)`` by default; the last row
+     for decoder/VLM graphs, FastV) of the block's softmax probabilities, averaged over those rows (EViT, FasterVLM).
+     For a fused ``Attention`` op, which exposes no probabilities, only those rows are recomputed:
+     ``softmax(q[rows] · kᵀ · scale + mask[rows])`` — an ``R × N`` product, the block itself stays fused.
+  2. ``attention_graph``: Zero-TPrune-style importance: ``s ← s · Ā`` from ``s₀ = 1/N``, ``iterations`` times,
+     with ``Ā`` the head-averaged ``[B, N, N]`` probabilities. For a fused op ``Ā`` is recomputed from q and k
+     (an extra N² · D matmul per selected block; reported as such by the pass).
+  3. ``key_metric``: head-averaged keys ``[B, N, D]`` for ToMe's similarity.
+
+Refusals raise :class:`UnsupportedPatternError` with the reason (the pass records it as a skip).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.analysis.attention import AttentionBlock
+from graphprune.errors import UnsupportedPatternError
+from graphprune.ops._token_body import INT64_MAX, Body
+
+
+def _rows(t: Body, x: ir.Value, rows: tuple[int, int], axis: int) -> ir.Value:
+    start, stop = rows
+    return t.op("Slice", [x, t.ints(start), t.ints(INT64_MAX if stop == 0 else stop), t.ints(axis)])
+
+
+def _check_fused(blk: AttentionBlock) -> None:
+    if blk.layout != "BHND" or blk.q is None or blk.k is None:
+        raise UnsupportedPatternError(f"block {blk.index}: fused attention in {blk.layout} layout; q/k [B,H,N,D] needed to recompute scores")
+    if blk.kv_heads is not None and blk.heads is not None and blk.kv_heads != blk.heads:
+        raise UnsupportedPatternError(f"block {blk.index}: grouped KV heads ({blk.kv_heads} ≠ {blk.heads}) not supported for score recompute")
+    if blk.scale is None:
+        raise UnsupportedPatternError(f"block {blk.index}: attention scale unknown")
+
+
+def _recompute_probs(t: Body, blk: AttentionBlock, rows: tuple[int, int] | None) -> ir.Value:
+    """softmax(q[rows] kᵀ · scale + mask[rows]) → [B, H, R, N] for a fused block."""
+    _check_fused(blk)
+    q = _rows(t, blk.q, rows, 2) if rows is not None else blk.q
+    kt = t.op("Transpose", [blk.k], {"perm": [0, 1, 3, 2]})
+    logits = t.op("Mul", [t.op("MatMul", [q, kt]), t.const(np.float32(blk.scale))])
+    if blk.mask is not None:
+        mask = blk.mask
+        if mask.dtype == ir.DataType.BOOL:
+            mask = t.op("Where", [mask, t.const(np.float32(0.0)), t.const(np.float32(-np.inf))])
+        rank_ok = mask.shape is not None and len(mask.shape) == 4
+        if not rank_ok:
+            raise UnsupportedPatternError(f"block {blk.index}: attention mask of rank ≠ 4")
+        if rows is not None and mask.shape[2] != 1:
+            mask = _rows(t, mask, rows, 2)
+        logits = t.op("Add", [logits, mask])
+    return t.op("Softmax", [logits], {"axis": -1})
+
+
+def cls_attention(t: Body, blk: AttentionBlock, rows: tuple[int, int]) -> tuple[ir.Value, str | None]:
+    """[B, N] scores; the second item is a note for the report (recomputed from q, k) or None."""
+    note = None
+    if blk.probs is not None:
+        p = _rows(t, blk.probs, rows, 2)
+    else:
+        p = _recompute_probs(t, blk, rows)
+        note = f"attention is fused and exposes no probabilities; query rows {list(rows)} recomputed from Q,K"
+    return t.op("ReduceMean", [p, t.ints(1, 2)], {"keepdims": 0}), note
+
+
+def attention_graph(t: Body, blk: AttentionBlock, iterations: int) -> tuple[ir.Value, str | None]:
+    """[B, N] Zero-TPrune-style power-iteration importance."""
+    note = None
+    if blk.probs is not None:
+        p = blk.probs
+    else:
+        p = _recompute_probs(t, blk, None)
+        note = "attention is fused; full head-mean probabilities recomputed from Q,K (extra N²·D matmul)"
+    a = t.op("ReduceMean", [p, t.ints(1)], {"keepdims": 0})  # [B, N, N]
+    s = t.op("ReduceMean", [a, t.ints(1)], {"keepdims": 1})  # s₁ = (1/N)·1ᵀĀ  [B, 1, N]
+    for _ in range(max(0, iterations - 1)):
+        s = t.op("MatMul", [s, a])
+    return t.op("Squeeze", [s, t.ints(1)]), note
+
+
+def key_metric(t: Body, blk: AttentionBlock) -> ir.Value:
+    """[B, N, D] head-mean keys (ToMe's metric)."""
+    if blk.k is None or blk.layout != "BHND":
+        raise UnsupportedPatternError(f"block {blk.index}: keys [B,H,N,D] not recoverable for ToMe similarity")
+    return t.op("ReduceMean", [blk.k, t.ints(1)], {"keepdims": 0})
