@@ -199,16 +199,10 @@ def build(name: str, **kw) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def export_model(model: nn.Module, args: tuple, path: str | Path, opset: int = 18, dynamic_batch: bool = True) -> Path:
-    """Export with the dynamo exporter; the batch axis is dynamic unless ``dynamic_batch`` is False."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        shapes = tuple({0: batch} for _ in args)
-    with torch.no_grad():
-        torch.onnx.export(model, args, str(path), dynamo=True, opset_version=opset, dynamic_shapes=shapes, verbose=False)
-    return path
+    """Export with the dynamo exporter (``graphprune.torch.export``); the batch axis is dynamic by default."""
+    from graphprune.torch import export
+
+    return export(model, args, path, opset=opset, dynamic_batch=dynamic_batch)
 
 
 def main(argv: list[str] | None = None) -> None:
