@@ -16,7 +16,7 @@ Following blocks use proportional attention: ``log(size_out)`` is added to their
 does that; it is not part of this op).
 
 Body: one ``[B,|A|,D]·[B,D,|B|]`` MatMul for similarity, ReduceMax/ArgMax, one full-length ``TopK`` sort,
-row ``Gather``s on flattened tensors, and the merge as a one-hot assignment ``OneHot(dst) [B, |B|, r]``
+``GatherND(batch_dims=1)`` row gathers, and the merge as a one-hot assignment ``OneHot(dst) [B, |B|, r]``
 times ``[B, r, C+1]`` (values and sizes together): no ScatterElements (unreliable with add on TensorRT).
 """
 
@@ -34,7 +34,8 @@ SCHEMA = OpSchema(
     name=OP,
     inputs=("x [B, N, C]", "metric [B, N, D]", "size [B, N, 1] (optional)"),
     outputs=("y [B, N - r, C]", "size_out [B, N - r, 1]", "indices [B, N - r] int64"),
-    attributes={"r": "int, tokens merged (clamped to the size of set A)", "protect": "int, prefix tokens never merged"},
+    attributes={"r": "int, tokens merged (clamped to the size of set A)", "protect": "int, prefix tokens never merged",
+                "has_size": "int 0/1, whether the size input is given", "n": "int, input token count the body is specialised to (0: any)"},
     shape_rule="y[1] = N - min(r, ceil((N - protect) / 2))",
     doc=__doc__ or "",
 )
@@ -77,24 +78,28 @@ def reference(x: np.ndarray, metric: np.ndarray, size: np.ndarray | None = None,
     return np.stack(ys), np.stack(ss), np.stack(ids)
 
 
-def _batched_gather(t: Body, data: ir.Value, idx: ir.Value, bdim: ir.Value, ndim: ir.Value) -> ir.Value:
-    """``data[b, idx[b, j], :]`` for [B, N, C] data and [B, K] indices, as one row Gather."""
-    offs = t.op("Mul", [t.op("Range", [t.const(0, np.int64), t.op("Squeeze", [bdim]), t.const(1, np.int64)]),
-                        t.op("Squeeze", [ndim])])
-    flat = t.op("Add", [idx, t.op("Unsqueeze", [offs, t.ints(1)])])
-    return t.op("Gather", [t.op("Flatten", [data], {"axis": 2}), flat], {"axis": 0})
+def _batched_gather(t: Body, data: ir.Value, idx: ir.Value) -> ir.Value:
+    """``data[b, idx[b, j], :]`` for [B, N, C] data and [B, K] indices (GatherND, batch_dims=1)."""
+    return t.op("GatherND", [data, t.op("Unsqueeze", [idx, t.ints(2)])], {"batch_dims": 1})
 
 
-def make_function(r: int, protect: int = 0, has_size: bool = True) -> ir.Function:
-    """The standard-op body for one ``(r, protect, has_size)``."""
-    attrs = {"r": int(r), "protect": int(protect), "has_size": int(bool(has_size))}
+def _attrs(r: int, protect: int, has_size: bool, n: int) -> dict:
+    return {"r": int(r), "protect": int(protect), "has_size": int(bool(has_size)), "n": int(n)}
+
+
+def make_function(r: int, protect: int = 0, has_size: bool = True, n: int = 0) -> ir.Function:
+    """The standard-op body for one ``(r, protect, has_size, n)``.
+
+    ``n > 0`` specialises the body to ``n`` input tokens: the set sizes become constants, so ONNX shape
+    inference (and FLOPs counting) sees static token counts. ``n = 0`` works for any ``N``.
+    """
+    attrs = _attrs(r, protect, has_size, n)
     t = Body()
     x, metric, size = ir.Value(name="x"), ir.Value(name="metric"), ir.Value(name="size")
-    shape = t.op("Shape", [x])
-    bdim = t.dim(shape, 0)
     if not has_size:
-        size = t.op("ConstantOfShape", [t.op("Concat", [t.dim(shape, 0), t.dim(shape, 1), t.ints(1)], {"axis": 0})],
-                    {"value": ir.tensor(np.array([1.0], np.float32))})
+        # ones [B, N, 1], built by broadcasting so that shape inference keeps B and N
+        size = t.op("Add", [t.op("Mul", [t.op("Slice", [x, t.ints(0), t.ints(1), t.ints(2)]), t.const(np.float32(0.0))]),
+                            t.const(np.float32(1.0))])
     # values and sizes travel together: [B, N, C+1] holding (x·s, s)
     xs = t.op("Concat", [t.op("Mul", [x, size]), size], {"axis": 2})
     big = np.iinfo(np.int64).max
@@ -108,39 +113,45 @@ def make_function(r: int, protect: int = 0, has_size: bool = True) -> ir.Functio
     sim = t.op("MatMul", [ma, t.op("Transpose", [mb], {"perm": [0, 2, 1]})])
     best = t.op("ReduceMax", [sim, t.ints(2)], {"keepdims": 0})
     match = t.op("ArgMax", [sim], {"axis": 2, "keepdims": 0})
-    na = t.dim(t.op("Shape", [a]), 1)
-    nb = t.dim(t.op("Shape", [bb]), 1)
+    if n > 0:
+        na_, nb_ = (n - protect + 1) // 2, (n - protect) // 2
+        na, nb = t.ints(na_), t.ints(nb_)
+    else:
+        na = t.dim(t.op("Shape", [a]), 1)
+        nb = t.dim(t.op("Shape", [bb]), 1)
     _, order = t.op_multi_out("TopK", [best, na], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)
-    rr = t.op("Min", [t.ints(r), na])
+    rr = t.ints(min(r, na_)) if n > 0 else t.op("Min", [t.ints(r), na])
     src = t.op("Slice", [order, t.ints(0), rr, t.ints(1)])
     unm = t.op("Slice", [order, rr, t.ints(big), t.ints(1)])
-    unm, _ = t.op_multi_out("TopK", [unm, t.op("Sub", [na, rr])], {"axis": 1, "largest": 0, "sorted": 1},
+    n_unm = t.ints(na_ - min(r, na_)) if n > 0 else t.op("Sub", [na, rr])
+    unm, _ = t.op_multi_out("TopK", [unm, n_unm], {"axis": 1, "largest": 0, "sorted": 1},
                             num_outputs=2)
     dst = t.op("GatherElements", [match, src], {"axis": 1})  # [B, r]
-    a_src = _batched_gather(t, a, src, bdim, na)  # [B, r, C+1]
-    a_unm = _batched_gather(t, a, unm, bdim, na)
-    hot = t.op("OneHot", [dst, t.op("Squeeze", [nb]), t.const([0.0, 1.0], np.float32)], {"axis": 1})  # [B, |B|, r]
+    a_src = _batched_gather(t, a, src)  # [B, r, C+1]
+    a_unm = _batched_gather(t, a, unm)
+    hot = t.op("OneHot", [dst, t.const(np.int64(nb_)) if n > 0 else t.op("Squeeze", [nb]), t.const([0.0, 1.0], np.float32)], {"axis": 1})  # [B, |B|, r]
     b_new = t.op("Add", [bb, t.op("MatMul", [hot, a_src])])
     parts = [a_unm, b_new]
     if protect:
         parts.insert(0, t.op("Slice", [xs, t.ints(0), t.ints(protect), t.ints(1)]))
     merged = t.op("Concat", parts, {"axis": 1})  # [B, N-r, C+1]
     # representative positions: prefix, 2·unm + protect, then 2·j + 1 + protect for every B token
-    nb_s = t.op("Squeeze", [nb])
-    b_pos = t.op("Add", [t.op("Mul", [t.op("Range", [t.const(0, np.int64), nb_s, t.const(1, np.int64)]), t.ints(2)]),
-                         t.ints(1 + protect)])
-    b_pos = t.op("Expand", [t.op("Unsqueeze", [b_pos, t.ints(0)]), t.op("Concat", [bdim, nb], {"axis": 0})])
+    if n > 0:
+        b_pos = t.const(np.arange(nb_, dtype=np.int64) * 2 + 1 + protect)
+    else:
+        b_pos = t.op("Range", [t.const(0, np.int64), t.op("Squeeze", [nb]), t.const(1, np.int64)])
+        b_pos = t.op("Add", [t.op("Mul", [b_pos, t.ints(2)]), t.ints(1 + protect)])
+    zero = t.op("Mul", [t.op("Slice", [match, t.ints(0), t.ints(1), t.ints(1)]), t.const(0, np.int64)])  # [B, 1]
+    b_pos = t.op("Add", [zero, t.op("Unsqueeze", [b_pos, t.ints(0)])])  # [B, |B|] by broadcasting
     ids = [t.op("Add", [t.op("Mul", [unm, t.ints(2)]), t.ints(protect)]), b_pos]
     if protect:
-        ids.insert(0, t.op("Expand", [t.const(np.arange(protect, dtype=np.int64)[None, :]),
-                                      t.op("Concat", [bdim, t.ints(protect)], {"axis": 0})]))
+        ids.insert(0, t.op("Add", [zero, t.const(np.arange(protect, dtype=np.int64)[None, :])]))
     ids = t.op("Concat", ids, {"axis": 1})
-    nout = t.dim(t.op("Shape", [ids]), 1)
+    nout = t.ints(n - min(r, na_)) if n > 0 else t.dim(t.op("Shape", [ids]), 1)
     idx, perm = t.op_multi_out("TopK", [ids, nout], {"axis": 1, "largest": 0, "sorted": 1}, num_outputs=2)
-    merged = _batched_gather(t, merged, perm, bdim, nout)  # back to the original token order
-    cdim = t.op("Sub", [t.dim(shape, 2), t.ints(0)])
-    s_out = t.op("Slice", [merged, cdim, t.ints(big), t.ints(2)])
-    y = t.op("Div", [t.op("Slice", [merged, t.ints(0), cdim, t.ints(2)]), s_out])
+    merged = _batched_gather(t, merged, perm)  # back to the original token order
+    s_out = t.op("Slice", [merged, t.ints(-1), t.ints(big), t.ints(2)])
+    y = t.op("Div", [t.op("Slice", [merged, t.ints(0), t.ints(-1), t.ints(2)]), s_out])
     y.name = "y"
     s_out = t.op("Identity", [s_out])
     s_out.name = "size_out"
@@ -150,10 +161,10 @@ def make_function(r: int, protect: int = 0, has_size: bool = True) -> ir.Functio
     return build_function(t, OP, overload_key(attrs), inputs, [y, s_out, idx], attrs)
 
 
-def make_node(x: ir.Value, metric: ir.Value, size: ir.Value | None = None, *, r: int, protect: int = 0,
+def make_node(x: ir.Value, metric: ir.Value, size: ir.Value | None = None, *, r: int, protect: int = 0, n: int = 0,
               name: str | None = None) -> ir.Node:
-    """A TokenMerge node (outputs ``y``, ``size_out``, ``indices``); pair it with ``make_function(r, protect, size is not None)``."""
-    attrs = {"r": int(r), "protect": int(protect), "has_size": int(size is not None)}
+    """A TokenMerge node (outputs ``y``, ``size_out``, ``indices``); pair it with ``make_function(r, protect, size is not None, n)``."""
+    attrs = _attrs(r, protect, size is not None, n)
     inputs = [x, metric] + ([size] if size is not None else [])
     return ir.Node(DOMAIN, OP, inputs, node_attrs(attrs), overload=overload_key(attrs), num_outputs=3, name=name)
 

@@ -12,8 +12,8 @@ Semantics (``reference`` is the definition):
 Inputs:  ``x [B, N, C]``, ``scores [B, N]`` (the prefix entries are ignored).
 Outputs: ``y [B, protect + k + fuse_rest, C]``, ``indices [B, protect + k]`` (int64, positions in ``x``).
 
-Body: Slice → TopK → (TopK ascending on the indices for ``keep_order``) → one row ``Gather`` on the flattened
-``[B·N, C]`` input with per-batch offsets (a contiguous row copy; no ``GatherElements`` over ``C``).
+Body: Slice → TopK → (TopK ascending on the indices for ``keep_order``) → ``GatherND(batch_dims=1)`` of whole
+token rows (a contiguous row copy per kept token; no ``GatherElements`` index tensor over ``C``).
 ``fuse_rest`` builds the kept mask with ``OneHot`` + ``ReduceMax`` and a ``[B, 1, N] @ [B, N, C]`` MatMul:
 scatter-free.
 """
@@ -88,7 +88,7 @@ def make_function(k: int = 0, keep_ratio: float = 1.0, protect: int = 0, keep_or
     x = ir.Value(name="x")
     scores = ir.Value(name="scores")
     shape = t.op("Shape", [x])
-    bdim, ndim = t.dim(shape, 0), t.dim(shape, 1)
+    ndim = t.dim(shape, 1)
     s = t.slice_tokens(scores, protect) if protect else scores
     if k > 0:
         kv = t.ints(k)
@@ -101,15 +101,12 @@ def make_function(k: int = 0, keep_ratio: float = 1.0, protect: int = 0, keep_or
     top = idx
     if keep_order:
         idx, _ = t.op_multi_out("TopK", [idx, kv], {"axis": 1, "largest": 0, "sorted": 1}, num_outputs=2)
-    if protect:
+    if protect:  # prefix positions [B, p] built by broadcasting (keeps the batch dim inferable)
         idx = t.op("Add", [idx, t.ints(protect)])
-        pre = t.op("Expand", [t.const(np.arange(protect, dtype=np.int64)[None, :]),
-                              t.op("Concat", [bdim, t.ints(protect)], {"axis": 0})])
+        zero = t.op("Mul", [t.op("Slice", [idx, t.ints(0), t.ints(1), t.ints(1)]), t.const(0, np.int64)])
+        pre = t.op("Add", [zero, t.const(np.arange(protect, dtype=np.int64)[None, :])])
         idx = t.op("Concat", [pre, idx], {"axis": 1})
-    offs = t.op("Mul", [t.op("Range", [t.const(0, np.int64), t.op("Squeeze", [bdim]), t.const(1, np.int64)]),
-                        t.op("Squeeze", [ndim])])
-    flat_idx = t.op("Add", [idx, t.op("Unsqueeze", [offs, t.ints(1)])])
-    y = t.op("Gather", [t.op("Flatten", [x], {"axis": 2}), flat_idx], {"axis": 0})
+    y = t.op("GatherND", [x, t.op("Unsqueeze", [idx, t.ints(2)])], {"batch_dims": 1})
     if fuse_rest:
         depth = t.op("Squeeze", [t.op("Sub", [ndim, t.ints(protect)])])
         hot = t.op("OneHot", [top, depth, t.const([0.0, 1.0], np.float32)], {"axis": -1})

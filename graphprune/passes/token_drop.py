@@ -281,7 +281,7 @@ class TokenDropPass(GraphPass):
         except UnsupportedPatternError:
             rewire.detach(t.nodes)
             raise
-        node = token_merge.make_node(stream, metric, size, r=r, protect=protect, name=f"token_merge_{blk.index}")
+        node = token_merge.make_node(stream, metric, size, r=r, protect=protect, n=n_cur, name=f"token_merge_{blk.index}")
         _name_outputs(node, f"token_merge_{blk.index}", stream, n_new)
         s_out = node.outputs[1]
         s_out.type = stream.type
@@ -301,7 +301,7 @@ class TokenDropPass(GraphPass):
                 site.replace_input_with(i, bias)
             else:
                 bias_sites[other.index] = _add_logit_bias(model.graph, other, bias)
-        add_function(model, token_merge.make_function(r, protect, size is not None))
+        add_function(model, token_merge.make_function(r, protect, size is not None, n_cur))
         return n_new, s_out, None
 
     @staticmethod
