@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from graphprune.analysis._channel_rules import const_slot
 from graphprune.analysis.attention import AttentionBlock, const_value
 
 if TYPE_CHECKING:
@@ -69,7 +70,8 @@ def _walk_back(value: ir.Value) -> tuple[list[ir.Node], ir.Value]:
         if p is None or p.domain != "" or p.op_type not in _CHAIN:
             return list(reversed(chain)), cur
         data = _data_input(p)
-        if data is None or any(const_value(v) is None for v in p.inputs[1:] if v is not None and v is not data):
+        shape_ok = p.op_type in ("Reshape", "Expand")  # targets may be computed; entries are checked in _edits
+        if data is None or (not shape_ok and any(const_value(v) is None for v in p.inputs[1:] if v is not None and v is not data)):
             return list(reversed(chain)), cur
         chain.append(p)
         cur = data
@@ -116,19 +118,67 @@ def claim(b: Builder, blocks: list[AttentionBlock]) -> Claims:
         rec = _describe(b, blk)
         nodes = set(blk.nodes) | set(rec.out_chain) | {n for c in rec.chains for n in c}
         inner = [o for n in nodes for o in n.outputs if o is not rec.merged]
-        if any(u not in nodes for o in inner for u, _ in o.uses()):
+        if any(u not in nodes and u.op_type != "Shape" for o in inner for u, _ in o.uses()):
             rec.reason = rec.reason or "an intermediate attention value has users outside the block"
         b.claimed |= nodes
         finishers[blk.nodes[-1]] = rec
     return Claims(finishers)
 
 
-def _run(node: ir.Node, x: np.ndarray) -> list[np.ndarray]:
+def _eval_shape(value: ir.Value, env: dict, depth: int = 0) -> np.ndarray:
+    """Evaluate a small shape computation (Shape of simulated values, constants, index arithmetic)."""
+    c = const_value(value)
+    if c is not None:
+        return np.asarray(c)
+    p = value.producer()
+    if p is None or depth > 16:
+        raise ValueError(f"shape {value.name!r} depends on a graph input")
+    op = p.op_type
+    if op == "Shape":
+        src = env.get(p.inputs[0])
+        if src is None:
+            raise ValueError(f"Shape of {p.inputs[0].name!r} outside the simulated chain")
+        shp = np.asarray(src.shape, dtype=np.int64)
+        start = p.attributes.get_int("start", 0)
+        end = p.attributes.get_int("end", len(shp))
+        return shp[start:end]
+    ins = [_eval_shape(v, env, depth + 1) if v is not None else None for v in p.inputs]
+    if op == "Concat":
+        return np.concatenate([np.atleast_1d(a) for a in ins], axis=p.attributes.get_int("axis", 0))
+    if op == "Gather":
+        return np.take(ins[0], ins[1], axis=p.attributes.get_int("axis", 0))
+    if op == "Slice":
+        axes = ins[3] if len(ins) > 3 and ins[3] is not None else [0]
+        steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1] * len(axes)
+        sl = [slice(None)] * ins[0].ndim
+        for a, st, en, sp in zip(axes, ins[1], ins[2], steps, strict=False):
+            sl[int(a)] = slice(int(st), int(en), int(sp))
+        return ins[0][tuple(sl)]
+    if op in ("Unsqueeze", "Squeeze", "Reshape"):
+        if op == "Reshape":
+            return ins[0].reshape(ins[1])
+        return ins[0].reshape(-1) if op == "Unsqueeze" else np.squeeze(ins[0])
+    if op in ("Cast", "Identity"):
+        return ins[0]
+    fns = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.floor_divide}
+    if op in fns:
+        return fns[op](ins[0], ins[1])
+    raise ValueError(f"shape computed by {op}")
+
+
+def _run(node: ir.Node, x: np.ndarray, env: dict) -> list[np.ndarray]:
     from graphprune.analysis.channels import static_shape
 
     op = node.op_type
-    if op in ("Reshape", "Squeeze", "Unsqueeze"):
-        return [x.reshape(static_shape(node.outputs[0]))]
+    if op == "Reshape":
+        try:
+            target = _eval_shape(node.inputs[1], env).astype(np.int64).ravel()
+        except ValueError:
+            return [x.reshape(_target(node.outputs[0]))]
+        target = np.where(target == 0, np.asarray(x.shape[: len(target)] + (0,) * max(0, len(target) - x.ndim)), target)
+        return [x.reshape(target)]
+    if op in ("Squeeze", "Unsqueeze"):
+        return [x.reshape(_target(node.outputs[0]))]
     if op == "Transpose":
         perm = node.attributes.get_ints("perm", None)
         return [np.transpose(x, perm)]
@@ -145,14 +195,36 @@ def _run(node: ir.Node, x: np.ndarray) -> list[np.ndarray]:
     return [x]  # Mul/Div by a scalar, Identity, Cast
 
 
-def _simulate(chain: list[ir.Node], start: ir.Value, arr: np.ndarray, env: dict) -> None:
+def _target(value: ir.Value) -> list[int]:
+    """Reshape target for the simulation: plain symbols (batch, tokens) are 1, one composite symbol is -1."""
+    if value.shape is None:
+        raise ValueError(f"{value.name!r} has no shape")
+    dims = []
+    for d in value.shape:
+        if isinstance(d, int):
+            dims.append(d)
+        elif d.value is not None and str(d.value).isidentifier():
+            dims.append(1)
+        else:
+            dims.append(-1)
+    if dims.count(-1) > 1:
+        raise ValueError(f"{value.name!r} has several unknown dims")
+    return dims
+
+
+def _simulate(chain: list[ir.Node], start: ir.Value, arr: np.ndarray, env: dict) -> str | None:
     env[start] = arr
     for node in chain:
         x = env.get(_data_input(node))
         if x is None:
             continue
-        for o, y in zip(node.outputs, _run(node, x), strict=False):
+        try:
+            ys = _run(node, x, env)
+        except (ValueError, TypeError, IndexError) as e:
+            return f"cannot follow channels through {node.op_type} {node.name!r} ({e})"
+        for o, y in zip(node.outputs, ys, strict=False):
             env[o] = y
+    return None
 
 
 def _index_array(value: ir.Value, width: int) -> np.ndarray | None:
@@ -177,24 +249,60 @@ def _head_map(arr: np.ndarray | None, width: int, transposed: bool) -> np.ndarra
     return ch[0, :, 0, :]
 
 
-def _edits(b: Builder, rec: _Block, env: dict, atoms_of) -> str | None:
+def _runtime_shape(value: ir.Value, allowed: set, forbidden: set[int], depth: int = 0) -> str | None:
+    """``None`` when ``value`` is computed only from constants and ``Shape`` of ``allowed`` values (so it follows
+    the pruned sizes at run time) and no constant in it equals a head count or width in ``forbidden``."""
+    c = const_value(value)
+    if c is not None:
+        hit = set(np.asarray(c).ravel().tolist()) & forbidden
+        return f"constant {sorted(hit)[0]} looks like a head count" if hit else None
+    p = value.producer()
+    if p is None or depth > 12:
+        return f"{value.name!r} depends on a graph input"
+    if p.op_type == "Shape":
+        return None if p.inputs[0] in allowed else f"Shape of {p.inputs[0].name!r} outside the block"
+    for v in p.inputs:
+        if v is not None:
+            bad = _runtime_shape(v, allowed, forbidden, depth + 1)
+            if bad:
+                return bad
+    return None
+
+
+def _edits(b: Builder, rec: _Block, env: dict, atoms_of, allowed: set, forbidden: set[int]) -> str | None:
     """Count edits for every chain Reshape/Expand/Split entry that varies with the kept heads."""
     for node in [n for c in rec.chains for n in c] + rec.out_chain:
+        for o in node.outputs:  # new shapes of the intermediate values
+            y = env.get(o)
+            for ax in range(y.ndim if y is not None else 0):
+                lines = atoms_of(np.moveaxis(y, ax, 0).reshape(y.shape[ax], -1))
+                if not (lines == lines[:1]).all():
+                    b.shape_lines.append((o, ax, lines))
         if node.op_type in ("Reshape", "Expand"):
             y = env.get(node.outputs[0])
-            if y is None:
-                continue
-            target = const_value(node.inputs[1])
-            if target is None:
-                return f"{node.op_type} {node.name!r} target is not a constant"
-            target = np.asarray(target).ravel()
-            off = y.ndim - len(target)
-            for p in range(len(target)):
-                if target[p] <= 0 or p + off < 0:
+            length = node.inputs[1].shape[0] if node.inputs[1].shape is not None and len(node.inputs[1].shape) == 1 else None
+            if y is None or not isinstance(length, int):
+                return f"{node.op_type} {node.name!r}: unknown target length"
+            off = y.ndim - length
+            for p in range(length):
+                if p + off < 0:
                     continue
                 lines = atoms_of(np.moveaxis(y, p + off, 0).reshape(y.shape[p + off], -1))
-                if not (lines == lines[:1]).all():
-                    b.count_edit(node, 1, p, lines)
+                if (lines == lines[:1]).all():
+                    continue
+                slot = const_slot(node, 1, p)
+                if isinstance(slot, str):
+                    bad = _runtime_shape(node.inputs[1], allowed, forbidden)
+                    if bad:
+                        return f"{node.op_type} {node.name!r}: {slot} ({bad})"
+                    continue  # computed at run time from the pruned tensors' own shapes
+                snode, sidx, spos = slot
+                cur = int(np.asarray(const_value(snode.inputs[sidx])).ravel()[spos])
+                if cur <= 0 or (node.op_type == "Expand" and cur == 1):
+                    continue
+                if cur != y.shape[p + off]:
+                    return f"{node.op_type} {node.name!r}: target entry {cur} is not the dim {y.shape[p + off]}"
+                b.count_edit(snode, sidx, spos, lines)
         elif node.op_type == "Split":
             if len(node.inputs) < 2 or node.inputs[1] is None:
                 return f"Split {node.name!r} without sizes"
@@ -214,10 +322,11 @@ def apply(b: Builder, rec: _Block) -> None:
     def fail(reason: str) -> None:
         for a in all_atoms:
             b.block(a, f"attention block {rec.blk.index}: {reason}")
-        if rec.merged is not None:
-            b.set_label(rec.merged, (len(rec.merged.shape) if rec.merged.shape is not None else 1) - 1,
-                        b.new_space(rec.blk.nodes[-1], 1))
-            b.block(b.labels[rec.merged].atoms, f"attention block {rec.blk.index}: {reason}")
+        merged = rec.merged if rec.merged is not None else rec.blk.output
+        width = merged.shape[-1] if merged.shape is not None and len(merged.shape) else None
+        if isinstance(width, int):  # an opaque source: its consumers stay consistent, nothing is pruned
+            b.set_label(merged, len(merged.shape) - 1, b.new_space(rec.blk.nodes[-1], width))
+            b.block(b.labels[merged].atoms, f"attention block {rec.blk.index}: {reason}")
 
     if rec.reason:
         return fail(rec.reason)
@@ -240,7 +349,9 @@ def apply(b: Builder, rec: _Block) -> None:
         arr = _index_array(root, width)
         if arr is None:
             return fail("projection output shape is unknown")
-        _simulate(chain, root, arr, env)
+        err = _simulate(chain, root, arr, env)
+        if err:
+            return fail(err)
         hm = _head_map(env.get(rec.operands[i]), width, rec.k_transposed and i == 1)
         if isinstance(hm, str):
             return fail(hm)
@@ -273,7 +384,9 @@ def apply(b: Builder, rec: _Block) -> None:
             return fail("core output is not [B, H, N, D]")
         code = (start % d) + d * np.arange(h)[None, :, None, None]
         tok = np.arange(start.shape[2])[None, None, :, None]
-        _simulate(rec.out_chain, rec.blk.output, code + h * d * tok, env)
+        err = _simulate(rec.out_chain, rec.blk.output, code + h * d * tok, env)
+        if err:
+            return fail(err)
         y = env.get(rec.merged)
         if y is None or y.shape[-1] != h * d:
             return fail("merged output is not [.., H·D]")
@@ -290,16 +403,22 @@ def apply(b: Builder, rec: _Block) -> None:
         return lambda arr: a[arr % len(a)]
 
     out_flat = out_atoms.reshape(-1)
+    allowed = set(rec.roots) | {rec.blk.output} | {o for c in rec.chains + [rec.out_chain] for n in c for o in n.outputs}
+    forbidden = {h, h * d, hk, hk * d, 3 * h * d} - {1, d}
     for chain, root in zip(rec.chains, rec.roots, strict=True):
         sub = _Block(rec.blk, rec.operands, rec.k_transposed, [chain], [root], [], None)
-        reason = _edits(b, sub, env, atoms_of_in(root))
+        reason = _edits(b, sub, env, atoms_of_in(root), allowed, forbidden)
         if reason:
             return fail(reason)
     sub = _Block(rec.blk, rec.operands, rec.k_transposed, [], [], rec.out_chain, None)
-    reason = _edits(b, sub, env, lambda arr: out_flat[arr % (h * d)])
+    reason = _edits(b, sub, env, lambda arr: out_flat[arr % (h * d)], allowed, forbidden)
     if reason:
         return fail(reason)
     _core_cost(b, rec, qa[:, 0], h, d)
+    for node in rec.blk.nodes:
+        for o in node.outputs:
+            if o.shape is not None and len(o.shape) == 4 and o.shape[1] == h:
+                b.shape_lines.append((o, 1, qa[:, :1]))
 
 
 def _core_cost(b: Builder, rec: _Block, head_atoms: np.ndarray, h: int, d: int) -> None:
@@ -309,5 +428,5 @@ def _core_cost(b: Builder, rec: _Block, head_atoms: np.ndarray, h: int, d: int) 
     q = static_shape(rec.blk.q) if rec.blk.q is not None else None
     if not n and q is not None and len(q) >= 2:
         n = q[-2]
-    if n:
-        b.cost(rec.blk.nodes[-1], 4 * h * n * n * d, None, head_atoms)
+    for node in rec.blk.nodes:  # per-node FLOPs come from count_flops when the caller has them
+        b.cost(node, 4 * h * n * n * d if (n and node is rec.blk.nodes[-1]) else 0, None, head_atoms)

@@ -133,6 +133,7 @@ class ChannelAnalysis:
     root: np.ndarray  # root atom of every atom
     group_of_root: dict[int, int]
     space_nodes: list[ir.Node]
+    shape_lines: list[tuple[ir.Value, int, np.ndarray]] = dataclasses.field(default_factory=list)
 
     def group_of_atom(self, atom: int) -> ChannelGroup:
         return self.groups[self.group_of_root[int(self.root[atom])]]
@@ -155,7 +156,9 @@ class Builder:
         self.count_edits: list[CountEdit] = []
         self.gather_edits: list[GatherEdit] = []
         self.costs: list[CostTerm] = []
+        self._cost_nodes: set[ir.Node] = set()
         self.claimed: set[ir.Node] = set()
+        self.shape_lines: list[tuple[ir.Value, int, np.ndarray]] = []  # (value, axis, [dim, k] atoms)
         self.derived: set[ir.Value] = set()  # values computed from some layer's channels (not input-only)
         self.kinds: dict[int, str] = {}  # space -> kind hint
 
@@ -218,8 +221,9 @@ class Builder:
         self.count_edits.append(CountEdit(node, index, pos, lines, attr))
 
     def cost(self, node: ir.Node, flops: int | None, fan_in: np.ndarray | None, fan_out: np.ndarray | None) -> None:
-        if flops:
-            self.costs.append(CostTerm(node, int(flops), fan_in, fan_out))
+        if node not in self._cost_nodes:
+            self._cost_nodes.add(node)
+            self.costs.append(CostTerm(node, int(flops or 0), fan_in, fan_out))
 
 
 def static_shape(value: ir.Value | None) -> list[int] | None:
@@ -286,7 +290,8 @@ def _groups(b: Builder, ignore: set[str], ignore_stem: bool) -> ChannelAnalysis:
         groups.append(ChannelGroup(gid, spaces, roots, widths, members, reason is None, reason, kind))
         for r in roots.tolist():
             group_of_root[r] = gid
-    return ChannelAnalysis(groups, b.members, b.count_edits, b.gather_edits, b.costs, root, group_of_root, b.space_nodes)
+    return ChannelAnalysis(groups, b.members, b.count_edits, b.gather_edits, b.costs, root, group_of_root, b.space_nodes,
+                           b.shape_lines)
 
 
 def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), ignore_stem: bool = True) -> ChannelAnalysis:
@@ -302,6 +307,11 @@ def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), 
             _channel_rules.apply(b, node)
         if any(v is not None and (v in b.derived or v in b.labels) for v in node.inputs):
             b.derived.update(node.outputs)
+    for value, lab in b.labels.items():  # every other op on channels scales with its output's kept fraction
+        b.shape_lines.append((value, lab.axis, lab.atoms[:, None]))
+        prod = value.producer()
+        if prod is not None and prod.outputs[0] is value:
+            b.cost(prod, 0, None, lab.atoms)
     for value in outputs:
         b.block_value(value, f"reaches graph output {value.name!r}")
     for value, lab in b.labels.items():

@@ -76,11 +76,19 @@ def _frac(kept_root: np.ndarray, atoms: np.ndarray | None) -> float:
     return 1.0 if atoms is None or len(atoms) == 0 else float(kept_root[atoms].mean())
 
 
-def predicted(analysis: ChannelAnalysis, kept: np.ndarray) -> dict[str, float]:
-    """Predicted FLOPs and params ratios (after / before) of the compute terms and sliced tensors."""
+def predicted(analysis: ChannelAnalysis, kept: np.ndarray, per_node: dict[str, int] | None = None) -> dict[str, float]:
+    """Predicted FLOPs and params ratios (after / before). With ``per_node`` (``count_flops``) every node counts,
+    each term scaled by the kept fraction of its input and output channels; without it, the analysis' own
+    estimate of the compute layers only."""
     kr = kept[analysis.root]
-    f0 = sum(t.flops for t in analysis.costs) or 1
-    f1 = sum(t.flops * _frac(kr, t.fan_in) * _frac(kr, t.fan_out) for t in analysis.costs)
+    if per_node:
+        f0 = sum(per_node.values()) or 1
+        termed = {t.node.name for t in analysis.costs}
+        f1 = sum(v for k, v in per_node.items() if k not in termed)
+        f1 += sum((per_node.get(t.node.name) or t.flops) * _frac(kr, t.fan_in) * _frac(kr, t.fan_out) for t in analysis.costs)
+    else:
+        f0 = sum(t.flops for t in analysis.costs) or 1
+        f1 = sum(t.flops * _frac(kr, t.fan_in) * _frac(kr, t.fan_out) for t in analysis.costs)
     sizes: dict[int, tuple[int, float]] = {}
     for m in analysis.members:
         v = m.value
@@ -95,7 +103,7 @@ def predicted(analysis: ChannelAnalysis, kept: np.ndarray) -> dict[str, float]:
 
 
 def select(analysis: ChannelAnalysis, imp: Importance, ratio: float, target: str, round_to: int,
-           global_: bool, max_group_ratio: float = 0.9) -> tuple[np.ndarray, float]:
+           global_: bool, max_group_ratio: float = 0.9, per_node: dict[str, int] | None = None) -> tuple[np.ndarray, float]:
     """Kept-class mask over root atoms, and the channel ratio used."""
 
     def pick(r: float) -> np.ndarray:
@@ -112,13 +120,13 @@ def select(analysis: ChannelAnalysis, imp: Importance, ratio: float, target: str
     for _ in range(18):
         mid = (lo + hi) / 2
         k = pick(mid)
-        if predicted(analysis, k)[key] > goal:
+        if predicted(analysis, k, per_node)[key] > goal:
             lo = mid
         else:
             hi = mid
         best = (k, mid)
     k_lo, k_hi = pick(lo), pick(hi)
-    e_lo, e_hi = (abs(predicted(analysis, k)[key] - goal) for k in (k_lo, k_hi))
+    e_lo, e_hi = (abs(predicted(analysis, k, per_node)[key] - goal) for k in (k_lo, k_hi))
     best = (k_lo, lo) if e_lo <= e_hi else (k_hi, hi)
     return best
 
@@ -167,5 +175,11 @@ def build_plan(analysis: ChannelAnalysis, kept: np.ndarray, info: dict | None = 
         idx = np.asarray(const_value(e.node.inputs[e.input_index])).ravel()
         idx = np.where(idx < 0, idx + len(e.atoms), idx)
         gathers.append({"node": e.node.name, "input": e.input_index, "value": newpos[idx[keep[idx]]].tolist()})
+    shapes = {}
+    for value, axis, lines in analysis.shape_lines:
+        new = int(kr[lines].any(axis=1).sum())
+        if new != len(lines) and value.name:
+            shapes[(value.name, axis)] = new
+    value_shapes = [{"value": v, "axis": a, "dim": d} for (v, a), d in shapes.items()]
     return {"format": FORMAT, "info": info or {}, "groups": groups, "slices": slices, "shape_edits": counts,
-            "gather_edits": gathers}
+            "gather_edits": gathers, "value_shapes": value_shapes}

@@ -9,7 +9,7 @@ Steps
   2. Shape constants (Reshape/Expand targets, Split sizes, Slice bounds) and Gather indices: the constant is
      copied with the new entries and the node input re-pointed (shape constants are shared between blocks too).
   3. Attributes: conv ``group``, GroupNorm ``num_groups``, ``q_num_heads``/``kv_num_heads``, ``num_heads``.
-  4. Shapes of every intermediate value are cleared and ONNX shape inference is run again.
+  4. Value shapes: the channel dims the plan lists are written, then ONNX shape inference is run again.
 
 Preconditions, checked: every named node exists (names are unique), every sliced tensor still has the shape the
 plan recorded. A mismatch raises :class:`GraphpruneError` before anything is changed.
@@ -122,7 +122,7 @@ def apply_plan(model: ir.Model, plan: dict) -> dict:
         arr = np.asarray(e["value"], dtype=np.asarray(const_value(old)).dtype)
         _set_input(node, e["input"], _new_const(graph, f"{node.name}.{e['input']}.pruned", arr))
         _drop_if_unused(graph, old)
-    _reinfer(model)
+    _set_shapes(model, plan.get("value_shapes", []))
     return {"slices": len(plan.get("slices", [])), "copies": copies, "shape_edits": len(plan.get("shape_edits", [])),
             "gather_edits": len(plan.get("gather_edits", []))}
 
@@ -135,12 +135,17 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         graph.remove(prod, safe=True)
 
 
-def _reinfer(model: ir.Model) -> None:
+def _set_shapes(model: ir.Model, entries: list[dict]) -> None:
+    """Write the new channel dims the plan lists (exact, from the analysis), then re-run shape inference, which
+    fills what is left and keeps these where it cannot infer (e.g. behind Hugging Face mask logic)."""
     from graphprune.analysis.shapes import infer_shapes
 
-    outputs = set(model.graph.outputs)
-    for node in model.graph:
-        for o in node.outputs:
-            if o not in outputs:
-                o.shape = None
+    values = {o.name: o for node in model.graph for o in node.outputs}
+    for e in entries:
+        v = values.get(e["value"])
+        if v is None or v.shape is None or e["axis"] >= len(v.shape):
+            continue
+        dims = list(v.shape)
+        dims[e["axis"]] = int(e["dim"])
+        v.shape = ir.Shape(dims)
     infer_shapes(model)

@@ -74,6 +74,16 @@ def _calibration(model: ir.Model, ctx) -> list[dict]:
     return [example_inputs(model, batch=4, seed=s) for s in range(2)]
 
 
+def _per_node_flops(model: ir.Model) -> dict[str, int] | None:
+    from graphprune.analysis.flops import count_flops
+
+    try:
+        report = count_flops(model)
+    except Exception:  # noqa: BLE001 - FLOPs model falls back to the analysis' own compute terms
+        return None
+    return None if report.unknown else dict(report.per_node)
+
+
 @register
 class ChannelPrunePass(GraphPass):
     name = "channel_prune"
@@ -96,8 +106,10 @@ class ChannelPrunePass(GraphPass):
             step(1)
             imp = compute_importance(model, analysis, cfg.importance, calib)
             step(1)
-            kept, used_ratio = select(analysis, imp, cfg.ratio, cfg.target, cfg.round_to, cfg.global_, cfg.max_group_ratio)
-            pred = predicted(analysis, kept)
+            per_node = _per_node_flops(model) if cfg.target == "flops" else None
+            kept, used_ratio = select(analysis, imp, cfg.ratio, cfg.target, cfg.round_to, cfg.global_,
+                                      cfg.max_group_ratio, per_node)
+            pred = predicted(analysis, kept, per_node)
             step(1)
         info = {"importance": cfg.importance, "target": cfg.target, "channel_ratio": round(used_ratio, 4),
                 "predicted_flops_ratio": round(pred["flops_ratio"], 4),
