@@ -1,0 +1,140 @@
+"""Channel dependency groups: couplings found, couplings refused (with reasons), shared initializers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _channel_zoo as zoo  # noqa: E402
+
+from graphprune.analysis.channels import analyze_channels, find_channel_groups  # noqa: E402
+from graphprune.analysis.inputs import example_inputs  # noqa: E402
+from graphprune.passes import get_pass  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("channel_groups")
+
+
+def _export(module: nn.Module, args: tuple, folder: Path, name: str) -> ir.Model:
+    return ir.load(zoo.models.export_model(module.eval(), args, folder / f"{name}.onnx"))
+
+
+def _group_with(groups, name: str):
+    hits = [g for g in groups if name in g.describe()["members"]]
+    assert hits, f"no group has member {name}"
+    return hits
+
+
+def test_residual_couples_and_stem_is_ignored(folder):
+    model = ir.load(zoo.export("resnet", folder))
+    groups = find_channel_groups(model)
+    stream = _group_with(groups, "stem.0.weight")[0]
+    members = stream.describe()["members"]
+    # the stem, both bottleneck outputs (residual adds) and the classifier input are one group
+    assert {"body.0.c.0.weight", "body.1.c.0.weight", "fc.weight"} <= set(members)
+    assert not stream.prunable and "stem" in stream.reason
+    inner = [g for g in groups if g.prunable]
+    assert len(inner) == 4 and all(g.size == 16 for g in inner)  # a/b outputs of two bottlenecks
+    again = analyze_channels(model, ignore_stem=False).groups
+    assert _group_with(again, "stem.0.weight")[0].prunable
+
+
+def test_broadcast_one_channel_mask_does_not_couple(folder):
+    model = ir.load(zoo.export("gate", folder))
+    groups = find_channel_groups(model)
+    body = [g for g in groups if "body.body.0.weight" in g.describe()["members"] and g.size == 32 and g.prunable]
+    gate_out = [g for g in groups if g.size == 1]
+    assert len(body) == 1 and body[0].prunable and body[0].size == 32
+    assert gate_out and not gate_out[0].prunable  # the 1-channel gate itself stays whole
+    # and the coupled-free pruning really runs and keeps the output shape
+    pruned = ir.load(folder / "gate.onnx")
+    get_pass("channel_prune")({"ratio": 0.5})(pruned)
+    feeds = example_inputs(pruned, batch=2)
+    out = zoo.run(pruned, feeds, folder, "gate")[0]
+    assert out.shape == (2, 10)
+    w = [n for n in pruned.graph if n.op_type == "Conv" and n.inputs[1].shape[0] == 1]
+    assert w and w[0].inputs[1].shape[1] == 16  # the gate conv lost the pruned input channels
+
+
+def test_grouped_and_depthwise_conv_groups(folder):
+    groups = find_channel_groups(ir.load(zoo.export("resnext", folder)))
+    g = [x for x in groups if x.kind == "groups" and x.prunable]
+    assert len(g) == 2 and all(x.size == 16 and int(x.widths.min()) == 4 for x in g)  # 16 conv groups of 4
+    mobile = find_channel_groups(ir.load(zoo.export("mobilenet", folder)))
+    hidden = [x for x in mobile if x.prunable]
+    assert len(hidden) == 2 and all(x.size == 96 for x in hidden)  # expand + depthwise + project input
+
+
+def test_vit_heads_and_mlp_groups_describe(folder):
+    groups = find_channel_groups(ir.load(zoo.export("vit", folder)))
+    heads = [g for g in groups if g.kind == "heads"]
+    mlp = [g for g in groups if g.prunable and g.kind == "channels"]
+    assert len(heads) == 4 and all(g.size == 4 and g.prunable for g in heads)
+    assert len(mlp) == 4 and all(g.size == 256 for g in mlp)
+    d = json.loads(json.dumps(heads[0].describe()))
+    assert set(d) >= {"id", "size", "members", "prunable", "reason"}
+    assert "blocks.0.attn.qkv.bias" in d["members"] and "blocks.0.attn.proj.bias" not in d["members"]
+
+
+class ChannelMean(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = zoo.cbr(3, 16), zoo.cbr(16, 16)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y - y.mean(1, keepdim=True)).mean((2, 3))
+
+
+def test_unprovable_coupling_is_unprunable_with_reason(folder):
+    model = _export(ChannelMean(), (torch.randn(1, 3, 8, 8),), folder, "chmean")
+    groups = find_channel_groups(model)
+    a = _group_with(groups, "a.0.weight")[0]
+    assert not a.prunable and "reduces over the channel axis" in a.reason
+    b = _group_with(groups, "b.0.weight")
+    assert any("graph output" in (g.reason or "") for g in b)
+
+
+def test_shared_layernorm_weight_is_unshared(folder):
+    torch.manual_seed(0)
+    module = zoo.TwinNorm().eval()
+    x = torch.randn(1, 16)
+    model = _export(module, (x,), folder, "twin")
+    lns = [n for n in model.graph if n.op_type == "LayerNormalization"]
+    assert lns[0].inputs[1] is lns[1].inputs[1], "precondition: the exporter shares the LN weight"
+    plan_path = folder / "twin_plan.json"
+    get_pass("channel_prune")({"ratio": 0.5, "importance": "l1", "round_to": 1, "ignore_stem": False,
+                               "plan_out": str(plan_path)})(model)
+    plan = json.loads(plan_path.read_text())
+    keep = {e["initializer"]: e["keep"] for e in plan["slices"] if e["initializer"] in ("a1.bias", "b1.bias")}
+    ka, kb = keep["a1.bias"], keep["b1.bias"]
+    assert ka != kb and len(ka) == len(kb) == 16
+    lns = [n for n in model.graph if n.op_type == "LayerNormalization"]
+    assert lns[0].inputs[1] is not lns[1].inputs[1]
+    # reference: the torch module pruned by hand with the plan's indices
+    with torch.no_grad():
+        def branch(l1, norm, l2, k):
+            h = F.linear(x, l1.weight[k], l1.bias[k])
+            h = F.relu(F.layer_norm(h, (len(k),), norm.weight[k], norm.bias[k], norm.eps))
+            return F.linear(h, l2.weight[:, k], l2.bias)
+        ref = branch(module.a1, module.na, module.a2, ka) + branch(module.b1, module.nb, module.b2, kb)
+    out = zoo.run(model, {"x": x.numpy()}, folder, "twin")[0]
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
+
+
+def test_ignore_by_name(folder):
+    model = ir.load(zoo.export("vit", folder))
+    groups = analyze_channels(model, ignore=["blocks.1.attn.qkv.bias"]).groups
+    g = _group_with(groups, "blocks.1.attn.qkv.bias")[0]
+    assert not g.prunable and "ignored by config" in g.reason
