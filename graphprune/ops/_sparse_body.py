@@ -1,0 +1,220 @@
+"""Standard-op bodies of ``ai.graphprune.SparseAttention`` (see ``_sparse_plan`` for the geometry).
+
+Gathered body (sliding_window, neighborhood_2d), per (batch, head)::
+
+    Qb = Reshape(Pad(Q·scale)) or Gather(Q·scale, q_idx)       [nb, bq, D]
+    Kb, Vb = Gather(K, kv_idx), Gather(V, kv_idx)               [nb, L, D]
+    O = Softmax(Qb·Kbᵀ + sbias + Gather(bias)) · Vb             [nb, bq, Dv] → Slice / Gather back to [N, Dv]
+    global rows: Softmax(Q[:g]·Kᵀ + bias) · V, Concat in front.
+
+Routed body (block_topk, block_layout)::
+
+    Qb, Kb = Reshape(Pad(Q·scale)), Reshape(Pad(K))           [nb, b, D]
+    idx = TopK(mean(Qb)·mean(Kb)ᵀ + force) | TopK(layout)      [nb, k]
+    Kg, Vg = Gather(K as [B·H·nb, b, D], idx + (b·H + h)·nb)   [nb, k·b, D]
+    O = Softmax(Qb·Kgᵀ + key bias of the chosen blocks) · Vg
+
+Masking is an ``Add`` of a float bias (0 / -inf), never a ``Where`` on the score tensor (a broadcast bool
+``Where`` runs single-threaded in ORT). The user's bias is clamped to >= -1e30 first, so a query whose allowed
+keys are all masked averages V over them instead of producing NaN; see the op module for the rule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape as _tape
+
+from graphprune.ops._sparse_plan import GatheredPlan, RoutedPlan
+
+BIAS_FLOOR = np.float32(-1e30)
+FORCE = np.float32(1e30)
+
+
+class _Body(_tape.Tape):
+    def const(self, array, dtype=None) -> ir.Value:
+        return self.op("Constant", [], {"value": ir.tensor(np.asarray(array, dtype=dtype))})
+
+    def ints(self, *values: int) -> ir.Value:
+        return self.const(np.array(values, dtype=np.int64))
+
+    def slice(self, x: ir.Value, start: int, end: int, axis: int) -> ir.Value:
+        return self.op("Slice", [x, self.ints(start), self.ints(end), self.ints(axis)])
+
+    def pad_tokens(self, x: ir.Value, pad: int, axis_from_end: int = 2, value: float | None = None) -> ir.Value:
+        """Pad ``pad`` entries at the end of axis ``-axis_from_end`` of a rank-4 tensor."""
+        if pad == 0:
+            return x
+        pads = [0] * 8
+        pads[4 + 4 - axis_from_end] = pad
+        inputs = [x, self.ints(*pads)]
+        if value is not None:
+            inputs.append(self.const(np.float32(value)))
+        return self.op("Pad", inputs)
+
+    def lead_shape(self, x: ir.Value, *tail: int) -> ir.Value:
+        """``Concat(Shape(x)[0:2], tail)``: a target shape that keeps x's (batch, heads) dims."""
+        return self.op("Concat", [self.op("Shape", [x], {"start": 0, "end": 2}), self.ints(*tail)], {"axis": 0})
+
+    def tail_shape(self, x: ir.Value, *head: int) -> ir.Value:
+        """``Concat(head, Shape(x)[3:])``: a target shape ending in x's last (head-size) dim."""
+        return self.op("Concat", [self.ints(*head), self.op("Shape", [x], {"start": 3})], {"axis": 0})
+
+    def t_last(self, x: ir.Value, rank: int) -> ir.Value:
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        return self.op("Transpose", [x], {"perm": perm})
+
+
+def _floor(body: _Body, bias: ir.Value) -> ir.Value:
+    return body.op("Max", [bias, body.const(BIAS_FLOOR)])
+
+
+def gathered_body(plan: GatheredPlan, scale: float, bias_kind: str, inputs: list[ir.Value]) -> tuple[_Body, ir.Value]:
+    """Nodes computing the gathered pattern; returns (body, output)."""
+    body = _Body()
+    q, k, v = inputs[:3]
+    bias = inputs[3] if bias_kind != "none" else None
+    n, g, nb, bq = plan.seq_len, plan.num_global, plan.nb, plan.bq
+    nr = n - g
+    # Reshape to the static length first: at another length this or the Q·Kᵀ MatMul fails instead of running wrong.
+    q = body.op("Reshape", [q, body.ints(0, 0, n, -1)])
+    qs = body.op("Mul", [q, body.const(np.float32(scale))])
+    qr = body.slice(qs, g, n, 2) if g else qs
+    if plan.q_contiguous:
+        qb = body.op("Reshape", [body.pad_tokens(qr, nb * bq - nr), body.ints(0, 0, nb, bq, -1)])
+    else:
+        qb = body.op("Gather", [qr, body.const(plan.q_idx)], {"axis": 2})
+    kv_idx = body.const(plan.kv_idx)
+    kb = body.op("Gather", [k, kv_idx], {"axis": 2})
+    vb = body.op("Gather", [v, kv_idx], {"axis": 2})
+    scores = body.op("MatMul", [qb, body.t_last(kb, 5)])
+    sb = body.const(plan.sbias)
+    fb = _floor(body, bias) if bias is not None else None
+    if bias_kind == "key":  # [Bb, Hb, 1, N] → gather the block's keys → [Bb, Hb, nb, 1, L]
+        ub = body.op("Gather", [fb, kv_idx], {"axis": 3})
+        ub = body.op("Reshape", [ub, body.lead_shape(fb, nb, 1, plan.kv_len)])
+        sb = body.op("Add", [ub, sb])
+    elif bias_kind == "full":  # [Bb, Hb, N, N] → flat gather of (query, key) pairs → [Bb, Hb, nb, bq, L]
+        q_abs = np.minimum(plan.q_idx + g, n - 1)
+        flat = q_abs[:, :, None] * n + plan.kv_idx[:, None, :]
+        fl = body.op("Reshape", [fb, body.lead_shape(fb, n * n)])
+        sb = body.op("Add", [body.op("Gather", [fl, body.const(flat)], {"axis": 2}), sb])
+    probs = body.op("Softmax", [body.op("Add", [scores, sb])], {"axis": -1})
+    ob = body.op("MatMul", [probs, vb])
+    of = body.op("Reshape", [ob, body.ints(0, 0, nb * bq, -1)])
+    if plan.q_contiguous:
+        out = body.slice(of, 0, nr, 2) if nb * bq != nr else of
+    else:
+        out = body.op("Gather", [of, body.const(plan.out_idx)], {"axis": 2})
+    if g:
+        sg = body.op("MatMul", [body.slice(qs, 0, g, 2), body.t_last(k, 4)])
+        if plan.causal:
+            pos = np.arange(n)
+            cb = np.where(pos[None, :] <= np.arange(g)[:, None], np.float32(0), np.float32(-np.inf))
+            sg = body.op("Add", [sg, body.const(cb.astype(np.float32))])
+        if fb is not None:
+            sg = body.op("Add", [sg, fb if bias_kind == "key" else body.slice(fb, 0, g, 2)])
+        og = body.op("MatMul", [body.op("Softmax", [sg], {"axis": -1}), v])
+        out = body.op("Concat", [og, out], {"axis": 2})
+    return body, out
+
+
+def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarray | None, layout: bool,
+                inputs: list[ir.Value]) -> tuple[_Body, ir.Value]:
+    """Nodes computing block_topk (``layout`` False) or block_layout (``layout`` True)."""
+    body = _Body()
+    q, k, v = inputs[:3]
+    bias = inputs[3] if bias_kind != "none" else None
+    n, b, nb, kk = plan.seq_len, plan.block, plan.nb, plan.topk
+    q = body.op("Reshape", [q, body.ints(0, 0, n, -1)])
+    qs = body.op("Mul", [q, body.const(np.float32(scale))])
+    qb = body.op("Reshape", [body.pad_tokens(qs, plan.pad), body.ints(0, 0, nb, b, -1)])
+    kp = body.pad_tokens(k, plan.pad)
+    vp = body.pad_tokens(v, plan.pad)
+    if layout:
+        lay = body.op("Cast", [inputs[4]], {"to": ir.DataType.FLOAT})
+        _, idx = body.op_multi_out("TopK", [lay, body.ints(kk)], {"axis": -1}, num_outputs=2)
+        chosen = body.op("GatherElements", [lay, idx], {"axis": -1})  # [Hl, nb, k] 1 = real block
+        sel_bias = body.op("Where", [body.op("Greater", [chosen, body.const(np.float32(0.5))]),
+                                     body.const(np.float32(0)), body.const(np.float32(-np.inf))])
+        sel_bias = body.op("Unsqueeze", [sel_bias, body.ints(-1)])  # [Hl, nb, k, 1]
+    else:
+        inv = body.const((1.0 / plan.valid_counts()).reshape(nb, 1))
+        qpool = body.op("Mul", [body.op("ReduceSum", [qb, body.ints(3)], {"keepdims": 0}), inv])
+        kb = body.op("Reshape", [kp, body.ints(0, 0, nb, b, -1)])
+        kpool = body.op("Mul", [body.op("ReduceSum", [kb, body.ints(3)], {"keepdims": 0}), inv])
+        route = body.op("MatMul", [qpool, body.t_last(kpool, 4)])  # [B, H, nb, nb]
+        if force is not None:
+            route = body.op("Add", [route, body.const(force)])
+        _, idx = body.op_multi_out("TopK", [route, body.ints(kk)], {"axis": -1}, num_outputs=2)
+        sel_bias = None
+    # Flat block index into [B*H*nb, b, D]: idx + (batch*H + head) * nb.
+    bh = body.op("ReduceProd", [body.op("Shape", [q], {"start": 0, "end": 2})], {"keepdims": 0})
+    step = body.const(np.int64(nb))
+    offs = body.op("Range", [body.const(np.int64(0)), body.op("Mul", [bh, step]), step])
+    offs = body.op("Reshape", [offs, body.lead_shape(q, 1, 1)])
+    fidx = body.op("Add", [idx, offs])  # [B, H, nb, k]
+    kf = body.op("Reshape", [kp, body.tail_shape(k, -1, b)])
+    vf = body.op("Reshape", [vp, body.tail_shape(v, -1, b)])
+    kg = body.op("Reshape", [body.op("Gather", [kf, fidx], {"axis": 0}), body.ints(0, 0, 0, kk * b, -1)])
+    vg = body.op("Reshape", [body.op("Gather", [vf, fidx], {"axis": 0}), body.ints(0, 0, 0, kk * b, -1)])
+    scores = body.op("MatMul", [qb, body.t_last(kg, 5)])  # [B, H, nb, b, k*b]
+    if bias_kind == "key":
+        scores = body.op("Add", [scores, _routed_key_bias(body, plan, bias, q, fidx)])
+    elif bias_kind == "full":
+        scores = body.op("Add", [scores, _routed_full_bias(body, plan, bias, q, idx)])
+    # Padding keys of the last block (when no user bias carried them) and unused layout picks: [Hl|B, H?, nb, k, b].
+    extra = None
+    if plan.pad and bias_kind == "none":
+        extra = body.op("Gather", [body.const(plan.key_pad_bias()), idx], {"axis": 0})
+    if sel_bias is not None:
+        extra = sel_bias if extra is None else body.op("Add", [extra, sel_bias])
+    if extra is not None:
+        if layout:  # [Hl, nb, k, b|1] → [Hl, nb, 1, k*b], broadcast over batch and query rows
+            extra = body.op("Expand", [extra, body.ints(1, nb, kk, b)])
+            extra = body.op("Reshape", [extra, body.ints(0, nb, 1, kk * b)])
+        else:  # [B, H, nb, k, b] → [B, H, nb, 1, k*b]
+            extra = body.op("Reshape", [extra, body.ints(0, 0, 0, 1, kk * b)])
+        scores = body.op("Add", [scores, extra])
+    probs = body.op("Softmax", [scores], {"axis": -1})
+    ob = body.op("MatMul", [probs, vg])  # [B, H, nb, b, Dv]
+    out = body.op("Reshape", [ob, body.ints(0, 0, nb * b, -1)])
+    if plan.pad:
+        out = body.slice(out, 0, n, 2)
+    return body, out
+
+
+def _routed_key_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value, fidx: ir.Value) -> ir.Value:
+    """Key bias [Bb, Hb, 1, N] → the chosen blocks' keys [B, H, nb, 1, k*b] (padding keys -inf)."""
+    nb, b, kk = plan.nb, plan.block, plan.topk
+    fb = body.pad_tokens(_floor(body, bias), plan.pad, axis_from_end=1, value=0.0)
+    fb = body.op("Add", [body.op("Reshape", [fb, body.lead_shape(fb, nb, b)]), body.const(plan.key_pad_bias())])
+    full = body.op("Expand", [fb, body.lead_shape(q, nb, b)])
+    kb = body.op("Gather", [body.op("Reshape", [full, body.ints(-1, b)]), fidx], {"axis": 0})
+    return body.op("Reshape", [kb, body.ints(0, 0, 0, 1, kk * b)])
+
+
+def _routed_full_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value, idx: ir.Value) -> ir.Value:
+    """Full bias [Bb, Hb, N, N] → the (query block, chosen key block) tiles [B, H, nb, b, k*b].
+
+    Costs a copy of the bias expanded to [B, H, N, N]: a full bias is already that size.
+    """
+    nb, b, kk = plan.nb, plan.block, plan.topk
+    fb = _floor(body, bias)
+    if plan.pad:
+        pads = [0, 0, 0, 0, 0, 0, plan.pad, plan.pad]
+        fb = body.op("Pad", [fb, body.ints(*pads)])
+        fb = body.op("Add", [fb, body.const(plan.key_pad_bias().reshape(1, -1))])
+    tiles = body.op("Reshape", [fb, body.lead_shape(fb, nb, b, nb, b)])
+    tiles = body.op("Transpose", [tiles], {"perm": [0, 1, 2, 4, 3, 5]})  # [Bb, Hb, nb(q), nb(k), b, b]
+    tiles = body.op("Expand", [tiles, body.lead_shape(q, nb, nb, b, b)])
+    tiles = body.op("Reshape", [tiles, body.ints(-1, b, b)])
+    bh = body.op("ReduceProd", [body.op("Shape", [q], {"start": 0, "end": 2})], {"keepdims": 0})
+    step = body.const(np.int64(nb * nb))
+    offs = body.op("Range", [body.const(np.int64(0)), body.op("Mul", [bh, step]), step])
+    offs = body.op("Reshape", [offs, body.lead_shape(q, 1, 1)])
+    row = body.const((np.arange(nb, dtype=np.int64) * nb).reshape(nb, 1))
+    fidx = body.op("Add", [body.op("Add", [idx, offs]), row])  # [B, H, nb, k]
+    picked = body.op("Gather", [tiles, fidx], {"axis": 0})  # [B, H, nb, k, b, b]
+    picked = body.op("Transpose", [picked], {"perm": [0, 1, 2, 4, 3, 5]})
+    return body.op("Reshape", [picked, body.ints(0, 0, 0, 0, kk * b)])
