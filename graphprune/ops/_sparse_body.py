@@ -10,7 +10,7 @@ Gathered body (sliding_window, neighborhood_2d), per (batch, head)::
 Routed body (block_topk, block_layout)::
 
     Qb, Kb = Reshape(Pad(Q·scale)), Reshape(Pad(K))           [nb, b, D]
-    idx = TopK(mean(Qb)·mean(Kb)ᵀ + force) | TopK(layout)      [nb, k]
+    idx = TopK(mean(Qb)·mean(Kb)ᵀ·scale + blockmax(bias) + force) | TopK(layout)   [nb, k]
     Kg, Vg = Gather(K as [B·H·nb, b, D], idx + (b·H + h)·nb)   [nb, k·b, D]
     O = Softmax(Qb·Kgᵀ + key bias of the chosen blocks) · Vg
 
@@ -28,7 +28,7 @@ from onnx_ir import tape as _tape
 from graphprune.ops._sparse_plan import GatheredPlan, RoutedPlan
 
 BIAS_FLOOR = np.float32(-1e30)
-FORCE = np.float32(1e30)
+FORCE = np.float32(np.inf)  # added to forced routing scores (biases are floored, so never inf - inf)
 
 
 class _Body(_tape.Tape):
@@ -144,6 +144,8 @@ def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarra
         kb = body.op("Reshape", [kp, body.ints(0, 0, nb, b, -1)])
         kpool = body.op("Mul", [body.op("ReduceSum", [kb, body.ints(3)], {"keepdims": 0}), inv])
         route = body.op("MatMul", [qpool, body.t_last(kpool, 4)])  # [B, H, nb, nb]
+        if bias is not None:  # a key block's routing score gets its largest bias: fully masked blocks rank last
+            route = body.op("Add", [route, _block_bias_max(body, plan, bias, bias_kind)])
         if force is not None:
             route = body.op("Add", [route, body.const(force)])
         _, idx = body.op_multi_out("TopK", [route, body.ints(kk)], {"axis": -1}, num_outputs=2)
@@ -218,3 +220,17 @@ def _routed_full_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value
     picked = body.op("Gather", [tiles, fidx], {"axis": 0})  # [B, H, nb, k, b, b]
     picked = body.op("Transpose", [picked], {"perm": [0, 1, 2, 4, 3, 5]})
     return body.op("Reshape", [picked, body.ints(0, 0, 0, 0, kk * b)])
+
+
+def _block_bias_max(body: _Body, plan: RoutedPlan, bias: ir.Value, bias_kind: str) -> ir.Value:
+    """Largest (floored) bias per key block: [Bb, Hb, 1, nb] (key bias) or per tile [Bb, Hb, nb, nb] (full)."""
+    nb, b = plan.nb, plan.block
+    fb = _floor(body, bias)
+    if bias_kind == "key":
+        fb = body.pad_tokens(fb, plan.pad, axis_from_end=1, value=float(BIAS_FLOOR))
+        tiles = body.op("Reshape", [fb, body.lead_shape(fb, 1, nb, b)])
+        return body.op("ReduceMax", [tiles, body.ints(-1)], {"keepdims": 0})
+    if plan.pad:
+        fb = body.op("Pad", [fb, body.ints(0, 0, 0, 0, 0, 0, plan.pad, plan.pad), body.const(BIAS_FLOOR)])
+    tiles = body.op("Reshape", [fb, body.lead_shape(fb, nb, b, nb, b)])
+    return body.op("ReduceMax", [tiles, body.ints(3, 5)], {"keepdims": 0})

@@ -15,8 +15,9 @@ Semantics: ``Softmax(Q·Kᵀ·scale + max(bias, -1e30) + M)·V`` with ``M`` 0 on
      clamped at the borders (NATTEN). Prefix tokens are global. ``kernel >= max(h, w)`` (d = 1) is dense.
   3. ``block_topk`` (``block_size`` b, ``topk`` k, ``keep_diagonal``, ``keep_first``): Q and K are cut into blocks
      of b tokens (the last one may be shorter); a Q block sees the k K blocks with the largest
-     mean(Q block)·mean(K block) (ties: lower block first; the diagonal / first block are always kept when
-     asked, so they count towards k). ``topk >= nb`` is dense.
+     scale·mean(Q block)·mean(K block) + the largest bias in the (Q block, K block) tile, so fully masked blocks rank
+     last (ties: lower block first; the diagonal / first block are always kept when asked, and count towards k).
+     The means include masked tokens. ``topk >= nb`` is dense.
   4. ``block_layout`` (``block_size`` b, ``topk`` = most ones in a layout row): the static 0/1 ``layout`` input
      says which K blocks each Q block sees, per head. An all-ones layout is dense.
 
@@ -175,7 +176,8 @@ def _allowed_static(a: dict) -> np.ndarray:
     return allowed
 
 
-def _allowed_routed(a: dict, q: np.ndarray, k: np.ndarray, layout: np.ndarray | None) -> np.ndarray:
+def _allowed_routed(a: dict, q: np.ndarray, k: np.ndarray, layout: np.ndarray | None,
+                    bias: np.ndarray | None) -> np.ndarray:
     """[B, H, N, N] bool: each query block's chosen key blocks, expanded to tokens."""
     bsz, heads, n, _ = q.shape
     b = max(1, min(a["block_size"] or 64, n))
@@ -188,12 +190,20 @@ def _allowed_routed(a: dict, q: np.ndarray, k: np.ndarray, layout: np.ndarray | 
         kk = min(a["topk"], nb)
         qm = np.stack([q[:, :, blk == t].mean(axis=2) for t in range(nb)], axis=2)
         km = np.stack([k[:, :, blk == t].mean(axis=2) for t in range(nb)], axis=2)
-        score = (qm @ np.swapaxes(km, -1, -2)).astype(np.float64)
+        score = (qm @ np.swapaxes(km, -1, -2)).astype(np.float64) * a["scale"]
         forced = np.zeros((nb, nb), dtype=bool)
         if a["keep_first"]:
             forced[:, 0] = True
         if a["keep_diagonal"]:
             forced[np.arange(nb), np.arange(nb)] = True
+        if bias is not None:  # largest floored bias of each (query block, key block) tile
+            fb = np.broadcast_to(np.maximum(bias, -1e30), (bsz, heads, n, n))
+            pad = nb * b - n
+            fb = np.pad(fb, ((0, 0), (0, 0), (0, pad), (0, pad)), constant_values=-1e30)
+            tile_max = fb.reshape(bsz, heads, nb, b, nb, b).max(axis=(3, 5))
+            if bias.shape[2] == 1:  # a key bias is the same for every query block (padded query rows aside)
+                tile_max = np.broadcast_to(tile_max[:, :, :1], tile_max.shape)
+            score = score + tile_max
         score = np.where(forced, np.inf, score)
         order = np.argsort(-score, axis=-1, kind="stable")[..., :kk]
         chosen = np.zeros((bsz, heads, nb, nb), dtype=bool)
@@ -208,7 +218,7 @@ def reference(q, k, v, bias=None, layout=None, **attrs) -> np.ndarray:
     if a["pattern"] in ("sliding_window", "neighborhood_2d"):
         allowed = _allowed_static(a)[None, None]
     else:
-        allowed = _allowed_routed(a, q, k, layout)
+        allowed = _allowed_routed(a, q, k, layout, bias)
     s = (q.astype(np.float64) @ np.swapaxes(k.astype(np.float64), -1, -2)) * a["scale"]
     if bias is not None:
         s = s + np.maximum(bias.astype(np.float64), -1e30)

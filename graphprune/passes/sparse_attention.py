@@ -1,0 +1,374 @@
+"""``sparse_attention``: replace the core of attention blocks with ``ai.graphprune.SparseAttention`` nodes.
+
+Pattern (from ``analysis.attention.find_attention_blocks``; no raw matching here):
+  1. ``matmul_softmax``: the nodes from the q·kᵀ MatMul through the ·v MatMul (scale, mask Add, Softmax, NaN
+     guards) become one SparseAttention(q, k, v, mask) node. ``k`` is the block's [B, H, N, D] key; when the graph
+     only shows kᵀ, a Transpose back is added. The scale is ``AttentionBlock.scale``; q/kᵀ scale Muls and the kᵀ
+     Transpose that fed only the core are removed with it.
+  2. ``attention_op`` (standard ``Attention``, 4-D inputs): the node becomes SparseAttention(q, k, v, mask), its
+     ``scale`` (or 1/√D) and ``is_causal`` kept. A bool ``attn_mask`` becomes a 0/-inf float bias first.
+Masks are kept: an additive mask of rank < 4 gets leading axes; a key mask ([.., 1, N]) and a full one ([.., N, N])
+are both supported (see the op module for the fully-masked-row rule). Projections and everything outside the
+core are untouched.
+
+Config: the pattern keys apply to every selected block (``layers``, 0-based as ``inspect`` numbers attention
+blocks; default all); ``per_layer: {i: {key: value}}`` overrides them for block i; ``head_groups: [{heads: [...],
+key: value...}]`` splits the heads (the groups must cover every head once) into separate SparseAttention nodes
+whose outputs are concatenated back in head order. Unset ``num_global`` defaults to the block's prefix tokens
+(CLS), unset ``causal`` to the block's own causality, unset ``grid`` to a square grid of the non-prefix tokens.
+
+Skipped with a reason (never silently): com.microsoft fused ops, 3-D ``Attention`` inputs, K/V with other heads or
+another length than Q (GQA, cross attention), a dynamic sequence length, non-float32 attention, probabilities used
+outside the core, ``Attention`` with past KV / extra outputs / softcap.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx_ir as ir
+import pydantic
+
+from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
+from graphprune.errors import ConfigError, GraphpruneError
+from graphprune.ops import add_function
+from graphprune.ops import sparse_attention as op
+from graphprune.passes import register
+from graphprune.passes.base import GraphPass, GraphResult, PassConfig
+
+_PATTERN_KEYS = ("pattern", "window", "num_global", "causal", "kernel", "dilation", "grid", "block_size", "topk",
+                 "keep_diagonal", "keep_first", "layout")
+
+
+class PatternParams(PassConfig):
+    """The pattern's keys; ``None`` means the op default or a value taken from the block."""
+
+    pattern: Literal["sliding_window", "neighborhood_2d", "block_topk", "block_layout"] | None = None
+    window: int | None = pydantic.Field(default=None, ge=1, description="sliding_window: keys per query")
+    num_global: int | None = pydantic.Field(default=None, ge=0, description="leading global tokens (default: prefix)")
+    causal: bool | None = None
+    kernel: int | None = pydantic.Field(default=None, ge=1, description="neighborhood_2d: k of the k x k window")
+    dilation: int | None = pydantic.Field(default=None, ge=1)
+    grid: tuple[int, int] | None = pydantic.Field(default=None, description="neighborhood_2d: [h, w] token grid")
+    block_size: int | None = pydantic.Field(default=None, ge=1)
+    topk: int | None = pydantic.Field(default=None, ge=1)
+    keep_diagonal: bool | None = None
+    keep_first: bool | None = None
+    layout: str | None = pydantic.Field(default=None, description="block_layout: .npy file, [nb, nb] or [H, nb, nb]")
+
+    @pydantic.field_validator("grid")
+    @classmethod
+    def _grid(cls, v):
+        if v is not None and min(v) < 1:
+            raise ValueError("grid sides must be >= 1")
+        return v
+
+    def set_values(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in _PATTERN_KEYS if getattr(self, k) is not None}
+
+
+class HeadGroup(PatternParams):
+    heads: list[int] = pydantic.Field(min_length=1)
+
+
+class SparseAttentionConfig(PatternParams):
+    pattern: Literal["sliding_window", "neighborhood_2d", "block_topk", "block_layout"] = "sliding_window"
+    layers: list[int] | None = pydantic.Field(default=None, description="0-based attention blocks; default all")
+    per_layer: dict[int, PatternParams] = pydantic.Field(default_factory=dict)
+    head_groups: list[HeadGroup] | None = None
+
+    @pydantic.field_validator("head_groups")
+    @classmethod
+    def _groups(cls, v):
+        if v is not None:
+            heads = [h for g in v for h in g.heads]
+            if len(heads) != len(set(heads)):
+                raise ValueError("a head appears in two groups")
+        return v
+
+
+class _Skip(Exception):
+    """A block this pass cannot rewrite; the message is the reason."""
+
+
+def _load_layout(path: str, heads: int, nb: int) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"layout: file {path!r} not found")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's
+        raise ConfigError(f"layout: cannot read {path!r} as .npy ({type(e).__name__})") from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] != (nb, nb) or arr.shape[0] not in (1, heads):
+        raise ConfigError(f"layout: shape {list(arr.shape)} must be [{nb}, {nb}] or [{heads}, {nb}, {nb}] here")
+    lay = (arr != 0).astype(np.float32)
+    if (lay.sum(-1) == 0).any():
+        raise ConfigError("layout: every query block (row) needs at least one key block")
+    return lay
+
+
+class _Rewriter:
+    """Per-call state: the model, conversions of shared masks, the report."""
+
+    def __init__(self, model: ir.Model, config: SparseAttentionConfig) -> None:
+        self.model, self.graph, self.config = model, model.graph, config
+        self.mask_cache: dict[int, ir.Value] = {}
+        self.rewritten: list[dict] = []
+        self.flops = [0, 0]  # executed, dense
+
+    def params_for(self, blk: AttentionBlock, group: HeadGroup | None) -> dict[str, Any]:
+        cfg = self.config
+        merged = cfg.set_values()
+        if blk.index in cfg.per_layer:
+            merged |= cfg.per_layer[blk.index].set_values()
+        if group is not None:
+            merged |= group.set_values()
+        return merged
+
+    # -- graph edits --------------------------------------------------------------------------------------------
+    def _insert(self, anchor: ir.Node, node: ir.Node) -> ir.Value:
+        self.graph.insert_after(anchor, node)
+        return node.outputs[0]
+
+    def bias_for(self, blk: AttentionBlock, shape4: list | None) -> ir.Value | None:
+        """The block's mask as a rank-4 float bias (bool → 0/-inf); converted once per shared mask."""
+        mask = blk.mask
+        if mask is None:
+            return None
+        if id(mask) in self.mask_cache:
+            return self.mask_cache[id(mask)]
+        new_nodes, cur = [], mask
+        if mask.dtype == ir.DataType.BOOL:
+            zero = ir.node("Constant", [], {"value": ir.tensor(np.float32(0))})
+            ninf = ir.node("Constant", [], {"value": ir.tensor(np.float32(-np.inf))})
+            where = ir.node("Where", [cur, zero.outputs[0], ninf.outputs[0]])
+            new_nodes += [zero, ninf, where]
+            cur = where.outputs[0]
+        rank = len(mask.shape)
+        if rank < 4:
+            axes = ir.node("Constant", [], {"value": ir.tensor(np.arange(4 - rank, dtype=np.int64))})
+            unsq = ir.node("Unsqueeze", [cur, axes.outputs[0]])
+            new_nodes += [axes, unsq]
+            cur = unsq.outputs[0]
+        if new_nodes:  # right after the mask's producer, so every later block can use it
+            prod = mask.producer()
+            if prod is not None:
+                self.graph.insert_after(prod, new_nodes)
+            else:
+                self.graph.insert_before(next(iter(self.graph)), new_nodes)
+            cur.shape, cur.type = ir.Shape(shape4), ir.TensorType(ir.DataType.FLOAT)
+        self.mask_cache[id(mask)] = cur
+        return cur
+
+    def rewrite(self, blk: AttentionBlock) -> ir.Value:
+        """Check the block, plan every head group, then edit; return the new [B, H, N, Dv] output."""
+        n, heads = self._check(blk)
+        shape4 = None
+        if blk.mask is not None:
+            shape = blk.mask.shape
+            if shape is None or not 1 <= len(shape) <= 4:
+                raise _Skip(f"mask {blk.mask.name!r} has an unknown shape")
+            shape4 = [1] * (4 - len(shape)) + list(shape)
+            if shape4[3] != n or shape4[2] not in (1, n) or not isinstance(shape4[1], int):
+                raise _Skip(f"mask {blk.mask.name!r} of shape {list(shape)} is not [B|1, H|1, 1|{n}, {n}]")
+            if blk.mask.dtype not in (ir.DataType.FLOAT, ir.DataType.BOOL):
+                raise _Skip(f"mask {blk.mask.name!r} has dtype {blk.mask.dtype}, not float32 or bool")
+        bkind = "none" if shape4 is None else ("key" if shape4[2] == 1 else "full")
+        groups = self.config.head_groups
+        if groups is not None:
+            covered = sorted(h for g in groups for h in g.heads)
+            if covered != list(range(heads)):
+                raise ConfigError(f"head_groups: heads {covered} must cover 0..{heads - 1} once (block {blk.index})")
+        plans = [self._spec(blk, g, g.heads if g else list(range(heads)), bkind) for g in (groups or [None])]
+        # -- edits start here: nothing below skips
+        anchor = blk.nodes[-1]
+        bias = self.bias_for(blk, shape4)
+        q, k, v = blk.q, blk.k, blk.v
+        if k is None:
+            tr = ir.node("Transpose", [blk.k_transposed], {"perm": [0, 1, 3, 2]})
+            k = self._insert(anchor, tr)
+            anchor = tr
+        if groups is None:
+            return self._sparse(blk, anchor, q, k, v, bias, *plans[0])
+        outs = []
+        for plan in plans:
+            head_ids = plan[1]
+            idx = ir.node("Constant", [], {"value": ir.tensor(np.array(head_ids, dtype=np.int64))})
+            sub, parts = [idx], []
+            for x in (q, k, v) + ((bias,) if bias is not None and shape4[1] == heads else ()):
+                gat = ir.node("Gather", [x, idx.outputs[0]], {"axis": 1})
+                shape = list(x.shape)
+                shape[1] = len(head_ids)
+                gat.outputs[0].shape, gat.outputs[0].type = ir.Shape(shape), ir.TensorType(ir.DataType.FLOAT)
+                sub.append(gat)
+                parts.append(gat.outputs[0])
+            self.graph.insert_after(anchor, sub)
+            gb = parts[3] if len(parts) == 4 else bias
+            outs.append(self._sparse(blk, sub[-1], parts[0], parts[1], parts[2], gb, *plan))
+            anchor = outs[-1].producer()
+        cat = ir.node("Concat", outs, {"axis": 1})
+        result = self._insert(anchor, cat)
+        order = [h for g in groups for h in g.heads]
+        if order != list(range(heads)):
+            inv = ir.node("Constant", [], {"value": ir.tensor(np.argsort(order).astype(np.int64))})
+            back = ir.node("Gather", [result, inv.outputs[0]], {"axis": 1})
+            self.graph.insert_after(cat, [inv, back])
+            result = back.outputs[0]
+        return result
+
+    def _check(self, blk: AttentionBlock) -> tuple[int, int]:
+        q, v = blk.q, blk.v
+        if blk.kind not in ("matmul_softmax", "attention_op"):
+            raise _Skip(f"{blk.kind} (com.microsoft fused attention) is not rewritten; export without ORT fusion")
+        if blk.layout != "BHND" or q is None or v is None or q.shape is None or len(q.shape) != 4:
+            raise _Skip("attention inputs are not 4-D [B, H, N, D]")
+        if q.dtype != ir.DataType.FLOAT:
+            raise _Skip(f"attention runs in {q.dtype}, only float32 is supported")
+        n = blk.tokens
+        if not isinstance(n, int):
+            raise _Skip("the sequence length is dynamic; the sparse body needs a static N")
+        heads = blk.heads
+        if not isinstance(heads, int) or blk.kv_heads != heads or not isinstance(blk.head_dim, int):
+            raise _Skip(f"K/V heads ({blk.kv_heads}) differ from Q heads ({heads}) or are dynamic (GQA/MQA)")
+        if v.shape is None or v.shape[-2] != n:
+            raise _Skip("keys have another length than queries (cross attention or KV cache)")
+        if blk.kind == "attention_op":
+            node = blk.nodes[0]
+            if len(node.inputs) > 4 or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+                raise _Skip("Attention with past KV inputs or extra outputs")
+            if node.attributes.get_float("softcap", 0.0) or node.attributes.get_int("qk_matmul_output_mode", 0):
+                raise _Skip("Attention with softcap / qk output mode")
+        else:
+            core = set(blk.nodes)
+            for nd in blk.nodes[:-1]:
+                for out in nd.outputs:
+                    if out.is_graph_output() or any(u not in core for u, _ in out.uses()):
+                        raise _Skip(f"{out.name!r} (scores/probabilities) is used outside the attention core")
+        return n, heads
+
+    def _spec(self, blk: AttentionBlock, group: HeadGroup | None, head_ids: list[int], bkind: str):
+        """(group, head ids, normalized op attributes, layout array or None) for one head group."""
+        params = self.params_for(blk, group)
+        pattern = params.pop("pattern", self.config.pattern)
+        n = blk.tokens
+        if pattern in ("sliding_window", "neighborhood_2d"):
+            params.setdefault("num_global", blk.prefix_tokens)
+        if pattern == "sliding_window":
+            params.setdefault("causal", blk.causal)
+        elif blk.causal:
+            raise _Skip(f"the block is causal; {pattern} is not (use sliding_window with causal: true)")
+        if pattern == "neighborhood_2d" and "grid" not in params:
+            side = math.isqrt(n - params["num_global"])
+            if side * side != n - params["num_global"]:
+                raise ConfigError(f"grid: {n} tokens minus {params['num_global']} prefix is not a square; set grid: [h, w]")
+            params["grid"] = [side, side]
+        layout_path = params.pop("layout", None)
+        lay = None
+        if pattern == "block_layout":
+            if layout_path is None:
+                raise ConfigError("layout: block_layout needs a layout file (.npy)")
+            nb = -(-n // min(params.get("block_size") or 64, n))
+            lay = _load_layout(layout_path, blk.heads, nb)
+            if lay.shape[0] != 1:
+                lay = lay[head_ids]
+            params["topk"] = int(lay.sum(-1).max())
+        params = {k: v for k, v in params.items() if k in op._KEYS[pattern]}  # other patterns' keys do not apply
+        scale = blk.scale if blk.scale else 1.0 / math.sqrt(blk.head_dim)
+        return group, head_ids, op.normalize(pattern, n, scale, bkind, **params), lay
+
+    def _sparse(self, blk, anchor, q, k, v, bias, group, head_ids, attrs, lay) -> ir.Value:
+        layout_val = None
+        if lay is not None:
+            layout_val = ir.Value(name=f"sparse_layout_{blk.index}_{head_ids[0]}", const_value=ir.tensor(lay))
+            self.graph.register_initializer(layout_val)
+        node, fn = op.make_node(q, k, v, attrs, bias=bias, layout=layout_val,
+                                name=f"sparse_attention_{blk.index}" + (f"_h{head_ids[0]}" if group else ""))
+        out = self._insert(anchor, node)
+        out.shape = ir.Shape([q.shape[0], len(head_ids), attrs["seq_len"], v.shape[-1]])
+        out.type = ir.TensorType(ir.DataType.FLOAT)
+        add_function(self.model, fn)
+        dv = v.shape[-1] if isinstance(v.shape[-1], int) else blk.head_dim
+        executed, dense = op.attention_flops(attrs, 1, len(head_ids), blk.head_dim, dv)
+        self.flops[0] += executed
+        self.flops[1] += dense
+        self.rewritten.append({
+            "block": blk.index, "heads": head_ids, "pattern": attrs["pattern"], "tokens": attrs["seq_len"],
+            "params": {k: v for k, v in attrs.items() if k not in ("pattern", "seq_len", "scale", "bias")},
+            "mask": attrs["bias"], "attention_flops_ratio": round(dense / executed, 3), "node": node.name,
+        })
+        return out
+
+    def replace(self, blk: AttentionBlock, new_out: ir.Value) -> None:
+        old = blk.output
+        if old.is_graph_output():
+            outs = self.graph.outputs
+            for i, o in enumerate(outs):
+                if o is old:
+                    outs[i] = new_out
+            name = old.name
+            old.name = f"{name}_dense"
+            new_out.name = name
+        ir.convenience.replace_all_uses_with(old, new_out)
+        inputs = [x for nd in blk.nodes for x in nd.inputs if x is not None]
+        self.graph.remove(blk.nodes, safe=True)
+        self._remove_dead([x.producer() for x in inputs])
+
+    def _remove_dead(self, nodes: list[ir.Node | None]) -> None:
+        """Remove producers left without users (the kᵀ Transpose, √scale Muls), walking upstream."""
+        stack = [nd for nd in nodes if nd is not None]
+        seen: set[int] = set()
+        while stack:
+            nd = stack.pop()
+            if id(nd) in seen or nd.graph is not self.graph:
+                continue
+            seen.add(id(nd))
+            if any(o.uses() or o.is_graph_output() for o in nd.outputs):
+                continue
+            ups = [x.producer() for x in nd.inputs if x is not None]
+            self.graph.remove(nd, safe=True)
+            stack += [u for u in ups if u is not None]
+
+
+@register
+class SparseAttentionPass(GraphPass):
+    name = "sparse_attention"
+    Config = SparseAttentionConfig
+    summary = "replace attention cores with SparseAttention (window, 2-D neighborhood, block top-k, block layout)"
+
+    def call(self, model: ir.Model) -> GraphResult:
+        cfg = self.config
+        blocks = find_attention_blocks(model)
+        if cfg.layers is not None:
+            bad = [i for i in cfg.layers if not 0 <= i < len(blocks)]
+            if bad:
+                raise ConfigError(f"layers: {bad} out of range; the model has {len(blocks)} attention blocks")
+        bad = [i for i in cfg.per_layer if not 0 <= i < len(blocks)]
+        if bad:
+            raise ConfigError(f"per_layer: {bad} out of range; the model has {len(blocks)} attention blocks")
+        rw = _Rewriter(model, cfg)
+        skipped = []
+        selected = [b for b in blocks if cfg.layers is None or b.index in cfg.layers]
+        with self.context.task("sparse_attention", len(selected)) as step:
+            for blk in selected:
+                try:
+                    out = rw.rewrite(blk)
+                except _Skip as e:
+                    skipped.append({"where": f"block {blk.index}", "reason": str(e)})
+                    step()
+                    continue
+                rw.replace(blk, out)
+                step()
+        if not blocks:
+            skipped.append({"where": "graph", "reason": "no attention blocks found"})
+        info = {"blocks_found": len(blocks), "blocks_replaced": len({r["block"] for r in rw.rewritten})}
+        if rw.flops[0]:
+            info["attention_flops_ratio"] = round(rw.flops[1] / rw.flops[0], 3)
+        return GraphResult(model, bool(rw.rewritten), rewritten=rw.rewritten, skipped=skipped, info=info)
+
+
+__all__ = ["GraphpruneError", "SparseAttentionConfig", "SparseAttentionPass"]
