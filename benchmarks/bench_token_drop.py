@@ -1,0 +1,113 @@
+"""Speed of ``token_drop`` on the DeiT-S-shaped example ViT (197 tokens, ORT CPU).
+
+For each method at three levels: FLOPs ratio (``count_flops``, optimized / original), measured latency ratio
+(median over repetitions of the per-repetition median ratio, base and optimized runs interleaved in one
+process, spinning off), and speedup efficiency = measured speedup / FLOPs-predicted speedup.
+
+Run under the shared benchmark lock:
+    flock /tmp/gp_bench.lock python -m benchmarks.bench_token_drop
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune.analysis.flops import count_flops
+from graphprune.backends.onnxruntime import benchmark, make_session
+from graphprune.passes import get_pass
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out"
+
+LAYERS = [4, 7, 10]
+CONFIGS = [
+    ("cls_attention", {"method": "cls_attention", "layers": LAYERS}, "keep_ratio", [0.9, 0.7, 0.5]),
+    ("cls_attention+fuse", {"method": "cls_attention", "layers": LAYERS, "fuse_rest": True}, "keep_ratio", [0.7]),
+    ("attention_graph", {"method": "attention_graph", "layers": LAYERS}, "keep_ratio", [0.9, 0.7, 0.5]),
+    ("tome (every block)", {"method": "tome"}, "r", [4, 8, 12]),
+]
+
+
+def _examples():
+    spec = importlib.util.spec_from_file_location("graphprune_examples_models", ROOT / "examples" / "models.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def export_deit(opset: int) -> Path:
+    path = OUT / f"deit_s_op{opset}.onnx"
+    if not path.exists():
+        ex = _examples()
+        model, args = ex.build("vit", **({"sdpa": True} if opset >= 23 else {}))
+        ex.export_model(model, args, path, opset=opset)
+    return path
+
+
+def measure(base_sess, opt_model: ir.Model, feeds: dict, reps: int, runs: int) -> float:
+    """Median over ``reps`` of (optimized median / base median), each from one interleaved benchmark call."""
+    opt_sess = make_session(opt_model)
+    ratios = []
+    for _ in range(reps):
+        res = benchmark({"base": base_sess, "opt": opt_sess}, feeds, warmup=2, runs=runs)
+        ratios.append(res["opt"]["median_ms"] / res["base"]["median_ms"])
+    return statistics.median(ratios), res["base"]["median_ms"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--runs", type=int, default=8)
+    p.add_argument("--opsets", default="18,23", help="18: MatMul/Softmax attention; 23: fused Attention op")
+    p.add_argument("--quick", action="store_true", help="only cls_attention keep 0.7 (the efficiency target)")
+    a = p.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((a.batch, 3, 224, 224)).astype(np.float32)}
+    rows = []
+    for opset in [int(o) for o in a.opsets.split(",")]:
+        path = export_deit(opset)
+        base = ir.load(str(path))
+        base_flops = count_flops(base, batch=a.batch).flops
+        base_sess = make_session(path)
+        configs = [CONFIGS[0][:3] + ([0.7],)] if a.quick else CONFIGS
+        if opset != 18 and not a.quick:  # the fused-op rows: the recompute paths only
+            configs = [c for c in CONFIGS if c[0] in ("cls_attention", "attention_graph")]
+            configs = [(n, c, k, [0.7]) for n, c, k, _ in configs] + [CONFIGS[-1][:3] + ([8],)]
+        for name, cfg, key, levels in configs:
+            for level in levels:
+                model = ir.load(str(path))
+                t0 = time.perf_counter()
+                result = get_pass("token_drop")(dict(cfg, **{key: level}))(model)
+                t_pass = time.perf_counter() - t0
+                fr = count_flops(model, batch=a.batch).flops / base_flops
+                lat, base_ms = measure(base_sess, model, feeds, a.reps, a.runs)
+                eff = (1 / lat) / (1 / fr)
+                tokens = "→".join(str(r["tokens_after"]) for r in result.rewritten)
+                rows.append({"opset": opset, "method": name, key: level, "tokens": tokens, "flops_ratio": fr,
+                             "latency_ratio": lat, "speedup": 1 / lat, "efficiency": eff, "base_ms": base_ms,
+                             "pass_s": t_pass, "level": f"{key}={level}"})
+                print(f"op{opset} {name:20s} {key}={level:<4} tokens {tokens:28s} FLOPs {fr:.3f} latency {lat:.3f} "
+                      f"speedup {1 / lat:.2f}x eff {eff:.2f} (base {base_ms:.0f} ms)", flush=True)
+    print()
+    print(f"DeiT-S-shaped ViT, 197 tokens, batch {a.batch}, ORT CPU; reps {a.reps} x runs {a.runs}")
+    print("| opset | method | level | tokens after each reduction | FLOPs ratio | latency ratio | speedup | efficiency |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['opset']} | {r['method']} | {r['level']} | {r['tokens'] if len(r['tokens']) < 40 else r['tokens'][:37] + '...'} "
+              f"| {r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} | {r['speedup']:.2f}x | {r['efficiency']:.2f} |")
+    (OUT / "bench_token_drop.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
