@@ -136,16 +136,21 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 
 def _set_shapes(model: ir.Model, entries: list[dict]) -> None:
-    """Write the new channel dims the plan lists (exact, from the analysis), then re-run shape inference, which
-    fills what is left and keeps these where it cannot infer (e.g. behind Hugging Face mask logic)."""
+    """Re-infer value shapes. Inference runs on cleared shapes; where it cannot infer a value (e.g. behind Hugging
+    Face mask logic), the value keeps its old shape with the new channel dims the plan lists (exact, from the
+    analysis)."""
     from graphprune.analysis.shapes import infer_shapes
 
-    values = {o.name: o for node in model.graph for o in node.outputs}
+    outputs = set(model.graph.outputs)
+    values = {o.name: o for node in model.graph for o in node.outputs if o not in outputs}
+    saved = {name: (list(v.shape) if v.shape is not None else None) for name, v in values.items()}
     for e in entries:
-        v = values.get(e["value"])
-        if v is None or v.shape is None or e["axis"] >= len(v.shape):
-            continue
-        dims = list(v.shape)
-        dims[e["axis"]] = int(e["dim"])
-        v.shape = ir.Shape(dims)
+        dims = saved.get(e["value"])
+        if dims is not None and e["axis"] < len(dims):
+            dims[e["axis"]] = int(e["dim"])
+    for v in values.values():
+        v.shape = None
     infer_shapes(model)
+    for name, v in values.items():
+        if v.shape is None and saved[name] is not None:
+            v.shape = ir.Shape(saved[name])
