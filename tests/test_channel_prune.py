@@ -132,3 +132,28 @@ def test_bad_config_names_the_key():
         cls({"ratio": 1.5})
     with pytest.raises(Exception, match="target"):
         cls({"target": "latency"})
+
+
+def test_bn_importance_reads_gamma(tmp_path):
+    """With BatchNorm kept (unoptimized export + constant folding), ``bn`` ranks channels by |γ|."""
+    import onnxscript.optimizer
+    import torch
+
+    module, args = zoo.zoo_model("resnet")
+    with torch.no_grad():  # make γ decide: the first 8 channels of body.0.a get a tiny γ
+        module.body[0].a[1].weight[:8] = 1e-3
+    raw = tmp_path / "bn.onnx"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.onnx.export(module, args, str(raw), dynamo=True, opset_version=18, optimize=False, verbose=False,
+                      dynamic_shapes=({0: batch},))
+    model = ir.load(raw)
+    onnxscript.optimizer.fold_constants(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    assert any(n.op_type == "BatchNormalization" for n in model.graph)
+    plan_path = tmp_path / "plan.json"
+    get_pass("channel_prune")({"ratio": 0.5, "importance": "bn", "plan_out": str(plan_path)})(model)
+    plan = json.loads(plan_path.read_text())
+    keep = [e["keep"] for e in plan["slices"] if e["initializer"] == "body.0.a.1.weight"]
+    assert keep and sorted(keep[0]) == list(range(8, 16))
+    feeds = example_inputs(model, batch=2)
+    assert zoo.run(model, feeds, tmp_path)[0].shape == (2, 10)
