@@ -12,7 +12,7 @@ import torch
 
 from graphprune.backends.onnxruntime import run
 from graphprune.errors import ConfigError, GraphpruneError
-from graphprune.ops import token_merge, token_select
+from graphprune.ops import diversity_select, token_merge, token_select
 from graphprune.passes import get_pass
 
 TokenDrop = get_pass("token_drop")
@@ -57,6 +57,9 @@ def torch_reference(vit, images: np.ndarray, cfg: dict) -> np.ndarray:
                 y, s, _ = token_merge.reference(x.numpy(), k.mean(1).numpy(), None if size is None else size.numpy(),
                                                 r=cfg["r"], protect=protect)
                 x, size = torch.from_numpy(y), torch.from_numpy(s)
+            elif method == "diversity":
+                kk = token_select.kept_count(x.shape[1], protect, keep_ratio=ratio)
+                x = torch.from_numpy(diversity_select.reference(x.numpy(), kk, protect, cfg.get("keep_order", True))[0])
             else:
                 if method == "cls_attention":
                     sc = probs[:, :, 0, :].mean(1)
@@ -84,6 +87,7 @@ def vit23(export):
 
 
 IDENTITY = [{"keep_ratio": 1.0}, {"keep_ratio": 1.0, "layers": [0, 1, 2, 3]}, {"method": "attention_graph", "keep_ratio": 1.0},
+            {"method": "diversity", "keep_ratio": 1.0},
             {"method": "tome", "r": 0}, {"keep_ratio": 1.0, "placement": "block"}]
 
 
@@ -118,6 +122,7 @@ AGREE = [
     {"keep_ratio": 0.6, "layers": [1, 2], "keep_order": False},
     {"keep_ratio": 0.6, "layers": [1, 2, 3], "fuse_rest": True},
     {"method": "attention_graph", "keep_ratio": 0.5, "layers": [1, 2]},
+    {"method": "diversity", "keep_ratio": 0.5, "layers": [1, 2]},
     {"method": "tome", "r": 3, "layers": [0, 1, 2, 3]},
     {"method": "tome", "r": 5, "layers": [1, 2]},
 ]

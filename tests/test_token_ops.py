@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphprune.ops import FLOPS_RULES, load_all, token_merge, token_select
+from graphprune.ops import FLOPS_RULES, diversity_select, load_all, token_merge, token_select
 from tests._token_util import run_single
 
 SHAPES = [(1, 17, 8), (4, 17, 8), (4, 65, 16), (1, 197, 32)]
@@ -85,6 +85,28 @@ def test_token_merge_reference_semantics():
     np.testing.assert_array_equal(y0, x)  # r = 0 is the identity, order included
 
 
+@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("protect", [0, 1, 2])
+@pytest.mark.parametrize("k", [1, 2, 5, -1])
+@pytest.mark.parametrize("keep_order", [True, False])
+def test_diversity_select_matches_reference(shape, protect, k, keep_order):
+    rng = np.random.default_rng(hash((shape, protect, k, keep_order)) % 2**32)
+    x = rng.standard_normal(shape).astype(np.float32)
+    k = shape[1] - protect if k == -1 else k
+    y, idx = run_single(lambda a: diversity_select.make_node(a, k=k, protect=protect, keep_order=keep_order),
+                        diversity_select.make_function(k, protect, keep_order), {"x": x}, 2)
+    ry, ridx = diversity_select.reference(x, k, protect, keep_order)
+    np.testing.assert_array_equal(idx, ridx)
+    np.testing.assert_allclose(y, ry, atol=1e-6)
+
+
+def test_diversity_select_reference_semantics():
+    # two tight clusters and an outlier: 3 picks take one token from each
+    x = np.array([[[1, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [0.1, 0.99, 0], [0, 0, 1]]], dtype=np.float32)
+    _, idx = diversity_select.reference(x, 3, protect=0)
+    assert idx[0, -1] == 4 and len({int(i) // 2 for i in idx[0, :2]}) == 2
+
+
 def test_flops_rules_registered():
     load_all()
-    assert "TokenSelect" in FLOPS_RULES and "TokenMerge" in FLOPS_RULES
+    assert {"TokenSelect", "TokenMerge", "DiversitySelect"} <= set(FLOPS_RULES)

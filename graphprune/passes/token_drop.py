@@ -13,7 +13,8 @@ Cases:
   1. ``cls_attention``: TokenSelect scored by the head-mean CLS row (or ``query`` rows) of the block's probs;
      fused ``Attention`` ops get those rows recomputed from Q, K (the block stays fused).
   2. ``attention_graph``: TokenSelect scored by ``iterations`` power iterations over the head-mean attention.
-  3. ``tome``: TokenMerge (r per layer, keys head-mean as metric) and proportional attention (log size added to
+  3. ``diversity``: DiversitySelect (DivPrune greedy max-min cosine diversity of the stream tokens).
+  4. ``tome``: TokenMerge (r per layer, keys head-mean as metric) and proportional attention (log size added to
      the logits, or to the ``Attention`` op's mask) in all following blocks.
 Preserved: prefix tokens (``protect``, detected when omitted) stay first, so CLS pooling is unchanged; mean
 pooling averages the kept tokens; position embeddings are already added upstream; batch stays dynamic.
@@ -32,7 +33,7 @@ import pydantic
 
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
 from graphprune.errors import ConfigError, UnsupportedPatternError
-from graphprune.ops import add_function, token_merge, token_select
+from graphprune.ops import add_function, diversity_select, token_merge, token_select
 from graphprune.ops._token_body import Body
 from graphprune.passes import _token_rewire as rewire
 from graphprune.passes import _token_schedule as sched
@@ -44,7 +45,7 @@ from graphprune.passes.base import GraphPass, GraphResult, PassConfig
 class TokenDropConfig(PassConfig):
     """YAML keys of ``token_drop``."""
 
-    method: Literal["cls_attention", "attention_graph", "tome"] = "cls_attention"
+    method: Literal["cls_attention", "attention_graph", "tome", "diversity"] = "cls_attention"
     keep_ratio: float = 0.7
     layers: list[int] | None = None
     r: int = 8
@@ -125,6 +126,8 @@ class TokenDropPass(GraphPass):
 
     def _plan(self, blocks: list[AttentionBlock], model: ir.Model, protect: int) -> tuple[list[int], list[float], dict]:
         cfg, depth, info = self.config, len(blocks), {}
+        if cfg.method == "diversity" and cfg.fuse_rest:
+            raise ConfigError("fuse_rest: not available with method 'diversity' (it has no scores to weight by)")
         if cfg.layers is not None and cfg.layers and max(cfg.layers) >= depth:
             raise ConfigError(f"layers: block {max(cfg.layers)} does not exist; the model has {depth} attention blocks (0..{depth - 1})")
         if cfg.method == "tome":
@@ -245,24 +248,30 @@ class TokenDropPass(GraphPass):
         k = token_select.kept_count(n_cur, protect, keep_ratio=ratio)
         n_new = protect + k + int(cfg.fuse_rest)
         plan = rewire.plan_retarget(model.graph, stream, n_cur, n_new)
-        t = Body()
-        try:
-            if cfg.method == "attention_graph":
-                score, note = scores.attention_graph(t, blk, cfg.iterations)
-            else:
-                score, note = scores.cls_attention(t, blk, self._rows(n_cur))
-        except UnsupportedPatternError:
-            rewire.detach(t.nodes)
-            raise
-        kw = dict(k=k, protect=protect, keep_order=cfg.keep_order, fuse_rest=cfg.fuse_rest)
-        node = token_select.make_node(stream, score, name=f"token_select_{blk.index}", **kw)
+        if cfg.method == "diversity":
+            kw = dict(k=k, protect=protect, keep_order=cfg.keep_order)
+            node = diversity_select.make_node(stream, name=f"diversity_select_{blk.index}", **kw)
+            t, note, function = Body(), None, diversity_select.make_function(**kw)
+        else:
+            t = Body()
+            try:
+                if cfg.method == "attention_graph":
+                    score, note = scores.attention_graph(t, blk, cfg.iterations)
+                else:
+                    score, note = scores.cls_attention(t, blk, self._rows(n_cur))
+            except UnsupportedPatternError:
+                rewire.detach(t.nodes)
+                raise
+            kw = dict(k=k, protect=protect, keep_order=cfg.keep_order, fuse_rest=cfg.fuse_rest)
+            node = token_select.make_node(stream, score, name=f"token_select_{blk.index}", **kw)
+            function = token_select.make_function(**kw)
         _name_outputs(node, f"token_select_{blk.index}", stream, n_new)
         node.outputs[1].type = ir.TensorType(ir.DataType.INT64)
         if stream.shape is not None:
             node.outputs[1].shape = ir.Shape([stream.shape[0], protect + k])
         self._commit(model, stream, [*t.nodes, node], node.outputs[0], anchor, plan, n_cur, n_new)
         self._gather_masks(model.graph, masked, node, node.outputs[1], mask_map)
-        add_function(model, token_select.make_function(**kw))
+        add_function(model, function)
         return n_new, note
 
     def _merge(self, model, blocks, blk, n_cur, size, protect, bias_sites, mask_map) -> tuple[int, ir.Value, str | None]:
