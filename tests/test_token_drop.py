@@ -62,7 +62,8 @@ def torch_reference(vit, images: np.ndarray, cfg: dict) -> np.ndarray:
                 x = torch.from_numpy(diversity_select.reference(x.numpy(), kk, protect, cfg.get("keep_order", True))[0])
             else:
                 if method == "cls_attention":
-                    sc = probs[:, :, 0, :].mean(1)
+                    q0, q1 = {"cls": (0, 1), "last": (n - 1, n)}.get(cfg.get("query", "cls"), cfg.get("query"))
+                    sc = probs[:, :, q0:q1, :].mean((1, 2))
                 else:
                     am = probs.mean(1)
                     s = am.mean(1, keepdim=True)
@@ -122,6 +123,8 @@ AGREE = [
     {"keep_ratio": 0.6, "layers": [1, 2], "keep_order": False},
     {"keep_ratio": 0.6, "layers": [1, 2, 3], "fuse_rest": True},
     {"method": "attention_graph", "keep_ratio": 0.5, "layers": [1, 2]},
+    {"keep_ratio": 0.5, "layers": [1, 2], "query": "last"},
+    {"keep_ratio": 0.5, "layers": [2], "query": (3, 9)},
     {"method": "diversity", "keep_ratio": 0.5, "layers": [1, 2]},
     {"method": "tome", "r": 3, "layers": [0, 1, 2, 3]},
     {"method": "tome", "r": 5, "layers": [1, 2]},
