@@ -4,8 +4,9 @@ Two exports of the same trained weights:
   * ``folded``: ``digits.get_cnn()``, the dynamo exporter's default (BatchNorm folded into Conv);
   * ``bn kept``: the module exported with ``optimize=False`` then constant-folded (onnxscript ``fold_constants``
     only), so ``BatchNormalization`` nodes remain and the ``bn`` (|γ|) criterion has something to read.
-For each criterion (l1, l2, bn, activation with 64 calibration images) × ratio × local/global ranking: top-1 on
-the 360 test images, FLOPs kept (``count_flops``) and the group channel ratio used.
+For each criterion (l1, l2, bn, activation with 64 calibration images) × local/global ranking × round_to (8, 1)
+× least-squares refit (``reconstruct``, same 64 images) × ratio: top-1 on the 360 test images, FLOPs and
+params kept (``count_flops``).
 
 Run:  python benchmarks/bench_channel_accuracy.py
 """
@@ -49,23 +50,25 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     folder = Path(tmp.name)
     exports = {"folded": Path(digits.get_cnn()), "bn kept": _bn_kept_export(folder)}
-    print("| export | criterion | ranking | ratio | top-1 | FLOPs kept | params kept |")
-    print("|---|---|---|---|---|---|---|")
+    print("| export | criterion | ranking | round_to | refit | ratio | top-1 | FLOPs kept | params kept |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, path in exports.items():
         base = ir.load(path)
         f0, p0 = count_flops(base).flops, count_flops(base).params
-        print(f"| {label} | (unpruned) | | 0% | {digits.evaluate(base, x_te, y_te):.2%} | 1.00 | 1.00 |", flush=True)
+        print(f"| {label} | (unpruned) | | | | 0% | {digits.evaluate(base, x_te, y_te):.2%} | 1.00 | 1.00 |", flush=True)
         criteria = ["l1", "l2", "activation"] + (["bn"] if label == "bn kept" else [])
         for crit in criteria:
             for glob in (False, True):
-                for ratio in (0.3, 0.5):
-                    model = ir.load(path)
-                    ctx = PassContext(calibration=calib)
-                    get_pass("channel_prune")({"ratio": ratio, "importance": crit, "global": glob}, ctx)(model)
-                    fr = count_flops(model)
-                    acc = digits.evaluate(model, x_te, y_te)
-                    print(f"| {label} | {crit} | {'global' if glob else 'local'} | {ratio:.0%} | {acc:.2%} | "
-                          f"{fr.flops / f0:.2f} | {fr.params / p0:.2f} |", flush=True)
+                for rt, rec in ((8, False), (1, False), (1, True)):
+                    for ratio in (0.3, 0.5):
+                        model = ir.load(path)
+                        ctx = PassContext(calibration=calib)
+                        cfg = {"ratio": ratio, "importance": crit, "global": glob, "round_to": rt, "reconstruct": rec}
+                        get_pass("channel_prune")(cfg, ctx)(model)
+                        fr = count_flops(model)
+                        acc = digits.evaluate(model, x_te, y_te)
+                        print(f"| {label} | {crit} | {'global' if glob else 'local'} | {rt} | {'yes' if rec else 'no'} | "
+                              f"{ratio:.0%} | {acc:.2%} | {fr.flops / f0:.2f} | {fr.params / p0:.2f} |", flush=True)
     tmp.cleanup()
 
 

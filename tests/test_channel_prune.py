@@ -157,3 +157,24 @@ def test_bn_importance_reads_gamma(tmp_path):
     assert keep and sorted(keep[0]) == list(range(8, 16))
     feeds = example_inputs(model, batch=2)
     assert zoo.run(model, feeds, tmp_path)[0].shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["vit", "convnext"])
+def test_reconstruct_lowers_output_error(exported, name, tmp_path):
+    from graphprune.passes import PassContext
+
+    path = exported(name)
+    original = ir.load(path)
+    calib = [example_inputs(original, batch=8, seed=s) for s in range(4)]
+    held_out = example_inputs(original, batch=8, seed=99)
+    ref = zoo.run(original, held_out, tmp_path, "ref")[0]
+    errs = {}
+    for refit in (False, True):
+        model = ir.load(path)
+        result = get_pass("channel_prune")({"ratio": 0.5, "reconstruct": refit}, PassContext(calibration=calib))(model)
+        out = zoo.run(model, held_out, tmp_path, f"r{refit}")[0]
+        errs[refit] = float(np.mean((out - ref) ** 2))
+        if refit:
+            assert result.info["reconstructed_layers"] > 0
+            assert all(r["rel_err_after"] < r["rel_err_before"] for r in result.rewritten if "refit" in r)
+    assert errs[True] < 0.8 * errs[False], errs

@@ -52,8 +52,9 @@ def _magnitude(analysis: ChannelAnalysis, p: float) -> np.ndarray:
     return _per_root(analysis, ms, [_slice_norms(m, p) for m in ms])
 
 
-def _activation_means(model: ir.Model, values: list[ir.Value], axes: list[int], feeds: list[dict]) -> list[np.ndarray]:
-    """mean |x| per position of ``axes[i]`` of each value, over the calibration feeds (one ORT session)."""
+def collect_activations(model: ir.Model, values: list[ir.Value], feeds: list[dict], reduce) -> list:
+    """Run the calibration feeds through ORT with ``values`` as extra outputs; ``reduce(i, array, acc)`` folds
+    each output into an accumulator (returned per value). The model is left as it was."""
     import onnxruntime as ort
 
     added = [v for v in dict.fromkeys(values) if not v.is_graph_output()]
@@ -67,16 +68,27 @@ def _activation_means(model: ir.Model, values: list[ir.Value], axes: list[int], 
                 model.graph.outputs.remove(v)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         names = [v.name for v in values]
         inputs = {i.name for i in sess.get_inputs()}
-        sums = [None] * len(values)
+        acc: list = [None] * len(values)
         for feed in feeds:
             outs = sess.run(names, {k: a for k, a in feed.items() if k in inputs})
-            for i, (y, ax) in enumerate(zip(outs, axes, strict=True)):
-                y = np.moveaxis(np.abs(np.asarray(y, dtype=np.float64)), ax, 0)
-                s = y.reshape(y.shape[0], -1).mean(axis=1)
-                sums[i] = s if sums[i] is None else sums[i] + s
+            for i, y in enumerate(outs):
+                acc[i] = reduce(i, np.asarray(y, dtype=np.float64), acc[i])
+    return acc
+
+
+def _activation_means(model: ir.Model, values: list[ir.Value], axes: list[int], feeds: list[dict]) -> list[np.ndarray]:
+    """mean |x| per position of ``axes[i]`` of each value, over the calibration feeds (one ORT session)."""
+
+    def reduce(i, y, acc):
+        y = np.moveaxis(np.abs(y), axes[i], 0)
+        s = y.reshape(y.shape[0], -1).mean(axis=1)
+        return s if acc is None else acc + s
+
+    sums = collect_activations(model, values, feeds, reduce)
     return [s / max(len(feeds), 1) for s in sums]
 
 

@@ -20,7 +20,8 @@ YAML::
         round_to: 8         # kept channel counts are multiples of this
         global: false       # one ranking over all groups instead of the same ratio in each
         ignore: []          # node or initializer names whose groups are left alone
-        plan_out: plan.json # write the prune plan
+        reconstruct: false  # refit the layers reading pruned channels by least squares (calibration inputs)
+        plan_out: plan.json # write the prune plan (structure only; refitted weights are not in it)
         plan_in: null       # apply a plan written before (no analysis)
 """
 
@@ -35,7 +36,7 @@ import pydantic
 
 from graphprune.analysis.channels import analyze_channels
 from graphprune.analysis.importance import compute_importance
-from graphprune.errors import ConfigError, GraphpruneError
+from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes._channel_plan import build_plan, predicted, select
 from graphprune.passes._channel_surgery import apply_plan
@@ -53,6 +54,7 @@ class ChannelPruneConfig(PassConfig):
     max_group_ratio: float = pydantic.Field(0.9, gt=0.0, le=1.0, description="global: most a group may lose")
     ignore: list[str] = pydantic.Field(default_factory=list)
     ignore_stem: bool = True
+    reconstruct: bool = False
     plan_out: str | None = None
     plan_in: str | None = None
 
@@ -72,6 +74,16 @@ def _calibration(model: ir.Model, ctx) -> list[dict]:
     from graphprune.analysis.inputs import example_inputs
 
     return [example_inputs(model, batch=4, seed=s) for s in range(2)]
+
+
+def _write_plan(cfg: ChannelPruneConfig, plan: dict, info: dict) -> None:
+    if not cfg.plan_out:
+        return
+    try:
+        Path(cfg.plan_out).write_text(json.dumps(plan))
+    except OSError as e:
+        raise ConfigError(f"plan_out: cannot write {cfg.plan_out!r}: {e}") from e
+    info["plan_out"] = cfg.plan_out
 
 
 def _per_node_flops(model: ir.Model) -> dict[str, int] | None:
@@ -97,7 +109,7 @@ class ChannelPrunePass(GraphPass):
             stats = apply_plan(model, plan)
             rewritten = [{"group": g["id"], "kind": g["kind"], "size": g["size"], "kept": g["kept"]} for g in plan["groups"]]
             return GraphResult(model, bool(plan["slices"]), rewritten=rewritten, info={"plan_in": cfg.plan_in, **stats})
-        if cfg.importance == "activation":
+        if cfg.importance == "activation" or cfg.reconstruct:
             calib = _calibration(model, self.context)
         else:
             calib = None
@@ -117,25 +129,30 @@ class ChannelPrunePass(GraphPass):
                 "groups": len(analysis.groups), "prunable_groups": sum(g.prunable for g in analysis.groups)}
         if imp.fallback:
             info["bn_fallback_groups"] = imp.fallback
-        plan = build_plan(analysis, kept, info)
+        plan = build_plan(analysis, kept, dict(info))
         skipped = [{"where": f"group {g.id} ({', '.join(g.describe()['members'][:2])})", "reason": g.reason}
                    for g in analysis.groups if not g.prunable]
         for gid in imp.fallback:
             skipped.append({"where": f"group {gid}", "reason": "no BatchNormalization: scored with l2 instead of bn"})
         rewritten = [{"group": g["id"], "kind": g["kind"], "size": g["size"], "kept": g["kept"],
                       "members": g["members"][:4]} for g in plan["groups"]]
-        if cfg.plan_out:
-            try:
-                Path(cfg.plan_out).write_text(json.dumps(plan))
-            except OSError as e:
-                raise ConfigError(f"plan_out: cannot write {cfg.plan_out!r}: {e}") from e
-            info["plan_out"] = cfg.plan_out
         if not plan["slices"]:
+            _write_plan(cfg, plan, info)
             return GraphResult(model, False, rewritten=[], skipped=skipped, info=info)
-        try:
-            info.update(apply_plan(model, plan))
-        except GraphpruneError:
-            raise
+        if cfg.reconstruct:
+            from graphprune.passes._channel_reconstruct import reconstruct
+
+            with self.context.task("least-squares reconstruction", 1) as step:
+                refit, refit_skipped = reconstruct(model, analysis, kept, calib)
+                step(1)
+            rewritten += [{"refit": r["node"], **r} for r in refit]
+            skipped += refit_skipped
+            info["reconstructed_layers"] = len(refit)
+            if not self.context.calibration:
+                info["reconstruct_note"] = "no calibration inputs: refitted on random example inputs"
+            plan["info"]["reconstructed"] = [r["node"] for r in refit]
+        _write_plan(cfg, plan, info)
+        info.update(apply_plan(model, plan))
         return GraphResult(model, True, rewritten=rewritten, skipped=skipped, info=info)
 
 
