@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.analysis._channel_rules import const_slot
+from graphprune.analysis._channel_layout import const_slot
 from graphprune.analysis.attention import AttentionBlock, const_value
 
 if TYPE_CHECKING:

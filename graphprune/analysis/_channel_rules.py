@@ -12,20 +12,34 @@ Cases
   3. Broadcasting ops (Add, Mul, Where, ...): operands with the full channel count are unioned position by
      position; a constant with the full channel count is a member (bias, layer scale, gate); an operand with
      one channel on that axis couples nothing. An untracked operand with the full channel count blocks.
-  4. Layout: Transpose, Squeeze/Unsqueeze, Reshape/Flatten that keep the channel axis or merge it with the
-     static axes after it (Flatten→Gemm: channel × spatial blocks), Expand/Tile with channel factor 1.
-  5. Channel offsets: Concat (on the channel axis: labels concatenated; on another axis: unioned), Split,
-     Slice (step 1) and Gather on the channel axis with constant sizes/bounds/indices, which are rewritten.
+  4. Concat (on the channel axis: labels concatenated; on another axis: unioned like a broadcast) and Gather
+     on the channel axis with constant indices (rewritten).
+  Layout ops (Transpose, Reshape/Flatten, Squeeze, Split, Slice, Expand, Pad, Resize) are in ``_channel_layout``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
+from graphprune.analysis._channel_layout import (
+    _axes,
+    _dim,
+    _expand_like,
+    _ints,
+    _numel,
+    _pad,
+    _rank,
+    _reshape,
+    _resize,
+    _shape_edit,
+    _slice,
+    _split,
+    _squeeze,
+    _transpose,
+)
 from graphprune.analysis.attention import const_value
 
 if TYPE_CHECKING:
@@ -42,74 +56,6 @@ _POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceProd",
            "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "ArgMax", "ArgMin"}
 _SINKS = {"Shape", "Size"}  # read only sizes, which follow the pruned tensor at run time
-
-
-def _rank(v: ir.Value | None) -> int | None:
-    return len(v.shape) if v is not None and v.shape is not None else None
-
-
-def _dim(v: ir.Value | None, axis: int) -> int | None:
-    if v is None or v.shape is None or not -len(v.shape) <= axis < len(v.shape):
-        return None
-    d = v.shape[axis]
-    return d if isinstance(d, int) else None
-
-
-def _ints(v: ir.Value | None) -> list[int] | None:
-    c = const_value(v)
-    return None if c is None else [int(x) for x in np.asarray(c).ravel()]
-
-
-def _axes(node: ir.Node, index: int, attr: str = "axes") -> list[int] | None:
-    if len(node.inputs) > index and node.inputs[index] is not None:
-        return _ints(node.inputs[index])
-    a = node.attributes.get(attr)
-    return list(a.value) if a is not None else None
-
-
-def _numel(v: ir.Value | None) -> int | None:
-    from graphprune.analysis.channels import static_shape
-
-    s = static_shape(v)
-    return None if s is None else int(math.prod(s))
-
-
-def const_slot(node: ir.Node, index: int, pos: int) -> tuple[ir.Node, int, int] | str:
-    """Where entry ``pos`` of the 1-D shape input ``index`` of ``node`` is stored as a constant, or a reason."""
-    v = node.inputs[index] if len(node.inputs) > index else None
-    if v is None:
-        return "missing shape input"
-    if const_value(v) is not None:
-        return (node, index, pos)
-    p = v.producer()
-    if p is not None and p.op_type == "Concat" and p.domain == "":
-        off = 0
-        for j, piece in enumerate(p.inputs):
-            n = _dim(piece, 0) if _rank(piece) == 1 else (1 if _rank(piece) == 0 else None)
-            if n is None:
-                return f"shape piece {piece.name!r} has unknown length"
-            if off <= pos < off + n:
-                return const_slot(p, j, pos - off)
-            off += n
-    return f"channel count in {v.name!r} is computed by {p.op_type if p else 'a graph input'}, not a constant"
-
-
-def _shape_edit(b: Builder, node: ir.Node, index: int, pos: int, expected: int, lines: np.ndarray) -> None:
-    """Rewrite entry ``pos`` of shape input ``index`` (expected value ``expected``; 0/-1 need no rewrite)."""
-    slot = const_slot(node, index, pos)
-    if isinstance(slot, str):
-        b.block(lines, f"{node.op_type} {node.name!r}: {slot}")
-        return
-    snode, sidx, spos = slot
-    cur = int(np.asarray(const_value(snode.inputs[sidx])).ravel()[spos])
-    if cur in (-1, 0) and node.op_type == "Reshape":
-        return
-    if node.op_type == "Expand" and cur == 1:
-        return
-    if cur != expected:
-        b.block(lines, f"{node.op_type} {node.name!r}: shape entry {cur} is not the channel count {expected}")
-        return
-    b.count_edit(snode, sidx, spos, lines)
 
 
 def _new_space(b: Builder, node: ir.Node, size: int, data: ir.Value | None, kind: str = "channels") -> np.ndarray:
@@ -253,28 +199,6 @@ def _gather_edit(node: ir.Node, atoms: np.ndarray):
     return GatherEdit(node, 1, atoms)
 
 
-def _expand_like(b: Builder, node: ir.Node) -> None:
-    """Expand / Tile of a labeled tensor: the channel factor must stay 1 (Tile) or the size C (Expand)."""
-    lab = b.label(node.inputs[0])
-    r_in, r_out = _rank(node.inputs[0]), _rank(node.outputs[0])
-    if r_in is None or r_out is None:
-        b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown rank")
-        return
-    ax = lab.axis + r_out - r_in
-    if node.op_type == "Tile":
-        reps = _ints(node.inputs[1])
-        if reps is None or reps[lab.axis] != 1:
-            b.block(lab.atoms, f"Tile {node.name!r} repeats channels")
-            return
-    else:
-        length = _dim(node.inputs[1], 0)
-        if length is None or ax - (r_out - length) < 0:
-            b.block(lab.atoms, f"Expand {node.name!r}: unknown target length")
-            return
-        _shape_edit(b, node, 1, ax - (r_out - length), len(lab.atoms), lab.atoms)
-    b.set_label(node.outputs[0], ax, lab.atoms)
-
-
 def _const_member(b: Builder, node: ir.Node, index: int, axis_from_end: int, atoms: np.ndarray) -> str | None:
     """An untracked operand with the full channel count: a constant (maybe Expand/Cast of one) becomes a member."""
     v = node.inputs[index]
@@ -363,125 +287,6 @@ def _concat(b: Builder, node: ir.Node) -> None:
     _broadcast(b, node)  # same channels in every input, joined on another axis
 
 
-def _split(b: Builder, node: ir.Node) -> None:
-    lab = b.label(node.inputs[0])
-    r = _rank(node.inputs[0])
-    axis = node.attributes.get_int("axis", 0) % r
-    if axis != lab.axis:
-        for o in node.outputs:
-            b.set_label(o, lab.axis, lab.atoms)
-        return
-    sizes = _ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-    if sizes is None:
-        b.block(lab.atoms, f"Split {node.name!r} on the channel axis without constant sizes")
-        return
-    off = 0
-    for k, (o, s) in enumerate(zip(node.outputs, sizes, strict=True)):
-        piece = lab.atoms[off: off + s]
-        b.count_edit(node, 1, k, piece)
-        b.set_label(o, axis, piece)
-        off += s
-
-
-def _slice(b: Builder, node: ir.Node) -> None:
-    lab = b.label(node.inputs[0])
-    r = _rank(node.inputs[0])
-    starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
-    axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(len(starts or [])))
-    steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(axes or [])
-    if None in (starts, ends, axes, steps) or r is None:
-        b.block(lab.atoms, f"Slice {node.name!r} with computed bounds")
-        return
-    axes = [a % r for a in axes]
-    if lab.axis not in axes:
-        b.set_label(node.outputs[0], lab.axis, lab.atoms)
-        return
-    k = axes.index(lab.axis)
-    n = len(lab.atoms)
-    if steps[k] != 1:
-        b.block(lab.atoms, f"Slice {node.name!r} strides over channels")
-        return
-    s, e = (min(max(x + n if x < 0 else x, 0), n) for x in (starts[k], ends[k]))
-    if s > 0:
-        b.count_edit(node, 1, k, lab.atoms[:s])
-    if e < n:
-        b.count_edit(node, 2, k, lab.atoms[:e])
-    b.set_label(node.outputs[0], lab.axis, lab.atoms[s:e])
-
-
-def _dims(v: ir.Value) -> list | None:
-    return None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape]
-
-
-def _prod(dims: list) -> tuple[int, tuple]:
-    p, syms = 1, []
-    for d in dims:
-        if isinstance(d, int):
-            p *= d
-        else:
-            syms.append(d)
-    return p, tuple(sorted(syms))
-
-
-def _reshape(b: Builder, node: ir.Node) -> None:
-    lab = b.label(node.inputs[0])
-    src, dst = _dims(node.inputs[0]), _dims(node.outputs[0])
-    if src is None or dst is None:
-        b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown shapes")
-        return
-    a, c = lab.axis, len(lab.atoms)
-    inner, inner_syms = _prod(src[a + 1:])
-    before = _prod(src[:a])
-    for j in range(len(dst)):
-        if _prod(dst[:j]) != before or not isinstance(dst[j], int):
-            continue
-        tail = _prod(dst[j + 1:])
-        if inner_syms:
-            break
-        if dst[j] == c and tail == (inner, ()):
-            atoms = lab.atoms
-        elif dst[j] == c * inner and tail == (1, ()):
-            atoms = np.repeat(lab.atoms, inner)  # channel-major flatten: channel × spatial blocks
-        else:
-            continue
-        if node.op_type == "Reshape":
-            _shape_edit(b, node, 1, j, dst[j], atoms)
-        elif node.op_type == "Flatten" and not (node.attributes.get_int("axis", 1) % len(src) <= a and j == 1):
-            break
-        b.set_label(node.outputs[0], j, atoms)
-        return
-    b.block(lab.atoms, f"{node.op_type} {node.name!r} mixes the channel axis with other axes")
-
-
-def _transpose(b: Builder, node: ir.Node) -> None:
-    lab = b.label(node.inputs[0])
-    r = _rank(node.inputs[0])
-    perm = list(node.attributes.get_ints("perm", list(range(r - 1, -1, -1)) if r else []))
-    b.set_label(node.outputs[0], perm.index(lab.axis), lab.atoms)
-
-
-def _squeeze(b: Builder, node: ir.Node) -> None:
-    lab = b.label(node.inputs[0])
-    r_in, r_out = _rank(node.inputs[0]), _rank(node.outputs[0])
-    axes = _axes(node, 1)
-    if r_in is None or r_out is None or (axes is None and node.op_type == "Unsqueeze"):
-        b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown axes")
-        return
-    if node.op_type == "Squeeze":
-        if axes is None:
-            axes = [i for i in range(r_in) if _dim(node.inputs[0], i) == 1]
-        axes = [x % r_in for x in axes]
-        if lab.axis in axes:
-            b.block(lab.atoms, f"Squeeze {node.name!r} removes the channel axis")
-            return
-        new = lab.axis - sum(1 for x in axes if x < lab.axis)
-    else:
-        axes = sorted(x % r_out for x in axes)
-        kept = [i for i in range(r_out) if i not in axes]
-        new = kept[lab.axis]
-    b.set_label(node.outputs[0], new, lab.atoms)
-
-
 def _norm(b: Builder, node: ir.Node) -> None:
     x = node.inputs[0]
     lab = b.label(x)
@@ -551,37 +356,6 @@ def _axis_op(b: Builder, node: ir.Node) -> None:
         return
     new = lab.axis if keep else lab.axis - sum(1 for x in axes if x < lab.axis)
     b.set_label(node.outputs[0], new, lab.atoms)
-
-
-def _pad(b: Builder, node: ir.Node) -> None:
-    lab = b.label(node.inputs[0])
-    r = _rank(node.inputs[0])
-    pads = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
-    axes = _axes(node, 3) or list(range(r))
-    axes = [x % r for x in axes]
-    if pads is None:
-        b.block(lab.atoms, f"Pad {node.name!r} with computed pads")
-        return
-    if lab.axis in axes:
-        k = axes.index(lab.axis)
-        if pads[k] or pads[k + len(axes)]:
-            b.block(lab.atoms, f"Pad {node.name!r} pads channels")
-            return
-    b.set_label(node.outputs[0], lab.axis, lab.atoms)
-
-
-def _resize(b: Builder, node: ir.Node) -> None:
-    lab = b.label(node.inputs[0])
-    scales = _ints(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    sc = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-    if sc is not None and sc.size and float(np.asarray(sc).ravel()[lab.axis]) == 1.0:
-        b.set_label(node.outputs[0], lab.axis, lab.atoms)
-        return
-    if len(node.inputs) > 3 and node.inputs[3] is not None and scales is None:
-        _shape_edit(b, node, 3, lab.axis, len(lab.atoms), lab.atoms)
-        b.set_label(node.outputs[0], lab.axis, lab.atoms)
-        return
-    b.block(lab.atoms, f"Resize {node.name!r} scales channels")
 
 
 _PRODUCERS = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul, "Gather": _gather}

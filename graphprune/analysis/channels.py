@@ -28,7 +28,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.analysis import _channel_rules, _attention_heads
+from graphprune.analysis import _attention_heads, _channel_rules
 from graphprune.analysis.attention import const_value, find_attention_blocks
 
 

@@ -76,6 +76,11 @@ def _write(graph: ir.Graph, node: ir.Node, index: int, arr: np.ndarray) -> None:
     node.replace_input_with(index, nv)
 
 
+def _rel_err(s: np.ndarray, txx: float, atxw: np.ndarray, ata: np.ndarray) -> float:
+    """‖A·s − X·W‖² / ‖X·W‖² from Gram blocks."""
+    return float((txx - 2 * np.trace(s.T @ atxw) + np.trace(s.T @ ata @ s)) / max(txx, 1e-30))
+
+
 def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, feeds: list[dict]) -> tuple[list, list]:
     """Refit the consumers of pruned channels in place (before surgery). Returns (rewritten, skipped) records."""
     kr = kept[analysis.root]
@@ -117,11 +122,7 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
         txx = np.trace(w64.T @ g[:k, :k] @ w64)
         base = np.zeros_like(sol)
         base[: len(p)] = w64[p]
-
-        def err(s):
-            return (txx - 2 * np.trace(s.T @ atx @ w64) + np.trace(s.T @ ata @ s)) / max(txx, 1e-30)
-
-        before, after = err(base), err(sol)
+        before, after = (_rel_err(s, txx, atx @ w64, ata) for s in (base, sol))
         if after >= before:
             skipped.append({"where": m.node.name, "reason": "reconstruct: refit did not lower the error"})
             continue
