@@ -178,3 +178,13 @@ def test_reconstruct_lowers_output_error(exported, name, tmp_path):
             assert result.info["reconstructed_layers"] > 0
             assert all(r["rel_err_after"] < r["rel_err_before"] for r in result.rewritten if "refit" in r)
     assert errs[True] < 0.8 * errs[False], errs
+
+
+def test_unnamed_nodes_get_names(exported, tmp_path):
+    model = ir.load(exported("resnet"))
+    for node in model.graph:
+        node.name = ""
+    result = get_pass("channel_prune")({"ratio": 0.3})(model)
+    assert result.modified
+    feeds = example_inputs(model, batch=2)
+    assert zoo.run(model, feeds, tmp_path)[0].shape == (2, 10)

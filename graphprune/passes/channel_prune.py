@@ -76,6 +76,17 @@ def _calibration(model: ir.Model, ctx) -> list[dict]:
     return [example_inputs(model, batch=4, seed=s) for s in range(2)]
 
 
+def _ensure_names(model: ir.Model) -> None:
+    """The plan addresses nodes and values by name: give unnamed or clashing ones unique names (deterministic,
+    so a plan written for a model replays on the same model)."""
+    names = [n.name for n in model.graph]
+    if all(names) and len(set(names)) == len(names) and all(o.name for n in model.graph for o in n.outputs):
+        return
+    from onnx_ir.passes.common import NameFixPass
+
+    NameFixPass()(model)
+
+
 def _write_plan(cfg: ChannelPruneConfig, plan: dict, info: dict) -> None:
     if not cfg.plan_out:
         return
@@ -104,6 +115,7 @@ class ChannelPrunePass(GraphPass):
 
     def call(self, model: ir.Model) -> GraphResult:
         cfg: ChannelPruneConfig = self.config
+        _ensure_names(model)
         if cfg.plan_in:
             plan = _read_plan(cfg.plan_in)
             stats = apply_plan(model, plan)
