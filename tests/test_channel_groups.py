@@ -138,3 +138,42 @@ def test_ignore_by_name(folder):
     groups = analyze_channels(model, ignore=["blocks.1.attn.qkv.bias"]).groups
     g = _group_with(groups, "blocks.1.attn.qkv.bias")[0]
     assert not g.prunable and "ignored by config" in g.reason
+
+
+class GQA(nn.Module):
+    """8 query heads over 2 key/value heads (head dim 8), k/v repeated (opset 18) or SDPA enable_gqa (opset 23)."""
+
+    def __init__(self, sdpa: bool) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(32, 64), nn.Linear(32, 16), nn.Linear(32, 16), nn.Linear(64, 32)
+        self.sdpa = sdpa
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).reshape(b, n, 8, 8).transpose(1, 2)
+        k = self.k(x).reshape(b, n, 2, 8).transpose(1, 2)
+        v = self.v(x).reshape(b, n, 2, 8).transpose(1, 2)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            k, v = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+            y = (q @ k.transpose(-2, -1) * 8**-0.5).softmax(-1) @ v
+        return x + self.o(y.transpose(1, 2).reshape(b, n, 64))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_grouped_query_attention_keeps_kv_groups(folder, sdpa):
+    torch.manual_seed(0)
+    module = GQA(sdpa).eval()
+    x = torch.randn(1, 10, 32)
+    path = zoo.models.export_model(module, (x,), folder / f"gqa{int(sdpa)}.onnx", opset=23 if sdpa else 18)
+    model = ir.load(path)
+    heads = [g for g in analyze_channels(model, ignore_stem=False).groups if g.kind == "heads"]
+    if not heads or not heads[0].prunable:
+        pytest.fail(f"GQA heads not found/prunable: {[g.describe() for g in analyze_channels(model).groups]}")
+    assert heads[0].size == 2  # one class per kv group: 4 query heads + 1 k head + 1 v head
+    get_pass("channel_prune")({"ratio": 0.5, "ignore_stem": False, "round_to": 1})(model)
+    q_w = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    assert sorted(n.inputs[1].shape[1] for n in q_w)[:3] == [8, 8, 32]  # k, v: 1 kv head; q: 4 heads
+    out = zoo.run(model, {"x": np.random.default_rng(0).standard_normal((3, 10, 32)).astype(np.float32)}, folder, "gqa")
+    assert out[0].shape == (3, 10, 32)
