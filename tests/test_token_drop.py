@@ -279,3 +279,12 @@ def test_pipeline_yaml_error_names_key():
 
     with pytest.raises(ConfigError, match="keep_ratio"):
         Pipeline.from_dict({"passes": [{"name": "token_drop", "keep_ratio": 2}]})
+
+
+def test_output_shapes_survive_token_count_equal_to_classes(vit18):
+    """17→13→10→8 tokens with 10 classes: shapes are re-inferred, never patched by value."""
+    model, result = _apply(vit18, {"keep_ratio": 0.7})
+    assert [r["tokens_after"] for r in result.rewritten] == [13, 10, 8]
+    assert list(model.graph.outputs[0].shape)[1] == 10
+    out = run(model, {"x": _images(3)})[0]
+    assert out.shape == (3, 10)

@@ -2,17 +2,17 @@
 
 ``splice(graph, stream, nodes, reduced)``: every user of ``stream`` (except the new nodes) reads ``reduced``.
 
-``plan_retarget(graph, start, n_old, n_new)`` then ``.apply()`` and ``update_shapes``: nodes downstream of ``start`` that hard-code the token count get
+``plan_retarget(graph, start, n_old, n_new)`` then ``.apply()`` and ``clear_shapes``: nodes downstream of ``start`` that hard-code the token count get
 their own copy of the constant with ``n_old`` replaced by ``n_new``:
   1. ``Reshape`` / ``Expand`` shape from an initializer or ``Constant`` (dynamo writes ``[-1, N, 3, H, D]``);
   2. the same shape built by ``Concat`` of ``Shape`` slices and constants (the Concat is cloned per user);
   3. ``Slice`` ``ends`` equal to ``n_old`` (positional slices ``x[:, a:N]``).
-Shared constants are never mutated (the exporter deduplicates them across blocks). Value shapes downstream
-have ``n_old`` dims replaced by ``n_new``.
+Shared constants are never mutated (the exporter deduplicates them across blocks).
 
 Refusals (:class:`UnsupportedPatternError`, nothing changed yet): a shape target downstream that is neither
 constant nor computed from downstream values; ``n_old`` appearing in a target more than once where it cannot
 be told apart from a model dimension (``n_old`` equal to a weight dimension).
+Value shapes downstream are cleared; the pass re-runs shape inference once at the end.
 """
 
 from __future__ import annotations
@@ -190,14 +190,14 @@ def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int) -> _
     return rt
 
 
-def update_shapes(start: ir.Value, n_old: int, n_new: int) -> None:
-    """Replace ``n_old`` dims by ``n_new`` in the static shapes of values downstream of ``start``."""
-    if n_old == n_new:
-        return
+def clear_shapes(start: ir.Value) -> None:
+    """Forget the static shapes of values downstream of ``start`` (the caller re-runs shape inference).
+
+    Shapes are not patched by value: a token count can equal another dimension (10 tokens, 10 classes).
+    """
     for node in downstream_nodes(start):
         for out in node.outputs:
-            if out.shape is not None and any(d == n_old for d in out.shape):
-                out.shape = ir.Shape([n_new if d == n_old else d for d in out.shape])
+            out.shape = None
 
 
 def detach(nodes: Iterable[ir.Node]) -> None:

@@ -32,6 +32,7 @@ import onnx_ir as ir
 import pydantic
 
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
+from graphprune.analysis.shapes import infer_shapes
 from graphprune.errors import ConfigError, UnsupportedPatternError
 from graphprune.ops import add_function, diversity_select, token_merge, token_select
 from graphprune.ops._token_body import Body
@@ -84,6 +85,13 @@ class TokenDropConfig(PassConfig):
     def _protect(cls, v: int | None) -> int | None:
         if v is not None and v < 0:
             raise ValueError(f"protect must be ≥ 0, got {v}")
+        return v
+
+    @pydantic.field_validator("query")
+    @classmethod
+    def _query(cls, v):
+        if isinstance(v, tuple) and not 0 <= v[0] < v[1]:
+            raise ValueError(f"query rows [start, stop) need 0 ≤ start < stop, got {list(v)}")
         return v
 
     @pydantic.field_validator("schedule")
@@ -171,9 +179,12 @@ class TokenDropPass(GraphPass):
         if n_cur is None:
             result.skipped.append({"where": "model", "reason": "token count is not static; cannot retarget reshapes"})
             return result
+        out_shapes = {o: o.shape for o in model.graph.outputs}
+        per_token = [o.name for o in model.graph.outputs if o.shape is not None and len(o.shape) == 3
+                     and o.shape[1] == n_cur]
         size: ir.Value | None = None
-        bias_sites: dict[int, tuple[ir.Node, int]] = {}
-        mask_map: dict[int, ir.Value] = {}  # id(original mask) -> its gathered replacement so far  # block -> (node, input) holding its log-size bias
+        bias_sites: dict[int, tuple[ir.Node, int]] = {}  # block -> (node, input) holding its log-size bias
+        mask_map: dict[int, ir.Value] = {}  # id(original mask) -> its gathered replacement so far
         with self.context.task("token_drop", len(layers)) as step:
             for j, layer in enumerate(layers):
                 blk = blocks[layer]
@@ -195,9 +206,15 @@ class TokenDropPass(GraphPass):
                 step(1)
         if result.modified:
             model.graph.sort()
-            outs = [o.name for o in model.graph.outputs if o.shape is not None and len(o.shape) >= 2 and n_cur in list(o.shape)[1:2]]
-            if outs:
-                info["per_token_outputs"] = outs  # their token axis shrank: part of the contract, reported
+            infer_shapes(model)
+            for out, shape in out_shapes.items():  # keep the declared output shapes (symbolic batch names)
+                if shape is not None:
+                    dims = list(shape)
+                    if out.name in per_token:
+                        dims[1] = n_cur
+                    out.shape = ir.Shape(dims)
+            if per_token:  # per-token outputs now carry the reduced tokens: reported, part of the contract
+                info["per_token_outputs"] = per_token
         return result
 
     def _later_masks(self, blocks: list[AttentionBlock], blk: AttentionBlock) -> list[AttentionBlock]:
@@ -265,11 +282,9 @@ class TokenDropPass(GraphPass):
             kw = dict(k=k, protect=protect, keep_order=cfg.keep_order, fuse_rest=cfg.fuse_rest)
             node = token_select.make_node(stream, score, name=f"token_select_{blk.index}", **kw)
             function = token_select.make_function(**kw)
-        _name_outputs(node, f"token_select_{blk.index}", stream, n_new)
+        _name_outputs(node, f"token_select_{blk.index}", stream)
         node.outputs[1].type = ir.TensorType(ir.DataType.INT64)
-        if stream.shape is not None:
-            node.outputs[1].shape = ir.Shape([stream.shape[0], protect + k])
-        self._commit(model, stream, [*t.nodes, node], node.outputs[0], anchor, plan, n_cur, n_new)
+        self._commit(model, stream, [*t.nodes, node], node.outputs[0], anchor, plan)
         self._gather_masks(model.graph, masked, node, node.outputs[1], mask_map)
         add_function(model, function)
         return n_new, note
@@ -291,16 +306,14 @@ class TokenDropPass(GraphPass):
             rewire.detach(t.nodes)
             raise
         node = token_merge.make_node(stream, metric, size, r=r, protect=protect, n=n_cur, name=f"token_merge_{blk.index}")
-        _name_outputs(node, f"token_merge_{blk.index}", stream, n_new)
+        _name_outputs(node, f"token_merge_{blk.index}", stream)
         s_out = node.outputs[1]
         s_out.type = stream.type
-        if stream.shape is not None:
-            s_out.shape = ir.Shape([stream.shape[0], n_new, 1])
         # proportional attention in the following blocks: + log(size) on the key axis, [B, 1, 1, N]
         t2 = Body()
         bias = t2.op("Unsqueeze", [t2.op("Log", [t2.op("Transpose", [s_out], {"perm": [0, 2, 1]})]), t2.ints(1)])
         bias.name = f"token_merge_{blk.index}_logsize"
-        self._commit(model, stream, [*t.nodes, node, *t2.nodes], node.outputs[0], anchor, plan, n_cur, n_new)
+        self._commit(model, stream, [*t.nodes, node, *t2.nodes], node.outputs[0], anchor, plan)
         idx = node.outputs[2]
         idx.name, idx.type = f"token_merge_{blk.index}_indices", ir.TensorType(ir.DataType.INT64)
         self._gather_masks(model.graph, masked, node, idx, mask_map)
@@ -314,25 +327,16 @@ class TokenDropPass(GraphPass):
         return n_new, s_out, None
 
     @staticmethod
-    def _commit(model, stream, nodes, reduced, anchor, plan, n_cur, n_new) -> None:
+    def _commit(model, stream, nodes, reduced, anchor, plan) -> None:
         rewire.splice(model.graph, stream, nodes, reduced, anchor)
         plan.apply()
-        rewire.update_shapes(reduced, n_cur, n_new)
+        rewire.clear_shapes(reduced)
 
 
-def _shape_like(stream: ir.Value, n: int) -> ir.Shape | None:
-    if stream.shape is None:
-        return None
-    dims = list(stream.shape)
-    dims[1] = n
-    return ir.Shape(dims)
-
-
-def _name_outputs(node: ir.Node, base: str, stream: ir.Value, n_new: int) -> None:
+def _name_outputs(node: ir.Node, base: str, stream: ir.Value) -> None:
     node.outputs[0].name = f"{base}_tokens"
     node.outputs[1].name = f"{base}_aux"
-    node.outputs[0].type = stream.type
-    node.outputs[0].shape = _shape_like(stream, n_new)
+    node.outputs[0].type = stream.type  # shapes come from shape inference at the end of the pass
 
 
 def _check_logit_bias(blk: AttentionBlock) -> None:
