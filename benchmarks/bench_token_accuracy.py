@@ -28,6 +28,7 @@ CONFIGS = [
     ("cls_attention", {"method": "cls_attention"}, "keep_ratio", [0.9, 0.7, 0.5]),
     ("cls_attention+fuse", {"method": "cls_attention", "fuse_rest": True}, "keep_ratio", [0.7, 0.5]),
     ("attention_graph", {"method": "attention_graph"}, "keep_ratio", [0.9, 0.7, 0.5]),
+    ("diversity", {"method": "diversity"}, "keep_ratio", [0.7, 0.5]),
     ("tome (every block)", {"method": "tome"}, "r", [4, 6, 8, 12]),
     ("tome (blocks 1,3)", {"method": "tome", "layers": [1, 3]}, "r", [16, 24]),
     ("cls_attention budget", {"method": "cls_attention", "layers": [1, 2, 3]}, "schedule", [{"flops": 0.7}, {"flops": 0.55}]),
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
     a = p.parse_args(argv)
     path = digits.get_vit()
     _, _, x_test, y_test = digits.load_split()
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     feeds = {b: {"x": x_test[rng.choice(len(x_test), b, replace=False)]} for b in (64, 1)}
     print(f"digits ViT: base top-1 {100 * base_acc:.2f}% ({len(y_test)} test images)", flush=True)
     rows = []
-    for name, cfg, key, levels in CONFIGS:
+    configs = [c for c in CONFIGS if not a.methods or c[1]["method"] in a.methods.split(",")]
+    for name, cfg, key, levels in configs:
         for level in levels:
             model = ir.load(str(path))
             result = get_pass("token_drop")(dict(cfg, **{key: level}))(model)

@@ -34,6 +34,7 @@ CONFIGS = [
     ("cls_attention+fuse", {"method": "cls_attention", "layers": LAYERS, "fuse_rest": True}, "keep_ratio", [0.7]),
     ("attention_graph", {"method": "attention_graph", "layers": LAYERS}, "keep_ratio", [0.9, 0.7, 0.5]),
     ("tome (every block)", {"method": "tome"}, "r", [4, 8, 12]),
+    ("diversity", {"method": "diversity", "layers": LAYERS}, "keep_ratio", [0.7]),
 ]
 
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=8)
     p.add_argument("--opsets", default="18,23", help="18: MatMul/Softmax attention; 23: fused Attention op")
     p.add_argument("--quick", action="store_true", help="only cls_attention keep 0.7 (the efficiency target)")
+    p.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     feeds = {"x": np.random.default_rng(0).standard_normal((a.batch, 3, 224, 224)).astype(np.float32)}
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         configs = [CONFIGS[0][:3] + ([0.7],)] if a.quick else CONFIGS
         if opset != 18 and not a.quick:  # the fused-op rows: the recompute paths only
             configs = [c for c in CONFIGS if c[0] in ("cls_attention", "attention_graph")]
-            configs = [(n, c, k, [0.7]) for n, c, k, _ in configs] + [CONFIGS[-1][:3] + ([8],)]
+            configs = [(n, c, k, [0.7]) for n, c, k, _ in configs] + [CONFIGS[3][:3] + ([8],)]
+        if a.methods:
+            configs = [c for c in configs if c[1]["method"] in a.methods.split(",")]
         for name, cfg, key, levels in configs:
             for level in levels:
                 model = ir.load(str(path))
