@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             acc = digits.evaluate(model, x_test, y_test)
             fr = count_flops(model, batch=1).flops / base_flops
             lat = {b: latency_ratio(base_sess, model, feeds[b], a.reps, a.runs if b == 64 else 3 * a.runs) for b in feeds}
-            tokens = "→".join(str(r["tokens_after"]) for r in result.rewritten)
+            after = [str(r["tokens_after"]) for r in result.rewritten]
+            tokens = "→".join(after) if len(after) <= 4 else f"{after[0]}→…→{after[-1]} ({len(after)} layers)"
             label = f"flops≤{level['flops']}" if isinstance(level, dict) else f"{key}={level}"
             row = {"method": name, "level": label, "layers": [r["layer"] for r in result.rewritten], "tokens": tokens,
                    "top1": acc, "delta_pts": 100 * (acc - base_acc), "flops_ratio": fr,

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
                 fr = count_flops(model, batch=a.batch).flops / base_flops
                 lat, base_ms = measure(base_sess, model, feeds, a.reps, a.runs)
                 eff = (1 / lat) / (1 / fr)
-                tokens = "→".join(str(r["tokens_after"]) for r in result.rewritten)
+                after = [str(r["tokens_after"]) for r in result.rewritten]
+                tokens = "→".join(after) if len(after) <= 4 else f"{after[0]}→…→{after[-1]} ({len(after)} layers)"
                 rows.append({"opset": opset, "method": name, key: level, "tokens": tokens, "flops_ratio": fr,
                              "latency_ratio": lat, "speedup": 1 / lat, "efficiency": eff, "base_ms": base_ms,
                              "pass_s": t_pass, "level": f"{key}={level}"})
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| opset | method | level | tokens after each reduction | FLOPs ratio | latency ratio | speedup | efficiency |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['opset']} | {r['method']} | {r['level']} | {r['tokens'] if len(r['tokens']) < 40 else r['tokens'][:37] + '...'} "
+        print(f"| {r['opset']} | {r['method']} | {r['level']} | {r['tokens']} "
               f"| {r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} | {r['speedup']:.2f}x | {r['efficiency']:.2f} |")
     (OUT / "bench_token_drop.json").write_text(json.dumps(rows, indent=1))
 
