@@ -172,7 +172,7 @@ def test_body_cost_follows_pattern():
         assert dense / executed > 5, (pattern, dense / executed)
         fn = sa.make_function(attrs)
         ops = [nd.op_type for nd in fn]
-        assert "Gather" in ops and ops.count("Softmax") == 1
+        assert "Gather" in ops and 1 <= ops.count("Softmax") <= 6  # one per run of blocks sharing a bias
         if pattern == "block_topk":
             assert "TopK" in ops
         q = ir.Value(name="q", shape=ir.Shape([1, 8, n, 64]))

@@ -51,6 +51,8 @@ def test_vit_exact_window_matches_and_core_is_gone(export, opset):
     if opset == 18:  # the kᵀ Transposes and the q·kᵀ / ·v MatMuls went with the core
         assert ops.count("MatMul") == _ops(base).count("MatMul") - 2 * n_blocks
         assert ops.count("Transpose") <= _ops(base).count("Transpose") - n_blocks
+    unused = [name for name, val in model.graph.initializers.items() if not val.uses()]
+    assert not unused  # the scale constants went with the core
     assert [r["block"] for r in result.rewritten] == [0, 1, 2, 3] and not result.skipped
     assert all(r["params"]["num_global"] == 1 for r in result.rewritten)  # CLS from the prefix analysis
     feeds = example_inputs(base, batch=2)

@@ -84,23 +84,12 @@ def gathered_body(plan: GatheredPlan, scale: float, bias_kind: str, inputs: list
         qb = body.op("Reshape", [body.pad_tokens(qr, nb * bq - nr), body.ints(0, 0, nb, bq, -1)])
     else:
         qb = body.op("Gather", [qr, body.const(plan.q_idx)], {"axis": 2})
-    kv_idx = body.const(plan.kv_idx)
-    kb = body.op("Gather", [k, kv_idx], {"axis": 2})
-    vb = body.op("Gather", [v, kv_idx], {"axis": 2})
-    scores = body.op("MatMul", [qb, body.t_last(kb, 5)])
-    sb = body.const(plan.sbias)
     fb = _floor(body, bias) if bias is not None else None
-    if bias_kind == "key":  # [Bb, Hb, 1, N] → gather the block's keys → [Bb, Hb, nb, 1, L]
-        ub = body.op("Gather", [fb, kv_idx], {"axis": 3})
-        ub = body.op("Reshape", [ub, body.lead_shape(fb, nb, 1, plan.kv_len)])
-        sb = body.op("Add", [ub, sb])
-    elif bias_kind == "full":  # [Bb, Hb, N, N] → flat gather of (query, key) pairs → [Bb, Hb, nb, bq, L]
-        q_abs = np.minimum(plan.q_idx + g, n - 1)
-        flat = q_abs[:, :, None] * n + plan.kv_idx[:, None, :]
-        fl = body.op("Reshape", [fb, body.lead_shape(fb, n * n)])
-        sb = body.op("Add", [body.op("Gather", [fl, body.const(flat)], {"axis": 2}), sb])
-    probs = body.op("Softmax", [body.op("Add", [scores, sb])], {"axis": -1})
-    ob = body.op("MatMul", [probs, vb])
+    outs = []
+    for start, end, shared in plan.runs:
+        qrun = qb if len(plan.runs) == 1 else body.slice(qb, start, end, 2)
+        outs.append(_gathered_run(body, plan, start, end, shared, qrun, k, v, fb, bias_kind))
+    ob = outs[0] if len(outs) == 1 else body.op("Concat", outs, {"axis": 2})
     of = body.op("Reshape", [ob, body.ints(0, 0, nb * bq, -1)])
     if plan.q_contiguous:
         out = body.slice(of, 0, nr, 2) if nb * bq != nr else of
@@ -117,6 +106,29 @@ def gathered_body(plan: GatheredPlan, scale: float, bias_kind: str, inputs: list
         og = body.op("MatMul", [body.op("Softmax", [sg], {"axis": -1}), v])
         out = body.op("Concat", [og, out], {"axis": 2})
     return body, out
+
+
+def _gathered_run(body: _Body, plan: GatheredPlan, start: int, end: int, shared: bool, qb: ir.Value, k: ir.Value,
+                  v: ir.Value, fb: ir.Value | None, bias_kind: str) -> ir.Value:
+    """Attention of query blocks ``start:end``: [B, H, end - start, bq, Dv]."""
+    n, g, nr_blocks, L = plan.seq_len, plan.num_global, end - start, plan.kv_len
+    kv = plan.kv_idx[start:end]
+    kv_idx = body.const(kv)
+    kb = body.op("Gather", [k, kv_idx], {"axis": 2})
+    vb = body.op("Gather", [v, kv_idx], {"axis": 2})
+    scores = body.op("MatMul", [qb, body.t_last(kb, 5)])
+    sb = body.const(plan.shared_bias[None] if shared else plan.sbias[start:end])
+    if bias_kind == "key":  # [Bb, Hb, 1, N] → gather the blocks' keys → [Bb, Hb, blocks, 1, L]
+        ub = body.op("Gather", [fb, kv_idx], {"axis": 3})
+        ub = body.op("Reshape", [ub, body.lead_shape(fb, nr_blocks, 1, L)])
+        sb = body.op("Add", [ub, sb])
+    elif bias_kind == "full":  # [Bb, Hb, N, N] → flat gather of (query, key) pairs → [Bb, Hb, blocks, bq, L]
+        q_abs = np.minimum(plan.q_idx[start:end] + g, n - 1)
+        flat = q_abs[:, :, None] * n + kv[:, None, :]
+        fl = body.op("Reshape", [fb, body.lead_shape(fb, n * n)])
+        sb = body.op("Add", [body.op("Gather", [fl, body.const(flat)], {"axis": 2}), sb])
+    probs = body.op("Softmax", [body.op("Add", [scores, sb])], {"axis": -1})
+    return body.op("MatMul", [probs, vb])
 
 
 def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarray | None, layout: bool,

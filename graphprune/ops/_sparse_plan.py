@@ -42,6 +42,10 @@ class GatheredPlan:
     kv_idx: np.ndarray  # [nb, L] absolute key positions (columns that duplicate a global key are masked)
     sbias: np.ndarray  # [nb, bq, L] 0 / -inf
     causal: bool
+    # Consecutive blocks (start, end, shared): blocks of a ``shared`` run all have the bias ``shared_bias``
+    # [bq, L], so the body adds one small cache-resident tensor instead of their slice of ``sbias``.
+    runs: tuple[tuple[int, int, bool], ...] = ()
+    shared_bias: np.ndarray | None = None
 
     @property
     def kv_len(self) -> int:
@@ -66,12 +70,44 @@ def _finish(seq_len, g, q_idx, q_valid, kv_idx, allowed, causal, contiguous) -> 
     allowed[:, :, :g] = True if not causal else allowed[:, :, :g]
     allowed |= ~q_valid[:, :, None]  # pad query rows: anything finite, the rows are dropped
     sbias = np.where(allowed, np.float32(0), NEG_INF).astype(np.float32)
+    q_idx, q_valid, kv_idx, sbias, runs, shared = _share_bias(q_idx, q_valid, kv_idx, sbias, contiguous)
     out_idx = np.empty(seq_len - g, dtype=np.int64)
     flat_q = q_idx.reshape(-1)
     flat_valid = q_valid.reshape(-1)
     out_idx[flat_q[flat_valid]] = np.nonzero(flat_valid)[0]
     return GatheredPlan(seq_len, g, nb, bq, contiguous, q_idx.astype(np.int64), out_idx,
-                        kv_idx.astype(np.int64), sbias, causal)
+                        kv_idx.astype(np.int64), sbias, causal, runs, shared)
+
+
+MAX_RUNS = 6
+
+
+def _share_bias(q_idx, q_valid, kv_idx, sbias, contiguous):
+    """Find the most common block bias; order blocks (gathered queries only) so its blocks are consecutive.
+
+    Adding a [nb, bq, L] bias to the [B, H, nb, bq, L] scores is memory-bound (the bias is re-read per head);
+    interior blocks of a window pattern share one bias, which then stays in cache.
+    """
+    nb = sbias.shape[0]
+    keys = [hash(sbias[t].tobytes()) for t in range(nb)]
+    counts: dict[int, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    best = max(counts, key=counts.get)
+    if counts[best] < 2:
+        return q_idx, q_valid, kv_idx, sbias, ((0, nb, False),), None
+    shared = np.array([key == best for key in keys])
+    if not contiguous:  # queries are gathered anyway: put the shared blocks first
+        order = np.argsort(~shared, kind="stable")
+        q_idx, q_valid, kv_idx, sbias, shared = q_idx[order], q_valid[order], kv_idx[order], sbias[order], shared[order]
+    runs, start = [], 0
+    for t in range(1, nb + 1):
+        if t == nb or shared[t] != shared[start]:
+            runs.append((start, t, bool(shared[start])))
+            start = t
+    if len(runs) > MAX_RUNS:
+        return q_idx, q_valid, kv_idx, sbias, ((0, nb, False),), None
+    return q_idx, q_valid, kv_idx, sbias, tuple(runs), sbias[int(np.argmax(shared))].copy()
 
 
 def sliding_window_plan(seq_len: int, window: int, causal: bool, num_global: int, block: int) -> GatheredPlan:

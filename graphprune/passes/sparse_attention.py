@@ -317,6 +317,9 @@ class _Rewriter:
         inputs = [x for nd in blk.nodes for x in nd.inputs if x is not None]
         self.graph.remove(blk.nodes, safe=True)
         self._remove_dead([x.producer() for x in inputs])
+        for x in inputs:  # constants only the core used (the scale): drop, unless still used or a graph input
+            if x.is_initializer() and not x.uses() and not x.is_graph_input() and not x.is_graph_output():
+                self.graph.initializers.pop(x.name, None)
 
     def _remove_dead(self, nodes: list[ir.Node | None]) -> None:
         """Remove producers left without users (the kᵀ Transpose, √scale Muls), walking upstream."""
@@ -331,6 +334,9 @@ class _Rewriter:
                 continue
             ups = [x.producer() for x in nd.inputs if x is not None]
             self.graph.remove(nd, safe=True)
+            for x in nd.inputs:
+                if x is not None and x.is_initializer() and not x.uses() and not x.is_graph_output():
+                    self.graph.initializers.pop(x.name, None)
             stack += [u for u in ups if u is not None]
 
 
