@@ -232,8 +232,13 @@ def reference(q, k, v, bias=None, layout=None, **attrs) -> np.ndarray:
 # ---------------------------------------------------------------- ONNX function and node
 
 
-def make_function(attrs: dict, layout_input: bool = False) -> ir.Function:
-    """The standard-op body for one normalized attribute set (``normalize``)."""
+def make_function(attrs: dict, layout_input: bool = False, opset: int = 18) -> ir.Function:
+    """The standard-op body for one normalized attribute set (``normalize``).
+
+    ``opset`` (>= 18) is the default-domain opset the body imports; it must equal the model's (ONNX checker).
+    """
+    if opset < 18:
+        raise ValueError(f"the SparseAttention body needs opset >= 18, the model imports {opset}")
     a = attrs
     names = ["Q", "K", "V"] + (["bias"] if a["bias"] != "none" or layout_input else []) + (["layout"] if layout_input else [])
     inputs = [ir.Value(name=nm) for nm in names]
@@ -244,7 +249,7 @@ def make_function(attrs: dict, layout_input: bool = False) -> ir.Function:
         force = _force(a, plan) if a["pattern"] == "block_topk" else None
         body, out = routed_body(plan, a["scale"], a["bias"], force, a["pattern"] == "block_layout", inputs)
     out.name = "Y"
-    graph = ir.Graph(inputs, [out], nodes=body.nodes, opset_imports={"": 18}, name=OP)
+    graph = ir.Graph(inputs, [out], nodes=body.nodes, opset_imports={"": opset}, name=OP)
     return ir.Function(DOMAIN, OP, _overload(a), graph=graph, attributes=_node_attrs(a))
 
 
@@ -271,10 +276,10 @@ def bias_kind(bias: ir.Value | None, seq_len: int) -> str:
 
 
 def make_node(q: ir.Value, k: ir.Value, v: ir.Value, attrs: dict, bias: ir.Value | None = None,
-              layout: ir.Value | None = None, name: str | None = None) -> tuple[ir.Node, ir.Function]:
+              layout: ir.Value | None = None, name: str | None = None, opset: int = 18) -> tuple[ir.Node, ir.Function]:
     """A SparseAttention node and its function body (register the body with ``add_function``)."""
     inputs = [q, k, v] + ([bias] if bias is not None or layout is not None else []) + ([layout] if layout is not None else [])
-    fn = make_function(attrs, layout_input=layout is not None)
+    fn = make_function(attrs, layout_input=layout is not None, opset=opset)
     node = ir.Node(DOMAIN, OP, inputs, _node_attrs(attrs), overload=fn.overload, name=name, num_outputs=1)
     return node, fn
 

@@ -120,6 +120,7 @@ class _Rewriter:
         self.mask_cache: dict[int, ir.Value] = {}
         self.rewritten: list[dict] = []
         self.flops = [0, 0]  # executed, dense
+        self.opset = model.graph.opset_imports.get("", model.opset_imports.get("", 18))
 
     def params_for(self, blk: AttentionBlock, group: HeadGroup | None) -> dict[str, Any]:
         cfg = self.config
@@ -223,6 +224,8 @@ class _Rewriter:
 
     def _check(self, blk: AttentionBlock) -> tuple[int, int]:
         q, v = blk.q, blk.v
+        if self.opset < 18:
+            raise _Skip(f"the model imports opset {self.opset}; the SparseAttention body needs >= 18")
         if blk.kind not in ("matmul_softmax", "attention_op"):
             raise _Skip(f"{blk.kind} (com.microsoft fused attention) is not rewritten; export without ORT fusion")
         if blk.layout != "BHND" or q is None or v is None or q.shape is None or len(q.shape) != 4:
@@ -287,7 +290,8 @@ class _Rewriter:
             layout_val = ir.Value(name=f"sparse_layout_{blk.index}_{head_ids[0]}", const_value=ir.tensor(lay))
             self.graph.register_initializer(layout_val)
         node, fn = op.make_node(q, k, v, attrs, bias=bias, layout=layout_val,
-                                name=f"sparse_attention_{blk.index}" + (f"_h{head_ids[0]}" if group else ""))
+                                name=f"sparse_attention_{blk.index}" + (f"_h{head_ids[0]}" if group else ""),
+                                opset=self.opset)
         out = self._insert(anchor, node)
         out.shape = ir.Shape([q.shape[0], len(head_ids), attrs["seq_len"], v.shape[-1]])
         out.type = ir.TensorType(ir.DataType.FLOAT)
