@@ -125,7 +125,8 @@ def sliding_window_plan(seq_len: int, window: int, causal: bool, num_global: int
     else:
         lo = window_start_1d(q_abs, w, n)
         hi = lo + min(w, n)
-    span = int(min(n, (hi - lo[:, :1]).max()))
+    span = int((hi - lo[:, :1]).max())
+    span = min(n, -(-span // 16) * 16)  # a multiple of 16 keys packs better in the GEMMs; extras are masked
     start = np.minimum(lo[:, 0], n - span)
     rng = start[:, None] + np.arange(span)[None, :]  # [nb, span], all real keys
     kv_idx = np.concatenate([np.broadcast_to(np.arange(g), (nb, g)), rng], axis=1)
