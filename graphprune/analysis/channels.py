@@ -4,8 +4,9 @@ Model
   * Every layer that *creates* channels (Conv / ConvTranspose / Gemm / MatMul with a constant weight, an
     embedding Gather) opens a *space*: one atom per output channel.
   * Channels are followed forward through the graph (one tracked axis per value, a *label*: the atom of every
-    position along that axis). Op rules live in ``_channel_rules`` (elementwise, norms, pooling, Concat/Split/
-    Slice/Gather, Reshape/Flatten, Transpose, grouped convolution) and ``_attention_heads`` (whole heads).
+    position along that axis). Op rules live in ``_channel_rules`` (producers, grouped convolution, elementwise,
+    norms, pooling, Concat, Gather), ``_channel_layout`` (Reshape/Flatten, Transpose, Squeeze, Split, Slice,
+    Expand, Pad, Resize) and ``_attention_heads`` (whole heads).
   * Rules that couple channels *union* atoms (union-find): a residual ``Add`` unions its inputs position by
     position; a grouped convolution unions each conv group; a head unions all its q/k/v/output channels.
     A broadcast of a 1-channel operand couples nothing.
