@@ -188,3 +188,18 @@ def test_unnamed_nodes_get_names(exported, tmp_path):
     assert result.modified
     feeds = example_inputs(model, batch=2)
     assert zoo.run(model, feeds, tmp_path)[0].shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["convnext", "vit", "resnet"])
+def test_stream_pruning_with_stem(exported, name, tmp_path):
+    """ignore_stem: false also prunes the residual stream: channels-last LayerNorm, depthwise conv, layer scale,
+    CLS token / position embedding, the stem conv. LayerNorm statistics change, so only shapes and FLOPs are
+    checked against the original here (the masked-equivalence test covers the rest)."""
+    path = exported(name)
+    model, result = _prune(path, ratio=0.5, ignore_stem=False)
+    assert result.modified
+    original = ir.load(path)
+    assert count_flops(model).flops < 0.5 * count_flops(original).flops
+    feeds = example_inputs(original, batch=3)
+    out, base = zoo.run(model, feeds, tmp_path, "s")[0], zoo.run(original, feeds, tmp_path, "o")[0]
+    assert out.shape == base.shape and np.isfinite(out).all()
