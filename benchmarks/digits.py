@@ -22,6 +22,11 @@ Public API (everything else is private):
 - ``calibration(n=64, seed=0)`` -> ``{input_name: images}``, ``n`` training images as one ORT feed;
   ``calibration_feeds(n, batch)`` -> the same images as a list of feeds (``PassContext.calibration``).
 
+Training recipe (see ``VIT_CONFIG`` / ``CNN_CONFIG``): AdamW, one-cycle learning rate, random shifts
+of up to 2-3 pixels, fixed seeds, one CPU thread (``TRAIN_THREADS``). The ViT's learnable position
+embedding starts from 2-D sine-cosine values instead of the default std-0.02 noise: with the default,
+the same recipe spent ~8 epochs near chance and ended at 95.0 % after 30 epochs.
+
 All exported models take input ``x`` of shape ``[batch, 1, 32, 32]`` (dynamic batch) and return
 logits ``[batch, 10]``.
 
@@ -57,22 +62,26 @@ _REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = _REPO / "benchmarks" / "out"
 INPUT_NAME = "x"
 NUM_CLASSES = 10
+# One training thread: on this shared 2-core machine, with another process busy, 2 threads ran a ViT
+# epoch 5x slower than 1 thread (58-93 s vs 11-18 s, OpenMP threads waiting on a descheduled peer).
+TRAIN_THREADS = 1
 
 # Bump "version" when the training recipe changes: a mismatch with the cached JSON retrains.
 VIT_CONFIG = {
-    "version": 1,
+    "version": 2,
     "arch": {"img_size": 32, "patch": 4, "in_chans": 1, "dim": 128, "depth": 6, "heads": 4, "num_classes": 10},
+    "pos_init": "sincos",
     "epochs": 30,
     "batch": 64,
     "lr": 1e-3,
     "weight_decay": 0.05,
     "label_smoothing": 0.1,
-    "max_shift": 3,
+    "max_shift": 2,
     "seed": 0,
     "split_seed": 0,
 }
 CNN_CONFIG = {
-    "version": 1,
+    "version": 2,
     "arch": {"layers": [1, 1, 1, 1], "width": 16, "in_chans": 1, "num_classes": 10},
     "epochs": 30,
     "batch": 64,
@@ -196,6 +205,29 @@ def _build_cnn():
     return _examples().ResNet(**arch)
 
 
+def _init_sincos_pos(model) -> None:
+    """Set a ViT's learnable ``pos_embed`` to fixed 2-D sine-cosine values (MAE-style; CLS row zero).
+
+    The default init (std 0.02) leaves tokens almost position-blind, and this ViT then spends its
+    first ~8 epochs on digits near chance; a sine-cosine start lets attention route by position at once.
+    """
+    import torch
+
+    n, dim = model.pos_embed.shape[1] - 1, model.pos_embed.shape[2]
+    side, quarter = int(round(n**0.5)), dim // 4
+    if side * side != n or dim % 4:
+        raise ValueError(f"sincos position init needs a square grid and dim % 4 == 0, got {n} tokens, dim {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    gy, gx = torch.meshgrid(
+        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
+    )
+    ay, ax = gy.reshape(-1, 1) * omega, gx.reshape(-1, 1) * omega
+    table = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)
+    with torch.no_grad():
+        model.pos_embed.zero_()
+        model.pos_embed[0, 1:] = table.to(model.pos_embed.dtype)
+
+
 def _shift(xb, max_shift: int, gen):
     """Random translation by up to ``max_shift`` pixels per image (zero fill), on a torch batch."""
     import torch
@@ -224,10 +256,12 @@ def _train(model, cfg: dict, log) -> tuple[float, float]:
     import torch.nn.functional as F
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(TRAIN_THREADS)
     try:
         torch.manual_seed(cfg["seed"])
         gen = torch.Generator().manual_seed(cfg["seed"])
+        if cfg.get("pos_init") == "sincos":
+            _init_sincos_pos(model)
         x_tr, y_tr, x_te, y_te = load_split(cfg["arch"].get("img_size", 32), cfg["split_seed"])
         xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
         steps = cfg["epochs"] * ((len(xt) + cfg["batch"] - 1) // cfg["batch"])
@@ -247,8 +281,8 @@ def _train(model, cfg: dict, log) -> tuple[float, float]:
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(idx)
-            if log and (epoch % 5 == 4 or epoch == cfg["epochs"] - 1):
+                total += loss.item() * len(idx)
+            if log and (epoch % cfg.get("log_every", 5) == cfg.get("log_every", 5) - 1 or epoch == cfg["epochs"] - 1):
                 log(
                     f"  epoch {epoch + 1}/{cfg['epochs']}: loss {total / len(xt):.4f}, test top-1 {_torch_accuracy(model, x_te, y_te):.4f}, {time.perf_counter() - t0:.0f} s"
                 )
@@ -282,6 +316,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is shared with other users' benchmarks
     os.replace(tmp, path)
 
 
@@ -330,17 +365,19 @@ def _get(name: str, cfg: dict, build, out_dir: Path, opset: int, log) -> Path:
             return onnx_path
         pt = out_dir / f"{name}.pt"
         base = _read_meta(base_json)
+        torch.manual_seed(cfg["seed"])  # deterministic initial weights
         model = build(opset != 18)
         if base and base.get("config") == cfg and pt.exists():
             model.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
             torch_top1, seconds = base["torch_top1"], base["train_seconds"]
         else:
             if log:
-                log(f"training {name} ({cfg['epochs']} epochs, 2 threads)...")
+                log(f"training {name} ({cfg['epochs']} epochs, {TRAIN_THREADS} thread(s))...")
             torch_top1, seconds = _train(model, cfg, log)
             fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{pt.name}.")
             os.close(fd)
             torch.save(model.state_dict(), tmp)
+            os.chmod(tmp, 0o644)
             os.replace(tmp, pt)
         model.eval()
         _export(model, onnx_path, opset)

@@ -270,3 +270,15 @@ def test_concurrent_callers_train_once(split, linear, tmp_path, monkeypatch):
         t.join()
     assert len(calls) == 1  # flock is per open file: threads block each other like processes do
     assert results == [tmp_path / "tiny.onnx"] * 3
+
+
+def test_sincos_position_init_matches_formula():
+    model = digits._examples().ViT(img_size=32, patch=8, in_chans=1, dim=16, depth=1, heads=2, num_classes=10)
+    digits._init_sincos_pos(model)
+    pos = model.pos_embed.detach().numpy()[0]
+    assert pos.shape == (17, 16) and not pos[0].any()  # CLS row zero; 4x4 grid of patches
+    omega = 1.0 / 10000 ** (np.arange(4) / 4)
+    for token, (row, col) in [(1, (0, 0)), (7, (1, 2)), (16, (3, 3))]:
+        ref = np.concatenate([np.sin(row * omega), np.cos(row * omega), np.sin(col * omega), np.cos(col * omega)])
+        np.testing.assert_allclose(pos[token], ref, atol=1e-6)
+    assert len({bytes(r) for r in pos[1:]}) == 16  # every patch position distinct
