@@ -177,3 +177,37 @@ def test_grouped_query_attention_keeps_kv_groups(folder, sdpa):
     assert sorted(n.inputs[1].shape[1] for n in q_w)[:3] == [8, 8, 32]  # k, v: 1 kv head; q: 4 heads
     out = zoo.run(model, {"x": np.random.default_rng(0).standard_normal((3, 10, 32)).astype(np.float32)}, folder, "gqa")
     assert out[0].shape == (3, 10, 32)
+
+
+class GluSlice(nn.Module):
+    """conv → chunk (Split) → GLU (couples channel i with i+32) → conv; and a channel Slice into a side conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a, self.b = zoo.cbr(3, 16), nn.Conv2d(16, 64, 1), nn.Conv2d(32, 16, 1)
+        self.side, self.fc = nn.Conv2d(8, 16, 1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        u, g = self.a(h).chunk(2, dim=1)
+        y = self.b(u * torch.sigmoid(g))
+        return self.fc((y + self.side(y[:, 4:12])).mean((2, 3)))
+
+
+def test_split_and_slice_offsets(folder):
+    torch.manual_seed(0)
+    model = _export(GluSlice(), (torch.randn(1, 3, 8, 8),), folder, "glu")
+    assert any(n.op_type == "Split" for n in model.graph) and any(n.op_type == "Slice" for n in model.graph)
+    groups = analyze_channels(model).groups
+    glu = _group_with(groups, "a.weight")
+    glu = [g for g in glu if g.prunable]
+    assert glu and glu[0].size == 32  # 64 channels, coupled in pairs by the gate
+    plan_path = folder / "glu_plan.json"
+    get_pass("channel_prune")({"ratio": 0.5, "round_to": 1, "plan_out": str(plan_path)})(model)
+    split = [n for n in model.graph if n.op_type == "Split"][0]
+    assert list(split.inputs[1].const_value.numpy()) == [16, 16]
+    plan = json.loads(plan_path.read_text())
+    assert any(e["node"].startswith("node_slice") for e in plan["shape_edits"])  # slice bounds rewritten
+    ref = zoo.masked_copy(ir.load(folder / "glu.onnx"), json.loads(plan_path.read_text()))
+    feeds = example_inputs(model, batch=2)
+    np.testing.assert_allclose(zoo.run(model, feeds, folder, "g1")[0], zoo.run(ref, feeds, folder, "g2")[0], atol=1e-4)

@@ -121,14 +121,22 @@ def _split(b: Builder, node: ir.Node) -> None:
         for o in node.outputs:
             b.set_label(o, lab.axis, lab.atoms)
         return
-    sizes = _ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    given = len(node.inputs) > 1 and node.inputs[1] is not None
+    sizes = _ints(node.inputs[1]) if given else None
+    base = None
+    if not given:  # equal split (num_outputs): the rewrite adds explicit sizes
+        n = len(node.outputs)
+        if len(lab.atoms) % n:
+            b.block(lab.atoms, f"Split {node.name!r}: {len(lab.atoms)} channels do not split evenly in {n}")
+            return
+        sizes = base = [len(lab.atoms) // n] * n
     if sizes is None:
-        b.block(lab.atoms, f"Split {node.name!r} on the channel axis without constant sizes")
+        b.block(lab.atoms, f"Split {node.name!r} on the channel axis with computed sizes")
         return
     off = 0
     for k, (o, s) in enumerate(zip(node.outputs, sizes, strict=True)):
         piece = lab.atoms[off: off + s]
-        b.count_edit(node, 1, k, piece)
+        b.count_edit(node, 1, k, piece, base=base)
         b.set_label(o, axis, piece)
         off += s
 

@@ -67,6 +67,7 @@ class CountEdit:
     pos: int
     lines: np.ndarray
     attr: str | None = None
+    base: list[int] | None = None  # the full constant, when the input does not exist yet (Split num_outputs)
 
 
 @dataclasses.dataclass
@@ -215,11 +216,12 @@ class Builder:
     def member(self, node: ir.Node, index: int, axis: int, atoms: np.ndarray, role: str) -> None:
         self.members.append(Member(node, index, axis, np.asarray(atoms, dtype=np.int64), role))
 
-    def count_edit(self, node: ir.Node, index: int | None, pos: int, lines: np.ndarray, attr: str | None = None) -> None:
+    def count_edit(self, node: ir.Node, index: int | None, pos: int, lines: np.ndarray, attr: str | None = None,
+                   base: list[int] | None = None) -> None:
         lines = np.asarray(lines, dtype=np.int64)
         if lines.ndim == 1:
             lines = lines[:, None]
-        self.count_edits.append(CountEdit(node, index, pos, lines, attr))
+        self.count_edits.append(CountEdit(node, index, pos, lines, attr, base))
 
     def cost(self, node: ir.Node, flops: int | None, fan_in: np.ndarray | None, fan_out: np.ndarray | None) -> None:
         if node not in self._cost_nodes:

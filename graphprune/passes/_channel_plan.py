@@ -163,6 +163,8 @@ def build_plan(analysis: ChannelAnalysis, kept: np.ndarray, info: dict | None = 
             continue
         rec = {"node": e.node.name, "pos": e.pos, "value": new}
         rec.update({"attr": e.attr} if e.attr else {"input": e.input_index})
+        if e.base is not None:
+            rec["base"] = list(e.base)
         counts.append(rec)
     gathers = []
     for e in analysis.gather_edits:

@@ -102,20 +102,30 @@ def apply_plan(model: ir.Model, plan: dict) -> dict:
             graph.initializers.pop(value.name, None)
     # 2. shape constants and gather indices
     edits: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+    bases: dict[tuple[str, int], list[int]] = {}
     for e in plan.get("shape_edits", []):
         if "attr" in e:
             nodes[e["node"]].attributes[e["attr"]] = ir.AttrInt64(e["attr"], int(e["value"]))
         else:
             edits[(e["node"], e["input"])].append((e["pos"], int(e["value"])))
+            if "base" in e:
+                bases[(e["node"], e["input"])] = e["base"]
     for (name, idx), entries in edits.items():
         node = nodes[name]
-        old = node.inputs[idx]
-        arr = np.array(const_value(old))
+        if (name, idx) in bases and (len(node.inputs) <= idx or node.inputs[idx] is None):
+            node.resize_inputs(idx + 1)  # Split with num_outputs: explicit sizes replace the attribute
+            node.attributes.pop("num_outputs", None)
+            arr = np.asarray(bases[(name, idx)], dtype=np.int64)
+            old = None
+        else:
+            old = node.inputs[idx]
+            arr = np.array(const_value(old))
         flat = arr.reshape(-1)
         for pos, val in entries:
             flat[pos] = val
         _set_input(node, idx, _new_const(graph, f"{name}.{idx}.pruned", flat.reshape(arr.shape)))
-        _drop_if_unused(graph, old)
+        if old is not None:
+            _drop_if_unused(graph, old)
     for e in plan.get("gather_edits", []):
         node = nodes[e["node"]]
         old = node.inputs[e["input"]]
