@@ -327,7 +327,11 @@ def _sha256(path: Path) -> str:
 def _cached(onnx_path: Path, cfg: dict, base_json: Path) -> bool:
     """True when ``onnx_path`` and its JSON exist for ``cfg`` and (for re-exports) the base's current weights."""
     record = _read_meta(onnx_path.with_suffix(".json"))
-    if not record or record.get("config") != cfg or not onnx_path.exists():
+    if not record or not onnx_path.exists():
+        return False
+    # A cache from a *newer* recipe version wins, so a long-running process that imported older code
+    # does not retrain and overwrite it (the working tree is shared by several engineers).
+    if record.get("config") != cfg and record.get("config", {}).get("version", 0) <= cfg["version"]:
         return False
     base = record if base_json == onnx_path.with_suffix(".json") else _read_meta(base_json)
     return bool(base) and base.get("weights_sha256") == record.get("weights_sha256")
@@ -367,13 +371,13 @@ def _get(name: str, cfg: dict, build, out_dir: Path, opset: int, log) -> Path:
         base = _read_meta(base_json)
         torch.manual_seed(cfg["seed"])  # deterministic initial weights
         model = build(opset != 18)
-        if base and base.get("config") == cfg and pt.exists():
+        if base and (base.get("config") == cfg or base["config"].get("version", 0) > cfg["version"]) and pt.exists():
             model.load_state_dict(torch.load(pt, map_location="cpu", weights_only=True))
-            torch_top1, seconds = base["torch_top1"], base["train_seconds"]
+            torch_top1, seconds, used_cfg = base["torch_top1"], base["train_seconds"], base["config"]
         else:
             if log:
                 log(f"training {name} ({cfg['epochs']} epochs, {TRAIN_THREADS} thread(s))...")
-            torch_top1, seconds = _train(model, cfg, log)
+            (torch_top1, seconds), used_cfg = _train(model, cfg, log), cfg
             fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{pt.name}.")
             os.close(fd)
             torch.save(model.state_dict(), tmp)
@@ -392,7 +396,7 @@ def _get(name: str, cfg: dict, build, out_dir: Path, opset: int, log) -> Path:
             "ort_top1": evaluate(onnx_path, x_te, y_te),
             "train_seconds": round(seconds, 1),
             "weights_sha256": _sha256(pt),
-            "config": cfg,
+            "config": used_cfg,
         }
         _write_atomic(onnx_path.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
         return onnx_path

@@ -227,10 +227,14 @@ def _fake_training(monkeypatch, linear_weights, calls: list[str]):
     import threading
     import time
 
+    import torch
+
     w, b, _ = linear_weights
 
     def train(model, cfg, log):
         calls.append(threading.current_thread().name)
+        with torch.no_grad():  # each "training" yields different weights
+            next(model.parameters()).add_(len(calls))
         time.sleep(0.5)  # long enough for a concurrent caller to reach the lock
         return 0.5, 0.5
 
@@ -252,6 +256,10 @@ def test_config_change_retrains(split, linear, tmp_path, monkeypatch):
     assert len(calls) == 2
     record = json.loads((tmp_path / "tiny.json").read_text())
     assert record["config"]["version"] == 2 and record["ort_top1"] == linear[2]
+    digits._get("tiny", TINY, _tiny_vit, tmp_path, 23, None)  # older recipe (version 1): newer cache wins
+    assert len(calls) == 2
+    assert json.loads((tmp_path / "tiny.json").read_text())["config"]["version"] == 2
+    assert json.loads((tmp_path / "tiny_op23.json").read_text())["config"]["version"] == 2  # re-exported v2 weights
 
 
 def test_concurrent_callers_train_once(split, linear, tmp_path, monkeypatch):
