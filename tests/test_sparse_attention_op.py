@@ -96,6 +96,7 @@ AGREEMENT = [
     ("block_topk", 197, {"block_size": 16, "topk": 3}),
     ("block_topk", 200, {"block_size": 32, "topk": 2, "keep_diagonal": False, "keep_first": False}),
     ("block_topk", 256, {"block_size": 64, "topk": 1, "keep_first": False}),
+    ("block_topk", 197, {"block_size": 16, "topk": 2, "num_global": 1}),
 ]
 
 
@@ -129,8 +130,9 @@ def test_block_layout_agrees_with_reference(bias_kind):
     bias = None if bias_kind == "none" else (
         np.where(rng.random((2, 1, 1, n)) < 0.3, -np.inf, 0).astype(np.float32) if bias_kind == "key"
         else rng.standard_normal((1, 1, n, n)).astype(np.float32))
-    y, _ = _run("block_layout", q, k, v, bias=bias, layout=layout, block_size=b, topk=int(layout.sum(-1).max()))
-    ref = sa.reference(q, k, v, bias=bias, layout=layout, pattern="block_layout", block_size=b, topk=1)
+    y, _ = _run("block_layout", q, k, v, bias=bias, layout=layout, block_size=b, topk=int(layout.sum(-1).max()),
+                num_global=2)
+    ref = sa.reference(q, k, v, bias=bias, layout=layout, pattern="block_layout", block_size=b, topk=1, num_global=2)
     np.testing.assert_allclose(y, ref, atol=2e-5, rtol=0)
 
 

@@ -96,16 +96,21 @@ def gathered_body(plan: GatheredPlan, scale: float, bias_kind: str, inputs: list
     else:
         out = body.op("Gather", [of, body.const(plan.out_idx)], {"axis": 2})
     if g:
-        sg = body.op("MatMul", [body.slice(qs, 0, g, 2), body.t_last(k, 4)])
-        if plan.causal:
-            pos = np.arange(n)
-            cb = np.where(pos[None, :] <= np.arange(g)[:, None], np.float32(0), np.float32(-np.inf))
-            sg = body.op("Add", [sg, body.const(cb.astype(np.float32))])
-        if fb is not None:
-            sg = body.op("Add", [sg, fb if bias_kind == "key" else body.slice(fb, 0, g, 2)])
-        og = body.op("MatMul", [body.op("Softmax", [sg], {"axis": -1}), v])
-        out = body.op("Concat", [og, out], {"axis": 2})
+        out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, n, plan.causal), out], {"axis": 2})
     return body, out
+
+
+def _global_rows(body: _Body, qs: ir.Value, k: ir.Value, v: ir.Value, fb: ir.Value | None, bias_kind: str, g: int,
+                 n: int, causal: bool) -> ir.Value:
+    """Dense attention of the first ``g`` (global) queries: [B, H, g, Dv]."""
+    sg = body.op("MatMul", [body.slice(qs, 0, g, 2), body.t_last(k, 4)])
+    if causal:
+        pos = np.arange(n)
+        cb = np.where(pos[None, :] <= np.arange(g)[:, None], np.float32(0), np.float32(-np.inf))
+        sg = body.op("Add", [sg, body.const(cb.astype(np.float32))])
+    if fb is not None:
+        sg = body.op("Add", [sg, fb if bias_kind == "key" else body.slice(fb, 0, g, 2)])
+    return body.op("MatMul", [body.op("Softmax", [sg], {"axis": -1}), v])
 
 
 def _gathered_run(body: _Body, plan: GatheredPlan, start: int, end: int, shared: bool, qb: ir.Value, k: ir.Value,
@@ -193,8 +198,12 @@ def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarra
     probs = body.op("Softmax", [scores], {"axis": -1})
     ob = body.op("MatMul", [probs, vg])  # [B, H, nb, b, Dv]
     out = body.op("Reshape", [ob, body.ints(0, 0, nb * b, -1)])
-    if plan.pad:
-        out = body.slice(out, 0, n, 2)
+    g = plan.num_global
+    if plan.pad or g:
+        out = body.slice(out, g, n, 2)
+    if g:
+        fb = _floor(body, bias) if bias is not None else None
+        out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, n, False), out], {"axis": 2})
     return body, out
 
 

@@ -198,6 +198,7 @@ class RoutedPlan:
     block: int
     nb: int
     topk: int
+    num_global: int = 0  # the first queries attend densely (their block rows are computed and dropped)
 
     @property
     def pad(self) -> int:
@@ -214,10 +215,10 @@ class RoutedPlan:
         return np.where(pos < self.seq_len, np.float32(0), NEG_INF).astype(np.float32)
 
     def scores_per_head(self) -> int:
-        return self.nb * self.block * self.topk * self.block
+        return self.nb * self.block * self.topk * self.block + self.num_global * self.seq_len
 
 
-def routed_plan(seq_len: int, block: int, topk: int) -> RoutedPlan:
+def routed_plan(seq_len: int, block: int, topk: int, num_global: int = 0) -> RoutedPlan:
     b = max(1, min(block, seq_len))
     nb = math.ceil(seq_len / b)
-    return RoutedPlan(seq_len, b, nb, max(1, min(topk, nb)))
+    return RoutedPlan(seq_len, b, nb, max(1, min(topk, nb)), num_global)

@@ -17,9 +17,11 @@ Semantics: ``Softmax(Q·Kᵀ·scale + max(bias, -1e30) + M)·V`` with ``M`` 0 on
      of b tokens (the last one may be shorter); a Q block sees the k K blocks with the largest
      scale·mean(Q block)·mean(K block) + the largest bias in the (Q block, K block) tile, so fully masked blocks rank
      last (ties: lower block first; the diagonal / first block are always kept when asked, and count towards k).
-     The means include masked tokens. ``topk >= nb`` is dense.
-  4. ``block_layout`` (``block_size`` b, ``topk`` = most ones in a layout row): the static 0/1 ``layout`` input
-     says which K blocks each Q block sees, per head. An all-ones layout is dense.
+     The means include masked tokens. ``topk >= nb`` is dense. The first ``num_global`` queries (CLS) attend
+     to every key; with ``keep_first`` (default) and ``num_global <= block_size`` every query also sees them.
+  4. ``block_layout`` (``block_size`` b, ``topk`` = most ones in a layout row, ``num_global``): the static 0/1
+     ``layout`` input says which K blocks each Q block sees, per head; global queries see every key. An
+     all-ones layout is dense.
 
 Masked rows: the bias is clamped to >= -1e30, so a query whose allowed keys are all masked (-inf) gets the mean
 of V over its allowed keys, never NaN. This equals what dense attention gives with HF's finite min mask; a dense
@@ -62,7 +64,7 @@ SCHEMA = OpSchema(
         "seq_len": "int, static N the body is built for",
         "bias": "none | key ([.., 1, N]) | full ([.., N, N])",
         "window": "int (sliding_window)", "causal": "0/1 (sliding_window)",
-        "num_global": "int: leading global tokens (sliding_window, neighborhood_2d)",
+        "num_global": "int: leading global tokens (block_*: global queries only)",
         "grid": "[h, w] (neighborhood_2d)", "kernel": "int (neighborhood_2d)", "dilation": "int (neighborhood_2d)",
         "block_size": "query block (sliding_window), tile side (neighborhood_2d), block (block_*)",
         "topk": "int (block_topk, block_layout)", "keep_diagonal": "0/1 (block_topk)", "keep_first": "0/1 (block_topk)",
@@ -74,8 +76,8 @@ SCHEMA = OpSchema(
 _KEYS = {
     "sliding_window": ("window", "causal", "num_global", "block_size"),
     "neighborhood_2d": ("grid", "kernel", "dilation", "num_global", "block_size"),
-    "block_topk": ("block_size", "topk", "keep_diagonal", "keep_first"),
-    "block_layout": ("block_size", "topk"),
+    "block_topk": ("block_size", "topk", "keep_diagonal", "keep_first", "num_global"),
+    "block_layout": ("block_size", "topk", "num_global"),
 }
 _DEFAULTS = {"window": 256, "causal": 0, "num_global": 0, "kernel": 7, "dilation": 1, "block_size": 0, "topk": 8,
              "keep_diagonal": 1, "keep_first": 1}
@@ -97,7 +99,7 @@ def normalize(pattern: str, seq_len: int, scale: float, bias: str = "none", **pa
     for key in ("num_global", "block_size"):
         if key in out and int(out[key]) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {out[key]}")
-    if pattern in ("sliding_window", "neighborhood_2d") and out["num_global"] >= seq_len:
+    if out["num_global"] >= seq_len:
         raise ConfigError(f"num_global: {out['num_global']} leaves no tokens of the {seq_len} for the pattern")
     if pattern == "neighborhood_2d":
         grid = out.get("grid")
@@ -125,7 +127,7 @@ def _plan(a: dict) -> GatheredPlan | RoutedPlan:
     if p == "neighborhood_2d":
         tile = a["block_size"] or max(2, (a["kernel"] + 1) // 2)
         return neighborhood_2d_plan(n, tuple(a["grid"]), a["kernel"], a["dilation"], a["num_global"], tile)
-    return routed_plan(n, a["block_size"] or 64, a["topk"])
+    return routed_plan(n, a["block_size"] or 64, a["topk"], a["num_global"])
 
 
 def _force(a: dict, plan: RoutedPlan) -> np.ndarray | None:
@@ -218,7 +220,8 @@ def reference(q, k, v, bias=None, layout=None, **attrs) -> np.ndarray:
     if a["pattern"] in ("sliding_window", "neighborhood_2d"):
         allowed = _allowed_static(a)[None, None]
     else:
-        allowed = _allowed_routed(a, q, k, layout, bias)
+        allowed = _allowed_routed(a, q, k, layout, bias).copy()
+        allowed[:, :, : a["num_global"]] = True
     s = (q.astype(np.float64) @ np.swapaxes(k.astype(np.float64), -1, -2)) * a["scale"]
     if bias is not None:
         s = s + np.maximum(bias.astype(np.float64), -1e30)

@@ -15,7 +15,7 @@ Config: the pattern keys apply to every selected block (``layers``, 0-based as `
 blocks; default all); ``per_layer: {i: {key: value}}`` overrides them for block i; ``head_groups: [{heads: [...],
 key: value...}]`` splits the heads (the groups must cover every head once) into separate SparseAttention nodes
 whose outputs are concatenated back in head order. Unset ``num_global`` defaults to the block's prefix tokens
-(CLS), unset ``causal`` to the block's own causality, unset ``grid`` to a square grid of the non-prefix tokens.
+(CLS; every pattern), unset ``causal`` to the block's own causality, unset ``grid`` to a square grid of the non-prefix tokens.
 
 Skipped with a reason (never silently): com.microsoft fused ops, 3-D ``Attention`` inputs, K/V with other heads or
 another length than Q (GQA, cross attention), a dynamic sequence length, non-float32 attention, probabilities used
@@ -259,8 +259,7 @@ class _Rewriter:
         params = self.params_for(blk, group)
         pattern = params.pop("pattern", self.config.pattern)
         n = blk.tokens
-        if pattern in ("sliding_window", "neighborhood_2d"):
-            params.setdefault("num_global", blk.prefix_tokens)
+        params.setdefault("num_global", blk.prefix_tokens)
         if pattern == "sliding_window":
             params.setdefault("causal", blk.causal)
         elif blk.causal:
