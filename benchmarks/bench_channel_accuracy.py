@@ -1,6 +1,7 @@
 """Top-1 of the trained digits CNN (``benchmarks.digits``) after ``channel_prune``, no fine-tuning.
 
-Two exports of the same trained weights:
+Three models: the digits ViT (``digits.get_vit()``: heads and MLP units pruned, stream kept) and two exports
+of the same trained CNN weights:
   * ``folded``: ``digits.get_cnn()``, the dynamo exporter's default (BatchNorm folded into Conv);
   * ``bn kept``: the module exported with ``optimize=False`` then constant-folded (onnxscript ``fold_constants``
     only), so ``BatchNormalization`` nodes remain and the ``bn`` (|γ|) criterion has something to read.
@@ -49,7 +50,7 @@ def main() -> None:
     calib = digits.calibration_feeds(64, 16)
     tmp = tempfile.TemporaryDirectory()
     folder = Path(tmp.name)
-    exports = {"folded": Path(digits.get_cnn()), "bn kept": _bn_kept_export(folder)}
+    exports = {"folded": Path(digits.get_cnn()), "bn kept": _bn_kept_export(folder), "vit": Path(digits.get_vit())}
     print("| export | criterion | ranking | round_to | refit | ratio | top-1 | FLOPs kept | params kept |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, path in exports.items():
