@@ -115,20 +115,16 @@ def select(analysis: ChannelAnalysis, imp: Importance, ratio: float, target: str
         return pick(ratio), ratio
     key = "flops_ratio" if target == "flops" else "params_ratio"
     goal = 1.0 - ratio
-    lo, hi = 0.0, 0.99
-    best = (pick(0.0), 0.0)
+    lo, hi = 0.0, 0.99  # predicted ratio falls (stepwise) as r grows: bisect to the step around the goal
     for _ in range(18):
         mid = (lo + hi) / 2
-        k = pick(mid)
-        if predicted(analysis, k, per_node)[key] > goal:
+        if predicted(analysis, pick(mid), per_node)[key] > goal:
             lo = mid
         else:
             hi = mid
-        best = (k, mid)
     k_lo, k_hi = pick(lo), pick(hi)
     e_lo, e_hi = (abs(predicted(analysis, k, per_node)[key] - goal) for k in (k_lo, k_hi))
-    best = (k_lo, lo) if e_lo <= e_hi else (k_hi, hi)
-    return best
+    return (k_lo, lo) if e_lo <= e_hi else (k_hi, hi)
 
 
 def _scopes(node) -> str | None:
