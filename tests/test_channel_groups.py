@@ -211,3 +211,37 @@ def test_split_and_slice_offsets(folder):
     ref = zoo.masked_copy(ir.load(folder / "glu.onnx"), json.loads(plan_path.read_text()))
     feeds = example_inputs(model, batch=2)
     np.testing.assert_allclose(zoo.run(model, feeds, folder, "g1")[0], zoo.run(ref, feeds, folder, "g2")[0], atol=1e-4)
+
+
+class NormZoo(nn.Module):
+    """GroupNorm (exported as Reshape → InstanceNorm → Reshape → Mul → Add), ConvTranspose, InstanceNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.gn = nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32)
+        self.up, self.inn = nn.ConvTranspose2d(32, 16, 2, 2), nn.InstanceNorm2d(16, affine=True)
+        self.c2, self.fc = nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.gn(self.c1(x)))
+        y = F.relu(self.inn(self.up(y)))
+        return self.fc(self.c2(y).mean((2, 3)))
+
+
+def test_group_norm_conv_transpose_instance_norm(folder):
+    torch.manual_seed(0)
+    module = NormZoo().eval()
+    with torch.no_grad():
+        module.gn.weight.uniform_(0.5, 1.5)
+        module.gn.bias.uniform_(-0.5, 0.5)
+    model = _export(module, (torch.randn(1, 3, 8, 8),), folder, "norms")
+    groups = analyze_channels(model, ignore_stem=False).groups
+    gn = _group_with(groups, "c1.weight")[0]
+    assert gn.prunable and gn.size == 8 and int(gn.widths.min()) == 4  # whole norm groups of 4 channels
+    plan_path = folder / "norms_plan.json"
+    get_pass("channel_prune")({"ratio": 0.5, "ignore_stem": False, "plan_out": str(plan_path)})(model)
+    inorm = [n for n in model.graph if n.op_type == "InstanceNormalization"]
+    assert inorm[0].inputs[1].shape[0] == 4  # GroupNorm: 8 → 4 groups
+    ref = zoo.masked_copy(ir.load(folder / "norms.onnx"), json.loads(plan_path.read_text()))
+    feeds = example_inputs(model, batch=2)
+    np.testing.assert_allclose(zoo.run(model, feeds, folder, "n1")[0], zoo.run(ref, feeds, folder, "n2")[0], atol=1e-4)

@@ -181,8 +181,37 @@ def _prod(dims: list) -> tuple[int, tuple]:
     return p, tuple(sorted(syms))
 
 
+def _group_norm(b: Builder, node: ir.Node) -> bool:
+    """GroupNorm as exported: Reshape(x, [0, G, -1]) → InstanceNormalization → Reshape(·, Shape(x)) (→ Mul γ,
+    Add β, handled as broadcasts). Each norm group becomes one unit; the target's G is rewritten."""
+    lab = b.label(node.inputs[0])
+    users = [u for u, _ in node.outputs[0].uses()]
+    if lab.axis != 1 or _rank(node.outputs[0]) != 3 or len(users) != 1 or users[0].op_type != "InstanceNormalization":
+        return False
+    back = [u for u, _ in users[0].outputs[0].uses()]
+    shp = back[0].inputs[1].producer() if len(back) == 1 and back[0].op_type == "Reshape" else None
+    if shp is None or shp.op_type != "Shape" or shp.inputs[0] is not node.inputs[0]:
+        return False
+    g, c = _dim(node.outputs[0], 1), len(lab.atoms)
+    if not g or c % g:
+        return False
+    per = lab.atoms.reshape(g, c // g)
+    for row in per:
+        b.union_all(row)
+    _shape_edit(b, node, 1, 1, g, per)
+    b.set_label(node.outputs[0], 1, per[:, 0])
+    b.restore[back[0]] = lab
+    return True
+
+
 def _reshape(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
+    if node in b.restore:
+        restored = b.restore[node]
+        b.set_label(node.outputs[0], restored.axis, restored.atoms)
+        return
+    if node.op_type == "Reshape" and _group_norm(b, node):
+        return
     src, dst = _dims(node.inputs[0]), _dims(node.outputs[0])
     if src is None or dst is None:
         b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown shapes")

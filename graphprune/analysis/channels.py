@@ -161,6 +161,7 @@ class Builder:
         self._cost_nodes: set[ir.Node] = set()
         self.claimed: set[ir.Node] = set()
         self.shape_lines: list[tuple[ir.Value, int, np.ndarray]] = []  # (value, axis, [dim, k] atoms)
+        self.restore: dict[ir.Node, Label] = {}  # a Reshape that undoes an earlier one gets its label back
         self.derived: set[ir.Value] = set()  # values computed from some layer's channels (not input-only)
         self.kinds: dict[int, str] = {}  # space -> kind hint
 
