@@ -203,3 +203,11 @@ def test_stream_pruning_with_stem(exported, name, tmp_path):
     feeds = example_inputs(original, batch=3)
     out, base = zoo.run(model, feeds, tmp_path, "s")[0], zoo.run(original, feeds, tmp_path, "o")[0]
     assert out.shape == base.shape and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_params_target(exported, name):
+    path = exported(name)
+    model, result = _prune(path, ratio=0.3, target="params", round_to=1, **{"global": True})
+    p0, p1 = count_flops(ir.load(path)).params, count_flops(model).params
+    assert abs(p1 / p0 - 0.7) <= 0.05, (p1 / p0, result.info)
