@@ -172,14 +172,18 @@ def weight_dims(nodes: Iterable[ir.Node]) -> set[int]:
     return dims
 
 
-def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int) -> _Retarget:
-    """Collect the constant rewrites downstream of ``start`` (raises before anything is changed)."""
+def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, model_dims: Iterable[int] = ()) -> _Retarget:
+    """Collect the constant rewrites downstream of ``start`` (raises before anything is changed).
+
+    ``model_dims`` (heads, head_dim, ...) join the weight dimensions as values the token count must not equal
+    for a constant holding it to be rewritten: e.g. ``[-1, H, D]`` with ``D == n_old`` folds the tokens into -1.
+    """
     rt = _Retarget(graph, n_old, n_new, set())
     if n_old == n_new:
         return rt
     nodes = downstream_nodes(start)
     down = {id(n) for n in nodes}
-    rt.weight_dims = weight_dims(nodes)
+    rt.weight_dims = weight_dims(nodes) | {int(d) for d in model_dims if d}
     for node in nodes:
         if node.domain != "":
             continue

@@ -264,7 +264,7 @@ class TokenDropPass(GraphPass):
         masked = self._later_masks(blocks, blk)
         k = token_select.kept_count(n_cur, protect, keep_ratio=ratio)
         n_new = protect + k + int(cfg.fuse_rest)
-        plan = rewire.plan_retarget(model.graph, stream, n_cur, n_new)
+        plan = rewire.plan_retarget(model.graph, stream, n_cur, n_new, _model_dims(blocks))
         if cfg.method == "diversity":
             kw = dict(k=k, protect=protect, keep_order=cfg.keep_order)
             node = diversity_select.make_node(stream, name=f"diversity_select_{blk.index}", **kw)
@@ -298,7 +298,7 @@ class TokenDropPass(GraphPass):
             _check_logit_bias(other)
         r = token_merge.merged_count(n_cur, protect, cfg.r)
         n_new = n_cur - r
-        plan = rewire.plan_retarget(model.graph, stream, n_cur, n_new)
+        plan = rewire.plan_retarget(model.graph, stream, n_cur, n_new, _model_dims(blocks))
         t = Body()
         try:
             metric = scores.key_metric(t, blk)
@@ -331,6 +331,10 @@ class TokenDropPass(GraphPass):
         rewire.splice(model.graph, stream, nodes, reduced, anchor)
         plan.apply()
         rewire.clear_shapes(reduced)
+
+
+def _model_dims(blocks: list[AttentionBlock]) -> set[int]:
+    return {d for b in blocks for d in (b.heads, b.kv_heads, b.head_dim) if d}
 
 
 def _name_outputs(node: ir.Node, base: str, stream: ir.Value) -> None:
