@@ -290,3 +290,21 @@ def test_output_shapes_survive_token_count_equal_to_classes(vit18):
     assert list(model.graph.outputs[0].shape)[1] == 10
     out = run(model, {"x": _images(3)})[0]
     assert out.shape == (3, 10)
+
+
+def test_split_of_the_token_axis_is_refused():
+    """A downstream ``Split`` into [1, N-1] (CLS / patches) holds the token count: refused, not left wrong."""
+    from onnx import TensorProto, helper
+
+    from graphprune.errors import UnsupportedPatternError
+    from graphprune.passes import _token_rewire as rewire
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Split", ["h", "sizes"], ["cls", "patches"], axis=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 17, 8])],
+        [helper.make_tensor_value_info("cls", TensorProto.FLOAT, ["B", 1, 8]),
+         helper.make_tensor_value_info("patches", TensorProto.FLOAT, ["B", 16, 8])],
+        [helper.make_tensor("sizes", TensorProto.INT64, [2], [1, 16])])
+    model = ir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
+    with pytest.raises(UnsupportedPatternError, match="Split"):
+        rewire.plan_retarget(model.graph, model.graph.inputs[0], 17, 9)

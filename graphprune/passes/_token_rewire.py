@@ -11,7 +11,8 @@ Shared constants are never mutated (the exporter deduplicates them across blocks
 
 Refusals (:class:`UnsupportedPatternError`, nothing changed yet): a shape target downstream that is neither
 constant nor computed from downstream values; ``n_old`` appearing in a target more than once where it cannot
-be told apart from a model dimension (``n_old`` equal to a weight dimension).
+be told apart from a model dimension (``n_old`` equal to a weight dimension); a token count held by a size
+constant of ``Split``/``Tile``/``ConstantOfShape``/``Range``/``Pad``/``Resize``/``OneHot``/``TopK`` downstream.
 Value shapes downstream are cleared; the pass re-runs shape inference once at the end.
 """
 
@@ -191,7 +192,20 @@ def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, mode
             rt.shape_input(node, 1, down)
         elif node.op_type == "Slice":
             rt.slice_ends(node)
+        elif node.op_type in _SIZE_OPS:
+            for v in node.inputs[1:]:
+                arr = const_value(v)
+                arr = None if arr is None else np.asarray(arr)
+                if arr is None or not np.issubdtype(arr.dtype, np.integer):
+                    continue
+                if np.any(arr == n_old) or (node.op_type == "Split" and int(arr.sum()) == n_old):
+                    raise UnsupportedPatternError(
+                        f"{node.op_type} {node.name}: a constant input holds the token count {n_old}; not retargeted")
     return rt
+
+
+#: Ops whose integer constant inputs are sizes; a token count there is refused rather than guessed.
+_SIZE_OPS = {"Split", "Tile", "ConstantOfShape", "Range", "Pad", "Resize", "OneHot", "TopK"}
 
 
 def clear_shapes(start: ir.Value) -> None:
