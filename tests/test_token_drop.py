@@ -308,3 +308,18 @@ def test_split_of_the_token_axis_is_refused():
     model = ir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
     with pytest.raises(UnsupportedPatternError, match="Split"):
         rewire.plan_retarget(model.graph, model.graph.inputs[0], 17, 9)
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+@pytest.mark.parametrize("cfg", [{"keep_ratio": 0.5}, {"method": "tome", "r": 3}, {"method": "diversity"},
+                                 {"method": "attention_graph", "fuse_rest": True}], ids=str)
+def test_result_passes_onnx_checker(request, opset, cfg):
+    import onnx
+
+    model, _ = _apply(request.getfixturevalue(f"vit{opset}"), cfg)
+    proto = ir.to_proto(model)
+    g = proto.graph
+    for init in g.initializer:  # check structure and shapes without reading external weight files
+        g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del g.initializer[:]
+    onnx.checker.check_model(proto, full_check=True)

@@ -286,7 +286,7 @@ class TokenDropPass(GraphPass):
         node.outputs[1].type = ir.TensorType(ir.DataType.INT64)
         self._commit(model, stream, [*t.nodes, node], node.outputs[0], anchor, plan)
         self._gather_masks(model.graph, masked, node, node.outputs[1], mask_map)
-        add_function(model, function)
+        _add_function(model, function)
         return n_new, note
 
     def _merge(self, model, blocks, blk, n_cur, size, protect, bias_sites, mask_map) -> tuple[int, ir.Value, str | None]:
@@ -323,7 +323,7 @@ class TokenDropPass(GraphPass):
                 site.replace_input_with(i, bias)
             else:
                 bias_sites[other.index] = _add_logit_bias(model.graph, other, bias)
-        add_function(model, token_merge.make_function(r, protect, size is not None, n_cur))
+        _add_function(model, token_merge.make_function(r, protect, size is not None, n_cur))
         return n_new, s_out, None
 
     @staticmethod
@@ -331,6 +331,15 @@ class TokenDropPass(GraphPass):
         rewire.splice(model.graph, stream, nodes, reduced, anchor)
         plan.apply()
         rewire.clear_shapes(reduced)
+
+
+def _add_function(model: ir.Model, function: ir.Function) -> None:
+    """Register a body; it declares the model's default opset when newer than the body's (bodies use ops
+    unchanged since opset 18), so ``onnx.checker`` accepts function and model imports as compatible."""
+    version = model.graph.opset_imports.get("", model.opset_imports.get("", 0))
+    if version > function.opset_imports.get("", 0):
+        function.opset_imports[""] = version
+    add_function(model, function)
 
 
 def _model_dims(blocks: list[AttentionBlock]) -> set[int]:
