@@ -245,3 +245,49 @@ def test_group_norm_conv_transpose_instance_norm(folder):
     ref = zoo.masked_copy(ir.load(folder / "norms.onnx"), json.loads(plan_path.read_text()))
     feeds = example_inputs(model, batch=2)
     np.testing.assert_allclose(zoo.run(model, feeds, folder, "n1")[0], zoo.run(ref, feeds, folder, "n2")[0], atol=1e-4)
+
+
+def _three_d_attention_model(kind: str) -> ir.Model:
+    """x [B, 6, 32] → q/k/v MatMuls (4 heads × 8) → 3-D attention (com.microsoft MultiHeadAttention or the
+    standard Attention op with q_num_heads) → output MatMul → Gemm-free head MatMul [32 → 5]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.3, n)
+             for n, s in [("wq", (32, 32)), ("wk", (32, 32)), ("wv", (32, 32)), ("wo", (32, 32)), ("wh", (32, 5))]]
+    nodes = [helper.make_node("MatMul", ["x", w], [w + "_y"], name=f"mm_{w}") for w in ("wq", "wk", "wv")]
+    if kind == "ms":
+        nodes.append(helper.make_node("MultiHeadAttention", ["wq_y", "wk_y", "wv_y"], ["att"], name="mha",
+                                      domain="com.microsoft", num_heads=4))
+        opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    else:
+        nodes.append(helper.make_node("Attention", ["wq_y", "wk_y", "wv_y"], ["att"], name="att_op",
+                                      q_num_heads=4, kv_num_heads=4))
+        opsets = [helper.make_opsetid("", 23)]
+    nodes += [helper.make_node("MatMul", ["att", "wo"], ["o"], name="mm_wo"),
+              helper.make_node("Add", ["o", "x"], ["r"], name="res"),
+              helper.make_node("MatMul", ["r", "wh"], ["y"], name="mm_wh")]
+    graph = helper.make_graph(nodes, "att3d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6, 5])], inits)
+    proto = helper.make_model(graph, opset_imports=opsets, ir_version=10)
+    proto = onnx.shape_inference.infer_shapes(proto)
+    if kind == "ms":  # ONNX shape inference does not know contrib ops: give the output its shape, as ORT would
+        proto.graph.value_info.append(helper.make_tensor_value_info("att", TensorProto.FLOAT, ["b", 6, 32]))
+        proto = onnx.shape_inference.infer_shapes(proto)
+    return ir.from_proto(proto)
+
+
+@pytest.mark.parametrize("kind", ["ms", "std"])
+def test_three_d_attention_head_attributes(folder, kind):
+    model = _three_d_attention_model(kind)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 6, 32)).astype(np.float32)}
+    heads = [g for g in analyze_channels(model, ignore_stem=False).groups if g.kind == "heads"]
+    assert len(heads) == 1 and heads[0].size == 4 and heads[0].prunable, [g.describe() for g in heads]
+    plan_path = folder / f"att3d_{kind}.json"
+    get_pass("channel_prune")({"ratio": 0.5, "ignore_stem": False, "plan_out": str(plan_path)})(model)
+    att = [n for n in model.graph if n.name in ("mha", "att_op")][0]
+    names = ("num_heads",) if kind == "ms" else ("q_num_heads", "kv_num_heads")
+    assert all(att.attributes[a].value == 2 for a in names)
+    ref = zoo.masked_copy(_three_d_attention_model(kind), json.loads(plan_path.read_text()))
+    np.testing.assert_allclose(zoo.run(model, feeds, folder, "a3")[0], zoo.run(ref, feeds, folder, "a4")[0], atol=1e-4)

@@ -375,7 +375,9 @@ def apply(b: Builder, rec: _Block) -> None:
             b.count_edit(node, None, 0, ka, attr="kv_num_heads")
         else:
             b.count_edit(node, None, 0, qa, attr="num_heads")
-        b.set_label(rec.blk.output, len(rec.blk.output.shape) - 1, merged_atoms)
+        out = rec.blk.output  # contrib ops often carry no inferred shape: the output is [B, N, H·D] like q
+        rank = len(out.shape) if out.shape is not None else len(rec.operands[0].shape or (0, 0, 0))
+        b.set_label(out, rank - 1, merged_atoms)
     else:
         if rec.merged is None or rec.merged.shape is None:
             return fail("no merged output")
