@@ -323,3 +323,19 @@ def test_result_passes_onnx_checker(request, opset, cfg):
         g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     del g.initializer[:]
     onnx.checker.check_model(proto, full_check=True)
+
+
+@pytest.mark.parametrize("cfg", [{"keep_ratio": 0.5, "layers": [0, 1]}, {"method": "tome", "r": 3},
+                                 {"method": "attention_graph", "keep_ratio": 0.6, "layers": [1]},
+                                 {"method": "diversity", "keep_ratio": 0.5, "layers": [0]}], ids=str)
+def test_hf_vit_opset23_matches_opset18(hf_export, cfg):
+    """Same HF weights exported twice: opset 18 (MatMul/Softmax, float mask) and opset 23 (fused ``Attention``
+    with a boolean mask: scores recomputed from Q,K, bool mask gathered / turned additive for ToMe)."""
+    x = _images(2, seed=4)
+    outs = []
+    for opset in (18, 23):
+        model, result = _apply(hf_export("vit", opset, layers=3), cfg)
+        assert result.rewritten and not result.skipped, result.skipped
+        outs.append(run(model, {"pixel_values": x}))
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -44,13 +44,16 @@ def _recompute_probs(t: Body, blk: AttentionBlock, rows: tuple[int, int] | None)
     kt = t.op("Transpose", [blk.k], {"perm": [0, 1, 3, 2]})
     logits = t.op("Mul", [t.op("MatMul", [q, kt]), t.const(np.float32(blk.scale))])
     if blk.mask is not None:
-        mask = blk.mask
-        if mask.dtype == ir.DataType.BOOL:
-            mask = t.op("Where", [mask, t.const(np.float32(0.0)), t.const(np.float32(-np.inf))])
-        rank_ok = mask.shape is not None and len(mask.shape) == 4
-        if not rank_ok:
+        # the static facts come from the original mask; the value is whatever feeds the op now (the pass may
+        # have replaced it by a gathered copy after an earlier reduction)
+        orig = blk.mask
+        if orig.shape is None or len(orig.shape) != 4:
             raise UnsupportedPatternError(f"block {blk.index}: attention mask of rank ≠ 4")
-        if rows is not None and mask.shape[2] != 1:
+        node = blk.nodes[0]
+        mask = node.inputs[3] if blk.kind == "attention_op" and len(node.inputs) > 3 else orig
+        if orig.dtype == ir.DataType.BOOL:
+            mask = t.op("Where", [mask, t.const(np.float32(0.0)), t.const(np.finfo(np.float32).min)])
+        if rows is not None and orig.shape[2] != 1:
             mask = _rows(t, mask, rows, 2)
         logits = t.op("Add", [logits, mask])
     return t.op("Softmax", [logits], {"axis": -1})

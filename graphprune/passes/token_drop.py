@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 import pydantic
 
@@ -226,8 +227,8 @@ class TokenDropPass(GraphPass):
                 continue
             if self.config.fuse_rest and self.config.method != "tome":
                 raise UnsupportedPatternError(f"block {other.index} has a per-token attention mask; the fused rest token has none")
-            if m.shape is None or len(m.shape) != 4 or m.dtype == ir.DataType.BOOL:
-                raise UnsupportedPatternError(f"block {other.index}: attention mask is not an additive [B,H,Nq,Nk] tensor")
+            if m.shape is None or len(m.shape) != 4:
+                raise UnsupportedPatternError(f"block {other.index}: attention mask is not a [B,H,Nq,Nk] tensor")
             out.append(other)
         return out
 
@@ -356,9 +357,6 @@ def _check_logit_bias(blk: AttentionBlock) -> None:
     if blk.kind == "matmul_softmax" and blk.probs is not None:
         return
     if blk.kind == "attention_op" and blk.layout == "BHND":
-        mask = blk.nodes[0].inputs[3] if len(blk.nodes[0].inputs) > 3 else None
-        if mask is not None and mask.dtype == ir.DataType.BOOL:
-            raise UnsupportedPatternError(f"block {blk.index}: boolean attention mask; proportional attention needs an additive one")
         return
     raise UnsupportedPatternError(f"block {blk.index}: proportional attention not supported for {blk.kind} ({blk.layout})")
 
@@ -379,14 +377,18 @@ def _add_logit_bias(graph: ir.Graph, blk: AttentionBlock, bias: ir.Value) -> tup
         t = Body()
         nq = t.op("Slice", [t.op("Shape", [node.inputs[0]]), t.ints(2), t.ints(3)])
         full = t.op("Expand", [bias, t.op("Concat", [t.ints(1, 1), nq, t.ints(1)], {"axis": 0})])
+        expand = full.producer()
         old = node.inputs[3] if len(node.inputs) > 3 else None
         if old is not None:
+            if blk.mask is not None and blk.mask.dtype == ir.DataType.BOOL:  # boolean keep-mask → additive
+                old = t.op("Where", [old, t.const(np.float32(0.0)), t.const(np.finfo(np.float32).min)])
             full = t.op("Add", [old, full])
         graph.insert_before(node, list(t.nodes))
         if len(node.inputs) < 4:
             node.resize_inputs(4)
         node.replace_input_with(3, full)
-        return t.nodes[-2 if old is not None else -1], 0
+        blk.nodes.extend(t.nodes)  # so that a later mask gather also reaches the mask feeding these helpers
+        return expand, 0
     raise UnsupportedPatternError(f"block {blk.index}: proportional attention not supported for {blk.kind}")
 
 
