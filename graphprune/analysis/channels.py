@@ -258,6 +258,7 @@ def _groups(b: Builder, ignore: set[str], ignore_stem: bool) -> ChannelAnalysis:
         return s
 
     atom_space = np.asarray(b.atom_space, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(b.space_sizes)]).astype(np.int64)  # spaces are contiguous atom ranges
     for a in range(n):
         x, y = sfind(int(atom_space[a])), sfind(int(atom_space[root[a]]))
         if x != y:
@@ -272,10 +273,10 @@ def _groups(b: Builder, ignore: set[str], ignore_stem: bool) -> ChannelAnalysis:
     groups: list[ChannelGroup] = []
     group_of_root: dict[int, int] = {}
     for gid, (key, spaces) in enumerate(sorted(comp.items())):
-        atoms = np.concatenate([np.nonzero(atom_space == s)[0] for s in spaces])
-        roots, counts = np.unique(root[atoms], return_counts=True)
+        atoms = np.concatenate([np.arange(starts[s], starts[s] + b.space_sizes[s]) for s in spaces])
+        roots = np.unique(root[atoms])
         widest = max(spaces, key=lambda s: b.space_sizes[s])
-        w_atoms = np.nonzero(atom_space == widest)[0]
+        w_atoms = np.arange(starts[widest], starts[widest] + b.space_sizes[widest])
         _, wcount = np.unique(root[w_atoms], return_counts=True)
         widths = np.ones(len(roots), dtype=np.int64) * (int(wcount.min()) if len(wcount) else 1)
         reason = next((b.blocked[a] for a in atoms.tolist() if a in b.blocked), None)
