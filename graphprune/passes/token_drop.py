@@ -19,9 +19,15 @@ Cases:
 Preserved: prefix tokens (``protect``, detected when omitted) stay first, so CLS pooling is unchanged; mean
 pooling averages the kept tokens; position embeddings are already added upstream; batch stays dynamic.
 
+Later blocks' per-token attention masks (additive or boolean, rank 4) are gathered with the kept indices (ToMe:
+each merged token's representative position).
+
 Refusals (recorded in ``skipped`` with the reason; the model is left unchanged there): no attention blocks;
-no residual ``Add`` found; later blocks carrying a per-token attention mask (would need the mask gathered);
-fused attention without [B,H,N,D] q/k; token counts that collide with a model dimension in reshape constants.
+no residual ``Add`` found; a later mask that is not rank 4, or ``fuse_rest`` with a later mask (the fused token
+has no mask entry); fused attention without [B,H,N,D] q/k or with grouped KV heads; token counts that collide
+with a model dimension in shape constants, or size constants (Split, Tile, ...) holding the token count.
+Config errors (:class:`ConfigError`, naming the key): ``layers`` beyond the model's blocks, a ``schedule`` list
+of the wrong length, an unreachable FLOPs budget; value ranges are checked by the pydantic config.
 """
 
 from __future__ import annotations
