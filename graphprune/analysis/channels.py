@@ -259,8 +259,9 @@ def _groups(b: Builder, ignore: set[str], ignore_stem: bool) -> ChannelAnalysis:
 
     atom_space = np.asarray(b.atom_space, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(b.space_sizes)]).astype(np.int64)  # spaces are contiguous atom ranges
-    for a in range(n):
-        x, y = sfind(int(atom_space[a])), sfind(int(atom_space[root[a]]))
+    cross = np.unique(np.stack([atom_space, atom_space[root]], axis=1), axis=0) if n else np.zeros((0, 2), int)
+    for sa, sr in cross.tolist():  # pairs of spaces that share a class
+        x, y = sfind(sa), sfind(sr)
         if x != y:
             sp[max(x, y)] = min(x, y)
     comp: dict[int, list[int]] = {}
