@@ -452,4 +452,8 @@ def main(out_dir: str | Path = DEFAULT_OUT) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train (if not cached) and export the digits ViT and CNN.")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="cache folder (default: benchmarks/out)")
+    main(parser.parse_args().out)
