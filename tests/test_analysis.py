@@ -100,3 +100,30 @@ def test_flops_vit_analytic(export):
     patch = 2 * 16 * c * (3 * 8 * 8)
     head = 2 * c * 10
     assert linear + attn + patch + head <= r.flops <= 1.1 * (linear + attn + patch + head)
+
+
+def test_flops_runtime_fallback_matches_static_export(tmp_path):
+    """Dynamic-batch HF BERT: shape inference stops behind the mask logic; the ORT fallback recovers the shapes.
+
+    Reference: the same model exported with static shapes, where static inference resolves every node.
+    """
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from graphprune.torch import export
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=100, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    args = (torch.randint(0, 100, (1, 32)), torch.ones(1, 32, dtype=torch.int64))
+    dyn = load_model(export(model, args, tmp_path / "dyn.onnx", dynamic_batch=True))
+    static = load_model(export(model, args, tmp_path / "static.onnx", dynamic_batch=False))
+    n_outputs = len(dyn.graph.outputs)
+    ref = count_flops(static)
+    assert ref.unknown == []
+    without = count_flops(dyn, runtime_fallback=False)
+    with_fallback = count_flops(dyn)
+    assert len(with_fallback.unknown) < len(without.unknown)
+    assert with_fallback.flops == pytest.approx(ref.flops, rel=0.02)
+    assert len(dyn.graph.outputs) == n_outputs  # the temporary outputs are gone

@@ -129,8 +129,53 @@ def count_params(model: ir.Model) -> int:
     return total
 
 
-def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None) -> FlopsReport:
-    """FLOPs of one forward pass at ``batch`` (symbolic non-batch axes from ``dims`` or 32)."""
+def _node_flops_safe(node: ir.Node, shp) -> int | None:
+    try:
+        return _node_flops(node, shp)
+    except (TypeError, IndexError, ValueError):
+        return None
+
+
+def runtime_shapes(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None, known: dict | None = None) -> dict[str, tuple]:
+    """Shapes of the values static inference could not resolve, read from one ONNX Runtime run.
+
+    The values are exposed as extra graph outputs for the run and removed again afterwards; the model is
+    otherwise untouched. Used when shape inference stops (e.g. behind data-dependent mask logic).
+    """
+    from graphprune.analysis.inputs import example_inputs
+    from graphprune.backends.onnxruntime import make_session
+
+    known = known or {}
+    wanted = []
+    seen = {v.name for v in model.graph.outputs}
+    for node in model.graph:
+        for v in (*node.inputs, *node.outputs):
+            if v is None or v.name in seen or v.dtype is None or v.is_initializer():
+                continue
+            s = known.get(v.name)
+            if s is None or any(not isinstance(d, int) for d in s):
+                wanted.append(v)
+                seen.add(v.name)
+    if not wanted:
+        return {}
+    n_outputs = len(model.graph.outputs)
+    model.graph.outputs.extend(wanted)
+    try:
+        sess = make_session(model)
+        outs = sess.run([v.name for v in wanted], example_inputs(model, batch=batch, dims=dims))
+    except Exception:  # noqa: BLE001 - a fallback: unresolved shapes stay unknown and are reported as such
+        return {}
+    finally:
+        del model.graph.outputs[n_outputs:]
+    return {v.name: tuple(o.shape) for v, o in zip(wanted, outs)}
+
+
+def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None, runtime_fallback: bool = True) -> FlopsReport:
+    """FLOPs of one forward pass at ``batch`` (symbolic non-batch axes from ``dims`` or 32).
+
+    When static shape inference leaves nodes without shapes, ``runtime_fallback`` reads them from one ONNX
+    Runtime run on generated inputs; nodes still unresolved are listed in ``unknown``.
+    """
     load_all()
     shapes = concrete_shapes(model, input_dims(model, batch=batch, dims=dims))
 
@@ -141,6 +186,9 @@ def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = N
         if s is None and value.shape is not None:
             s = tuple(value.shape)
         return s
+
+    if runtime_fallback and any(_node_flops_safe(n, shp) is None for n in model.graph):
+        shapes.update(runtime_shapes(model, batch=batch, dims=dims, known=shapes))
 
     per_node: dict[str, int] = {}
     unknown: list[str] = []
