@@ -115,15 +115,17 @@ def test_bert_padding_mask_kept_for_sparse_patterns(export, config):
     assert np.abs(a - run(base, feeds)[0]).max() > 1e-3  # and the pattern did change something
 
 
-def test_hf_bert_where_mask(hf_export):
-    path = hf_export("bert")
+@pytest.mark.parametrize("opset", [18, 23])  # 18: Where-built float mask [B, 1, N, N]; 23: Attention, bool mask
+def test_hf_bert_mask(hf_export, opset):
+    path = hf_export("bert", opset=opset)
     base = load_model(path)
     feeds = {"input_ids": np.random.default_rng(0).integers(0, 1000, (2, 16)), "attention_mask": np.ones((2, 16), np.int64)}
     feeds["attention_mask"][1, 10:] = 0
     for cfg in ({"window": 16}, {"pattern": "block_topk", "block_size": 4, "topk": 4}):
         model, result = _apply(path, cfg)
         assert len(result.rewritten) == 2 and not result.skipped
-        assert "IsNaN" not in _ops(model) and "Softmax" not in _ops(model)
+        assert not {"IsNaN", "Softmax", "Attention"} & set(_ops(model))
+        assert all(r["mask"] == "full" for r in result.rewritten)
         np.testing.assert_allclose(run(model, feeds)[0], run(base, feeds)[0], atol=1e-4, rtol=0)
     model, _ = _apply(path, {"window": 3})
     other = {k: v.copy() for k, v in feeds.items()}
