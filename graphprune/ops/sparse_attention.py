@@ -122,11 +122,10 @@ def normalize(pattern: str, seq_len: int, scale: float, bias: str = "none", **pa
 def _plan(a: dict) -> GatheredPlan | RoutedPlan:
     n, p = a["seq_len"], a["pattern"]
     if p == "sliding_window":
-        block = a["block_size"] or min(128, max(16, a["window"]))
-        return sliding_window_plan(n, a["window"], bool(a["causal"]), a["num_global"], block)
+        return sliding_window_plan(n, a["window"], bool(a["causal"]), a["num_global"], effective_block(a))
     if p == "neighborhood_2d":
-        tile = a["block_size"] or max(2, (a["kernel"] + 1) // 2)
-        return neighborhood_2d_plan(n, tuple(a["grid"]), a["kernel"], a["dilation"], a["num_global"], tile)
+        return neighborhood_2d_plan(n, tuple(a["grid"]), a["kernel"], a["dilation"], a["num_global"],
+                                    effective_block(a))
     return routed_plan(n, a["block_size"] or 64, a["topk"], a["num_global"])
 
 
@@ -298,6 +297,16 @@ def attrs_of(node: ir.Node) -> dict:
 def scores_per_head(attrs: dict) -> int:
     """Score entries (q·k products) the body computes per (batch, head)."""
     return _plan(attrs).scores_per_head()
+
+
+def effective_block(attrs: dict) -> int:
+    """The block size the body uses: query block (sliding_window), tile side (neighborhood_2d), block (block_*)."""
+    a = attrs
+    if a["pattern"] == "sliding_window":
+        return a["block_size"] or min(128, max(16, a["window"]))
+    if a["pattern"] == "neighborhood_2d":
+        return a["block_size"] or max(2, (a["kernel"] + 1) // 2)
+    return _plan(a).block
 
 
 def attention_flops(attrs: dict, batch: int, heads: int, head_dim: int, v_dim: int) -> tuple[int, int]:

@@ -301,7 +301,8 @@ class _Rewriter:
         self.flops[1] += dense
         self.rewritten.append({
             "block": blk.index, "heads": head_ids, "pattern": attrs["pattern"], "tokens": attrs["seq_len"],
-            "params": {k: v for k, v in attrs.items() if k not in ("pattern", "seq_len", "scale", "bias")},
+            "params": {k: v for k, v in attrs.items() if k not in ("pattern", "seq_len", "scale", "bias")}
+            | {"block_size": op.effective_block(attrs)},
             "mask": attrs["bias"], "attention_flops_ratio": round(dense / executed, 3), "node": node.name,
         })
         return out
