@@ -73,7 +73,7 @@ SCHEMA = OpSchema(
     doc=__doc__.split("\n\n")[0],
 )
 
-_KEYS = {
+PATTERN_KEYS = {
     "sliding_window": ("window", "causal", "num_global", "block_size"),
     "neighborhood_2d": ("grid", "kernel", "dilation", "num_global", "block_size"),
     "block_topk": ("block_size", "topk", "keep_diagonal", "keep_first", "num_global"),
@@ -90,7 +90,7 @@ def normalize(pattern: str, seq_len: int, scale: float, bias: str = "none", **pa
     if bias not in BIAS_KINDS:
         raise ValueError(f"bias kind {bias!r}")
     out: dict = {"pattern": pattern, "seq_len": int(seq_len), "scale": float(scale), "bias": bias}
-    for key in _KEYS[pattern]:
+    for key in PATTERN_KEYS[pattern]:
         val = params.get(key)
         out[key] = _DEFAULTS.get(key) if val is None else val
     for key in ("window", "kernel", "dilation", "topk"):

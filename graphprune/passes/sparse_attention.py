@@ -279,7 +279,7 @@ class _Rewriter:
             if lay.shape[0] != 1:
                 lay = lay[head_ids]
             params["topk"] = int(lay.sum(-1).max())
-        params = {k: v for k, v in params.items() if k in op._KEYS[pattern]}  # other patterns' keys do not apply
+        params = {k: v for k, v in params.items() if k in op.PATTERN_KEYS[pattern]}  # other patterns' keys do not apply
         scale = blk.scale if blk.scale else 1.0 / math.sqrt(blk.head_dim)
         return group, head_ids, op.normalize(pattern, n, scale, bkind, **params), lay
 
