@@ -127,3 +127,19 @@ def test_flops_runtime_fallback_matches_static_export(tmp_path):
     assert len(with_fallback.unknown) < len(without.unknown)
     assert with_fallback.flops == pytest.approx(ref.flops, rel=0.02)
     assert len(dyn.graph.outputs) == n_outputs  # the temporary outputs are gone
+
+
+def test_flops_symbolic_dims_are_unknown_not_a_crash():
+    """An Attention node whose batch stays symbolic ('B' * 2 would silently be a string): reported unknown."""
+    m = _model(
+        [helper.make_node("Attention", ["Q", "K", "V"], ["O"])],
+        [_vi("Q", ["B", 2, 4, 8]), _vi("K", ["B", 2, 4, 8]), _vi("V", ["B", 2, 4, 8])],
+        [_vi("O", None)],
+        opset=23,
+    )
+    node = next(iter(m.graph))
+    from graphprune.analysis.flops import _node_flops_safe
+
+    assert _node_flops_safe(node, lambda v: ("B", 2, 4, 8) if v is not None else None) is None
+    r = count_flops(m, runtime_fallback=False)  # batch resolves to 1 through input_dims
+    assert r.flops == 2 * 1 * 2 * 4 * 4 * (8 + 8) + 5 * 2 * 4 * 4

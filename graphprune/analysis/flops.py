@@ -130,10 +130,12 @@ def count_params(model: ir.Model) -> int:
 
 
 def _node_flops_safe(node: ir.Node, shp) -> int | None:
+    """``_node_flops``, or ``None`` when a dimension it needs is unknown (symbolic dims are strings)."""
     try:
-        return _node_flops(node, shp)
+        f = _node_flops(node, shp)
     except (TypeError, IndexError, ValueError):
         return None
+    return int(f) if isinstance(f, (int, np.integer)) else None
 
 
 def runtime_shapes(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None, known: dict | None = None) -> dict[str, tuple]:
@@ -193,10 +195,7 @@ def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = N
     per_node: dict[str, int] = {}
     unknown: list[str] = []
     for node in model.graph:
-        try:
-            f = _node_flops(node, shp)
-        except (TypeError, IndexError, ValueError):
-            f = None
+        f = _node_flops_safe(node, shp)
         if f is None:
             unknown.append(node.name or node.op_type)
             f = 0

@@ -21,11 +21,7 @@ _OP_MODULES = ("token_select", "token_merge", "diversity_select", "sparse_attent
 def load_all() -> None:
     """Import every op module (registers FLOPs rules)."""
     for mod in _OP_MODULES:
-        try:
-            importlib.import_module(f"graphprune.ops.{mod}")
-        except ModuleNotFoundError as e:  # optional ops (e.g. diversity_select) may be absent
-            if e.name != f"graphprune.ops.{mod}":
-                raise
+        importlib.import_module(f"graphprune.ops.{mod}")
 
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "FLOPS_RULES", "OpSchema", "add_function", "flops_rule", "load_all", "overload_key"]

@@ -27,11 +27,7 @@ def _load() -> None:
     if _loaded:
         return
     for mod in _PASS_MODULES:
-        try:
-            importlib.import_module(f"graphprune.passes.{mod}")
-        except ModuleNotFoundError as e:  # TODO(integration): make strict once every pass module exists
-            if e.name != f"graphprune.passes.{mod}":
-                raise
+        importlib.import_module(f"graphprune.passes.{mod}")
     _loaded = True
 
 
