@@ -14,7 +14,6 @@ Run (one process, under the shared benchmark lock):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -31,10 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _models():
-    spec = importlib.util.spec_from_file_location("gp_example_models", ROOT / "examples" / "models.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from examples import models
+
+    return models
 
 
 def _export(name: str, folder: Path) -> Path:

@@ -11,10 +11,8 @@ Run under the shared benchmark lock:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -39,11 +37,9 @@ CONFIGS = [
 
 
 def _examples():
-    spec = importlib.util.spec_from_file_location("graphprune_examples_models", ROOT / "examples" / "models.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from examples import models
+
+    return models
 
 
 def export_deit(opset: int) -> Path:

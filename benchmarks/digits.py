@@ -45,11 +45,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -185,11 +183,9 @@ def evaluate(model, x: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
 # --------------------------------------------------------------------------------------- models
 @cache
 def _examples():
-    spec = importlib.util.spec_from_file_location("graphprune_examples_models", _REPO / "examples" / "models.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from examples import models
+
+    return models
 
 
 def _build_vit(sdpa: bool = False):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_EX = Path(__file__).parents[1] / "examples" / "models.py"
-_spec = importlib.util.spec_from_file_location("gp_example_models", _EX)
-models = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("gp_example_models", models)
-_spec.loader.exec_module(models)
+from examples import models
 
 
 def cbr(cin: int, cout: int, k: int = 3, s: int = 1, g: int = 1) -> nn.Sequential:

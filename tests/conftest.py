@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _examples():
-    spec = importlib.util.spec_from_file_location("graphprune_examples_models", ROOT / "examples" / "models.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="session")
 def examples():
     """The ``examples/models.py`` module (model builders and ``export_model``)."""
-    return _examples()
+    from examples import models
+
+    return models
 
 
 @pytest.fixture(scope="session")
