@@ -127,6 +127,8 @@ def test_flops_runtime_fallback_matches_static_export(tmp_path):
     assert len(with_fallback.unknown) < len(without.unknown)
     assert with_fallback.flops == pytest.approx(ref.flops, rel=0.02)
     assert len(dyn.graph.outputs) == n_outputs  # the temporary outputs are gone
+    flagged = [v.name for node in dyn.graph for v in node.outputs if v.is_graph_output()]
+    assert sorted(flagged) == sorted(v.name for v in dyn.graph.outputs)  # and no value still thinks it is one
 
 
 def test_flops_symbolic_dims_are_unknown_not_a_crash():

@@ -168,7 +168,8 @@ def runtime_shapes(model: ir.Model, batch: int = 1, dims: dict[str, int] | None 
     except Exception:  # noqa: BLE001 - a fallback: unresolved shapes stay unknown and are reported as such
         return {}
     finally:
-        del model.graph.outputs[n_outputs:]
+        while len(model.graph.outputs) > n_outputs:  # pop(): onnx-ir 1.1's slice deletion leaves is_graph_output() set
+            model.graph.outputs.pop()
     return {v.name: tuple(o.shape) for v, o in zip(wanted, outs)}
 
 
