@@ -217,14 +217,19 @@ def optimize(
     _progress(context, "verify", 0, 1)
     report_verify = compare(model_path, model, feeds, pipeline.verify)
     _progress(context, "verify", 1, 1)
-    flops0 = count_flops(original)
-    flops1 = count_flops(model)
+    if records:  # the pipeline already counted the model before its first and after its last pass
+        f0, f1 = records[0]["flops"]["before"], records[-1]["flops"]["after"]
+        p0, p1 = records[0]["params"]["before"], records[-1]["params"]["after"]
+    else:
+        r = count_flops(model)
+        f0 = f1 = r.flops
+        p0 = p1 = r.params
     report: dict[str, Any] = {
         "model": str(model_path),
         "output": str(output),
         "passes": records,
-        "flops": {"before": flops0.flops, "after": flops1.flops, "ratio": flops1.flops / max(flops0.flops, 1)},
-        "params": {"before": flops0.params, "after": flops1.params, "ratio": flops1.params / max(flops0.params, 1)},
+        "flops": {"before": f0, "after": f1, "ratio": f1 / max(f0, 1)},
+        "params": {"before": p0, "after": p1, "ratio": p1 / max(p0, 1)},
         "verify": report_verify.to_dict(),
     }
     if not report_verify.passed and not force:
