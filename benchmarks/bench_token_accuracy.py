@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from benchmarks import digits
+from benchmarks.bench_token_drop import measure
 from graphprune.analysis.flops import count_flops
-from graphprune.backends.onnxruntime import benchmark, make_session
+from graphprune.backends.onnxruntime import make_session
 from graphprune.passes import get_pass
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -33,15 +33,6 @@ CONFIGS = [
     ("tome (blocks 1,3)", {"method": "tome", "layers": [1, 3]}, "r", [16, 24]),
     ("cls_attention budget", {"method": "cls_attention", "layers": [1, 2, 3]}, "schedule", [{"flops": 0.7}, {"flops": 0.55}]),
 ]
-
-
-def latency_ratio(base_sess, model: ir.Model, feeds: dict, reps: int, runs: int) -> float:
-    sess = make_session(model)
-    ratios = []
-    for _ in range(reps):
-        res = benchmark({"base": base_sess, "opt": sess}, feeds, warmup=3, runs=runs)
-        ratios.append(res["opt"]["median_ms"] / res["base"]["median_ms"])
-    return statistics.median(ratios)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             acc = digits.evaluate(model, x_test, y_test)
             fr = count_flops(model, batch=1).flops / base_flops
             lat = {b: float("nan") if a.no_latency else
-                   latency_ratio(base_sess, model, feeds[b], a.reps, a.runs if b == 64 else 3 * a.runs) for b in feeds}
+                   measure(base_sess, model, feeds[b], a.reps, a.runs if b == 64 else 3 * a.runs)[0] for b in feeds}
             after = [str(r["tokens_after"]) for r in result.rewritten]
             tokens = "→".join(after) if len(after) <= 4 else f"{after[0]}→…→{after[-1]} ({len(after)} layers)"
             label = f"flops≤{level['flops']}" if isinstance(level, dict) else f"{key}={level}"

@@ -51,8 +51,8 @@ def export_deit(opset: int) -> Path:
     return path
 
 
-def measure(base_sess, opt_model: ir.Model, feeds: dict, reps: int, runs: int) -> float:
-    """Median over ``reps`` of (optimized median / base median), each from one interleaved benchmark call."""
+def measure(base_sess, opt_model: ir.Model, feeds: dict, reps: int, runs: int) -> tuple[float, float]:
+    """(median over ``reps`` of optimized median / base median, the last base median in ms); interleaved runs."""
     opt_sess = make_session(opt_model)
     ratios = []
     for _ in range(reps):

@@ -146,14 +146,12 @@ def _untranspose_k(kt: ir.Value) -> ir.Value | None:
     return None
 
 
-def _single_user(value: ir.Value, skip_guards: bool = True) -> tuple[ir.Node | None, list[ir.Node]]:
+def _single_user(value: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
     """Follow the softmax output through guard nodes (IsNaN/Where, Cast, Dropout, Identity) to its consumer."""
     passed: list[ir.Node] = []
     cur = value
     while True:
         users = [u for u, _ in cur.uses()]
-        if not skip_guards:
-            return (users[0] if len(users) == 1 else None), passed
         isnan = [u for u in users if u.op_type == "IsNaN"]
         where = [u for u in users if u.op_type == "Where"]
         if isnan and len(where) == 1 and len(users) == 2:
@@ -209,8 +207,6 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
     heads = _dim(q, -3) if rank >= 4 else None
     kv_heads = _dim(v, -3) if rank >= 4 else None
     head_dim = _dim(q, -1)
-    if head_dim is not None and math.isclose(scale, 1.0) and fq == fk == 1.0 and len(core) == 3 + len(guards) + (1 if mask is not None else 0):
-        pass  # unscaled attention: keep scale 1.0 as found
     return AttentionBlock(
         index=-1,
         kind="matmul_softmax",
