@@ -21,3 +21,8 @@ class UnsupportedPatternError(GraphpruneError):
 
 class VerificationError(GraphpruneError):
     """The optimized model's outputs do not match the original within the configured thresholds."""
+
+
+class DataError(GraphpruneError):
+    """User data (``--data``: npz, image folder, text + tokenizer, feed dicts) is missing, malformed or does not fit
+    the model; the message names the file, the input or the numbers."""
