@@ -99,10 +99,23 @@ def optimize(
         str | None, typer.Option("--sparse-attention", help="Add sparse_attention: PATTERN[:key=value,...].")
     ] = None,
     prune_channels: Annotated[float | None, typer.Option("--prune-channels", help="Add channel_prune with this ratio.")] = None,
-    inputs: Annotated[Path | None, typer.Option("--inputs", help=".npz of input arrays for verification.")] = None,
-    cosine_min: Annotated[float | None, typer.Option(help="Verification threshold (overrides the config).")] = None,
-    max_abs_err: Annotated[float | None, typer.Option(help="Verification threshold (overrides the config).")] = None,
-    top1_min: Annotated[float | None, typer.Option(help="Verification threshold (overrides the config).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Real samples for calibration and verification: .npz (one key per input, [S, ...]), a folder "
+        "of images (.png/.jpg/.jpeg/.bmp), or .txt/.jsonl texts (with --tokenizer).")] = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", hidden=True, help="Older form of --data (.npz; its samples serve calibration and verification).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Hugging Face tokenizer.json for text data.")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Text data: tokens per sample [default: 128].")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Image data: per-channel mean, e.g. 0.485,0.456,0.406 [default: ImageNet].")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Image data: per-channel std [default: ImageNet].")] = None,
+    normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Image data: apply mean/std after scaling to [0, 1] [default: normalize].")] = None,
+    calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", min=1, help="Samples for calibration [default: 128; 8 synthetic without --data].")] = None,
+    verify_samples: Annotated[int | None, typer.Option("--verify-samples", min=1, help="Held-out samples for verification [default: 64; 8 synthetic without --data].")] = None,
+    allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help="Let calibration and verification share samples when the data is too small for both.")] = False,
+    cosine_min: Annotated[float | None, typer.Option(help="Threshold: smallest per-sample cosine (overrides the config).")] = None,
+    cosine_mean_min: Annotated[float | None, typer.Option(help="Threshold: mean per-sample cosine (overrides the config).")] = None,
+    neighbor_agreement_min: Annotated[float | None, typer.Option(help="Threshold: embeddings' nearest-neighbour agreement (overrides the config).")] = None,
+    max_abs_err: Annotated[float | None, typer.Option(help="Threshold: largest absolute error (overrides the config).")] = None,
+    top1_min: Annotated[float | None, typer.Option(help="Threshold: logits' top-1 agreement (overrides the config).")] = None,
     batch: Annotated[int, typer.Option(help="Batch size for --bench.")] = 1,
     runs: Annotated[int, typer.Option(help="Timed runs per model for --bench.")] = 20,
     threads: Annotated[int | None, typer.Option(help="ORT intra-op threads (default: all cores).")] = None,
@@ -110,13 +123,26 @@ def optimize(
     """Run a pass pipeline on MODEL, verify the result against MODEL, and write it to OUTPUT.
 
     Without --config or shortcut flags the pipeline is `cleanup`. Shortcut flags append their pass (then
-    `cleanup`) after the config's passes. Verification defaults to cosine_min 0.95 when nothing sets a threshold.
+    `cleanup`) after the config's passes. With --data, calibration and verification use disjoint real samples;
+    without it they use a few generated inputs, and the report and the terminal say so. Thresholds a config or
+    flag leaves out take the default for each output's kind (logits, embedding, per-token, other).
     """
     from graphprune.pipeline import Pipeline
     from graphprune.pipeline import optimize as run_optimize
     from graphprune.verify import VerifyThresholds
 
     pipe = Pipeline.from_yaml(config) if config else Pipeline()
+    if data is not None and inputs is not None:
+        raise ConfigError("--inputs is the older name of --data: give one of them")
+    if inputs is not None:  # the older option: its samples serve both roles, as they did
+        data, allow_overlap = inputs, True
+    data_overrides = {k: v for k, v in dict(
+        path=str(data) if data is not None else None, tokenizer=str(tokenizer) if tokenizer is not None else None,
+        max_length=max_length, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), normalize=normalize,
+        calibration_samples=calibration_samples, verify_samples=verify_samples,
+        allow_overlap=allow_overlap or None).items() if v is not None}
+    if data_overrides:
+        pipe.data = pipe.data.model_copy(update=data_overrides)
     shortcut = []
     if token_keep is not None:
         shortcut.append({"name": "token_drop", "keep_ratio": token_keep})
@@ -128,22 +154,19 @@ def optimize(
         pipe.steps.append(Pipeline.step(entry, f"--{entry['name'].replace('_', '-')}"))
     if shortcut or not pipe.steps:
         pipe.add("cleanup")
-    overrides = {k: v for k, v in dict(cosine_min=cosine_min, max_abs_err=max_abs_err, top1_min=top1_min).items() if v is not None}
-    thresholds = pipe.verify.model_dump(exclude_none=True) | overrides
-    pipe.verify = VerifyThresholds(**(thresholds or {"cosine_min": 0.95}))
-    feeds = None
-    if inputs is not None:
-        from graphprune.analysis.inputs import load_npz
-        from graphprune.io import load_model
-
-        feeds = load_npz(str(inputs), load_model(model))
+    overrides = {k: v for k, v in dict(cosine_min=cosine_min, cosine_mean_min=cosine_mean_min, max_abs_err=max_abs_err,
+                                       neighbor_agreement_min=neighbor_agreement_min, top1_min=top1_min).items()
+                 if v is not None}
+    if overrides:
+        given = pipe.verify.model_dump(exclude_unset=True)
+        pipe.verify = VerifyThresholds.model_validate(given | overrides)
     if report is not None and not report.parent.exists():
         raise GraphpruneError(f"report folder {report.parent} does not exist")
     from graphprune.passes.base import PassContext
 
     with _Bar() as bar:
         try:
-            rep = run_optimize(model, output, pipe, feeds=feeds, bench=bench, bench_batch=batch, bench_runs=runs,
+            rep = run_optimize(model, output, pipe, bench=bench, bench_batch=batch, bench_runs=runs,
                                threads=threads, force=force, context=PassContext(progress=bar))
         except GraphpruneError as e:
             if report is not None and getattr(e, "report", None) is not None:
@@ -152,6 +175,22 @@ def optimize(
     if report is not None:
         _write_json_atomic(report, rep)
     _summary(rep)
+    for w in rep.get("warnings", []):
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _verify_line(v: dict) -> str:
+    top1 = f", top-1 agreement {v['top1_agreement']:.4f}" if v.get("top1_agreement") is not None else ""
+    return f"max abs err {v['max_abs_err']:.3g}, min cosine {v['cosine_min']:.6f}{top1}"
 
 
 def _fmt_flops(x: float) -> str:
@@ -177,9 +216,14 @@ def _summary(rep: dict) -> None:
         for s in p["skipped"][:10]:
             out.print(f"  [yellow]skipped[/] {p['name']}: {s.get('where', '')}: {s.get('reason', '')}")
     v = rep["verify"]
-    top1 = f", top-1 agreement {v['top1_agreement']:.4f}" if v.get("top1_agreement") is not None else ""
-    status = "[green]passed[/]" if v["passed"] else "[red]FAILED (written with --force)[/]"
-    out.print(f"verify {status}: max abs err {v['max_abs_err']:.3g}, min cosine {v['cosine_min']:.6f}{top1}")
+    synthetic = rep.get("data", {}).get("source") == "synthetic"
+    if v["passed"]:
+        status = "[green]passed[/]" + (" [yellow](synthetic inputs)[/]" if synthetic else "")
+    else:
+        status = "[red]FAILED (written with --force)[/]"
+    d = rep.get("data", {})
+    where = f"{d.get('verify_samples', '?')} {'synthetic' if synthetic else 'held-out real'} samples"
+    out.print(f"verify {status} on {where}: {v.get('summary') or _verify_line(v)}", highlight=False)
     out.print(f"FLOPs ×{rep['flops']['ratio']:.3f}, params ×{rep['params']['ratio']:.3f}")
     if "latency_ms" in rep:
         lat = rep["latency_ms"]

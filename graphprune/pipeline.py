@@ -5,10 +5,16 @@ YAML schema (unknown keys are errors; the error names the key)::
     passes:                     # run in this order
       - name: token_drop        # a registry name (``graphprune passes`` lists them)
         keep_ratio: 0.7         # that pass's config fields, as sibling keys
-    verify:                     # thresholds; a missing one is not checked
-      max_abs_err: 1.0e-4
-      cosine_min: 0.99
-      top1_min: 0.99
+    data:                       # real samples for calibration and verification (see graphprune.data)
+      path: texts.txt           # .npz | image folder | .txt / .jsonl (relative to this file)
+      tokenizer: tokenizer.json # text only
+      max_length: 256
+      calibration_samples: 128  # disjoint from the verification samples
+      verify_samples: 64
+    verify:                     # thresholds (see graphprune.verify); a left-out one takes its kind's default
+      cosine_mean_min: 0.99
+      neighbor_agreement_min: 0.95
+      outputs: {sentence_embedding: {kind: embedding}}
 
 After each pass the pipeline counts nodes, FLOPs and params, runs the ONNX checker and records the time; an
 exception inside a pass is re-raised naming the pass and the passes that ran before it.
@@ -22,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import pydantic
@@ -32,6 +39,27 @@ from graphprune.errors import ConfigError, GraphpruneError
 from graphprune.passes import get_pass
 from graphprune.passes.base import GraphPass, PassConfig, PassContext
 from graphprune.verify import VerifyThresholds
+
+#: Sample counts when the user gives no data: generated inputs say nothing about fidelity, so few are used.
+SYNTHETIC_SAMPLES = 8
+
+
+class DataConfig(pydantic.BaseModel):
+    """The ``data:`` mapping of a pipeline config (the ``--data`` family of CLI options overrides it)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    path: str | None = pydantic.Field(None, description=".npz, a folder of images, or .txt/.jsonl texts")
+    tokenizer: str | None = pydantic.Field(None, description="tokenizer.json for text data")
+    max_length: int = pydantic.Field(128, ge=1, description="text: tokens per sample (truncated)")
+    mean: list[float] | None = pydantic.Field(None, description="images: per-channel mean (default ImageNet)")
+    std: list[float] | None = pydantic.Field(None, description="images: per-channel std (default ImageNet)")
+    normalize: bool = pydantic.Field(True, description="images: apply mean/std after scaling to [0, 1]")
+    calibration_samples: int | None = pydantic.Field(None, ge=1, description="default 128 (8 when synthetic)")
+    verify_samples: int | None = pydantic.Field(None, ge=1, description="default 64 (8 when synthetic)")
+    allow_overlap: bool = pydantic.Field(False, description="let calibration and verification share samples")
+    seed: int = pydantic.Field(0, description="seed of the calibration/verification split")
+    batch_size: int = pydantic.Field(8, ge=1, description="samples per ORT run (calibration and verification)")
 
 
 def _fmt_validation(err: pydantic.ValidationError, where: str) -> str:
@@ -55,9 +83,11 @@ class Step:
 class Pipeline:
     """An ordered list of configured passes plus verification thresholds."""
 
-    def __init__(self, steps: Sequence[Step] = (), verify: VerifyThresholds | None = None) -> None:
+    def __init__(self, steps: Sequence[Step] = (), verify: VerifyThresholds | None = None,
+                 data: DataConfig | None = None) -> None:
         self.steps = list(steps)
         self.verify = verify or VerifyThresholds()
+        self.data = data or DataConfig()
 
     # -- construction -------------------------------------------------------------------------------------------
     @staticmethod
@@ -83,9 +113,9 @@ class Pipeline:
             data = {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: top level must be a mapping with 'passes' (and optionally 'verify')")
-        unknown = sorted(set(data) - {"passes", "verify"})
+        unknown = sorted(set(data) - {"passes", "verify", "data"})
         if unknown:
-            raise ConfigError(f"{source}: unknown key {unknown[0]!r} (allowed: passes, verify)")
+            raise ConfigError(f"{source}: unknown key {unknown[0]!r} (allowed: passes, verify, data)")
         entries = data.get("passes") or []
         if not isinstance(entries, list):
             raise ConfigError(f"{source}: passes: expected a list of pass entries")
@@ -94,7 +124,11 @@ class Pipeline:
             verify = VerifyThresholds.model_validate(data.get("verify") or {})
         except pydantic.ValidationError as e:
             raise ConfigError(f"{source}: " + _fmt_validation(e, "verify")) from None
-        return cls(steps, verify)
+        try:
+            data_cfg = DataConfig.model_validate(data.get("data") or {})
+        except pydantic.ValidationError as e:
+            raise ConfigError(f"{source}: " + _fmt_validation(e, "data")) from None
+        return cls(steps, verify, data_cfg)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Pipeline:
@@ -110,10 +144,14 @@ class Pipeline:
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file") from None
         try:
-            return cls.from_dict(data, str(path))
+            pipe = cls.from_dict(data, str(path))
         except ConfigError as e:
             msg = str(e)
             raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+        rel = {k: str(path.parent / v) for k in ("path", "tokenizer") if (v := getattr(pipe.data, k)) and not Path(v).is_absolute()}
+        if rel:  # data paths in a config are relative to the config file
+            pipe.data = pipe.data.model_copy(update=rel)
+        return pipe
 
     def add(self, name: str, **config: Any) -> Pipeline:
         """Append a pass by registry name (Python API); returns self for chaining."""
@@ -153,6 +191,7 @@ class Pipeline:
                     "rewritten": result.rewritten,
                     "skipped": result.skipped,
                     **({"info": result.info} if result.info else {}),
+                    **({"warnings": list(result.warnings)} if getattr(result, "warnings", None) else {}),
                 }
             )
             before = after
@@ -179,11 +218,40 @@ def _check(model: ir.Model, pass_name: str) -> None:
         raise GraphpruneError(f"pass {pass_name!r} produced an invalid model: {str(e).splitlines()[0]}") from e
 
 
+def resolve_data(
+    model: ir.Model,
+    data: Any = None,
+    config: DataConfig | None = None,
+) -> tuple[Any, Any]:
+    """The (calibration, verification) :class:`graphprune.data.Dataset` pair for ``model``.
+
+    ``data`` is a path, a ``Dataset`` or an iterable of feed dicts; ``None`` falls back to ``config.path`` and
+    then to synthetic samples (``SYNTHETIC_SAMPLES`` each for calibration and verification, disjoint seeds,
+    unless the config asks for other counts). Real data is split with ``Dataset.split`` (seeded, disjoint unless
+    ``allow_overlap``). Bad data raises ``DataError`` before anything is run or written.
+    """
+    from graphprune.data import Dataset, load_data, synthetic_data
+
+    cfg = config or DataConfig()
+    if data is None and cfg.path is not None:
+        data = cfg.path
+    if data is None:
+        n_cal = cfg.calibration_samples or SYNTHETIC_SAMPLES
+        n_ver = cfg.verify_samples or SYNTHETIC_SAMPLES
+        return synthetic_data(model, n_cal, seed=cfg.seed), synthetic_data(model, n_ver, seed=cfg.seed + 1)
+    if not isinstance(data, Dataset):
+        data = load_data(data, model, tokenizer=cfg.tokenizer, max_length=cfg.max_length, mean=cfg.mean, std=cfg.std,
+                         normalize=cfg.normalize)
+    return data.split(cfg.calibration_samples or 128, cfg.verify_samples or 64, seed=cfg.seed,
+                      allow_overlap=cfg.allow_overlap)
+
+
 def optimize(
     model_path: str | Path,
     output: str | Path,
     pipeline: Pipeline,
     *,
+    data: Any = None,
     feeds: list[dict] | None = None,
     bench: bool = False,
     bench_batch: int = 1,
@@ -192,10 +260,17 @@ def optimize(
     force: bool = False,
     context: PassContext | None = None,
 ) -> dict:
-    """Load, run ``pipeline``, verify against the original, optionally benchmark, then save atomically.
+    """Load, run ``pipeline``, verify against the original on held-out samples, optionally benchmark, then save
+    atomically.
 
-    Returns the report dict (keys ``passes``, ``flops``, ``params``, ``verify``, and ``latency_ms`` when
-    ``bench``). Nothing is written when verification fails, unless ``force``.
+    ``data`` (a path understood by :func:`graphprune.data.load_data`, a ``Dataset`` or an iterable of feed
+    dicts; default ``pipeline.data.path``) gives real samples: a seeded split feeds calibration (the passes'
+    ``PassContext.calibration``) and, disjoint from it, verification. Without data both use generated inputs
+    and the report says so (``data.source: "synthetic"``, a warning in ``warnings``). ``feeds`` is the older
+    form of ``data`` (a list of feed dicts with a leading sample axis).
+
+    Returns the report dict (keys ``data``, ``passes``, ``flops``, ``params``, ``verify``, ``warnings``, and
+    ``latency_ms`` when ``bench``). Nothing is written when verification fails, unless ``force``.
     """
     from graphprune.analysis.inputs import example_inputs
     from graphprune.backends.onnxruntime import benchmark
@@ -204,19 +279,31 @@ def optimize(
     from graphprune.verify import compare
 
     model_path = Path(model_path)
-    original = load_model(model_path)
-    check_output_path(output, original, inputs=(model_path,))
     model = load_model(model_path)
+    check_output_path(output, model, inputs=(model_path,))
     context = context or PassContext()
     context.source_path = str(model_path)
-    if feeds is None:
-        feeds = [example_inputs(original, batch=2, seed=0)]
+    cal, ver = resolve_data(model, feeds if data is None else data, pipeline.data)
+    batch = pipeline.data.batch_size
     if context.calibration is None:
-        context.calibration = feeds
+        context.calibration = cal.batches(batch)
+        context.data_source = cal.source
+    data_info = {"source": cal.source, "description": cal.description, "calibration_samples": len(cal),
+                 "verify_samples": len(ver)}
+    if cal.source == "user":
+        shared = _shared_samples(cal, ver)
+        data_info["overlap_samples"] = shared
+    warnings: list[str] = []
+    if ver.source != "user":
+        warnings.append(f"verification used {len(ver)} synthetic inputs generated from the input specs; pass --data "
+                        "with real samples to check fidelity")
+    _progress(context, "load", 1, 1)
     records = pipeline.run(model, context)
-    _progress(context, "verify", 0, 1)
-    report_verify = compare(model_path, model, feeds, pipeline.verify)
-    _progress(context, "verify", 1, 1)
+    for r in records:
+        warnings += [f"{r['name']}: {w}" for w in r.get("warnings", [])]
+    verify_feeds = ver.batches(batch)
+    report_verify = compare(model_path, model, verify_feeds, pipeline.verify, real_data=ver.source == "user",
+                            progress=lambda d, t: _progress(context, "verify", d, t))
     if records:  # the pipeline already counted the model before its first and after its last pass
         f0, f1 = records[0]["flops"]["before"], records[-1]["flops"]["after"]
         p0, p1 = records[0]["params"]["before"], records[-1]["params"]["after"]
@@ -227,10 +314,12 @@ def optimize(
     report: dict[str, Any] = {
         "model": str(model_path),
         "output": str(output),
+        "data": data_info,
         "passes": records,
         "flops": {"before": f0, "after": f1, "ratio": f1 / max(f0, 1)},
         "params": {"before": p0, "after": p1, "ratio": p1 / max(p0, 1)},
-        "verify": report_verify.to_dict(),
+        "verify": report_verify.to_dict() | {"data_source": ver.source, "summary": report_verify.summary()},
+        "warnings": warnings,
     }
     if not report_verify.passed and not force:
         err = VerificationError(
@@ -239,7 +328,11 @@ def optimize(
         err.report = report  # type: ignore[attr-defined]
         raise err
     if bench:
-        bench_feeds = example_inputs(original, batch=bench_batch, seed=1) if bench_batch != 2 else feeds[0]
+        bench_feeds, bench_inputs = example_inputs(model, batch=bench_batch, seed=1), "synthetic"
+        if ver.source == "user":  # real inputs (and their sequence length) when there are enough of them
+            real = ver.batches(bench_batch)
+            if real and len(next(iter(real[0].values()))) == bench_batch:
+                bench_feeds, bench_inputs = real[0], "verification samples"
         lat = benchmark(
             {"before": model_path, "after": model},
             bench_feeds,
@@ -255,9 +348,19 @@ def optimize(
             "p90_after": lat["after"]["p90_ms"],
             "batch": bench_batch,
             "runs": bench_runs,
+            "inputs": bench_inputs,
         }
     save_model(model, output, inputs=(model_path,))
     return report
+
+
+def _shared_samples(a: Any, b: Any) -> int:
+    """How many verification samples equal a calibration sample (0 unless ``allow_overlap``)."""
+    def key(s: dict) -> bytes:
+        return b"".join(np.ascontiguousarray(s[k]).tobytes() for k in sorted(s))
+
+    seen = {key(s) for s in a.samples}
+    return sum(key(s) in seen for s in b.samples)
 
 
 def _progress(context: PassContext, task: str, done: int, total: int) -> None:

@@ -55,19 +55,3 @@ def example_inputs(model: ir.Model, batch: int = 1, seed: int = 0, dims: dict[st
             arr = rng.standard_normal(shape).astype(dtype)
         feeds[value.name] = arr
     return feeds
-
-
-def load_npz(path: str, model: ir.Model) -> list[dict[str, np.ndarray]]:
-    """Feeds from a user ``.npz``: keys are input names; a leading axis of size S with ``_samples`` in the
-    file name is not inferred — one feed is returned per file. Raises ``GraphpruneError`` on name mismatch."""
-    from graphprune.errors import GraphpruneError
-
-    try:
-        data = np.load(path)
-    except (OSError, ValueError) as e:
-        raise GraphpruneError(f"cannot read inputs file {path}: {e}") from e
-    names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
-    missing = [n for n in names if n not in data.files]
-    if missing:
-        raise GraphpruneError(f"inputs file {path} lacks model inputs: {', '.join(missing)} (has {', '.join(data.files)})")
-    return [{n: data[n] for n in names}]

@@ -39,6 +39,8 @@ class GraphResult(ir.passes.PassResult):
     rewritten: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Things the user should know although the pass succeeded (e.g. activations taken from synthetic inputs).
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 Progress = Callable[[str, int, int], None]
@@ -51,15 +53,24 @@ class PassContext:
     Attributes:
         calibration: input feeds (name -> array) for passes that look at activations; ``None`` means
             the pass generates them from the model's input specs (``analysis.inputs.example_inputs``).
+        data_source: where ``calibration`` came from: ``"user"`` (real samples), ``"synthetic"`` (generated
+            from the input specs) or ``None`` (not said). Passes that fit to activations warn unless ``"user"``,
+            and data-aware defaults (``channel_prune``) switch on only for ``"user"``.
         target: the backend the result is meant for: ``onnxruntime`` (default) or ``tensorrt``.
         progress: ``progress(task, done, total)`` for long steps; the CLI shows it as a progress bar.
         source_path: the path the model was loaded from (for messages), if any.
     """
 
     calibration: list[dict[str, np.ndarray]] | None = None
+    data_source: str | None = None
     target: str = "onnxruntime"
     progress: Progress | None = None
     source_path: str | None = None
+
+    @property
+    def real_data(self) -> bool:
+        """True when the calibration feeds are the user's real samples."""
+        return self.data_source == "user" and bool(self.calibration)
 
     @contextmanager
     def task(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
