@@ -14,8 +14,10 @@ Criteria
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +54,11 @@ def _magnitude(analysis: ChannelAnalysis, p: float) -> np.ndarray:
     return _per_root(analysis, ms, [_slice_norms(m, p) for m in ms])
 
 
-def collect_activations(model: ir.Model, values: list[ir.Value], feeds: list[dict], reduce) -> list:
-    """Run the calibration feeds through ORT with ``values`` as extra outputs; ``reduce(i, array, acc)`` folds
-    each output into an accumulator (returned per value). The model is left as it was."""
+@contextlib.contextmanager
+def probe(model: ir.Model, values: list[ir.Value]) -> Iterator[Callable[[dict], list[np.ndarray]]]:
+    """An ORT session over a snapshot of ``model`` with ``values`` as extra outputs: yields
+    ``run(feed) -> [array per value]`` (float64). The model itself is left as it was; later changes to it do not
+    reach the snapshot."""
     import onnxruntime as ort
 
     added = [v for v in dict.fromkeys(values) if not v.is_graph_output()]
@@ -72,11 +76,24 @@ def collect_activations(model: ir.Model, values: list[ir.Value], feeds: list[dic
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         names = [v.name for v in values]
         inputs = {i.name for i in sess.get_inputs()}
-        acc: list = [None] * len(values)
-        for feed in feeds:
+
+        def run(feed: dict) -> list[np.ndarray]:
+            if not names:  # ORT reads an empty list as "every output"
+                return []
             outs = sess.run(names, {k: a for k, a in feed.items() if k in inputs})
-            for i, y in enumerate(outs):
-                acc[i] = reduce(i, np.asarray(y, dtype=np.float64), acc[i])
+            return [np.asarray(y, dtype=np.float64) for y in outs]
+
+        yield run
+
+
+def collect_activations(model: ir.Model, values: list[ir.Value], feeds: list[dict], reduce) -> list:
+    """Run the calibration feeds through ORT with ``values`` as extra outputs; ``reduce(i, array, acc)`` folds
+    each output into an accumulator (returned per value). The model is left as it was."""
+    acc: list = [None] * len(values)
+    with probe(model, values) as run:
+        for feed in feeds:
+            for i, y in enumerate(run(feed)):
+                acc[i] = reduce(i, y, acc[i])
     return acc
 
 

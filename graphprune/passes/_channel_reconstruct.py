@@ -81,11 +81,40 @@ def _rel_err(s: np.ndarray, txx: float, atxw: np.ndarray, ata: np.ndarray) -> fl
     return float((txx - 2 * np.trace(s.T @ atxw) + np.trace(s.T @ ata @ s)) / max(txx, 1e-30))
 
 
-def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, feeds: list[dict]) -> tuple[list, list]:
-    """Refit the consumers of pruned channels in place (before surgery). Returns (rewritten, skipped) records."""
-    kr = kept[analysis.root]
-    todo: list[tuple[Member, tuple]] = []
-    skipped = []
+def _refit(m: Member, lay: tuple, kr: np.ndarray, ata: np.ndarray, atx: np.ndarray, gxx: np.ndarray):
+    """Solve one consumer's refit from its Gram blocks; returns (new full-size W, bias shift or None, errors)."""
+    w, bias = lay[0], lay[1]
+    k = w.shape[0]
+    p = np.nonzero(kr[m.atoms])[0]
+    lam = 1e-3 * float(np.mean(np.diag(ata))) + 1e-12
+    w64 = w.astype(np.float64)
+    rhs = atx @ w64
+    sol = np.linalg.solve(ata + lam * np.eye(len(ata)), rhs)
+    txx = float(np.trace(w64.T @ gxx @ w64))  # ‖X·W‖²
+    base = np.zeros_like(sol)
+    base[: len(p)] = w64[p]
+    before, after = (_rel_err(s, txx, rhs, ata) for s in (base, sol))
+    new_w = np.zeros_like(w64)  # pruned rows are removed by the surgery; zero keeps a masked model exact
+    new_w[p] = sol[: len(p)]
+    return new_w, (sol[len(p)] if bias is not None else None), before, after, p, k
+
+
+def _store(model: ir.Model, m: Member, lay: tuple, new_w: np.ndarray, shift: np.ndarray | None) -> None:
+    node = m.node
+    _, bias, bnode, bidx = lay
+    if node.op_type == "MatMul":
+        _write(model.graph, node, 1, new_w)
+    elif node.op_type == "Gemm":
+        _write(model.graph, node, 1, new_w.T if node.attributes.get_int("transB", 0) else new_w)
+    else:
+        _write(model.graph, node, 1, new_w.T[:, :, None, None])
+    if shift is not None:
+        _write(model.graph, bnode, bidx, const_value(bias).astype(np.float64) + shift)
+
+
+def _plan_refits(analysis: ChannelAnalysis, kr: np.ndarray) -> tuple[list, list, list]:
+    """(refittable consumers with their layout, other consumers that lose inputs, skipped records)."""
+    todo, others, skipped = [], [], []
     for m in analysis.members:
         if m.role != "in":
             continue
@@ -95,48 +124,93 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
         lay = _layout(m)
         if isinstance(lay, str):
             skipped.append({"where": m.node.name, "reason": f"reconstruct: {lay}"})
+            others.append(m)
             continue
         todo.append((m, lay))
+    return todo, others, skipped
+
+
+def _mask_rows(model: ir.Model, m: Member, kr: np.ndarray) -> None:
+    """Zero the weight slices of ``m`` that read pruned channels (a masked stand-in for the surgery)."""
+    w = const_value(m.value)
+    drop = ~kr[m.atoms]
+    idx = [slice(None)] * w.ndim
+    idx[m.axis] = np.nonzero(drop)[0]
+    w = w.copy()
+    w[tuple(idx)] = 0
+    _write(model.graph, m.node, m.input_index, w)
+
+
+def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, feeds: list[dict],
+                sequential: bool = True, progress=None) -> tuple[list, list]:
+    """Refit the consumers of pruned channels in place (before surgery). Returns (rewritten, skipped) records.
+
+    ``sequential``: consumers are refitted in graph order on the activations of the model pruned so far (every
+    consumer's pruned rows zeroed, earlier consumers already refitted), against the original layer output
+    X·W, so each refit also absorbs the error of the layers before it:
+    min ‖[X̃_P, 1]·s − X·W‖². Otherwise all refits use the original activations (A = [X_P, 1]).
+    """
+    kr = kept[analysis.root]
+    todo, others, skipped = _plan_refits(analysis, kr)
     if not todo:
         return [], skipped
+    order = {id(n): i for i, n in enumerate(model.graph)}
+    todo.sort(key=lambda t: order.get(id(t[0].node), 0))
     xs = [m.node.inputs[0] for m, _ in todo]
-
-    def reduce(i, y, acc):
-        a = _rows(todo[i][0], y)
-        a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
-        g = a.T @ a
-        return g if acc is None else acc + g
-
-    grams = collect_activations(model, xs, feeds, reduce)
     rewritten = []
-    for (m, (w, bias, bnode, bidx)), g in zip(todo, grams, strict=True):
-        k = w.shape[0]
-        p = np.nonzero(kr[m.atoms])[0]
-        cols = np.append(p, k) if bias is not None else p
-        ata = g[np.ix_(cols, cols)]
-        atx = g[np.ix_(cols, np.arange(k))]
-        lam = 1e-3 * float(np.mean(np.diag(ata))) + 1e-12
-        w64 = w.astype(np.float64)
-        sol = np.linalg.solve(ata + lam * np.eye(len(cols)), atx @ w64)
-        # relative output error on the calibration data, before (kept rows as they are) and after the refit
-        txx = np.trace(w64.T @ g[:k, :k] @ w64)
-        base = np.zeros_like(sol)
-        base[: len(p)] = w64[p]
-        before, after = (_rel_err(s, txx, atx @ w64, ata) for s in (base, sol))
-        if after >= before:
-            skipped.append({"where": m.node.name, "reason": "reconstruct: refit did not lower the error"})
-            continue
-        new_w = w64.copy()
-        new_w[p] = sol[: len(p)]
-        node = m.node
-        if node.op_type == "MatMul":
-            _write(model.graph, node, 1, new_w)
-        elif node.op_type == "Gemm":
-            _write(model.graph, node, 1, new_w.T if node.attributes.get_int("transB", 0) else new_w)
-        else:
-            _write(model.graph, node, 1, new_w.T[:, :, None, None])
-        if bias is not None:
-            _write(model.graph, bnode, bidx, const_value(bias).astype(np.float64) + sol[len(p)])
-        rewritten.append({"node": node.name, "kept_inputs": int(len(p)), "of": int(k),
-                          "rel_err_before": round(float(max(before, 0.0)), 5), "rel_err_after": round(float(max(after, 0.0)), 5)})
+
+    def record(m, before, after, p, k):
+        rewritten.append({"node": m.node.name, "kept_inputs": int(len(p)), "of": int(k),
+                          "rel_err_before": round(float(max(before, 0.0)), 5),
+                          "rel_err_after": round(float(max(after, 0.0)), 5)})
+
+    if not sequential:
+        def reduce(i, y, acc):
+            a = _rows(todo[i][0], y)
+            a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+            g = a.T @ a
+            return g if acc is None else acc + g
+
+        grams = collect_activations(model, xs, feeds, reduce)
+        for (m, lay), g in zip(todo, grams, strict=True):
+            k = lay[0].shape[0]
+            p = np.nonzero(kr[m.atoms])[0]
+            cols = np.append(p, k) if lay[1] is not None else p
+            new_w, shift, before, after, p, k = _refit(m, lay, kr, g[np.ix_(cols, cols)],
+                                                        g[np.ix_(cols, np.arange(k))], g[:k, :k])
+            if after >= before:
+                skipped.append({"where": m.node.name, "reason": "reconstruct: refit did not lower the error"})
+                continue
+            _store(model, m, lay, new_w, shift)
+            record(m, before, after, p, k)
+        return rewritten, skipped
+
+    from graphprune.analysis.importance import probe
+
+    with probe(model, xs) as run_original:  # a snapshot: the masking below does not reach it
+        for m in [t[0] for t in todo] + others:
+            _mask_rows(model, m, kr)
+        for step, (m, lay) in enumerate(todo):
+            x = m.node.inputs[0]
+            k = lay[0].shape[0]
+            p = np.nonzero(kr[m.atoms])[0]
+            n = len(p) + (1 if lay[1] is not None else 0)
+            ata, atx, gxx = np.zeros((n, n)), np.zeros((n, k)), np.zeros((k, k))
+            with probe(model, [x]) as run_pruned:
+                for feed in feeds:
+                    xo = _rows(m, run_original(feed)[step])
+                    xp = _rows(m, run_pruned(feed)[0])[:, p]
+                    if lay[1] is not None:
+                        xp = np.concatenate([xp, np.ones((xp.shape[0], 1))], axis=1)
+                    ata += xp.T @ xp
+                    atx += xp.T @ xo
+                    gxx += xo.T @ xo
+            new_w, shift, before, after, p, k = _refit(m, lay, kr, ata, atx, gxx)
+            if progress is not None:
+                progress(step + 1, len(todo))
+            if after >= before:
+                skipped.append({"where": m.node.name, "reason": "reconstruct: refit did not lower the error"})
+                continue
+            _store(model, m, lay, new_w, shift)
+            record(m, before, after, p, k)
     return rewritten, skipped

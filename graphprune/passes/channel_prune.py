@@ -7,6 +7,10 @@ groups, re-run shape inference). With ``plan_in`` the analysis is skipped and th
 
 Preserved: graph inputs and outputs (a group that reaches a graph output is unprunable), batch/dynamic axes,
 initializer names of tensors that are not shared. ``ratio: 0`` changes nothing.
+Data-aware defaults: ``importance: auto``, ``global: null`` and ``reconstruct: null`` resolve to the method that
+measured best on real data (see ``DATA_AWARE``) when the pipeline hands the pass the user's real calibration samples
+(``PassContext.real_data``), and to magnitude (``l2``, local, no refit) otherwise; the report's ``info.method``
+says which, and why. A method that fits to activations without real samples puts a warning in the report.
 Not pruned, with the reason in ``skipped``: groups the analysis cannot prove (see ``analysis.channels``), the
 input stem (``ignore_stem``), groups named in ``ignore``, and groups too small for ``round_to``.
 
@@ -16,11 +20,12 @@ YAML::
       - name: channel_prune
         ratio: 0.3          # fraction removed: of channels (target: channels), FLOPs or params
         target: channels    # channels | flops | params
-        importance: l2      # l1 | l2 | bn | activation
+        importance: auto    # auto | l1 | l2 | bn | activation
         round_to: 8         # kept channel counts are multiples of this
-        global: false       # one ranking over all groups instead of the same ratio in each
+        global: null        # one ranking over all groups instead of the same ratio in each (null: auto)
         ignore: []          # node or initializer names whose groups are left alone
-        reconstruct: false  # refit the layers reading pruned channels by least squares (calibration inputs)
+        reconstruct: null   # refit the layers reading pruned channels by least squares (null: auto)
+        refit: sequential   # sequential: each refit sees the pruned model's activations | independent
         plan_out: plan.json # write the prune plan (structure only; refitted weights are not in it)
         plan_in: null       # apply a plan written before (no analysis)
 """
@@ -48,15 +53,32 @@ class ChannelPruneConfig(PassConfig):
 
     ratio: float = pydantic.Field(0.3, ge=0.0, lt=1.0, description="fraction to remove")
     target: Literal["channels", "flops", "params"] = "channels"
-    importance: Literal["l1", "l2", "bn", "activation"] = "l2"
-    round_to: int = pydantic.Field(8, ge=1)
-    global_: bool = pydantic.Field(False, alias="global")
+    importance: Literal["auto", "l1", "l2", "bn", "activation"] = pydantic.Field(
+        "auto", description="channel score; auto: activation with real data, else l2")
+    round_to: int = pydantic.Field(8, ge=1, description="kept channel counts are multiples of this")
+    global_: bool | None = pydantic.Field(None, alias="global", description="one ranking over all groups (null: auto)")
     max_group_ratio: float = pydantic.Field(0.9, gt=0.0, le=1.0, description="global: most a group may lose")
-    ignore: list[str] = pydantic.Field(default_factory=list)
-    ignore_stem: bool = True
-    reconstruct: bool = False
-    plan_out: str | None = None
-    plan_in: str | None = None
+    ignore: list[str] = pydantic.Field(default_factory=list, description="node/initializer names left alone")
+    ignore_stem: bool = pydantic.Field(True, description="leave the input stem's channels alone")
+    reconstruct: bool | None = pydantic.Field(None, description="least-squares refit of consumers (null: auto)")
+    refit: Literal["sequential", "independent"] = pydantic.Field(
+        "sequential", description="reconstruct on the pruned model's activations, layer after layer, or on the original's")
+    plan_out: str | None = pydantic.Field(None, description="write the prune plan (JSON) here")
+    plan_in: str | None = pydantic.Field(None, description="apply this plan instead of analysing")
+
+
+#: What ``auto`` resolves to with the user's real calibration samples (chosen by measurement: README, MiniLM table).
+DATA_AWARE = {"importance": "activation", "global": True, "reconstruct": True}
+#: ... and without them: magnitude only, since fitting to generated inputs does not carry over to real data.
+DATA_FREE = {"importance": "l2", "global": False, "reconstruct": False}
+
+
+def resolve_method(cfg: ChannelPruneConfig, real_data: bool) -> dict:
+    """The importance / global / reconstruct actually used: explicit settings win over the data-aware defaults."""
+    base = DATA_AWARE if real_data else DATA_FREE
+    return {"importance": base["importance"] if cfg.importance == "auto" else cfg.importance,
+            "global": base["global"] if cfg.global_ is None else cfg.global_,
+            "reconstruct": base["reconstruct"] if cfg.reconstruct is None else cfg.reconstruct}
 
 
 def _read_plan(path: str) -> dict:
@@ -121,21 +143,30 @@ class ChannelPrunePass(GraphPass):
             stats = apply_plan(model, plan)
             rewritten = [{"group": g["id"], "kind": g["kind"], "size": g["size"], "kept": g["kept"]} for g in plan["groups"]]
             return GraphResult(model, bool(plan["slices"]), rewritten=rewritten, info={"plan_in": cfg.plan_in, **stats})
-        if cfg.importance == "activation" or cfg.reconstruct:
+        method = resolve_method(cfg, self.context.real_data)
+        warnings = []
+        if method["importance"] == "activation" or method["reconstruct"]:
             calib = _calibration(model, self.context)
+            if not self.context.real_data:
+                warnings.append(f"{'activation importance' if method['importance'] == 'activation' else 'reconstruct'}"
+                                f" fitted to {'synthetic' if self.context.calibration else 'generated'} inputs, which"
+                                " do not carry over to real data; pass --data with real samples")
         else:
             calib = None
         with self.context.task("channel analysis", 3) as step:
             analysis = analyze_channels(model, cfg.ignore, cfg.ignore_stem)
             step(1)
-            imp = compute_importance(model, analysis, cfg.importance, calib)
+            imp = compute_importance(model, analysis, method["importance"], calib)
             step(1)
             per_node = _per_node_flops(model) if cfg.target == "flops" else None
-            kept, used_ratio = select(analysis, imp, cfg.ratio, cfg.target, cfg.round_to, cfg.global_,
+            kept, used_ratio = select(analysis, imp, cfg.ratio, cfg.target, cfg.round_to, method["global"],
                                       cfg.max_group_ratio, per_node)
             pred = predicted(analysis, kept, per_node)
             step(1)
-        info = {"importance": cfg.importance, "target": cfg.target, "channel_ratio": round(used_ratio, 4),
+        auto = cfg.importance == "auto" or cfg.global_ is None or cfg.reconstruct is None
+        why = ("real calibration samples: data-aware defaults" if self.context.real_data else
+               "no real calibration samples: magnitude defaults") if auto else "as configured"
+        info = {"importance": method["importance"], "method": {**method, "why": why}, "target": cfg.target, "channel_ratio": round(used_ratio, 4),
                 "predicted_flops_ratio": round(pred["flops_ratio"], 4),
                 "predicted_params_ratio": round(pred["params_ratio"], 4),
                 "groups": len(analysis.groups), "prunable_groups": sum(g.prunable for g in analysis.groups)}
@@ -150,22 +181,22 @@ class ChannelPrunePass(GraphPass):
                       "members": g["members"][:4]} for g in plan["groups"]]
         if not plan["slices"]:
             _write_plan(cfg, plan, info)
-            return GraphResult(model, False, rewritten=[], skipped=skipped, info=info)
-        if cfg.reconstruct:
+            return GraphResult(model, False, rewritten=[], skipped=skipped, info=info, warnings=warnings)
+        if method["reconstruct"]:
             from graphprune.passes._channel_reconstruct import reconstruct
 
             with self.context.task("least-squares reconstruction", 1) as step:
-                refit, refit_skipped = reconstruct(model, analysis, kept, calib)
+                refit, refit_skipped = reconstruct(
+                    model, analysis, kept, calib, sequential=cfg.refit == "sequential",
+                    progress=lambda d, t: self.context.progress and self.context.progress("reconstruction", d, t))
                 step(1)
             rewritten += [{"refit": r["node"], **r} for r in refit]
             skipped += refit_skipped
             info["reconstructed_layers"] = len(refit)
-            if not self.context.calibration:
-                info["reconstruct_note"] = "no calibration inputs: refitted on random example inputs"
             plan["info"]["reconstructed"] = [r["node"] for r in refit]
         _write_plan(cfg, plan, info)
         info.update(apply_plan(model, plan))
-        return GraphResult(model, True, rewritten=rewritten, skipped=skipped, info=info)
+        return GraphResult(model, True, rewritten=rewritten, skipped=skipped, info=info, warnings=warnings)
 
 
-__all__ = ["ChannelPruneConfig", "ChannelPrunePass"]
+__all__ = ["DATA_AWARE", "DATA_FREE", "ChannelPruneConfig", "ChannelPrunePass", "resolve_method"]
