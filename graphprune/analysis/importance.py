@@ -7,6 +7,11 @@ Criteria
   * ``bn``: |γ| of the BatchNormalization nodes in the group (network-slimming). Groups without a BatchNorm fall
     back to ``l2`` and are listed in the ``fallback`` result. Exporters that fold BatchNorm into Conv (the torch
     dynamo exporter in eval mode) leave nothing to read: that is an error naming the key.
+  * ``obs``: the output error each class's removal would leave in every consumer layer *after* an optimal
+    least-squares refit of the layer's other inputs (Optimal Brain Surgeon, for whole rows): with H = XᵀX + λI
+    over the calibration activations and S the rows of the class, ΔE = tr(W_Sᵀ [(H⁻¹)_SS]⁻¹ W_S), divided by the
+    layer's output energy tr(WᵀXᵀXW). The same objective ``reconstruct`` minimises, so selection and refit agree;
+    the scores are relative output errors and are compared across groups as they stand.
   * ``activation``: for every consumer layer, mean |x_c| of its input over the calibration feeds (run in ONNX
     Runtime) times the L2 norm of the weights that read channel c: the channel's contribution to the next layer
     (output-error criterion in the spirit of Wanda / activation-weighted magnitude).
@@ -26,7 +31,7 @@ import onnx_ir as ir
 from graphprune.analysis.channels import ChannelAnalysis, Member
 from graphprune.errors import ConfigError
 
-METHODS = ("l1", "l2", "bn", "activation")
+METHODS = ("l1", "l2", "bn", "activation", "obs")
 
 
 @dataclasses.dataclass
@@ -34,6 +39,9 @@ class Importance:
     scores: dict[int, np.ndarray]  # group id -> score per class
     method: str
     fallback: list[int] = dataclasses.field(default_factory=list)  # groups scored with l2 instead
+    #: scores are comparable across groups as they stand (an output-error estimate): a global ranking uses them
+    #: as they are, per channel, instead of dividing each group's scores by their mean
+    comparable: bool = False
 
 
 def _slice_norms(m: Member, p: float) -> np.ndarray:
@@ -127,6 +135,47 @@ def _activation(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -
     return _per_root(analysis, ms, vals)
 
 
+def _consumer_axis(m: Member, x: ir.Value) -> int:
+    r = len(x.shape) if x.shape is not None else 2
+    return 1 if m.node.op_type in ("Conv", "ConvTranspose", "Gemm") else r - 1
+
+
+def _obs(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -> np.ndarray:
+    ms = [m for m in analysis.members if m.role == "in" and m.value is not None and m.value.const_value is not None]
+    data = [m.node.inputs[0] for m in ms]
+    uniq: dict[ir.Value, int] = {}
+    for m, x in zip(ms, data, strict=True):
+        uniq.setdefault(x, _consumer_axis(m, x))
+    axes = list(uniq.values())
+
+    def reduce(i, y, acc):
+        y = np.moveaxis(y, axes[i], -1)
+        y = y.reshape(-1, y.shape[-1])
+        g = y.T @ y
+        return g if acc is None else acc + g
+
+    grams = dict(zip(uniq, collect_activations(model, list(uniq), feeds, reduce), strict=True))
+    acc = np.zeros(len(analysis.root), dtype=np.float64)
+    for m, x in zip(ms, data, strict=True):
+        g = grams[x]
+        w = np.asarray(m.value.const_value.numpy(), dtype=np.float64)
+        w = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)
+        if g is None or g.shape[0] != w.shape[0]:
+            continue
+        energy = float(np.einsum("ij,ik,kj->", w, g, w)) or 1.0
+        hinv = np.linalg.inv(g + (1e-3 * float(np.mean(np.diag(g))) + 1e-12) * np.eye(len(g)))
+        roots = analysis.root[m.atoms]
+        for r in np.unique(roots):
+            rows = np.nonzero(roots == r)[0]
+            ws = w[rows]
+            if len(rows) == 1:
+                delta = float(ws[0] @ ws[0]) / hinv[rows[0], rows[0]]
+            else:
+                delta = float(np.trace(ws.T @ np.linalg.solve(hinv[np.ix_(rows, rows)], ws)))
+            acc[r] += delta / energy
+    return acc
+
+
 def compute_importance(
     model: ir.Model, analysis: ChannelAnalysis, method: str = "l2", calibration: list[dict] | None = None
 ) -> Importance:
@@ -151,6 +200,6 @@ def compute_importance(
                     fallback.append(g.id)
     else:
         if not calibration:
-            raise ConfigError("importance: 'activation' needs calibration inputs")
-        per_root = _activation(model, analysis, calibration)
-    return Importance({g.id: per_root[g.classes] for g in analysis.groups}, method, fallback)
+            raise ConfigError(f"importance: {method!r} needs calibration inputs")
+        per_root = (_obs if method == "obs" else _activation)(model, analysis, calibration)
+    return Importance({g.id: per_root[g.classes] for g in analysis.groups}, method, fallback, comparable=method == "obs")

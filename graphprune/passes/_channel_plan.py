@@ -2,7 +2,8 @@
 
 Selection
   * local: every prunable group keeps its best ``(1 - r)`` classes; global: scores are divided by their group's
-    mean and one threshold is set over all groups (no group loses more than ``max_group_ratio``).
+    mean and one threshold is set over all groups (no group loses more than ``max_group_ratio``). Scores that are
+    comparable as they stand (``obs``: relative output errors) are divided by the FLOPs each class saves instead.
   * ``round_to``: kept channel counts are rounded to the nearest multiple of ``round_to`` (a head of 64 channels
     already is one), at least one unit, never more than the group has.
   * target ``channels``: r = ratio; ``flops`` / ``params``: r is found by bisection so the predicted FLOPs or
@@ -56,7 +57,11 @@ def select_global(analysis: ChannelAnalysis, imp: Importance, r: float, round_to
     kept = np.ones(len(analysis.root), dtype=bool)
     if not groups or r <= 0:
         return kept
-    norm = [imp.scores[g.id] / max(float(np.mean(imp.scores[g.id])), 1e-12) for g in groups]
+    if imp.comparable:  # an output-error estimate per class: error per FLOP saved, across groups as it stands
+        saved = class_flops(analysis)
+        norm = [imp.scores[g.id] / np.maximum(saved[g.classes], 1e-9) for g in groups]
+    else:
+        norm = [imp.scores[g.id] / max(float(np.mean(imp.scores[g.id])), 1e-12) for g in groups]
     weights = np.concatenate([g.widths for g in groups]).astype(np.float64)
     allv = np.concatenate(norm)
     order = np.argsort(allv, kind="stable")
@@ -70,6 +75,17 @@ def select_global(analysis: ChannelAnalysis, imp: Importance, r: float, round_to
         order_g = np.argsort(-imp.scores[g.id], kind="stable")
         kept[g.classes[order_g[k:]]] = False
     return kept
+
+
+def class_flops(analysis: ChannelAnalysis) -> np.ndarray:
+    """FLOPs each root class would save on its own (first order: every compute term's share of that class's
+    atoms along its fan-in and fan-out), indexed by root atom."""
+    out = np.zeros(len(analysis.root), dtype=np.float64)
+    for t in analysis.costs:
+        for atoms in (t.fan_in, t.fan_out):
+            if atoms is not None and len(atoms):
+                np.add.at(out, analysis.root[atoms], t.flops / len(atoms))
+    return out
 
 
 def _frac(kept_root: np.ndarray, atoms: np.ndarray | None) -> float:
