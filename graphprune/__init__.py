@@ -5,16 +5,17 @@ The public API is what this module exports; everything else is implementation.
 
 from graphprune.analysis import count_flops, find_attention_blocks, summarize
 from graphprune.analysis.attention import AttentionBlock
-from graphprune.errors import ConfigError, GraphpruneError, ModelLoadError, VerificationError
+from graphprune.data import Dataset, load_data, synthetic_data
+from graphprune.errors import ConfigError, DataError, GraphpruneError, ModelLoadError, VerificationError
 from graphprune.io import load_model, save_model
 from graphprune.passes import GraphPass, GraphResult, PassConfig, PassContext, register, registry
-from graphprune.pipeline import Pipeline, optimize
+from graphprune.pipeline import DataConfig, Pipeline, optimize
 from graphprune.verify import VerifyThresholds, compare
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionBlock", "ConfigError", "GraphPass", "GraphResult", "GraphpruneError", "ModelLoadError", "PassConfig",
+    "AttentionBlock", "ConfigError", "DataConfig", "DataError", "Dataset", "GraphPass", "GraphResult", "GraphpruneError", "ModelLoadError", "PassConfig",
     "PassContext", "Pipeline", "VerificationError", "VerifyThresholds", "compare", "count_flops",
-    "find_attention_blocks", "load_model", "optimize", "register", "registry", "save_model", "summarize",
+    "find_attention_blocks", "load_data", "load_model", "optimize", "register", "registry", "save_model", "summarize", "synthetic_data",
 ]

@@ -88,3 +88,35 @@ def test_sequential_refit_matches_numpy_and_differs_from_independent(tmp_path):
     assert np.abs(seq - ind).max() > 1e-3  # the two modes really differ on this model
     full = h @ w["W2"]
     assert np.linalg.norm(seq - full) < np.linalg.norm(ind - full)  # and feeding errors forward helps here
+
+
+def test_sensitivity_probe_against_numpy_and_model_restored(tmp_path):
+    from graphprune.passes._channel_plan import select
+    from graphprune.passes._channel_sensitivity import measure
+
+    src = mlp(tmp_path / "m.onnx", hidden=32)
+    model = gp.load_model(src)
+    x = np.random.default_rng(7).standard_normal((32, 16)).astype(np.float32)
+    feeds = [{"X": x[:16]}, {"X": x[16:]}]
+    analysis = analyze_channels(model, [], False)
+    imp = compute_importance(model, analysis, "l2", None)
+    before = {k: v.const_value.numpy().copy() for k, v in model.graph.initializers.items()}
+    sens = measure(model, analysis, imp, feeds, refit=False, probe_ratio=0.5)
+    after = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    w = _weights(model)
+    hidden = next(g for g in analysis.groups if g.prunable and g.size == 32)
+    drop = np.argsort(-imp.scores[hidden.id], kind="stable")[16:]  # the lower-scored half, as the probe removes it
+    w2 = w["W2"].copy()
+    w2[drop] = 0
+    h = np.maximum(np.maximum(x @ w["W0"], 0) @ w["W1"] + w["B1"], 0)
+    a, b = h @ w["W2"], h @ w2
+    want = np.mean(1 - (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    np.testing.assert_allclose(sens[hidden.id], want, rtol=1e-4)
+    # the allocation prunes the less sensitive group more, and removes the asked share of channels
+    kept, _ = select(analysis, imp, 0.25, "channels", 1, True, 0.9, None, sens)
+    frac = {g.id: 1 - kept[g.classes].mean() for g in analysis.groups if g.prunable}
+    least, most = min(sens, key=sens.get), max(sens, key=sens.get)
+    assert frac[least] > frac[most]
+    total = sum(g.size for g in analysis.groups if g.prunable)
+    assert abs(sum(frac[g] * analysis.groups[g].size for g in frac) - 0.25 * total) <= 2

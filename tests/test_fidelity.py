@@ -212,7 +212,7 @@ def test_channel_prune_defaults_follow_the_data(tmp_path, capsys):
     code, _, err = cli(args, capsys)
     assert code == 0, err
     synth = json.loads(rep.read_text())["passes"][0]
-    assert synth["info"]["method"] == {"importance": "l2", "global": False, "reconstruct": False,
+    assert synth["info"]["method"] == {"importance": "l2", "global": False, "reconstruct": False, "allocate": "score",
                                        "why": "no real calibration samples: magnitude defaults"}
     # asking for activation importance without data: done, with a warning in the pass entry and on stderr
     cfg = tmp_path / "p.yaml"

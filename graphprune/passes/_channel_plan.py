@@ -119,10 +119,16 @@ def predicted(analysis: ChannelAnalysis, kept: np.ndarray, per_node: dict[str, i
 
 
 def select(analysis: ChannelAnalysis, imp: Importance, ratio: float, target: str, round_to: int,
-           global_: bool, max_group_ratio: float = 0.9, per_node: dict[str, int] | None = None) -> tuple[np.ndarray, float]:
-    """Kept-class mask over root atoms, and the channel ratio used."""
+           global_: bool, max_group_ratio: float = 0.9, per_node: dict[str, int] | None = None,
+           sensitivity: dict[int, float] | None = None) -> tuple[np.ndarray, float]:
+    """Kept-class mask over root atoms, and the channel ratio used. With ``sensitivity`` (measured per group, see
+    ``_channel_sensitivity``) the group ratios are allocated from it instead of from the scores."""
 
     def pick(r: float) -> np.ndarray:
+        if sensitivity is not None:
+            from graphprune.passes._channel_sensitivity import allocate
+
+            return allocate(analysis, imp, sensitivity, r, round_to, max_group_ratio)
         if global_:
             return select_global(analysis, imp, r, round_to, max_group_ratio)
         return select_local(analysis, imp, r, round_to)
