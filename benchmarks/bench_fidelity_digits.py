@@ -10,8 +10,8 @@ What a user does with ``graphprune optimize MODEL.onnx --data images/ --no-norma
 2. For the CNN and the ViT (``benchmarks.digits``) and channel ratios 0.3 and 0.5, ``graphprune.optimize`` runs
    twice with ``force=True``:
      * ``real PNG``: ``data=<png folder>``, ``DataConfig(normalize=False, calibration_samples=128,
-       verify_samples=64)``: channel_prune's ``auto`` resolves to activation importance, global ranking and a
-       least-squares refit, and verification checks top-1 agreement on 64 held-out PNGs;
+       verify_samples=64)``: channel_prune's ``auto`` resolves to activation importance, group ratios
+       from measured sensitivity and a least-squares refit, and verification checks top-1 agreement on 64 held-out PNGs;
      * ``synthetic``: no data, default ``DataConfig()`` (what the CLI does without ``--data``: 8 generated
        calibration and 8 verification inputs): l2, local ranking, no refit; verification checks cosines only.
    Each output model is then scored on the 360 held-out TEST images (``digits.evaluate``), never seen by
