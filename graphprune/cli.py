@@ -98,18 +98,18 @@ def optimize(
     sparse_attention: Annotated[
         str | None, typer.Option("--sparse-attention", help="Add sparse_attention: PATTERN[:key=value,...].")
     ] = None,
-    prune_channels: Annotated[float | None, typer.Option("--prune-channels", help="Add channel_prune with this ratio.")] = None,
+    prune_channels: Annotated[float | None, typer.Option("--prune-channels", help="Add channel_prune removing this fraction of channels (activation importance, measured group sensitivity and a least-squares refit with --data; magnitude without).")] = None,
     data: Annotated[Path | None, typer.Option(
         "--data", help="Real samples for calibration and verification: .npz (one key per input, [S, ...]), a folder "
         "of images (.png/.jpg/.jpeg/.bmp), or .txt/.jsonl texts (with --tokenizer).")] = None,
     inputs: Annotated[Path | None, typer.Option("--inputs", hidden=True, help="Older form of --data (.npz; its samples serve calibration and verification).")] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Hugging Face tokenizer.json for text data.")] = None,
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Text data: tokens per sample [default: 128].")] = None,
-    mean: Annotated[str | None, typer.Option("--mean", help="Image data: per-channel mean, e.g. 0.485,0.456,0.406 [default: ImageNet].")] = None,
-    std: Annotated[str | None, typer.Option("--std", help="Image data: per-channel std [default: ImageNet].")] = None,
-    normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Image data: apply mean/std after scaling to [0, 1] [default: normalize].")] = None,
-    calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", min=1, help="Samples for calibration [default: 128; 8 synthetic without --data].")] = None,
-    verify_samples: Annotated[int | None, typer.Option("--verify-samples", min=1, help="Held-out samples for verification [default: 64; 8 synthetic without --data].")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Text data: tokens per sample (default: 128).")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Image data: per-channel mean, e.g. 0.485,0.456,0.406 (default: ImageNet).")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Image data: per-channel std (default: ImageNet).")] = None,
+    normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Image data: apply mean/std after scaling to [0, 1] (default: normalize).")] = None,
+    calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", min=1, help="Samples for calibration (default: 128; 8 synthetic without --data).")] = None,
+    verify_samples: Annotated[int | None, typer.Option("--verify-samples", min=1, help="Held-out samples for verification (default: 64; 8 synthetic without --data).")] = None,
     allow_overlap: Annotated[bool, typer.Option("--allow-overlap", help="Let calibration and verification share samples when the data is too small for both.")] = False,
     cosine_min: Annotated[float | None, typer.Option(help="Threshold: smallest per-sample cosine (overrides the config).")] = None,
     cosine_mean_min: Annotated[float | None, typer.Option(help="Threshold: mean per-sample cosine (overrides the config).")] = None,
