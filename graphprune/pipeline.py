@@ -322,8 +322,11 @@ def optimize(
         "warnings": warnings,
     }
     if not report_verify.passed and not force:
+        where = (f" on {len(ver)} held-out real samples" if ver.source == "user" else
+                 f" on {len(ver)} synthetic inputs (pass --data with real samples to check fidelity)")
         err = VerificationError(
-            "verification failed (" + "; ".join(report_verify.failures) + "); nothing written (use --force to write anyway)"
+            f"verification failed{where}: " + "; ".join(report_verify.failures)
+            + "; nothing written (use --force to write anyway)"
         )
         err.report = report  # type: ignore[attr-defined]
         raise err

@@ -164,6 +164,10 @@ def test_planted_break_caught_on_real_data(tmp_path, capsys):
     assert code == 2 and "verification failed" in err and not out.exists()
     v = json.loads(rep.read_text())["verify"]
     assert not v["passed"] and v["outputs"][0]["metrics"]["top1"] < 0.9
+    assert "on 64 held-out real samples" in err
+    # without data the failure says it was judged on synthetic inputs
+    code, _, err = cli(["optimize", src, "-o", out, "--config", cfg], capsys)
+    assert code == 2 and "on 8 synthetic inputs" in err and "--data" in err and len(err.splitlines()) == 1
 
 
 def test_text_data_end_to_end_with_yaml_data_mapping(tmp_path, capsys):
