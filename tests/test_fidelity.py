@@ -12,21 +12,11 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphprune.cli import main
 from graphprune.passes import register
 from graphprune.passes.base import GraphPass, GraphResult
+from tests.test_pipeline import cli
 
 RNG = np.random.default_rng(0)
-
-
-def cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err.strip()
 
 
 def _save(graph, path: Path) -> Path:

@@ -162,7 +162,12 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
     xs = [m.node.inputs[0] for m, _ in todo]
     rewritten = []
 
-    def record(m, before, after, p, k):
+    def finish(m, lay, new_w, shift, before, after, p, k):
+        """Write a refit that lowers the calibration error, and record it; otherwise say why not."""
+        if after >= before:
+            skipped.append({"where": m.node.name, "reason": "reconstruct: refit did not lower the error"})
+            return
+        _store(model, m, lay, new_w, shift)
         rewritten.append({"node": m.node.name, "kept_inputs": int(len(p)), "of": int(k),
                           "rel_err_before": round(float(max(before, 0.0)), 5),
                           "rel_err_after": round(float(max(after, 0.0)), 5)})
@@ -179,13 +184,7 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
             k = lay[0].shape[0]
             p = np.nonzero(kr[m.atoms])[0]
             cols = np.append(p, k) if lay[1] is not None else p
-            new_w, shift, before, after, p, k = _refit(m, lay, kr, g[np.ix_(cols, cols)],
-                                                        g[np.ix_(cols, np.arange(k))], g[:k, :k])
-            if after >= before:
-                skipped.append({"where": m.node.name, "reason": "reconstruct: refit did not lower the error"})
-                continue
-            _store(model, m, lay, new_w, shift)
-            record(m, before, after, p, k)
+            finish(m, lay, *_refit(m, lay, kr, g[np.ix_(cols, cols)], g[np.ix_(cols, np.arange(k))], g[:k, :k]))
         return rewritten, skipped
 
     from graphprune.analysis.importance import probe
@@ -208,12 +207,7 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
                     ata += xp.T @ xp
                     atx += xp.T @ xo
                     gxx += xo.T @ xo
-            new_w, shift, before, after, p, k = _refit(m, lay, kr, ata, atx, gxx)
+            finish(m, lay, *_refit(m, lay, kr, ata, atx, gxx))
             if progress is not None:
                 progress(step + 1, len(todo))
-            if after >= before:
-                skipped.append({"where": m.node.name, "reason": "reconstruct: refit did not lower the error"})
-                continue
-            _store(model, m, lay, new_w, shift)
-            record(m, before, after, p, k)
     return rewritten, skipped

@@ -72,6 +72,11 @@ class PassContext:
         """True when the calibration feeds are the user's real samples."""
         return self.data_source == "user" and bool(self.calibration)
 
+    def notify(self, name: str, done: int, total: int) -> None:
+        """Report progress of a step the caller counts itself (no-op without a progress callback)."""
+        if self.progress is not None:
+            self.progress(name, done, total)
+
     @contextmanager
     def task(self, name: str, total: int) -> Iterator[Callable[[int], None]]:
         """Report progress of a step with ``total`` units: ``with ctx.task("rank", n) as step: step(1)``."""

@@ -174,7 +174,7 @@ class ChannelPrunePass(GraphPass):
                 from graphprune.passes._channel_sensitivity import measure
 
                 sens = measure(model, analysis, imp, calib, refit=bool(method["reconstruct"]), round_to=cfg.round_to,
-                               progress=lambda d, t: self.context.progress and self.context.progress("sensitivity", d, t))
+                               progress=lambda d, t: self.context.notify("sensitivity", d, t))
             kept, used_ratio = select(analysis, imp, cfg.ratio, cfg.target, cfg.round_to, method["global"],
                                       cfg.max_group_ratio, per_node, sens)
             pred = predicted(analysis, kept, per_node)
@@ -206,7 +206,7 @@ class ChannelPrunePass(GraphPass):
             with self.context.task("least-squares reconstruction", 1) as step:
                 refit, refit_skipped = reconstruct(
                     model, analysis, kept, calib, sequential=cfg.refit == "sequential",
-                    progress=lambda d, t: self.context.progress and self.context.progress("reconstruction", d, t))
+                    progress=lambda d, t: self.context.notify("reconstruction", d, t))
                 step(1)
             rewritten += [{"refit": r["node"], **r} for r in refit]
             skipped += refit_skipped
