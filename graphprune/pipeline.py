@@ -283,7 +283,10 @@ def optimize(
     check_output_path(output, model, inputs=(model_path,))
     context = context or PassContext()
     context.source_path = str(model_path)
-    cal, ver = resolve_data(model, feeds if data is None else data, pipeline.data)
+    data_cfg = pipeline.data
+    if data is None and feeds is not None:  # the older form: its samples serve both roles, as they did
+        data, data_cfg = feeds, data_cfg.model_copy(update={"allow_overlap": True})
+    cal, ver = resolve_data(model, data, data_cfg)
     batch = pipeline.data.batch_size
     if context.calibration is None:
         context.calibration = cal.batches(batch)
