@@ -6,6 +6,7 @@ with code 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -327,6 +328,26 @@ def list_passes(as_json: Annotated[bool, typer.Option("--json", help="Print one 
             out.print(f"    {fname}: {f['type']} ({default}) {f['help']}")
 
 
+def _exceptions(attr: str) -> tuple[type, ...]:
+    found = []
+    for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(name), attr, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def _usage_types() -> tuple[type, ...]:
+    return _exceptions("ClickException")
+
+
+def _exit_types() -> tuple[type, ...]:
+    return _exceptions("Exit")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors with exit code 2 unless --debug."""
     args = sys.argv[1:] if argv is None else argv
@@ -343,13 +364,12 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
+    except Exception as e:  # usage errors (click's, or the copy of click that typer vendors) and the like
+        if isinstance(e, _exit_types()):
+            sys.exit(getattr(e, "exit_code", 0))
+        if isinstance(e, _usage_types()):
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            err.print(f"[red]error:[/] {message} (see --help)", highlight=False, soft_wrap=True)
             sys.exit(2)
         if "--debug" in args:
             raise

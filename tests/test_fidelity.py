@@ -266,3 +266,15 @@ def test_bad_data_is_one_line_exit_2_nothing_written(tmp_path, capsys, case, nee
     assert code == 2, err
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--dat", "x.npz"], "--data"),                      # a mistyped option names the close ones
+    (["--calibration-samples", "0"], "--calibration-samples"),
+    (["--verify-samples", "-3"], "--verify-samples"),
+])
+def test_option_errors_are_one_line_exit_2(tmp_path, capsys, args, needle):
+    src, out = mlp(tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    code, _, err = cli(["optimize", src, "-o", out, *args], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err and "internal error" not in err, err
+    assert not out.exists()
