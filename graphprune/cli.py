@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -202,9 +203,11 @@ def _fmt_flops(x: float) -> str:
 
 
 def _summary(rep: dict) -> None:
-    t = Table(title=f"graphprune: {rep['model']} → {rep['output']}", title_justify="left")
-    for col in ("pass", "changed", "nodes", "FLOPs", "params", "s", "skipped"):
-        t.add_column(col)
+    # a light box and short headers keep the figures whole ("22.03M→15.40M", not "22.0…") on 80 columns
+    t = Table(title=f"graphprune: {rep['model']} → {rep['output']}", title_justify="left", box=box.SIMPLE_HEAD,
+              pad_edge=False, collapse_padding=True)
+    for col in ("pass", "chg", "nodes", "FLOPs", "params", "s", "skips"):
+        t.add_column(col, no_wrap=True)
     for p in rep["passes"]:
         t.add_row(
             p["name"], "yes" if p["changed"] else "no", f"{p['nodes']['before']}→{p['nodes']['after']}",
@@ -306,6 +309,30 @@ def bench(
         out.print(f"speedup over baseline: {result['speedup']:.2f}×")
 
 
+def _yaml_type(annotation: Any) -> str:
+    """A config field's type as the YAML contract spells it (``number``, ``a | b``, ``... or null``)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        text = " or ".join(_yaml_type(a) for a in rest)
+        return f"{text} or null" if len(rest) < len(args) else text
+    if origin in (list, tuple):
+        return f"list of {_yaml_type(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    names = {bool: "true | false", int: "integer", float: "number", str: "string"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 @app.command("passes")
 def list_passes(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
     """List the registered passes and their options (the YAML keys)."""
@@ -315,17 +342,19 @@ def list_passes(as_json: Annotated[bool, typer.Option("--json", help="Print one 
     for name, cls in sorted(registry().items()):
         fields = {}
         for fname, f in cls.Config.model_fields.items():
-            fields[fname] = {"type": str(f.annotation).replace("typing.", ""), "default": f.default if not f.is_required() else None,
-                             "required": f.is_required(), "help": f.description or ""}
+            default = None if f.is_required() else (f.default_factory() if f.default_factory else f.default)
+            fields[f.alias or fname] = {"type": _yaml_type(f.annotation), "default": default,
+                                        "required": f.is_required(), "help": f.description or ""}
         info[name] = {"summary": cls.summary, "options": fields}
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return
     for name, p in info.items():
-        out.print(f"[bold]{name}[/]: {p['summary']}")
+        out.print(f"[bold]{name}[/]: {p['summary']}", highlight=False)
         for fname, f in p["options"].items():
-            default = "required" if f["required"] else f"default {f['default']!r}"
-            out.print(f"    {fname}: {f['type']} ({default}) {f['help']}")
+            default = "required" if f["required"] else f"default {_yaml_value(f['default'])}"
+            out.print(f"    {fname}: {f['type']} ({default}){' — ' + f['help'] if f['help'] else ''}", highlight=False,
+                      markup=False)
 
 
 def _exceptions(attr: str) -> tuple[type, ...]:

@@ -115,6 +115,30 @@ def test_passes_lists_registry(capsys):
     info = json.loads(stdout)
     assert code == 0 and {"cleanup", "dce", "constant_folding"} <= set(info)
     assert "input_size_limit" in info["constant_folding"]["options"]
+    opts = info["channel_prune"]["options"]  # the YAML contract: YAML keys, types and defaults, not Python's
+    assert "global" in opts and "global_" not in opts
+    assert opts["global"]["type"] == "true | false or null" and opts["ratio"]["type"] == "number"
+    assert opts["importance"]["type"] == "auto | l1 | l2 | bn | activation | obs"
+    assert opts["ignore"]["default"] == [] and opts["ignore"]["type"] == "list of string"
+    code, stdout, _ = cli(["passes"], capsys)
+    assert code == 0 and "<class" not in stdout and "PydanticUndefined" not in stdout
+    assert "ratio: number (default 0.3)" in stdout
+
+
+def test_summary_keeps_figures_whole_at_80_columns(monkeypatch, capsys):
+    import graphprune.cli as gcli
+    from rich.console import Console
+
+    monkeypatch.setattr(gcli, "out", Console(width=80))
+    entry = {"name": "channel_prune", "changed": True, "nodes": {"before": 249, "after": 249},
+             "flops": {"before": 692.57e6, "after": 563.12e6}, "params": {"before": 22.57e6, "after": 20.57e6},
+             "seconds": 0.55, "skipped": []}
+    gcli._summary({"model": "minilm.onnx", "output": "out.onnx", "passes": [entry], "data": {"source": "user"},
+                   "verify": {"passed": True, "summary": "min cosine 0.9"}, "flops": {"ratio": 0.81},
+                   "params": {"ratio": 0.91}})
+    stdout = capsys.readouterr().out
+    assert "692.57M→563.12M" in stdout and "22.57M→20.57M" in stdout and "channel_prune" in stdout
+    assert max(len(line) for line in stdout.splitlines()) <= 80
 
 
 def test_inputs_npz_used_for_verification(tmp_path, capsys):
