@@ -126,8 +126,9 @@ def test_passes_lists_registry(capsys):
 
 
 def test_summary_keeps_figures_whole_at_80_columns(monkeypatch, capsys):
-    import graphprune.cli as gcli
     from rich.console import Console
+
+    import graphprune.cli as gcli
 
     monkeypatch.setattr(gcli, "out", Console(width=80))
     entry = {"name": "channel_prune", "changed": True, "nodes": {"before": 249, "after": 249},
