@@ -117,35 +117,29 @@ def _activation_means(model: ir.Model, values: list[ir.Value], axes: list[int], 
     return [s / max(len(feeds), 1) for s in sums]
 
 
-def _activation(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -> np.ndarray:
+def _consumer_inputs(analysis: ChannelAnalysis) -> tuple[list[Member], dict[ir.Value, int]]:
+    """Consumer members with a constant weight, and each distinct input value they read with its channel axis."""
     ms = [m for m in analysis.members if m.role == "in" and m.value is not None and m.value.const_value is not None]
-    data = [m.node.inputs[0] for m in ms]
-    labels_axis = []
-    for m, x in zip(ms, data, strict=True):
-        r = len(x.shape) if x.shape is not None else 2
-        labels_axis.append(1 if m.node.op_type in ("Conv", "ConvTranspose", "Gemm") else r - 1)
-    uniq: dict[ir.Value, int] = {}
-    for x, ax in zip(data, labels_axis, strict=True):
-        uniq.setdefault(x, ax)
-    means = dict(zip(uniq, _activation_means(model, list(uniq), list(uniq.values()), feeds), strict=True))
+    axes: dict[ir.Value, int] = {}
+    for m in ms:
+        x = m.node.inputs[0]
+        rank = len(x.shape) if x.shape is not None else 2
+        axes.setdefault(x, 1 if m.node.op_type in ("Conv", "ConvTranspose", "Gemm") else rank - 1)
+    return ms, axes
+
+
+def _activation(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -> np.ndarray:
+    ms, axes = _consumer_inputs(analysis)
+    means = dict(zip(axes, _activation_means(model, list(axes), list(axes.values()), feeds), strict=True))
     vals = []
-    for m, x in zip(ms, data, strict=True):
-        a = means[x]
+    for m in ms:
+        a = means[m.node.inputs[0]]
         vals.append(a[: len(m.atoms)] * _slice_norms(m, 2) if len(a) == len(m.atoms) else _slice_norms(m, 2))
     return _per_root(analysis, ms, vals)
 
 
-def _consumer_axis(m: Member, x: ir.Value) -> int:
-    r = len(x.shape) if x.shape is not None else 2
-    return 1 if m.node.op_type in ("Conv", "ConvTranspose", "Gemm") else r - 1
-
-
 def _obs(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -> np.ndarray:
-    ms = [m for m in analysis.members if m.role == "in" and m.value is not None and m.value.const_value is not None]
-    data = [m.node.inputs[0] for m in ms]
-    uniq: dict[ir.Value, int] = {}
-    for m, x in zip(ms, data, strict=True):
-        uniq.setdefault(x, _consumer_axis(m, x))
+    ms, uniq = _consumer_inputs(analysis)
     axes = list(uniq.values())
 
     def reduce(i, y, acc):
@@ -156,8 +150,8 @@ def _obs(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -> np.nd
 
     grams = dict(zip(uniq, collect_activations(model, list(uniq), feeds, reduce), strict=True))
     acc = np.zeros(len(analysis.root), dtype=np.float64)
-    for m, x in zip(ms, data, strict=True):
-        g = grams[x]
+    for m in ms:
+        g = grams[m.node.inputs[0]]
         w = np.asarray(m.value.const_value.numpy(), dtype=np.float64)
         w = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)
         if g is None or g.shape[0] != w.shape[0]:
