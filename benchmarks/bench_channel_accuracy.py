@@ -23,7 +23,7 @@ import onnx_ir as ir
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import digits  # noqa: E402
-from graphprune.analysis.flops import count_flops  # noqa: E402
+from graphprune.backends.onnxruntime import count_flops  # noqa: E402
 from graphprune.passes import PassContext, get_pass  # noqa: E402
 
 

@@ -18,8 +18,7 @@ import onnx_ir as ir
 
 from benchmarks import digits
 from benchmarks.bench_token_drop import measure
-from graphprune.analysis.flops import count_flops
-from graphprune.backends.onnxruntime import make_session
+from graphprune.backends.onnxruntime import count_flops, make_session
 from graphprune.passes import get_pass
 
 OUT = Path(__file__).resolve().parent / "out"

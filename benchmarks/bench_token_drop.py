@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.analysis.flops import count_flops
-from graphprune.backends.onnxruntime import benchmark, make_session
+from graphprune.backends.onnxruntime import benchmark, count_flops, make_session
 from graphprune.passes import get_pass
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,13 @@
 """graphprune: compiler-style graph transformations that make trained networks cheaper, verified.
 
-The public API is what this module exports; everything else is implementation.
+The public API is what this module exports; everything else is implementation. ``count_flops`` is the backend's:
+static shapes, completed in ONNX Runtime where inference stops (``graphprune.analysis.count_flops`` runs nothing).
+Importing graphprune does not import onnxruntime; the first thing that runs a model does.
 """
 
-from graphprune.analysis import count_flops, find_attention_blocks, summarize
+from graphprune.analysis import find_attention_blocks, summarize
 from graphprune.analysis.attention import AttentionBlock
+from graphprune.backends.onnxruntime import count_flops
 from graphprune.data import Dataset, load_data, synthetic_data
 from graphprune.errors import ConfigError, DataError, GraphpruneError, ModelLoadError, VerificationError
 from graphprune.io import load_model, save_model

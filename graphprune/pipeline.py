@@ -34,7 +34,7 @@ import onnx_ir as ir
 import pydantic
 import yaml
 
-from graphprune.analysis.flops import count_flops
+from graphprune.backends.onnxruntime import count_flops
 from graphprune.errors import ConfigError, GraphpruneError
 from graphprune.passes import get_pass
 from graphprune.passes.base import GraphPass, PassConfig, PassContext

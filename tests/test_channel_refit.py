@@ -9,7 +9,8 @@ import onnxruntime as ort
 
 import graphprune as gp
 from graphprune.analysis.channels import analyze_channels
-from graphprune.analysis.importance import compute_importance
+from graphprune.analysis.importance import activation_values, compute_importance
+from graphprune.backends.onnxruntime import probe
 from graphprune.passes.base import PassContext
 from graphprune.passes.channel_prune import ChannelPrunePass
 from tests.test_fidelity import mlp
@@ -31,7 +32,7 @@ def test_obs_scores_equal_refit_error_increase(tmp_path):
     x = np.random.default_rng(5).standard_normal((40, 16)).astype(np.float32)
     feeds = [{"X": x[:20]}, {"X": x[20:]}]
     analysis = analyze_channels(model, [], True)
-    imp = compute_importance(model, analysis, "obs", feeds)
+    imp = compute_importance(analysis, "obs", probe(model, activation_values(analysis), feeds))
     w = _weights(model)
     h = np.maximum(np.maximum(x @ w["W0"], 0) @ w["W1"] + w["B1"], 0)
     g = h.T @ h
@@ -99,7 +100,7 @@ def test_sensitivity_probe_against_numpy_and_model_restored(tmp_path):
     x = np.random.default_rng(7).standard_normal((32, 16)).astype(np.float32)
     feeds = [{"X": x[:16]}, {"X": x[16:]}]
     analysis = analyze_channels(model, [], False)
-    imp = compute_importance(model, analysis, "l2", None)
+    imp = compute_importance(analysis, "l2")
     before = {k: v.const_value.numpy().copy() for k, v in model.graph.initializers.items()}
     sens = measure(model, analysis, imp, feeds, refit=False, probe_ratio=0.5)
     after = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}

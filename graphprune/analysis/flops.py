@@ -6,8 +6,10 @@ InstanceNorm (5/elem), Softmax (5/elem), BatchNormalization (2/elem), pooling (k
 elementwise ops (1/elem of the output). Shape-only ops (Reshape, Transpose, Gather, Concat, ...) are free.
 ``ai.graphprune`` ops use the rule their op module registers (``graphprune.ops.flops_rule``).
 
-Shapes come from ONNX shape inference at a fixed input size (batch 1 by default). Nodes whose shapes stay
-unknown are listed in ``FlopsReport.unknown`` rather than silently counted as zero.
+Shapes come from ONNX shape inference at a fixed input size (batch 1 by default), or from the caller
+(``shapes``: e.g. completed with shapes measured in ONNX Runtime by ``graphprune.backends.onnxruntime.count_flops``;
+nothing here runs a model). Nodes whose shapes stay unknown are listed in ``FlopsReport.unknown`` rather than
+silently counted as zero.
 """
 
 from __future__ import annotations
@@ -138,49 +140,36 @@ def _node_flops_safe(node: ir.Node, shp) -> int | None:
     return int(f) if isinstance(f, (int, np.integer)) else None
 
 
-def runtime_shapes(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None, known: dict | None = None) -> dict[str, tuple]:
-    """Shapes of the values static inference could not resolve, read from one ONNX Runtime run.
+def static_shapes(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None) -> dict[str, tuple]:
+    """Shapes of every value from ONNX shape inference at a fixed input size (see ``count_flops``)."""
+    return concrete_shapes(model, input_dims(model, batch=batch, dims=dims))
 
-    The values are exposed as extra graph outputs for the run and removed again afterwards; the model is
-    otherwise untouched. Used when shape inference stops (e.g. behind data-dependent mask logic).
-    """
-    from graphprune.analysis.inputs import example_inputs
-    from graphprune.backends.onnxruntime import make_session
 
-    known = known or {}
-    wanted = []
-    seen = {v.name for v in model.graph.outputs}
+def unresolved_values(model: ir.Model, shapes: dict[str, tuple]) -> list[ir.Value]:
+    """The typed, non-constant values of the main graph whose shape ``shapes`` leaves unknown or symbolic: what a
+    caller measures (``graphprune.backends.onnxruntime.count_flops``) when static inference stops."""
+    wanted: dict[ir.Value, None] = {}
     for node in model.graph:
         for v in (*node.inputs, *node.outputs):
-            if v is None or v.name in seen or v.dtype is None or v.is_initializer():
+            if v is None or v in wanted or v.dtype is None or v.is_initializer():
                 continue
-            s = known.get(v.name)
+            s = shapes.get(v.name)
             if s is None or any(not isinstance(d, int) for d in s):
-                wanted.append(v)
-                seen.add(v.name)
-    if not wanted:
-        return {}
-    n_outputs = len(model.graph.outputs)
-    model.graph.outputs.extend(wanted)
-    try:
-        sess = make_session(model)
-        outs = sess.run([v.name for v in wanted], example_inputs(model, batch=batch, dims=dims))
-    except Exception:  # noqa: BLE001 - a fallback: unresolved shapes stay unknown and are reported as such
-        return {}
-    finally:
-        while len(model.graph.outputs) > n_outputs:  # pop(): onnx-ir 1.1's slice deletion leaves is_graph_output() set
-            model.graph.outputs.pop()
-    return {v.name: tuple(o.shape) for v, o in zip(wanted, outs)}
+                wanted[v] = None
+    return list(wanted)
 
 
-def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None, runtime_fallback: bool = True) -> FlopsReport:
+def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None,
+                shapes: dict[str, tuple] | None = None) -> FlopsReport:
     """FLOPs of one forward pass at ``batch`` (symbolic non-batch axes from ``dims`` or 32).
 
-    When static shape inference leaves nodes without shapes, ``runtime_fallback`` reads them from one ONNX
-    Runtime run on generated inputs; nodes still unresolved are listed in ``unknown``.
+    ``shapes`` (value name → shape) replaces static shape inference, e.g. ``static_shapes`` completed with shapes
+    measured in a run (``graphprune.backends.onnxruntime.count_flops`` does that). Nodes whose shapes stay
+    unknown are listed in ``unknown``. Runs nothing and changes nothing.
     """
     load_all()
-    shapes = concrete_shapes(model, input_dims(model, batch=batch, dims=dims))
+    if shapes is None:
+        shapes = static_shapes(model, batch, dims)
 
     def shp(value: ir.Value | None):
         if value is None:
@@ -189,9 +178,6 @@ def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = N
         if s is None and value.shape is not None:
             s = tuple(value.shape)
         return s
-
-    if runtime_fallback and any(_node_flops_safe(n, shp) is None for n in model.graph):
-        shapes.update(runtime_shapes(model, batch=batch, dims=dims, known=shapes))
 
     per_node: dict[str, int] = {}
     unknown: list[str] = []

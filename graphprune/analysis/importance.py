@@ -12,18 +12,16 @@ Criteria
     over the calibration activations and S the rows of the class, ΔE = tr(W_Sᵀ [(H⁻¹)_SS]⁻¹ W_S), divided by the
     layer's output energy tr(WᵀXᵀXW). The same objective ``reconstruct`` minimises, so selection and refit agree;
     the scores are relative output errors and are compared across groups as they stand.
-  * ``activation``: for every consumer layer, mean |x_c| of its input over the calibration feeds (run in ONNX
-    Runtime) times the L2 norm of the weights that read channel c: the channel's contribution to the next layer
+  * ``activation``: for every consumer layer, mean |x_c| of its input over the calibration feeds (the caller runs
+    them, e.g. with ``graphprune.backends.onnxruntime.probe``, and hands the arrays in) times the L2 norm of the weights that read channel c: the channel's contribution to the next layer
     (output-error criterion in the spirit of Wanda / activation-weighted magnitude).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -62,59 +60,17 @@ def _magnitude(analysis: ChannelAnalysis, p: float) -> np.ndarray:
     return _per_root(analysis, ms, [_slice_norms(m, p) for m in ms])
 
 
-@contextlib.contextmanager
-def probe(model: ir.Model, values: list[ir.Value]) -> Iterator[Callable[[dict], list[np.ndarray]]]:
-    """An ORT session over a snapshot of ``model`` with ``values`` as extra outputs: yields
-    ``run(feed) -> [array per value]`` (float64). The model itself is left as it was; later changes to it do not
-    reach the snapshot."""
-    import onnxruntime as ort
-
-    added = [v for v in dict.fromkeys(values) if not v.is_graph_output()]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "calib.onnx"
-        model.graph.outputs.extend(added)  # restored below; the saved copy is what ORT reads
-        try:
-            ir.save(model, path, external_data="calib.onnx.data")
-        finally:
-            for v in added:
-                model.graph.outputs.remove(v)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        names = [v.name for v in values]
-        inputs = {i.name for i in sess.get_inputs()}
-
-        def run(feed: dict) -> list[np.ndarray]:
-            if not names:  # ORT reads an empty list as "every output"
-                return []
-            outs = sess.run(names, {k: a for k, a in feed.items() if k in inputs})
-            return [np.asarray(y, dtype=np.float64) for y in outs]
-
-        yield run
-
-
-def collect_activations(model: ir.Model, values: list[ir.Value], feeds: list[dict], reduce) -> list:
-    """Run the calibration feeds through ORT with ``values`` as extra outputs; ``reduce(i, array, acc)`` folds
-    each output into an accumulator (returned per value). The model is left as it was."""
-    acc: list = [None] * len(values)
-    with probe(model, values) as run:
-        for feed in feeds:
-            for i, y in enumerate(run(feed)):
-                acc[i] = reduce(i, y, acc[i])
-    return acc
-
-
-def _activation_means(model: ir.Model, values: list[ir.Value], axes: list[int], feeds: list[dict]) -> list[np.ndarray]:
-    """mean |x| per position of ``axes[i]`` of each value, over the calibration feeds (one ORT session)."""
-
-    def reduce(i, y, acc):
-        y = np.moveaxis(np.abs(y), axes[i], 0)
-        s = y.reshape(y.shape[0], -1).mean(axis=1)
-        return s if acc is None else acc + s
-
-    sums = collect_activations(model, values, feeds, reduce)
-    return [s / max(len(feeds), 1) for s in sums]
+def fold_activations(runs: Iterable[Sequence[np.ndarray]], count: int, reduce: Callable) -> tuple[list, int]:
+    """Fold activations feed by feed: ``runs`` holds one list of ``count`` arrays per feed (as
+    ``graphprune.backends.onnxruntime.probe`` yields them); ``reduce(i, array, acc)`` folds array ``i`` (float64)
+    into its accumulator. Returns the accumulators and the number of feeds."""
+    acc: list = [None] * count
+    feeds = 0
+    for arrays in runs:
+        feeds += 1
+        for i, y in enumerate(arrays):
+            acc[i] = reduce(i, np.asarray(y, dtype=np.float64), acc[i])
+    return acc, feeds
 
 
 def _consumer_inputs(analysis: ChannelAnalysis) -> tuple[list[Member], dict[ir.Value, int]]:
@@ -128,9 +84,23 @@ def _consumer_inputs(analysis: ChannelAnalysis) -> tuple[list[Member], dict[ir.V
     return ms, axes
 
 
-def _activation(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -> np.ndarray:
-    ms, axes = _consumer_inputs(analysis)
-    means = dict(zip(axes, _activation_means(model, list(axes), list(axes.values()), feeds), strict=True))
+def activation_values(analysis: ChannelAnalysis) -> list[ir.Value]:
+    """The values whose calibration activations ``activation`` and ``obs`` importance read, in the order
+    :func:`compute_importance` expects their arrays: the distinct inputs of the consumer layers."""
+    return list(_consumer_inputs(analysis)[1])
+
+
+def _activation(analysis: ChannelAnalysis, runs: Iterable[Sequence[np.ndarray]]) -> np.ndarray:
+    ms, uniq = _consumer_inputs(analysis)
+    axes = list(uniq.values())
+
+    def reduce(i, y, acc):  # mean |x| per position of the channel axis
+        y = np.moveaxis(np.abs(y), axes[i], 0)
+        s = y.reshape(y.shape[0], -1).mean(axis=1)
+        return s if acc is None else acc + s
+
+    sums, feeds = fold_activations(runs, len(uniq), reduce)
+    means = {x: s / max(feeds, 1) for x, s in zip(uniq, sums, strict=True)}
     vals = []
     for m in ms:
         a = means[m.node.inputs[0]]
@@ -138,7 +108,7 @@ def _activation(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -
     return _per_root(analysis, ms, vals)
 
 
-def _obs(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -> np.ndarray:
+def _obs(analysis: ChannelAnalysis, runs: Iterable[Sequence[np.ndarray]]) -> np.ndarray:
     ms, uniq = _consumer_inputs(analysis)
     axes = list(uniq.values())
 
@@ -148,7 +118,7 @@ def _obs(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -> np.nd
         g = y.T @ y
         return g if acc is None else acc + g
 
-    grams = dict(zip(uniq, collect_activations(model, list(uniq), feeds, reduce), strict=True))
+    grams = dict(zip(uniq, fold_activations(runs, len(uniq), reduce)[0], strict=True))
     acc = np.zeros(len(analysis.root), dtype=np.float64)
     for m in ms:
         g = grams[m.node.inputs[0]]
@@ -171,9 +141,14 @@ def _obs(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict]) -> np.nd
 
 
 def compute_importance(
-    model: ir.Model, analysis: ChannelAnalysis, method: str = "l2", calibration: list[dict] | None = None
+    analysis: ChannelAnalysis, method: str = "l2", activations: Iterable[Sequence[np.ndarray]] | None = None
 ) -> Importance:
-    """Scores for every group (prunable or not); ``calibration`` feeds are needed for ``activation``."""
+    """Scores for every group (prunable or not).
+
+    ``activation`` and ``obs`` need ``activations``: for every calibration feed, the arrays of
+    :func:`activation_values` in order (``graphprune.backends.onnxruntime.probe`` yields them; they are folded
+    feed by feed). The other criteria read only the weights.
+    """
     if method not in METHODS:
         raise ConfigError(f"importance: unknown criterion {method!r}; choose one of {', '.join(METHODS)}")
     fallback: list[int] = []
@@ -193,7 +168,9 @@ def compute_importance(
                 if g.prunable:
                     fallback.append(g.id)
     else:
-        if not calibration:
+        runs = iter(activations if activations is not None else ())
+        first = next(runs, None)
+        if first is None:
             raise ConfigError(f"importance: {method!r} needs calibration inputs")
-        per_root = (_obs if method == "obs" else _activation)(model, analysis, calibration)
+        per_root = (_obs if method == "obs" else _activation)(analysis, itertools.chain([first], runs))
     return Importance({g.id: per_root[g.classes] for g in analysis.groups}, method, fallback, comparable=method == "obs")

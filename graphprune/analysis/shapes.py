@@ -1,23 +1,17 @@
-"""Shape inference. ``infer_shapes`` updates the model's value shapes (onnx-ir pass); ``concrete_shapes`` returns
-the shapes every value would have for fixed input sizes, leaving the model untouched."""
+"""Shapes at fixed input sizes. ``concrete_shapes`` returns the shapes every value would have for given input
+shapes; ``input_dims`` chooses those input shapes. Both leave the model untouched (shape inference that writes
+shapes back into a model is ``graphprune._ir.infer_shapes``)."""
 
 from __future__ import annotations
 
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 try:  # onnx-ir's helper that strips large initializers before calling the C++ API (2 GB limit)
     from onnx_ir.passes.common._c_api_utils import call_onnx_api
 except ImportError:  # pragma: no cover - older/newer onnx-ir layouts
     def call_onnx_api(func, model):  # type: ignore[no-redef]
         return func(ir.to_proto(model))
-
-
-def infer_shapes(model: ir.Model) -> ir.Model:
-    """Run ONNX shape inference (with data propagation) in place; a failure leaves shapes as they were."""
-    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
-    return model
 
 
 def input_dims(model: ir.Model, batch: int = 1, default_dim: int = 32, dims: dict[str, int] | None = None) -> dict[str, tuple[int, ...]]:
@@ -41,18 +35,18 @@ def input_dims(model: ir.Model, batch: int = 1, default_dim: int = 32, dims: dic
 
 
 def concrete_shapes(model: ir.Model, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple]:
-    """Shape of every value for the given input shapes (dims unknown to inference stay symbolic strings)."""
-    saved = [(v, v.shape) for v in model.graph.inputs]
-    try:
-        for v in model.graph.inputs:
-            if v.name in shapes:
-                v.shape = ir.Shape(shapes[v.name])
-        proto = call_onnx_api(
-            lambda p: onnx.shape_inference.infer_shapes(p, check_type=False, strict_mode=False, data_prop=True), model
-        )
-    finally:
-        for v, s in saved:
-            v.shape = s
+    """Shape of every value for the given input shapes (dims unknown to inference stay symbolic strings).
+
+    Inference runs on a clone (``ir.Model.clone``: the weights are shared, not copied) whose inputs carry
+    ``shapes``, so ``model`` is not touched at any time.
+    """
+    clone = model.clone()
+    for v in clone.graph.inputs:
+        if v.name in shapes:
+            v.shape = ir.Shape(shapes[v.name])
+    proto = call_onnx_api(
+        lambda p: onnx.shape_inference.infer_shapes(p, check_type=False, strict_mode=False, data_prop=True), clone
+    )
     result: dict[str, tuple] = {}
     g = proto.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):

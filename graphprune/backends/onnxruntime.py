@@ -1,8 +1,15 @@
-"""ONNX Runtime backend: sessions, runs and an interleaved latency benchmark.
+"""ONNX Runtime backend: the one session factory, probes of intermediate values, runs and an interleaved benchmark.
+
+Everything in graphprune that runs a model comes through here; ``analysis`` never does. onnxruntime itself is
+imported on first use, so ``import graphprune`` does not load it.
 
 Sessions run on CPU by default. ``providers`` may name ``cuda`` or ``tensorrt`` (requires onnxruntime-gpu,
 installed by the ``gpu`` extra in place of onnxruntime); asking for one that is not installed is a user error.
 Intra-op spinning is off so that two live sessions (original and optimized) do not steal each other's cores.
+
+Probes (:class:`Probe`, :func:`probe`) read intermediate values: they run a *clone* of the model
+(``ir.Model.clone``: new nodes and values, the weight tensors shared) with the values as extra graph outputs, so
+the caller's model is never changed, not even for a moment, and later changes to it do not reach the probe.
 """
 
 from __future__ import annotations
@@ -11,23 +18,35 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
+from graphprune.analysis import flops
+from graphprune.analysis.inputs import example_inputs
 from graphprune.errors import GraphpruneError
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 ModelLike = ir.Model | str | os.PathLike
 
 
+def _ort():
+    """The onnxruntime module, imported on first use."""
+    import onnxruntime
+
+    return onnxruntime
+
+
 def _providers(names: Sequence[str] | None) -> list[str]:
     names = list(names or ["cpu"])
-    available = ort.get_available_providers()
+    available = _ort().get_available_providers()
     out = []
     for n in names:
         full = _PROVIDERS.get(n.lower(), n)
@@ -42,20 +61,26 @@ def _providers(names: Sequence[str] | None) -> list[str]:
     return out
 
 
-def _session_options(threads: int | None) -> ort.SessionOptions:
+def _session_options(threads: int | None, optimize: bool) -> onnxruntime.SessionOptions:
+    ort = _ort()
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     return so
 
 
-def make_session(model: ModelLike, threads: int | None = None, providers: Sequence[str] | None = None) -> ort.InferenceSession:
+def make_session(model: ModelLike, threads: int | None = None, providers: Sequence[str] | None = None,
+                 optimize: bool = True) -> onnxruntime.InferenceSession:
     """An ORT session for a path or an in-memory ``ir.Model`` (saved to a temporary folder when it holds
-    external weights, since ORT cannot take >2 GB or external data from bytes)."""
-    so, provs = _session_options(threads), _providers(providers)
+    external weights, since ORT cannot take >2 GB or external data from bytes). ``optimize=False`` turns ORT's
+    graph optimizations off (probes: the session is built for a few runs, and every value stays as written)."""
+    ort = _ort()
+    so, provs = _session_options(threads, optimize), _providers(providers)
     if not isinstance(model, ir.Model):
         return ort.InferenceSession(str(model), so, providers=provs)
     has_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
@@ -68,11 +93,100 @@ def make_session(model: ModelLike, threads: int | None = None, providers: Sequen
         return ort.InferenceSession(str(path), so, providers=provs)
 
 
-def run(model: ModelLike | ort.InferenceSession, feeds: Mapping[str, np.ndarray], threads: int | None = None) -> list[np.ndarray]:
+def _is_session(obj: Any) -> bool:
+    return isinstance(obj, _ort().InferenceSession)
+
+
+def run(model: ModelLike | onnxruntime.InferenceSession, feeds: Mapping[str, np.ndarray], threads: int | None = None) -> list[np.ndarray]:
     """Outputs of one run, in graph output order."""
-    sess = model if isinstance(model, ort.InferenceSession) else make_session(model, threads)
+    sess = model if _is_session(model) else make_session(model, threads)
     names = {i.name for i in sess.get_inputs()}
     return sess.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+def _main_graph_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    """Every value of the main graph in a fixed order: inputs, initializers, node outputs (graph order)."""
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+class Probe:
+    """A session that reads ``values`` (values of ``model``'s main graph) as it is now: ``probe(feed)`` returns
+    one array per value, in order, as ORT computes them.
+
+    It runs a clone of the model with the values as extra outputs; ``model`` is left exactly as it was, and
+    changes made to it afterwards do not reach the probe (so a pass can compare a model with its own edits).
+    """
+
+    def __init__(self, model: ir.Model, values: Sequence[ir.Value], threads: int | None = None) -> None:
+        self.count = len(values)
+        self.names: list[str] = []
+        self._session = None
+        if not values:
+            return
+        clone = model.clone()
+        twin = dict(zip(map(id, _main_graph_values(model.graph)), _main_graph_values(clone.graph), strict=True))
+        missing = [v.name for v in values if id(v) not in twin]
+        if missing:
+            raise ValueError(f"probe: values {missing} are not in the model's main graph")
+        targets = [twin[id(v)] for v in values]
+        taken = {v.name for v in _main_graph_values(clone.graph) if v.name}
+        for i, v in enumerate(targets):  # ORT names outputs: give unnamed values a name in the clone only
+            if not v.name:
+                name = f"graphprune_probe_{i}"
+                while name in taken:
+                    name += "_"
+                v.name = name
+                taken.add(name)
+        outputs = set(clone.graph.outputs)
+        clone.graph.outputs.extend(dict.fromkeys(v for v in targets if v not in outputs))
+        self.names = [v.name for v in targets]
+        self._session = make_session(clone, threads, optimize=False)
+        self._inputs = {i.name for i in self._session.get_inputs()}
+
+    def __call__(self, feed: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if self._session is None:  # nothing asked: ORT would read an empty list as "every output"
+            return []
+        return self._session.run(self.names, {k: a for k, a in feed.items() if k in self._inputs})
+
+    def runs(self, feeds: Iterable[Mapping[str, np.ndarray]]) -> Iterator[list[np.ndarray]]:
+        """The arrays of every feed, one list per feed, computed as the iterator is consumed."""
+        for feed in feeds:
+            yield self(feed)
+
+
+def probe(model: ir.Model, values: Sequence[ir.Value], feeds: Iterable[Mapping[str, np.ndarray]],
+          threads: int | None = None) -> Iterator[list[np.ndarray]]:
+    """The arrays ``values`` take on each feed: one list (one array per value) per feed, in feed order.
+
+    The session is built now, over the model as it is now (see :class:`Probe`); the feeds run as the iterator is
+    consumed, so a caller can fold activations feed by feed without holding them all.
+    """
+    return Probe(model, values, threads).runs(feeds)
+
+
+def runtime_shapes(model: ir.Model, values: Sequence[ir.Value], feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shapes ``values`` have in one run on ``feeds``, by value name."""
+    arrays = next(probe(model, values, [feeds]))
+    return {v.name: tuple(a.shape) for v, a in zip(values, arrays, strict=True)}
+
+
+def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None) -> flops.FlopsReport:
+    """:func:`graphprune.analysis.flops.count_flops`, with the shapes static inference leaves unknown read from one
+    ORT run on generated inputs (e.g. behind data-dependent mask logic). Nodes still unresolved, or every node whose
+    shapes were unknown when the model cannot run, are listed in ``unknown``."""
+    shapes = flops.static_shapes(model, batch, dims)
+    report = flops.count_flops(model, batch, dims, shapes=shapes)
+    if not report.unknown:
+        return report
+    wanted = flops.unresolved_values(model, shapes)
+    try:
+        measured = runtime_shapes(model, wanted, example_inputs(model, batch=batch, dims=dims))
+    except Exception:  # noqa: BLE001 - a fallback: unresolved shapes stay unknown and are reported as such
+        return report
+    return flops.count_flops(model, batch, dims, shapes={**shapes, **measured})
 
 
 def _stats(samples: list[float]) -> dict[str, float]:
@@ -86,7 +200,7 @@ def _stats(samples: list[float]) -> dict[str, float]:
 
 
 def benchmark(
-    models: Mapping[str, ModelLike | ort.InferenceSession],
+    models: Mapping[str, ModelLike | onnxruntime.InferenceSession],
     feeds: Mapping[str, np.ndarray],
     warmup: int = 3,
     runs: int = 20,
@@ -97,7 +211,7 @@ def benchmark(
 
     Interleaving puts every model under the same machine load; compare ratios from one call, not across calls.
     """
-    sessions = {k: (m if isinstance(m, ort.InferenceSession) else make_session(m, threads)) for k, m in models.items()}
+    sessions = {k: (m if _is_session(m) else make_session(m, threads)) for k, m in models.items()}
     prepared = {}
     for k, s in sessions.items():
         names = {i.name for i in s.get_inputs()}

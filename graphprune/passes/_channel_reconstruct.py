@@ -28,7 +28,8 @@ import onnx_ir as ir
 
 from graphprune.analysis.attention import const_value
 from graphprune.analysis.channels import ChannelAnalysis, Member
-from graphprune.analysis.importance import collect_activations
+from graphprune.analysis.importance import fold_activations
+from graphprune.backends.onnxruntime import Probe, probe
 
 
 def _layout(m: Member) -> tuple[np.ndarray, ir.Value | None, ir.Node | None, int | None] | str:
@@ -179,7 +180,7 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
             g = a.T @ a
             return g if acc is None else acc + g
 
-        grams = collect_activations(model, xs, feeds, reduce)
+        grams, _ = fold_activations(probe(model, xs, feeds), len(xs), reduce)
         for (m, lay), g in zip(todo, grams, strict=True):
             k = lay[0].shape[0]
             p = np.nonzero(kr[m.atoms])[0]
@@ -187,27 +188,25 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
             finish(m, lay, *_refit(m, lay, kr, g[np.ix_(cols, cols)], g[np.ix_(cols, np.arange(k))], g[:k, :k]))
         return rewritten, skipped
 
-    from graphprune.analysis.importance import probe
-
-    with probe(model, xs) as run_original:  # a snapshot: the masking below does not reach it
-        for m in [t[0] for t in todo] + others:
-            _mask_rows(model, m, kr)
-        for step, (m, lay) in enumerate(todo):
-            x = m.node.inputs[0]
-            k = lay[0].shape[0]
-            p = np.nonzero(kr[m.atoms])[0]
-            n = len(p) + (1 if lay[1] is not None else 0)
-            ata, atx, gxx = np.zeros((n, n)), np.zeros((n, k)), np.zeros((k, k))
-            with probe(model, [x]) as run_pruned:
-                for feed in feeds:
-                    xo = _rows(m, run_original(feed)[step])
-                    xp = _rows(m, run_pruned(feed)[0])[:, p]
-                    if lay[1] is not None:
-                        xp = np.concatenate([xp, np.ones((xp.shape[0], 1))], axis=1)
-                    ata += xp.T @ xp
-                    atx += xp.T @ xo
-                    gxx += xo.T @ xo
-            finish(m, lay, *_refit(m, lay, kr, ata, atx, gxx))
-            if progress is not None:
-                progress(step + 1, len(todo))
+    run_original = Probe(model, xs)  # built now: the masking below does not reach it
+    for m in [t[0] for t in todo] + others:
+        _mask_rows(model, m, kr)
+    for step, (m, lay) in enumerate(todo):
+        x = m.node.inputs[0]
+        k = lay[0].shape[0]
+        p = np.nonzero(kr[m.atoms])[0]
+        n = len(p) + (1 if lay[1] is not None else 0)
+        ata, atx, gxx = np.zeros((n, n)), np.zeros((n, k)), np.zeros((k, k))
+        run_pruned = Probe(model, [x])
+        for feed in feeds:
+            xo = _rows(m, np.asarray(run_original(feed)[step], dtype=np.float64))
+            xp = _rows(m, np.asarray(run_pruned(feed)[0], dtype=np.float64))[:, p]
+            if lay[1] is not None:
+                xp = np.concatenate([xp, np.ones((xp.shape[0], 1))], axis=1)
+            ata += xp.T @ xp
+            atx += xp.T @ xo
+            gxx += xo.T @ xo
+        finish(m, lay, *_refit(m, lay, kr, ata, atx, gxx))
+        if progress is not None:
+            progress(step + 1, len(todo))
     return rewritten, skipped

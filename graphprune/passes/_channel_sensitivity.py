@@ -4,7 +4,7 @@ Measurement: for every prunable group g, the model is changed as if g alone lost
 lowest-scored first): the consumer rows reading them are zeroed and, with ``reconstruct``, each consumer is refitted
 from the original's Gram matrix (the independent refit of ``_channel_reconstruct``). The calibration feeds are run
 and d_g = mean over samples and float outputs of (1 − cosine(original, changed)) is recorded; then the model is
-restored. One ORT session per group, over at most ``max_feeds`` feeds.
+restored. One ORT session (``backends.onnxruntime.probe``) per group, over at most ``max_feeds`` feeds.
 
 Allocation: the output error of removing a fraction r_g of group g is modelled as e_g·r_g² with e_g = d_g / probe².
 Minimising Σ e_g·r_g² for the FLOPs removed, Σ f_g·r_g (f_g: the FLOPs of g's classes, ``class_flops``), gives
@@ -19,7 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.analysis.channels import ChannelAnalysis
-from graphprune.analysis.importance import Importance, collect_activations, probe
+from graphprune.analysis.importance import Importance, fold_activations
+from graphprune.backends.onnxruntime import probe
 from graphprune.passes._channel_plan import _keep_count, _unit, class_flops
 from graphprune.passes._channel_reconstruct import _layout, _mask_rows, _refit, _rows, _store
 
@@ -33,6 +34,10 @@ def _distance(ref: list[list[np.ndarray]], outs: list[list[np.ndarray]]) -> floa
             den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
             vals.append(1.0 - (a * b).sum(axis=1) / np.maximum(den, 1e-30))
     return float(np.mean(np.concatenate(vals))) if vals else 0.0
+
+
+def _outputs(model: ir.Model, outputs: list[ir.Value], feeds: list[dict]) -> list[list[np.ndarray]]:
+    return [[np.asarray(y, dtype=np.float64) for y in ys] for ys in probe(model, outputs, feeds)]
 
 
 class _Restore:
@@ -62,8 +67,7 @@ def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: 
     feeds = list(feeds)[:max_feeds]
     groups = [g for g in analysis.groups if g.prunable]
     outputs = list(model.graph.outputs)
-    with probe(model, outputs) as run:
-        ref = [run(f) for f in feeds]
+    ref = _outputs(model, outputs, feeds)
     consumers = [m for m in analysis.members if m.role == "in" and m.value is not None and m.value.const_value is not None]
     lays = {id(m): _layout(m) for m in consumers}
     fit = [m for m in consumers if refit and not isinstance(lays[id(m)], str)]
@@ -76,7 +80,7 @@ def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: 
         g = a.T @ a
         return g if acc is None else acc + g
 
-    grams = dict(zip(xs, collect_activations(model, xs, feeds, reduce), strict=True)) if xs else {}
+    grams = dict(zip(xs, fold_activations(probe(model, xs, feeds), len(xs), reduce)[0], strict=True)) if xs else {}
     restore = _Restore(model.graph)
     result: dict[int, float] = {}
     for step, g in enumerate(groups):
@@ -103,8 +107,7 @@ def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: 
                 _store(model, m, lay, new_w, shift)
             else:
                 _mask_rows(model, m, kr)
-        with probe(model, outputs) as run:
-            result[g.id] = _distance(ref, [run(f) for f in feeds])
+        result[g.id] = _distance(ref, _outputs(model, outputs, feeds))
         restore.restore()
         if progress is not None:
             progress(step + 1, len(groups))

@@ -22,6 +22,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from graphprune._ir import infer_shapes
 from graphprune.analysis.attention import const_value
 from graphprune.errors import GraphpruneError
 
@@ -149,8 +150,6 @@ def _set_shapes(model: ir.Model, entries: list[dict]) -> None:
     """Re-infer value shapes. Inference runs on cleared shapes; where it cannot infer a value (e.g. behind Hugging
     Face mask logic), the value keeps its old shape with the new channel dims the plan lists (exact, from the
     analysis)."""
-    from graphprune.analysis.shapes import infer_shapes
-
     outputs = set(model.graph.outputs)
     values = {o.name: o for node in model.graph for o in node.outputs if o not in outputs}
     saved = {name: (list(v.shape) if v.shape is not None else None) for name, v in values.items()}

@@ -1,7 +1,7 @@
 """Token schedules for ``token_drop`` and the FLOPs model that the budget schedule solves against.
 
-FLOPs model: :func:`graphprune.analysis.flops.count_flops` of the unmodified model gives each node's FLOPs at the
-full token count ``N``. A node after the reduction points runs on ``n`` tokens: attention-core nodes (q·kᵀ,
+FLOPs model: :func:`graphprune.backends.onnxruntime.count_flops` (static shapes, completed in ONNX Runtime where
+inference stops) of the unmodified model gives each node's FLOPs at the full token count ``N``. A node after the reduction points runs on ``n`` tokens: attention-core nodes (q·kᵀ,
 softmax, ·v) scale with ``(n/N)²``, every other node on the stream with ``n/N``. The token count in effect at
 a node is the count after the last reduction placed before it in graph order (nodes before the first block,
 such as the patch embedding, keep ``N``). This holds for the transformer stacks the pass supports, where the
@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 
 from graphprune.analysis.attention import AttentionBlock
+from graphprune.backends.onnxruntime import count_flops
 from graphprune.errors import ConfigError
 from graphprune.ops.token_select import kept_count
 
@@ -37,8 +38,6 @@ class FlopsModel:
 
     @classmethod
     def build(cls, model: ir.Model, blocks: Sequence[AttentionBlock], batch: int = 1) -> FlopsModel:
-        from graphprune.analysis.flops import count_flops
-
         report = count_flops(model, batch=batch)
         core = {id(n) for b in blocks for n in b.nodes}
         entries = []

@@ -42,7 +42,8 @@ import onnx_ir as ir
 import pydantic
 
 from graphprune.analysis.channels import analyze_channels
-from graphprune.analysis.importance import compute_importance
+from graphprune.analysis.importance import activation_values, compute_importance
+from graphprune.backends.onnxruntime import count_flops, probe
 from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes._channel_plan import build_plan, predicted, select
@@ -130,8 +131,6 @@ def _write_plan(cfg: ChannelPruneConfig, plan: dict, info: dict) -> None:
 
 
 def _per_node_flops(model: ir.Model) -> dict[str, int] | None:
-    from graphprune.analysis.flops import count_flops
-
     try:
         report = count_flops(model)
     except Exception:  # noqa: BLE001 - FLOPs model falls back to the analysis' own compute terms
@@ -166,7 +165,9 @@ class ChannelPrunePass(GraphPass):
         with self.context.task("channel analysis", 3) as step:
             analysis = analyze_channels(model, cfg.ignore, cfg.ignore_stem)
             step(1)
-            imp = compute_importance(model, analysis, method["importance"], calib)
+            acts = (probe(model, activation_values(analysis), calib)
+                    if method["importance"] in ("activation", "obs") else None)
+            imp = compute_importance(analysis, method["importance"], acts)
             step(1)
             per_node = _per_node_flops(model) if cfg.target == "flops" else None
             sens = None

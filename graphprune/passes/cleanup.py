@@ -15,7 +15,7 @@ import onnx_ir.passes.common as common
 import onnxscript.optimizer
 import pydantic
 
-from graphprune.analysis.shapes import infer_shapes
+from graphprune._ir import infer_shapes
 from graphprune.passes import register
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig
 

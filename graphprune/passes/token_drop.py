@@ -38,8 +38,8 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
+from graphprune._ir import infer_shapes
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
-from graphprune.analysis.shapes import infer_shapes
 from graphprune.errors import ConfigError, UnsupportedPatternError
 from graphprune.ops import add_function, diversity_select, token_merge, token_select
 from graphprune.ops._token_body import Body
