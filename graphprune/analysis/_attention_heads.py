@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from graphprune._ir import const_value
 from graphprune.analysis._channel_layout import const_slot
-from graphprune.analysis.attention import AttentionBlock, const_value
+from graphprune.analysis.attention import AttentionBlock
 
 if TYPE_CHECKING:
     from graphprune.analysis.channels import Builder

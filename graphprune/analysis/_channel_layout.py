@@ -18,21 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.analysis.attention import const_value
+from graphprune._ir import const_value, dim, rank
 
 if TYPE_CHECKING:
     from graphprune.analysis.channels import Builder
-
-def _rank(v: ir.Value | None) -> int | None:
-    return len(v.shape) if v is not None and v.shape is not None else None
-
-
-def _dim(v: ir.Value | None, axis: int) -> int | None:
-    if v is None or v.shape is None or not -len(v.shape) <= axis < len(v.shape):
-        return None
-    d = v.shape[axis]
-    return d if isinstance(d, int) else None
-
 
 def _ints(v: ir.Value | None) -> list[int] | None:
     c = const_value(v)
@@ -64,7 +53,7 @@ def const_slot(node: ir.Node, index: int, pos: int) -> tuple[ir.Node, int, int] 
     if p is not None and p.op_type == "Concat" and p.domain == "":
         off = 0
         for j, piece in enumerate(p.inputs):
-            n = _dim(piece, 0) if _rank(piece) == 1 else (1 if _rank(piece) == 0 else None)
+            n = dim(piece, 0) if rank(piece) == 1 else (1 if rank(piece) == 0 else None)
             if n is None:
                 return f"shape piece {piece.name!r} has unknown length"
             if off <= pos < off + n:
@@ -94,7 +83,7 @@ def _shape_edit(b: Builder, node: ir.Node, index: int, pos: int, expected: int, 
 def _expand_like(b: Builder, node: ir.Node) -> None:
     """Expand / Tile of a labeled tensor: the channel factor must stay 1 (Tile) or the size C (Expand)."""
     lab = b.label(node.inputs[0])
-    r_in, r_out = _rank(node.inputs[0]), _rank(node.outputs[0])
+    r_in, r_out = rank(node.inputs[0]), rank(node.outputs[0])
     if r_in is None or r_out is None:
         b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown rank")
         return
@@ -105,7 +94,7 @@ def _expand_like(b: Builder, node: ir.Node) -> None:
             b.block(lab.atoms, f"Tile {node.name!r} repeats channels")
             return
     else:
-        length = _dim(node.inputs[1], 0)
+        length = dim(node.inputs[1], 0)
         if length is None or ax - (r_out - length) < 0:
             b.block(lab.atoms, f"Expand {node.name!r}: unknown target length")
             return
@@ -115,7 +104,7 @@ def _expand_like(b: Builder, node: ir.Node) -> None:
 
 def _split(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
-    r = _rank(node.inputs[0])
+    r = rank(node.inputs[0])
     axis = node.attributes.get_int("axis", 0) % r
     if axis != lab.axis:
         for o in node.outputs:
@@ -143,7 +132,7 @@ def _split(b: Builder, node: ir.Node) -> None:
 
 def _slice(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
-    r = _rank(node.inputs[0])
+    r = rank(node.inputs[0])
     starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
     axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(len(starts or [])))
     steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(axes or [])
@@ -186,13 +175,13 @@ def _group_norm(b: Builder, node: ir.Node) -> bool:
     Add β, handled as broadcasts). Each norm group becomes one unit; the target's G is rewritten."""
     lab = b.label(node.inputs[0])
     users = [u for u, _ in node.outputs[0].uses()]
-    if lab.axis != 1 or _rank(node.outputs[0]) != 3 or len(users) != 1 or users[0].op_type != "InstanceNormalization":
+    if lab.axis != 1 or rank(node.outputs[0]) != 3 or len(users) != 1 or users[0].op_type != "InstanceNormalization":
         return False
     back = [u for u, _ in users[0].outputs[0].uses()]
     shp = back[0].inputs[1].producer() if len(back) == 1 and back[0].op_type == "Reshape" else None
     if shp is None or shp.op_type != "Shape" or shp.inputs[0] is not node.inputs[0]:
         return False
-    g, c = _dim(node.outputs[0], 1), len(lab.atoms)
+    g, c = dim(node.outputs[0], 1), len(lab.atoms)
     if not g or c % g:
         return False
     per = lab.atoms.reshape(g, c // g)
@@ -242,21 +231,21 @@ def _reshape(b: Builder, node: ir.Node) -> None:
 
 def _transpose(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
-    r = _rank(node.inputs[0])
+    r = rank(node.inputs[0])
     perm = list(node.attributes.get_ints("perm", list(range(r - 1, -1, -1)) if r else []))
     b.set_label(node.outputs[0], perm.index(lab.axis), lab.atoms)
 
 
 def _squeeze(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
-    r_in, r_out = _rank(node.inputs[0]), _rank(node.outputs[0])
+    r_in, r_out = rank(node.inputs[0]), rank(node.outputs[0])
     axes = _axes(node, 1)
     if r_in is None or r_out is None or (axes is None and node.op_type == "Unsqueeze"):
         b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown axes")
         return
     if node.op_type == "Squeeze":
         if axes is None:
-            axes = [i for i in range(r_in) if _dim(node.inputs[0], i) == 1]
+            axes = [i for i in range(r_in) if dim(node.inputs[0], i) == 1]
         axes = [x % r_in for x in axes]
         if lab.axis in axes:
             b.block(lab.atoms, f"Squeeze {node.name!r} removes the channel axis")
@@ -271,7 +260,7 @@ def _squeeze(b: Builder, node: ir.Node) -> None:
 
 def _pad(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
-    r = _rank(node.inputs[0])
+    r = rank(node.inputs[0])
     pads = _ints(node.inputs[1]) if len(node.inputs) > 1 else None
     axes = _axes(node, 3) or list(range(r))
     axes = [x % r for x in axes]

@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
+from graphprune._ir import const_value, dim, rank
 from graphprune.analysis._channel_layout import (
     _axes,
-    _dim,
     _expand_like,
     _ints,
     _numel,
     _pad,
-    _rank,
     _reshape,
     _resize,
     _shape_edit,
@@ -40,7 +39,6 @@ from graphprune.analysis._channel_layout import (
     _squeeze,
     _transpose,
 )
-from graphprune.analysis.attention import const_value
 
 if TYPE_CHECKING:
     from graphprune.analysis.channels import Builder
@@ -69,7 +67,7 @@ def _conv(b: Builder, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
     wv = const_value(w)
     lab = b.label(x)
-    if wv is None or _rank(x) is None:
+    if wv is None or rank(x) is None:
         b.block_value(x, f"Conv {node.name!r} has a computed weight")
         return
     if lab is not None and lab.axis != 1:
@@ -148,7 +146,7 @@ def _matmul(b: Builder, node: ir.Node) -> None:
         for v in node.inputs:
             b.block_value(v, f"MatMul {node.name!r} has no constant 2-D weight")
         return
-    r = _rank(x)
+    r = rank(x)
     if lab is not None and (r is None or lab.axis != r - 1):
         b.block(lab.atoms, f"MatMul {node.name!r} contracts axis {r and r - 1}, not the channel axis {lab.axis}")
         lab = None
@@ -156,7 +154,7 @@ def _matmul(b: Builder, node: ir.Node) -> None:
     if lab is not None:
         b.member(node, 1, 0, lab.atoms, "in")
     b.member(node, 1, 1, out, "out")
-    ro = _rank(node.outputs[0])
+    ro = rank(node.outputs[0])
     b.set_label(node.outputs[0], (ro or 2) - 1, out)
     n = _numel(node.outputs[0])
     b.cost(node, 2 * n * wv.shape[0] if n else None, lab.atoms if lab else None, out)
@@ -169,13 +167,13 @@ def _gather(b: Builder, node: ir.Node) -> None:
     if table is not None and table.ndim == 2 and axis == 0 and b.label(idx) is None:  # embedding lookup
         out = _new_space(b, node, table.shape[1], idx)
         b.member(node, 0, 1, out, "out")
-        b.set_label(node.outputs[0], (_rank(node.outputs[0]) or 2) - 1, out)
+        b.set_label(node.outputs[0], (rank(node.outputs[0]) or 2) - 1, out)
         return
     lab = b.label(data)
     if lab is None:
         b.block_value(idx, f"Gather {node.name!r} uses channels as indices")
         return
-    r = _rank(data)
+    r = rank(data)
     axis = axis % r if r else axis
     ind = const_value(idx)
     if axis == lab.axis:
@@ -186,7 +184,7 @@ def _gather(b: Builder, node: ir.Node) -> None:
         b.gather_edits.append(_gather_edit(node, lab.atoms))
         b.set_label(node.outputs[0], axis, lab.atoms[ind])
         return
-    ir_rank = _rank(idx)
+    ir_rank = rank(idx)
     if ir_rank is None:
         b.block(lab.atoms, f"Gather {node.name!r}: unknown index rank")
         return
@@ -216,25 +214,25 @@ def _const_member(b: Builder, node: ir.Node, index: int, axis_from_end: int, ato
         if p.op_type == "Expand":
             shp = _ints(p.inputs[1]) if const_value(p.inputs[1]) is not None else None
             if shp is None:  # Concat of pieces: check the piece at the channel axis
-                r = _rank(v)
+                r = rank(v)
                 _shape_edit(b, p, 1, r - axis_from_end, len(atoms), atoms)
             else:
                 _shape_edit(b, p, 1, len(shp) - axis_from_end, len(atoms), atoms)
         b.member(p, 0, src.ndim - axis_from_end, atoms, "param")
-        b.shape_lines.append((v, _rank(v) - axis_from_end, atoms[:, None]))
+        b.shape_lines.append((v, rank(v) - axis_from_end, atoms[:, None]))
         return None
     return f"{v.name!r} ({p.op_type if p else 'graph input'}) carries untracked channels"
 
 
 def _broadcast(b: Builder, node: ir.Node) -> None:
     out = node.outputs[0]
-    r = _rank(out)
+    r = rank(out)
     labeled = [(i, b.label(v)) for i, v in enumerate(node.inputs) if b.label(v) is not None]
-    if r is None or any(_rank(node.inputs[i]) is None for i, _ in labeled):
+    if r is None or any(rank(node.inputs[i]) is None for i, _ in labeled):
         for _, lab in labeled:
             b.block(lab.atoms, f"{node.op_type} {node.name!r}: unknown rank")
         return
-    axes = {r - _rank(node.inputs[i]) + lab.axis for i, lab in labeled}
+    axes = {r - rank(node.inputs[i]) + lab.axis for i, lab in labeled}
     if len(axes) != 1:
         for _, lab in labeled:
             b.block(lab.atoms, f"{node.op_type} {node.name!r} mixes channels on different axes")
@@ -242,7 +240,7 @@ def _broadcast(b: Builder, node: ir.Node) -> None:
     ax = axes.pop()
     c = max(len(lab.atoms) for _, lab in labeled)
     ref = next(lab.atoms for _, lab in labeled if len(lab.atoms) == c)
-    if c == 1 and (_dim(out, ax) or 1) > 1:  # a 1-channel tensor broadcast over many: fixed size
+    if c == 1 and (dim(out, ax) or 1) > 1:  # a 1-channel tensor broadcast over many: fixed size
         b.block(ref, f"{node.op_type} {node.name!r} broadcasts a single channel")
         return
     for i, v in enumerate(node.inputs):
@@ -255,8 +253,8 @@ def _broadcast(b: Builder, node: ir.Node) -> None:
             else:
                 b.block(lab.atoms, f"{node.op_type} {node.name!r} broadcasts a single channel")
             continue
-        rv = _rank(v)
-        d = None if rv is None else (1 if ax - (r - rv) < 0 else _dim(v, ax - (r - rv)))
+        rv = rank(v)
+        d = None if rv is None else (1 if ax - (r - rv) < 0 else dim(v, ax - (r - rv)))
         if d == 1:
             continue  # broadcast over channels: no coupling
         reason = "operand of unknown size" if d is None else _const_member(b, node, i, r - ax, ref)
@@ -267,7 +265,7 @@ def _broadcast(b: Builder, node: ir.Node) -> None:
 
 def _concat(b: Builder, node: ir.Node) -> None:
     out = node.outputs[0]
-    r = _rank(out)
+    r = rank(out)
     axis = node.attributes.get_int("axis", 0) % r if r else None
     labs = [b.label(v) for v in node.inputs]
     lab0 = next(lab for lab in labs if lab is not None)
@@ -290,7 +288,7 @@ def _concat(b: Builder, node: ir.Node) -> None:
 def _norm(b: Builder, node: ir.Node) -> None:
     x = node.inputs[0]
     lab = b.label(x)
-    r = _rank(x)
+    r = rank(x)
     op = node.op_type
     if op in ("BatchNormalization", "InstanceNormalization"):
         if lab.axis != 1:
@@ -326,7 +324,7 @@ def _norm(b: Builder, node: ir.Node) -> None:
 def _axis_op(b: Builder, node: ir.Node) -> None:
     """Pooling, Softmax and reductions: fine as long as the channel axis is not the one they work on."""
     lab = b.label(node.inputs[0])
-    r = _rank(node.inputs[0])
+    r = rank(node.inputs[0])
     op = node.op_type
     if op in _POOL:
         if lab.axis != 1:

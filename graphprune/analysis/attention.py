@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 import onnx_ir as ir
+
+from graphprune._ir import const_value, dim
 
 MS = "com.microsoft"
 
@@ -73,26 +74,6 @@ class AttentionBlock:
         }
 
 
-def const_value(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of a constant value (initializer or Constant node output), else ``None``."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    prod = value.producer()
-    if prod is not None and prod.op_type == "Constant" and prod.domain == "":
-        attr = prod.attributes.get("value")
-        if attr is not None:
-            return attr.as_tensor().numpy()
-        for key in ("value_float", "value_int"):
-            if key in prod.attributes:
-                return np.array(prod.attributes[key].value)
-        for key in ("value_floats", "value_ints"):
-            if key in prod.attributes:
-                return np.array(prod.attributes[key].value)
-    return None
-
-
 def _scalar(value: ir.Value | None) -> float | None:
     arr = const_value(value)
     if arr is None or arr.size != 1:
@@ -107,13 +88,6 @@ def _producer(value: ir.Value | None, op: str, domain: str = "") -> ir.Node | No
     if node is not None and node.op_type == op and node.domain == domain:
         return node
     return None
-
-
-def _dim(value: ir.Value | None, axis: int) -> int | None:
-    if value is None or value.shape is None or len(value.shape) < abs(axis):
-        return None
-    d = value.shape[axis]
-    return d if isinstance(d, int) else None
 
 
 def _strip_scale(value: ir.Value) -> tuple[ir.Value, float]:
@@ -204,9 +178,9 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
     v = pv.inputs[1]
     out = pv.outputs[0]
     rank = len(q.shape) if q.shape is not None else 0
-    heads = _dim(q, -3) if rank >= 4 else None
-    kv_heads = _dim(v, -3) if rank >= 4 else None
-    head_dim = _dim(q, -1)
+    heads = dim(q, -3) if rank >= 4 else None
+    kv_heads = dim(v, -3) if rank >= 4 else None
+    head_dim = dim(q, -1)
     return AttentionBlock(
         index=-1,
         kind="matmul_softmax",
@@ -223,7 +197,7 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
-        tokens=_dim(q, -2),
+        tokens=dim(q, -2),
     )
 
 
@@ -234,12 +208,12 @@ def _match_attention_op(node: ir.Node) -> AttentionBlock:
     kvh = node.attributes.get_int("kv_num_heads", 0) or None
     rank = len(q.shape) if q.shape is not None else 4
     if rank == 4:
-        heads, kv_heads, head_dim, tokens = _dim(q, 1), _dim(k, 1), _dim(q, 3), _dim(q, 2)
+        heads, kv_heads, head_dim, tokens = dim(q, 1), dim(k, 1), dim(q, 3), dim(q, 2)
     else:  # [B, N, H*D]
         heads, kv_heads = qh, kvh
-        hidden = _dim(q, 2)
+        hidden = dim(q, 2)
         head_dim = hidden // heads if (hidden and heads) else None
-        tokens = _dim(q, 1)
+        tokens = dim(q, 1)
     scale = node.attributes.get_float("scale", 0.0) or (1.0 / math.sqrt(head_dim) if head_dim else None)
     return AttentionBlock(
         index=-1,
@@ -270,16 +244,16 @@ def _match_ms(node: ir.Node) -> AttentionBlock:
         head_dim = hidden // heads if (hidden and heads) else None
         blk = AttentionBlock(
             index=-1, kind="ms_attention", nodes=[node], q=None, k=None, v=None, output=node.outputs[0],
-            layout="packed", heads=heads, head_dim=head_dim, tokens=_dim(x, 1), scale=scale, attn_input=x,
+            layout="packed", heads=heads, head_dim=head_dim, tokens=dim(x, 1), scale=scale, attn_input=x,
             causal=bool(node.attributes.get_int("unidirectional", 0)),
         )
         return blk
     q, k, v = (node.inputs[i] if len(node.inputs) > i else None for i in range(3))
-    hidden = _dim(q, 2)
+    hidden = dim(q, 2)
     head_dim = hidden // heads if (hidden and heads) else None
     return AttentionBlock(
         index=-1, kind="ms_mha", nodes=[node], q=q, k=k, v=v, output=node.outputs[0], layout="BNC",
-        heads=heads, head_dim=head_dim, tokens=_dim(q, 1), scale=scale,
+        heads=heads, head_dim=head_dim, tokens=dim(q, 1), scale=scale,
         mask=node.inputs[4] if len(node.inputs) > 4 else None,
     )
 
@@ -352,8 +326,8 @@ def detect_prefix_tokens(graph: ir.Graph) -> int:
                 break
             root = prod.inputs[0]
         if root is not None and root.const_value is not None:
-            p = _dim(first, 1)
-            if p is not None and p < (_dim(out, 1) or 1 << 30):
+            p = dim(first, 1)
+            if p is not None and p < (dim(out, 1) or 1 << 30):
                 return p
     return 0
 

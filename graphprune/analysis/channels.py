@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.analysis import _attention_heads, _channel_rules
-from graphprune.analysis.attention import const_value, find_attention_blocks
+from graphprune.analysis.attention import find_attention_blocks
 
 
 @dataclasses.dataclass
@@ -336,4 +336,4 @@ def numel(shape: list[int] | None) -> int | None:
 
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "CountEdit", "CostTerm", "GatherEdit", "Label", "Member",
-           "analyze_channels", "const_value", "find_channel_groups", "static_shape"]
+           "analyze_channels", "find_channel_groups", "static_shape"]

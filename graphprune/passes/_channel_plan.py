@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from graphprune._ir import const_value
 from graphprune.analysis.channels import ChannelAnalysis
 from graphprune.analysis.importance import Importance
 
@@ -186,8 +187,6 @@ def build_plan(analysis: ChannelAnalysis, kept: np.ndarray, info: dict | None = 
         counts.append(rec)
     gathers = []
     for e in analysis.gather_edits:
-        from graphprune.analysis.attention import const_value
-
         keep = kr[e.atoms]
         if keep.all():
             continue

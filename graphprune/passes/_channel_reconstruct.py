@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.analysis.attention import const_value
+from graphprune._ir import NameScope, const_value
 from graphprune.analysis.channels import ChannelAnalysis, Member
 from graphprune.analysis.importance import fold_activations
 from graphprune.backends.onnxruntime import Probe, probe
@@ -72,12 +72,7 @@ def _write(graph: ir.Graph, node: ir.Node, index: int, arr: np.ndarray) -> None:
     if v.is_initializer() and len(v.uses()) == 1:
         v.const_value = ir.tensor(arr, name=v.name)
         return
-    name, k = f"{v.name}.refit", 1
-    while name in graph.initializers:
-        name, k = f"{v.name}.refit{k}", k + 1
-    nv = ir.Value(name=name, shape=ir.Shape(arr.shape), type=v.type, const_value=ir.tensor(arr, name=name))
-    graph.register_initializer(nv)
-    node.replace_input_with(index, nv)
+    node.replace_input_with(index, NameScope(graph).initializer(f"{v.name}.refit", arr))
 
 
 def _rel_err(s: np.ndarray, txx: float, atxw: np.ndarray, ata: np.ndarray) -> float:

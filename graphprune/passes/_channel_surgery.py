@@ -22,8 +22,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from graphprune._ir import infer_shapes
-from graphprune.analysis.attention import const_value
+from graphprune._ir import NameScope, const_value, infer_shapes
 from graphprune.errors import GraphpruneError
 
 
@@ -34,17 +33,6 @@ def _nodes_by_name(model: ir.Model) -> dict[str, ir.Node]:
             raise GraphpruneError(f"node name {node.name!r} is not unique; a prune plan cannot address it")
         out[node.name] = node
     return out
-
-
-def _new_const(graph: ir.Graph, name: str, arr: np.ndarray) -> ir.Value:
-    base, k = name, 1
-    while name in graph.initializers:
-        name = f"{base}{k}"
-        k += 1
-    v = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
-                 const_value=ir.tensor(arr, name=name))
-    graph.register_initializer(v)
-    return v
 
 
 def _set_input(node: ir.Node, index: int, value: ir.Value) -> None:
@@ -72,6 +60,7 @@ def apply_plan(model: ir.Model, plan: dict) -> dict:
     graph = model.graph
     nodes = _nodes_by_name(model)
     _check(plan, nodes)
+    names = NameScope(graph)
     # 1. slices, grouped per (node, input) then per source value
     per_use: dict[tuple[str, int], list[tuple[int, list[int]]]] = defaultdict(list)
     for e in plan.get("slices", []):
@@ -95,7 +84,7 @@ def apply_plan(model: ir.Model, plan: dict) -> dict:
                 value.const_value = ir.tensor(new, name=value.name)
                 value.shape = ir.Shape(new.shape)
                 continue
-            nv = _new_const(graph, f"{value.name}.pruned{k}", new)
+            nv = names.initializer(f"{value.name}.pruned{k}", new)
             copies += 1
             for node, idx in uses:
                 _set_input(node, idx, nv)
@@ -124,14 +113,14 @@ def apply_plan(model: ir.Model, plan: dict) -> dict:
         flat = arr.reshape(-1)
         for pos, val in entries:
             flat[pos] = val
-        _set_input(node, idx, _new_const(graph, f"{name}.{idx}.pruned", flat.reshape(arr.shape)))
+        _set_input(node, idx, names.initializer(f"{name}.{idx}.pruned", flat.reshape(arr.shape)))
         if old is not None:
             _drop_if_unused(graph, old)
     for e in plan.get("gather_edits", []):
         node = nodes[e["node"]]
         old = node.inputs[e["input"]]
         arr = np.asarray(e["value"], dtype=np.asarray(const_value(old)).dtype)
-        _set_input(node, e["input"], _new_const(graph, f"{node.name}.{e['input']}.pruned", arr))
+        _set_input(node, e["input"], names.initializer(f"{node.name}.{e['input']}.pruned", arr))
         _drop_if_unused(graph, old)
     _set_shapes(model, plan.get("value_shapes", []))
     return {"slices": len(plan.get("slices", [])), "copies": copies, "shape_edits": len(plan.get("shape_edits", [])),

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.analysis.attention import const_value
+from graphprune._ir import NameScope, const_value
 from graphprune.errors import UnsupportedPatternError
 
 
@@ -58,19 +58,13 @@ class _Retarget:
         self.graph, self.n_old, self.n_new, self.weight_dims = graph, n_old, n_new, weight_dims
         self.edits: list = []
         self._consts: dict[tuple, ir.Value] = {}
+        self._names = NameScope(graph)
 
     def _new_const(self, arr: np.ndarray, hint: str) -> ir.Value:
         key = (arr.shape, tuple(arr.reshape(-1).tolist()))
         if key in self._consts:  # one new constant per distinct value, shared by the users that need it
             return self._consts[key]
-        base = f"{hint}_tok{self.n_new}"
-        taken = {v.name for v in self._consts.values()}
-        name, i = base, 0
-        while name in self.graph.initializers or name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        val = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.INT64),
-                       const_value=ir.tensor(arr.astype(np.int64), name=name))
+        val = self._names.initializer(f"{hint}_tok{self.n_new}", arr.astype(np.int64), register=False)
         self._consts[key] = val
         return val
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from graphprune._ir import additive_mask
 from graphprune.analysis.attention import AttentionBlock
 from graphprune.errors import UnsupportedPatternError
 from graphprune.ops._token_body import INT64_MAX, Body
@@ -52,7 +53,7 @@ def _recompute_probs(t: Body, blk: AttentionBlock, rows: tuple[int, int] | None)
         node = blk.nodes[0]
         mask = node.inputs[3] if blk.kind == "attention_op" and len(node.inputs) > 3 else orig
         if orig.dtype == ir.DataType.BOOL:
-            mask = t.op("Where", [mask, t.const(np.float32(0.0)), t.const(np.finfo(np.float32).min)])
+            mask = additive_mask(t, mask, blk.q.dtype or ir.DataType.FLOAT)
         if rows is not None and orig.shape[2] != 1:
             mask = _rows(t, mask, rows, 2)
         logits = t.op("Add", [logits, mask])

@@ -6,7 +6,8 @@ Pattern (from ``analysis.attention.find_attention_blocks``; no raw matching here
      only shows kᵀ, a Transpose back is added. The scale is ``AttentionBlock.scale``; q/kᵀ scale Muls and the kᵀ
      Transpose that fed only the core are removed with it.
   2. ``attention_op`` (standard ``Attention``, 4-D inputs): the node becomes SparseAttention(q, k, v, mask), its
-     ``scale`` (or 1/√D) and ``is_causal`` kept. A bool ``attn_mask`` becomes a 0/-inf float bias first.
+     ``scale`` (or 1/√D) and ``is_causal`` kept. A bool ``attn_mask`` becomes a 0 / finfo.min float bias first
+     (``_ir.additive_mask``; the op clamps a bias at -1e30, so -inf and finfo.min mask alike).
 Masks are kept: an additive mask of rank < 4 gets leading axes; a key mask ([.., 1, N]) and a full one ([.., N, N])
 are both supported (see the op module for the fully-masked-row rule). Projections and everything outside the
 core are untouched.
@@ -32,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
+from graphprune._ir import NameScope, additive_mask
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
 from graphprune.errors import ConfigError, GraphpruneError
 from graphprune.ops import add_function
@@ -121,6 +123,7 @@ class _Rewriter:
         self.rewritten: list[dict] = []
         self.flops = [0, 0]  # executed, dense
         self.opset = model.graph.opset_imports.get("", model.opset_imports.get("", 18))
+        self.names = NameScope(model.graph)
 
     def params_for(self, blk: AttentionBlock, group: HeadGroup | None) -> dict[str, Any]:
         cfg = self.config
@@ -137,32 +140,28 @@ class _Rewriter:
         return node.outputs[0]
 
     def bias_for(self, blk: AttentionBlock, shape4: list | None) -> ir.Value | None:
-        """The block's mask as a rank-4 float bias (bool → 0/-inf); converted once per shared mask."""
+        """The block's mask as a rank-4 float bias (bool → 0 / finfo.min, ``_ir.additive_mask``); converted once per
+        shared mask."""
         mask = blk.mask
         if mask is None:
             return None
         if id(mask) in self.mask_cache:
             return self.mask_cache[id(mask)]
-        new_nodes, cur = [], mask
+        t, cur = ir.tape.Tape(), mask
+        dtype = blk.q.dtype
         if mask.dtype == ir.DataType.BOOL:
-            zero = ir.node("Constant", [], {"value": ir.tensor(np.float32(0))})
-            ninf = ir.node("Constant", [], {"value": ir.tensor(np.float32(-np.inf))})
-            where = ir.node("Where", [cur, zero.outputs[0], ninf.outputs[0]])
-            new_nodes += [zero, ninf, where]
-            cur = where.outputs[0]
+            cur = additive_mask(t, cur, dtype)
         rank = len(mask.shape)
         if rank < 4:
-            axes = ir.node("Constant", [], {"value": ir.tensor(np.arange(4 - rank, dtype=np.int64))})
-            unsq = ir.node("Unsqueeze", [cur, axes.outputs[0]])
-            new_nodes += [axes, unsq]
-            cur = unsq.outputs[0]
+            cur = t.op("Unsqueeze", [cur, t.op("Constant", [], {"value": ir.tensor(np.arange(4 - rank, dtype=np.int64))})])
+        new_nodes = list(t.nodes)
         if new_nodes:  # right after the mask's producer, so every later block can use it
             prod = mask.producer()
             if prod is not None:
                 self.graph.insert_after(prod, new_nodes)
             else:
                 self.graph.insert_before(next(iter(self.graph)), new_nodes)
-            cur.shape, cur.type = ir.Shape(shape4), ir.TensorType(ir.DataType.FLOAT)
+            cur.shape, cur.type = ir.Shape(shape4), ir.TensorType(dtype)
         self.mask_cache[id(mask)] = cur
         return cur
 
@@ -286,8 +285,7 @@ class _Rewriter:
     def _sparse(self, blk, anchor, q, k, v, bias, group, head_ids, attrs, lay) -> ir.Value:
         layout_val = None
         if lay is not None:
-            layout_val = ir.Value(name=f"sparse_layout_{blk.index}_{head_ids[0]}", const_value=ir.tensor(lay))
-            self.graph.register_initializer(layout_val)
+            layout_val = self.names.initializer(f"sparse_layout_{blk.index}_{head_ids[0]}", lay)
         node, fn = op.make_node(q, k, v, attrs, bias=bias, layout=layout_val,
                                 name=f"sparse_attention_{blk.index}" + (f"_h{head_ids[0]}" if group else ""),
                                 opset=self.opset)

@@ -34,11 +34,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import onnx_ir as ir
 import pydantic
 
-from graphprune._ir import infer_shapes
+from graphprune._ir import additive_mask, infer_shapes
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
 from graphprune.errors import ConfigError, UnsupportedPatternError
 from graphprune.ops import add_function, diversity_select, token_merge, token_select
@@ -387,7 +386,7 @@ def _add_logit_bias(graph: ir.Graph, blk: AttentionBlock, bias: ir.Value) -> tup
         old = node.inputs[3] if len(node.inputs) > 3 else None
         if old is not None:
             if blk.mask is not None and blk.mask.dtype == ir.DataType.BOOL:  # boolean keep-mask → additive
-                old = t.op("Where", [old, t.const(np.float32(0.0)), t.const(np.finfo(np.float32).min)])
+                old = additive_mask(t, old, node.inputs[0].dtype or ir.DataType.FLOAT)
             full = t.op("Add", [old, full])
         graph.insert_before(node, list(t.nodes))
         if len(node.inputs) < 4:
