@@ -11,7 +11,17 @@ from graphprune.backends.onnxruntime import count_flops
 from graphprune.data import Dataset, load_data, synthetic_data
 from graphprune.errors import ConfigError, DataError, GraphpruneError, ModelLoadError, VerificationError
 from graphprune.io import load_model, save_model
-from graphprune.passes import GraphPass, GraphResult, PassConfig, PassContext, register, registry
+from graphprune.passes import (
+    GraphPass,
+    GraphResult,
+    PassConfig,
+    PassContext,
+    Rewrite,
+    Skip,
+    Skipped,
+    register,
+    registry,
+)
 from graphprune.pipeline import DataConfig, Pipeline, optimize
 from graphprune.verify import VerifyThresholds, compare
 
@@ -19,6 +29,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionBlock", "ConfigError", "DataConfig", "DataError", "Dataset", "GraphPass", "GraphResult", "GraphpruneError", "ModelLoadError", "PassConfig",
-    "PassContext", "Pipeline", "VerificationError", "VerifyThresholds", "compare", "count_flops",
+    "PassContext", "Pipeline", "Rewrite", "Skip", "Skipped", "VerificationError", "VerifyThresholds", "compare", "count_flops",
     "find_attention_blocks", "load_data", "load_model", "optimize", "register", "registry", "save_model", "summarize", "synthetic_data",
 ]

@@ -15,10 +15,6 @@ class ConfigError(GraphpruneError):
     """A pipeline or pass config is invalid; the message names the key."""
 
 
-class UnsupportedPatternError(GraphpruneError):
-    """The graph contains a pattern a pass cannot handle correctly."""
-
-
 class VerificationError(GraphpruneError):
     """The optimized model's outputs do not match the original within the configured thresholds."""
 

@@ -188,8 +188,8 @@ class Pipeline:
                     "nodes": {"before": before["nodes"], "after": after["nodes"]},
                     "flops": {"before": before["flops"], "after": after["flops"]},
                     "params": {"before": before["params"], "after": after["params"]},
-                    "rewritten": result.rewritten,
-                    "skipped": result.skipped,
+                    "rewritten": [r.to_dict() for r in result.rewritten],
+                    "skipped": [s.to_dict() for s in result.skipped],
                     **({"info": result.info} if result.info else {}),
                     **({"warnings": list(result.warnings)} if getattr(result, "warnings", None) else {}),
                 }

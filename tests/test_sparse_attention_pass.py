@@ -54,10 +54,10 @@ def test_vit_exact_window_matches_and_core_is_gone(export, opset, tmp_path):
         assert ops.count("Transpose") <= _ops(base).count("Transpose") - n_blocks
     unused = [name for name, val in model.graph.initializers.items() if not val.uses()]
     assert not unused  # the scale constants went with the core
-    assert [r["block"] for r in result.rewritten] == [0, 1, 2, 3] and not result.skipped
+    assert [r.block for r in result.rewritten] == [0, 1, 2, 3] and not result.skipped
     save_model(model, tmp_path / "sparse.onnx")
     onnx.checker.check_model(str(tmp_path / "sparse.onnx"))  # the body's opset is the model's
-    assert all(r["params"]["num_global"] == 1 for r in result.rewritten)  # CLS from the prefix analysis
+    assert all(r.params["num_global"] == 1 for r in result.rewritten)  # CLS from the prefix analysis
     feeds = example_inputs(base, batch=2)
     np.testing.assert_allclose(run(model, feeds)[0], run(base, feeds)[0], atol=1e-5, rtol=0)
 
@@ -74,13 +74,13 @@ def test_vit_sparse_patterns_match_op_reference(export):
     _, q, k, v, dense = run(base, feeds)
     cfg = {"pattern": "neighborhood_2d", "kernel": 3, "layers": [0]}
     model, result = _apply(path, cfg)
-    out_val = model.graph.node(result.rewritten[0]["node"]).outputs[0]
+    out_val = model.graph.node(result.rewritten[0].node).outputs[0]
     model.graph.outputs.append(out_val)
     got = run(model, feeds)[-1]
     ref = sa.reference(q, k, v, pattern="neighborhood_2d", grid=[4, 4], kernel=3, num_global=1, scale=blk.scale)
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
     assert np.abs(got - dense).max() > 1e-3
-    assert result.rewritten[0]["attention_flops_ratio"] > 0
+    assert result.rewritten[0].attention_flops_ratio > 0
 
 
 @pytest.mark.parametrize("config", [
@@ -92,7 +92,7 @@ def test_bert_padding_mask_exact(export, config):
     path = export("bert")
     base = load_model(path)
     model, result = _apply(path, config)
-    assert _ops(model).count("SparseAttention") == 4 and all(r["mask"] == "key" for r in result.rewritten)
+    assert _ops(model).count("SparseAttention") == 4 and all(r.mask == "key" for r in result.rewritten)
     feeds = _bert_feeds(base)
     np.testing.assert_allclose(run(model, feeds)[0], run(base, feeds)[0], atol=1e-4, rtol=0)
 
@@ -125,7 +125,7 @@ def test_hf_bert_mask(hf_export, opset):
         model, result = _apply(path, cfg)
         assert len(result.rewritten) == 2 and not result.skipped
         assert not {"IsNaN", "Softmax", "Attention"} & set(_ops(model))
-        assert all(r["mask"] == "full" for r in result.rewritten)
+        assert all(r.mask == "full" for r in result.rewritten)
         np.testing.assert_allclose(run(model, feeds)[0], run(base, feeds)[0], atol=1e-4, rtol=0)
     model, _ = _apply(path, {"window": 3})
     other = {k: v.copy() for k, v in feeds.items()}
@@ -147,7 +147,7 @@ def test_layers_per_layer_and_head_groups(export, tmp_path):
     model, result = _apply(path, cfg)
     ops = _ops(model)
     assert ops.count("Attention") == 1 and ops.count("SparseAttention") == 6
-    by_block = {(r["block"], tuple(r["heads"])): r["pattern"] for r in result.rewritten}
+    by_block = {(r.block, tuple(r.heads)): r.pattern for r in result.rewritten}
     assert by_block[(1, (3, 1))] == "sliding_window" and by_block[(1, (0, 2))] == "block_topk"
     assert by_block[(2, (3, 1))] == "block_layout"
     np.testing.assert_allclose(run(model, feeds)[0], run(base, feeds)[0], atol=1e-5, rtol=0)
@@ -159,8 +159,8 @@ def test_probabilities_used_elsewhere_are_skipped_with_reason(export):
     blk = find_attention_blocks(model)[1]
     model.graph.outputs.append(blk.probs)
     result = SparseAttentionPass({"window": 4})(model)
-    assert [s["where"] for s in result.skipped] == ["block 1"]
-    assert "outside the attention core" in result.skipped[0]["reason"]
+    assert [s.where for s in result.skipped] == ["block 1"]
+    assert "outside the attention core" in result.skipped[0].reason
     assert len(result.rewritten) == 3 and _ops(model).count("Softmax") == 1
 
 

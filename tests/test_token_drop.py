@@ -138,7 +138,7 @@ def test_matches_torch_reference(request, examples, opset, cfg):
     vit, _ = examples.build("vit_tiny", **({"sdpa": True} if opset == 23 else {}))
     x = _images(4, seed=1)
     model, result = _apply(path, cfg)
-    assert [r["layer"] for r in result.rewritten] == cfg["layers"], result.skipped
+    assert [r.layer for r in result.rewritten] == cfg["layers"], result.skipped
     ref = torch_reference(vit, x, cfg)
     out = run(model, {"x": x})[0]
     np.testing.assert_allclose(out, ref, atol=2e-4, rtol=1e-4)
@@ -159,7 +159,7 @@ def test_mean_pool_and_dynamic_batch(examples, export):
 
 def test_report_lists_token_counts(vit18):
     model, result = _apply(vit18, {"keep_ratio": 0.5, "layers": [1, 3]})
-    assert [(r["layer"], r["tokens_before"], r["tokens_after"]) for r in result.rewritten] == [(1, 17, 9), (3, 9, 5)]
+    assert [(r.layer, r.tokens_before, r.tokens_after) for r in result.rewritten] == [(1, 17, 9), (3, 9, 5)]
     assert result.info["protect"] == 1  # detected CLS prefix
     tokens = [v.shape[1] for n in model.graph if n.domain == "ai.graphprune" for v in n.outputs[:1]]
     assert tokens == [9, 5]
@@ -167,7 +167,7 @@ def test_report_lists_token_counts(vit18):
 
 def test_fused_attention_notes_recompute(vit23):
     _, result = _apply(vit23, {"keep_ratio": 0.5, "layers": [1]})
-    assert "recomputed from Q,K" in result.rewritten[0]["note"]
+    assert "recomputed from Q,K" in result.rewritten[0].note
 
 
 def test_bert_post_norm_padding_mask_gathered(examples, tmp_path):
@@ -231,9 +231,9 @@ def test_budget_schedule_meets_predicted_flops(vit18):
 
 def test_pyramid_and_list_schedules(vit18):
     _, result = _apply(vit18, {"schedule": "pyramid", "stages": 2, "keep_ratio": 0.5})
-    assert [r["layer"] for r in result.rewritten] == [1]
+    assert [r.layer for r in result.rewritten] == [1]
     _, result = _apply(vit18, {"schedule": [0.8, 0.5], "layers": [1, 2]})
-    assert [r["tokens_after"] for r in result.rewritten] == [1 + 13, 1 + 7]
+    assert [r.tokens_after for r in result.rewritten] == [1 + 13, 1 + 7]
 
 
 def test_cnn_is_left_unchanged_with_reason(tmp_path):
@@ -249,7 +249,7 @@ def test_cnn_is_left_unchanged_with_reason(tmp_path):
     before = ir.to_proto(model).SerializeToString()
     result = TokenDrop({"keep_ratio": 0.5})(model)
     assert not result.modified
-    assert "no attention" in result.skipped[0]["reason"]
+    assert "no attention" in result.skipped[0].reason
     assert ir.to_proto(model).SerializeToString() == before
     assert onnx  # imported for helper
 
@@ -266,7 +266,7 @@ def test_token_count_equal_to_model_dim_is_refused(examples, tmp_path):
     bert, args = examples.build("bert")
     path = examples.export_model(bert, args, tmp_path / "bert64.onnx")
     model, result = _apply(path, {"keep_ratio": 0.5, "layers": [1]})
-    assert not result.modified and "model dimension" in result.skipped[0]["reason"]
+    assert not result.modified and "model dimension" in result.skipped[0].reason
 
 
 def test_missing_layer_is_config_error(vit18):
@@ -286,7 +286,7 @@ def test_pipeline_yaml_error_names_key():
 def test_output_shapes_survive_token_count_equal_to_classes(vit18):
     """17→13→10→8 tokens with 10 classes: shapes are re-inferred, never patched by value."""
     model, result = _apply(vit18, {"keep_ratio": 0.7})
-    assert [r["tokens_after"] for r in result.rewritten] == [13, 10, 8]
+    assert [r.tokens_after for r in result.rewritten] == [13, 10, 8]
     assert list(model.graph.outputs[0].shape)[1] == 10
     out = run(model, {"x": _images(3)})[0]
     assert out.shape == (3, 10)
@@ -296,7 +296,7 @@ def test_split_of_the_token_axis_is_refused():
     """A downstream ``Split`` into [1, N-1] (CLS / patches) holds the token count: refused, not left wrong."""
     from onnx import TensorProto, helper
 
-    from graphprune.errors import UnsupportedPatternError
+    from graphprune.passes import Skip
     from graphprune.passes import _token_rewire as rewire
 
     g = helper.make_graph(
@@ -306,7 +306,7 @@ def test_split_of_the_token_axis_is_refused():
          helper.make_tensor_value_info("patches", TensorProto.FLOAT, ["B", 16, 8])],
         [helper.make_tensor("sizes", TensorProto.INT64, [2], [1, 16])])
     model = ir.from_proto(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
-    with pytest.raises(UnsupportedPatternError, match="Split"):
+    with pytest.raises(Skip, match="Split"):
         rewire.plan_retarget(model.graph, model.graph.inputs[0], 17, 9)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from graphprune.errors import ConfigError
-from graphprune.passes.base import GraphPass, GraphResult, NoConfig, PassConfig, PassContext
+from graphprune.passes.base import GraphPass, GraphResult, NoConfig, PassConfig, PassContext, Rewrite, Skip, Skipped
 
 _REGISTRY: dict[str, type[GraphPass]] = {}
 
@@ -45,4 +45,5 @@ def get_pass(name: str) -> type[GraphPass]:
     return reg[name]
 
 
-__all__ = ["GraphPass", "GraphResult", "NoConfig", "PassConfig", "PassContext", "get_pass", "register", "registry"]
+__all__ = ["GraphPass", "GraphResult", "NoConfig", "PassConfig", "PassContext", "Rewrite", "Skip", "Skipped", "get_pass",
+           "register", "registry"]

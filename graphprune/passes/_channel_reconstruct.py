@@ -23,6 +23,9 @@ The refitted weights are *not* part of the prune plan: replaying a plan reproduc
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import onnx_ir as ir
 
@@ -30,6 +33,21 @@ from graphprune._ir import NameScope, const_value
 from graphprune.analysis.channels import ChannelAnalysis, Member
 from graphprune.analysis.importance import fold_activations
 from graphprune.backends.onnxruntime import Probe, probe
+from graphprune.passes.base import Rewrite, Skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRefit(Rewrite):
+    """A consumer layer refitted by least squares: inputs kept of all, relative output error before and after."""
+
+    node: str
+    kept_inputs: int
+    of: int
+    rel_err_before: float
+    rel_err_after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"refit": self.node, **super().to_dict()}
 
 
 def _layout(m: Member) -> tuple[np.ndarray, ir.Value | None, ir.Node | None, int | None] | str:
@@ -122,7 +140,7 @@ def _plan_refits(analysis: ChannelAnalysis, kr: np.ndarray) -> tuple[list, list,
             continue
         lay = _layout(m)
         if isinstance(lay, str):
-            skipped.append({"where": m.node.name, "reason": f"reconstruct: {lay}"})
+            skipped.append(Skipped(m.node.name, f"reconstruct: {lay}"))
             others.append(m)
             continue
         todo.append((m, lay))
@@ -141,7 +159,7 @@ def _mask_rows(model: ir.Model, m: Member, kr: np.ndarray) -> None:
 
 
 def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, feeds: list[dict],
-                sequential: bool = False, progress=None) -> tuple[list, list]:
+                sequential: bool = False, progress=None) -> tuple[list[LayerRefit], list[Skipped]]:
     """Refit the consumers of pruned channels in place (before surgery). Returns (rewritten, skipped) records.
 
     ``sequential``: consumers are refitted in graph order on the activations of the model pruned so far (every
@@ -156,17 +174,16 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
     order = {id(n): i for i, n in enumerate(model.graph)}
     todo.sort(key=lambda t: order.get(id(t[0].node), 0))
     xs = [m.node.inputs[0] for m, _ in todo]
-    rewritten = []
+    rewritten: list[LayerRefit] = []
 
     def finish(m, lay, new_w, shift, before, after, p, k):
         """Write a refit that lowers the calibration error, and record it; otherwise say why not."""
         if after >= before:
-            skipped.append({"where": m.node.name, "reason": "reconstruct: refit did not lower the error"})
+            skipped.append(Skipped(m.node.name, "reconstruct: refit did not lower the error"))
             return
         _store(model, m, lay, new_w, shift)
-        rewritten.append({"node": m.node.name, "kept_inputs": int(len(p)), "of": int(k),
-                          "rel_err_before": round(float(max(before, 0.0)), 5),
-                          "rel_err_after": round(float(max(after, 0.0)), 5)})
+        rewritten.append(LayerRefit(m.node.name, int(len(p)), int(k), round(float(max(before, 0.0)), 5),
+                                    round(float(max(after, 0.0)), 5)))
 
     if not sequential:
         def reduce(i, y, acc):

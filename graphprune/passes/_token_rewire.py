@@ -9,7 +9,7 @@ their own copy of the constant with ``n_old`` replaced by ``n_new``:
   3. ``Slice`` ``ends`` equal to ``n_old`` (positional slices ``x[:, a:N]``).
 Shared constants are never mutated (the exporter deduplicates them across blocks).
 
-Refusals (:class:`UnsupportedPatternError`, nothing changed yet): a shape target downstream that is neither
+Refusals (:class:`~graphprune.passes.base.Skip`, nothing changed yet): a shape target downstream that is neither
 constant nor computed from downstream values; ``n_old`` appearing in a target more than once where it cannot
 be told apart from a model dimension (``n_old`` equal to a weight dimension); a token count held by a size
 constant of ``Split``/``Tile``/``ConstantOfShape``/``Range``/``Pad``/``Resize``/``OneHot``/``TopK`` downstream.
@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import NameScope, const_value
-from graphprune.errors import UnsupportedPatternError
+from graphprune.passes.base import Skip
 
 
 def downstream_nodes(start: ir.Value) -> list[ir.Node]:
@@ -73,7 +73,7 @@ class _Retarget:
         if hits == 0:
             return None
         if self.n_old in self.weight_dims or (hits > 1 and not allow_many):
-            raise UnsupportedPatternError(
+            raise Skip(
                 f"{where}: token count {self.n_old} also appears as a model dimension; cannot tell the token axis")
         out = arr.copy()
         out[arr == self.n_old] = self.n_new
@@ -93,7 +93,7 @@ class _Retarget:
         if prod.op_type != "Concat":
             if _depends_only_on_shapes_of_downstream(prod, down):
                 return
-            raise UnsupportedPatternError(f"{node.op_type} {node.name}: shape target is computed upstream by {prod.op_type}; cannot retarget")
+            raise Skip(f"{node.op_type} {node.name}: shape target is computed upstream by {prod.op_type}; cannot retarget")
         parts, changed = [], False
         for part in prod.inputs:
             parr = const_value(part)
@@ -193,7 +193,7 @@ def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, mode
                 if arr is None or not np.issubdtype(arr.dtype, np.integer):
                     continue
                 if np.any(arr == n_old) or (node.op_type == "Split" and int(arr.sum()) == n_old):
-                    raise UnsupportedPatternError(
+                    raise Skip(
                         f"{node.op_type} {node.name}: a constant input holds the token count {n_old}; not retargeted")
     return rt
 

@@ -10,7 +10,7 @@ Sources (each returns a ``[B, N]`` float value built on a tape; nothing is inser
      (an extra N² · D matmul per selected block; reported as such by the pass).
   3. ``key_metric``: head-averaged keys ``[B, N, D]`` for ToMe's similarity.
 
-Refusals raise :class:`UnsupportedPatternError` with the reason (the pass records it as a skip).
+Refusals raise :class:`~graphprune.passes.base.Skip` with the reason (the pass records it as a skip).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import onnx_ir as ir
 
 from graphprune._ir import additive_mask
 from graphprune.analysis.attention import AttentionBlock
-from graphprune.errors import UnsupportedPatternError
 from graphprune.ops._token_body import INT64_MAX, Body
+from graphprune.passes.base import Skip
 
 
 def _rows(t: Body, x: ir.Value, rows: tuple[int, int], axis: int) -> ir.Value:
@@ -31,11 +31,11 @@ def _rows(t: Body, x: ir.Value, rows: tuple[int, int], axis: int) -> ir.Value:
 
 def _check_fused(blk: AttentionBlock) -> None:
     if blk.layout != "BHND" or blk.q is None or blk.k is None:
-        raise UnsupportedPatternError(f"block {blk.index}: fused attention in {blk.layout} layout; q/k [B,H,N,D] needed to recompute scores")
+        raise Skip(f"block {blk.index}: fused attention in {blk.layout} layout; q/k [B,H,N,D] needed to recompute scores")
     if blk.kv_heads is not None and blk.heads is not None and blk.kv_heads != blk.heads:
-        raise UnsupportedPatternError(f"block {blk.index}: grouped KV heads ({blk.kv_heads} ≠ {blk.heads}) not supported for score recompute")
+        raise Skip(f"block {blk.index}: grouped KV heads ({blk.kv_heads} ≠ {blk.heads}) not supported for score recompute")
     if blk.scale is None:
-        raise UnsupportedPatternError(f"block {blk.index}: attention scale unknown")
+        raise Skip(f"block {blk.index}: attention scale unknown")
 
 
 def _recompute_probs(t: Body, blk: AttentionBlock, rows: tuple[int, int] | None) -> ir.Value:
@@ -49,7 +49,7 @@ def _recompute_probs(t: Body, blk: AttentionBlock, rows: tuple[int, int] | None)
         # have replaced it by a gathered copy after an earlier reduction)
         orig = blk.mask
         if orig.shape is None or len(orig.shape) != 4:
-            raise UnsupportedPatternError(f"block {blk.index}: attention mask of rank ≠ 4")
+            raise Skip(f"block {blk.index}: attention mask of rank ≠ 4")
         node = blk.nodes[0]
         mask = node.inputs[3] if blk.kind == "attention_op" and len(node.inputs) > 3 else orig
         if orig.dtype == ir.DataType.BOOL:
@@ -89,5 +89,5 @@ def attention_graph(t: Body, blk: AttentionBlock, iterations: int) -> tuple[ir.V
 def key_metric(t: Body, blk: AttentionBlock) -> ir.Value:
     """[B, N, D] head-mean keys (ToMe's metric)."""
     if blk.k is None or blk.layout != "BHND":
-        raise UnsupportedPatternError(f"block {blk.index}: keys [B,H,N,D] not recoverable for ToMe similarity")
+        raise Skip(f"block {blk.index}: keys [B,H,N,D] not recoverable for ToMe similarity")
     return t.op("ReduceMean", [blk.k, t.ints(1)], {"keepdims": 0})

@@ -4,7 +4,12 @@ A graphprune pass is an :class:`onnx_ir.passes.InPlacePass` with:
   * ``name``: its registry name (the ``name:`` key in pipeline YAML);
   * ``Config``: a pydantic model whose fields are the YAML keys (unknown keys are errors);
   * ``call(model) -> GraphResult``: the rewrite. The result says whether anything changed, what was rewritten
-    (one record per layer/block/group) and what was skipped and why. Never skip silently.
+    (one :class:`Rewrite` record per layer/block/group) and what was skipped and why (one :class:`Skipped` per
+    site). Never skip silently.
+
+A site that cannot be rewritten correctly raises :class:`Skip` *before* it is edited; the pass catches it per
+site, and :class:`GraphPass` turns a ``Skip`` that leaves ``call`` into an unchanged result that reports it. A skip
+is never a user error (``Skip`` is not a :class:`~graphprune.errors.GraphpruneError`): a run that skips succeeds.
 
 Passes are stateless between calls: per-run state (calibration data, target backend, progress) lives in the
 :class:`PassContext` handed to the constructor.
@@ -32,12 +37,49 @@ class NoConfig(PassConfig):
     """A pass without options."""
 
 
+class Skip(Exception):
+    """Raised inside a pass when a site cannot be rewritten correctly, before anything there is changed.
+
+    ``reason`` says why (it is what users read); ``where`` names the site when the raiser knows it (the catcher
+    usually does: ``record(where)``).
+    """
+
+    def __init__(self, reason: str, where: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.where = where
+
+    def record(self, where: str | None = None) -> Skipped:
+        """The report record: ``where`` (else the site given when raised, else ``model``) and the reason."""
+        return Skipped(where or self.where or "model", self.reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A site a pass left unchanged, and why."""
+
+    where: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"where": self.where, "reason": self.reason}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """A site a pass rewrote. Each pass subclasses it with its own figures (a block's tokens, a group's kept
+    channels, ...); the fields are the keys of the record in the JSON report, fields left ``None`` omitted."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+
+
 @dataclasses.dataclass
 class GraphResult(ir.passes.PassResult):
     """:class:`onnx_ir.passes.PassResult` plus what was rewritten and what was skipped (with reasons)."""
 
-    rewritten: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rewritten: list[Rewrite] = dataclasses.field(default_factory=list)
+    skipped: list[Skipped] = dataclasses.field(default_factory=list)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: Things the user should know although the pass succeeded (e.g. activations taken from synthetic inputs).
     warnings: list[str] = dataclasses.field(default_factory=list)
@@ -110,6 +152,15 @@ class GraphPass(ir.passes.InPlacePass):
             raise TypeError(f"{type(self).__name__} takes a {self.Config.__name__}, not {type(config).__name__}")
         self.config = config
         self.context = context or PassContext()
+
+    def __call__(self, model_or_result: ir.Model | ir.passes.PassResult, /) -> GraphResult:
+        """Run the pass; a :class:`Skip` that leaves ``call`` (raised before any edit) becomes an unchanged
+        result that reports it, never an exception."""
+        model = model_or_result.model if isinstance(model_or_result, ir.passes.PassResult) else model_or_result
+        try:
+            return super().__call__(model)
+        except Skip as e:
+            return GraphResult(model, False, skipped=[e.record()])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"

@@ -34,6 +34,7 @@ YAML::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Literal
@@ -48,7 +49,18 @@ from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes._channel_plan import build_plan, predicted, select
 from graphprune.passes._channel_surgery import apply_plan
-from graphprune.passes.base import GraphPass, GraphResult, PassConfig
+from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPruned(Rewrite):
+    """A channel group that lost classes (channels, heads, conv groups): its size and how many it kept."""
+
+    group: int
+    kind: str
+    size: int
+    kept: int
+    members: list[str] | None = None  # the first few member tensors / nodes
 
 
 class ChannelPruneConfig(PassConfig):
@@ -150,7 +162,7 @@ class ChannelPrunePass(GraphPass):
         if cfg.plan_in:
             plan = _read_plan(cfg.plan_in)
             stats = apply_plan(model, plan)
-            rewritten = [{"group": g["id"], "kind": g["kind"], "size": g["size"], "kept": g["kept"]} for g in plan["groups"]]
+            rewritten = [GroupPruned(g["id"], g["kind"], g["size"], g["kept"]) for g in plan["groups"]]
             return GraphResult(model, bool(plan["slices"]), rewritten=rewritten, info={"plan_in": cfg.plan_in, **stats})
         method = resolve_method(cfg, self.context.real_data)
         warnings = []
@@ -192,12 +204,12 @@ class ChannelPrunePass(GraphPass):
         if sens is not None:
             info["sensitivity"] = {str(k): round(v, 6) for k, v in sens.items()}
         plan = build_plan(analysis, kept, dict(info))
-        skipped = [{"where": f"group {g.id} ({', '.join(g.describe()['members'][:2])})", "reason": g.reason}
+        skipped = [Skipped(f"group {g.id} ({', '.join(g.describe()['members'][:2])})", g.reason)
                    for g in analysis.groups if not g.prunable]
         for gid in imp.fallback:
-            skipped.append({"where": f"group {gid}", "reason": "no BatchNormalization: scored with l2 instead of bn"})
-        rewritten = [{"group": g["id"], "kind": g["kind"], "size": g["size"], "kept": g["kept"],
-                      "members": g["members"][:4]} for g in plan["groups"]]
+            skipped.append(Skipped(f"group {gid}", "no BatchNormalization: scored with l2 instead of bn"))
+        rewritten: list[Rewrite] = [GroupPruned(g["id"], g["kind"], g["size"], g["kept"], g["members"][:4])
+                                    for g in plan["groups"]]
         if not plan["slices"]:
             _write_plan(cfg, plan, info)
             return GraphResult(model, False, rewritten=[], skipped=skipped, info=info, warnings=warnings)
@@ -209,13 +221,13 @@ class ChannelPrunePass(GraphPass):
                     model, analysis, kept, calib, sequential=cfg.refit == "sequential",
                     progress=lambda d, t: self.context.notify("reconstruction", d, t))
                 step(1)
-            rewritten += [{"refit": r["node"], **r} for r in refit]
+            rewritten += refit
             skipped += refit_skipped
             info["reconstructed_layers"] = len(refit)
-            plan["info"]["reconstructed"] = [r["node"] for r in refit]
+            plan["info"]["reconstructed"] = [r.node for r in refit]
         _write_plan(cfg, plan, info)
         info.update(apply_plan(model, plan))
         return GraphResult(model, True, rewritten=rewritten, skipped=skipped, info=info, warnings=warnings)
 
 
-__all__ = ["DATA_AWARE", "DATA_FREE", "ChannelPruneConfig", "ChannelPrunePass", "resolve_method"]
+__all__ = ["DATA_AWARE", "DATA_FREE", "ChannelPruneConfig", "ChannelPrunePass", "GroupPruned", "resolve_method"]

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
@@ -17,15 +19,24 @@ import pydantic
 
 from graphprune._ir import infer_shapes
 from graphprune.passes import register
-from graphprune.passes.base import GraphPass, GraphResult, PassConfig
+from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite
 
 
 def _count(model: ir.Model) -> int:
     return sum(1 for _ in model.graph)
 
 
-def _changed(name: str, before: int, after: int) -> list[dict]:
-    return [{"where": "graph", "what": name, "nodes_removed": before - after}] if before != after else []
+@dataclasses.dataclass(frozen=True)
+class Cleaned(Rewrite):
+    """Nodes a cleanup step removed from the graph."""
+
+    where: str
+    what: str
+    nodes_removed: int
+
+
+def _changed(name: str, before: int, after: int) -> list[Cleaned]:
+    return [Cleaned("graph", name, before - after)] if before != after else []
 
 
 @register
@@ -90,7 +101,7 @@ class CleanupPass(GraphPass):
     Config = FoldConfig
 
     def call(self, model: ir.Model) -> GraphResult:
-        rewritten: list[dict] = []
+        rewritten: list[Rewrite] = []
         modified = False
         for p in (
             IdentityEliminationPass(context=self.context),

@@ -25,6 +25,7 @@ outside the core, ``Attention`` with past KV / extra outputs / softcap.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -35,11 +36,11 @@ import pydantic
 
 from graphprune._ir import NameScope, additive_mask
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
-from graphprune.errors import ConfigError, GraphpruneError
+from graphprune.errors import ConfigError
 from graphprune.ops import add_function
 from graphprune.ops import sparse_attention as op
 from graphprune.passes import register
-from graphprune.passes.base import GraphPass, GraphResult, PassConfig
+from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skip, Skipped
 
 _PATTERN_KEYS = ("pattern", "window", "num_global", "causal", "kernel", "dilation", "grid", "block_size", "topk",
                  "keep_diagonal", "keep_first", "layout")
@@ -92,10 +93,6 @@ class SparseAttentionConfig(PatternParams):
         return v
 
 
-class _Skip(Exception):
-    """A block this pass cannot rewrite; the message is the reason."""
-
-
 def _load_layout(path: str, heads: int, nb: int) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
@@ -114,13 +111,27 @@ def _load_layout(path: str, heads: int, nb: int) -> np.ndarray:
     return lay
 
 
+@dataclasses.dataclass(frozen=True)
+class SparseRewrite(Rewrite):
+    """One SparseAttention node that replaced (the heads ``heads`` of) a block's attention core."""
+
+    block: int
+    heads: list[int]
+    pattern: str
+    tokens: int
+    params: dict[str, Any]
+    mask: str  # bias kind: none | key | full
+    attention_flops_ratio: float  # dense / executed attention-core FLOPs
+    node: str
+
+
 class _Rewriter:
     """Per-call state: the model, conversions of shared masks, the report."""
 
     def __init__(self, model: ir.Model, config: SparseAttentionConfig) -> None:
         self.model, self.graph, self.config = model, model.graph, config
         self.mask_cache: dict[int, ir.Value] = {}
-        self.rewritten: list[dict] = []
+        self.rewritten: list[SparseRewrite] = []
         self.flops = [0, 0]  # executed, dense
         self.opset = model.graph.opset_imports.get("", model.opset_imports.get("", 18))
         self.names = NameScope(model.graph)
@@ -172,12 +183,12 @@ class _Rewriter:
         if blk.mask is not None:
             shape = blk.mask.shape
             if shape is None or not 1 <= len(shape) <= 4:
-                raise _Skip(f"mask {blk.mask.name!r} has an unknown shape")
+                raise Skip(f"mask {blk.mask.name!r} has an unknown shape")
             shape4 = [1] * (4 - len(shape)) + list(shape)
             if shape4[3] != n or shape4[2] not in (1, n) or not isinstance(shape4[1], int):
-                raise _Skip(f"mask {blk.mask.name!r} of shape {list(shape)} is not [B|1, H|1, 1|{n}, {n}]")
+                raise Skip(f"mask {blk.mask.name!r} of shape {list(shape)} is not [B|1, H|1, 1|{n}, {n}]")
             if blk.mask.dtype not in (ir.DataType.FLOAT, ir.DataType.BOOL):
-                raise _Skip(f"mask {blk.mask.name!r} has dtype {blk.mask.dtype}, not float32 or bool")
+                raise Skip(f"mask {blk.mask.name!r} has dtype {blk.mask.dtype}, not float32 or bool")
         bkind = "none" if shape4 is None else ("key" if shape4[2] == 1 else "full")
         groups = self.config.head_groups
         if groups is not None:
@@ -224,33 +235,33 @@ class _Rewriter:
     def _check(self, blk: AttentionBlock) -> tuple[int, int]:
         q, v = blk.q, blk.v
         if self.opset < 18:
-            raise _Skip(f"the model imports opset {self.opset}; the SparseAttention body needs >= 18")
+            raise Skip(f"the model imports opset {self.opset}; the SparseAttention body needs >= 18")
         if blk.kind not in ("matmul_softmax", "attention_op"):
-            raise _Skip(f"{blk.kind} (com.microsoft fused attention) is not rewritten; export without ORT fusion")
+            raise Skip(f"{blk.kind} (com.microsoft fused attention) is not rewritten; export without ORT fusion")
         if blk.layout != "BHND" or q is None or v is None or q.shape is None or len(q.shape) != 4:
-            raise _Skip("attention inputs are not 4-D [B, H, N, D]")
+            raise Skip("attention inputs are not 4-D [B, H, N, D]")
         if q.dtype != ir.DataType.FLOAT:
-            raise _Skip(f"attention runs in {q.dtype}, only float32 is supported")
+            raise Skip(f"attention runs in {q.dtype}, only float32 is supported")
         n = blk.tokens
         if not isinstance(n, int):
-            raise _Skip("the sequence length is dynamic; the sparse body needs a static N")
+            raise Skip("the sequence length is dynamic; the sparse body needs a static N")
         heads = blk.heads
         if not isinstance(heads, int) or blk.kv_heads != heads or not isinstance(blk.head_dim, int):
-            raise _Skip(f"K/V heads ({blk.kv_heads}) differ from Q heads ({heads}) or are dynamic (GQA/MQA)")
+            raise Skip(f"K/V heads ({blk.kv_heads}) differ from Q heads ({heads}) or are dynamic (GQA/MQA)")
         if v.shape is None or v.shape[-2] != n:
-            raise _Skip("keys have another length than queries (cross attention or KV cache)")
+            raise Skip("keys have another length than queries (cross attention or KV cache)")
         if blk.kind == "attention_op":
             node = blk.nodes[0]
             if len(node.inputs) > 4 or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
-                raise _Skip("Attention with past KV inputs or extra outputs")
+                raise Skip("Attention with past KV inputs or extra outputs")
             if node.attributes.get_float("softcap", 0.0) or node.attributes.get_int("qk_matmul_output_mode", 0):
-                raise _Skip("Attention with softcap / qk output mode")
+                raise Skip("Attention with softcap / qk output mode")
         else:
             core = set(blk.nodes)
             for nd in blk.nodes[:-1]:
                 for out in nd.outputs:
                     if out.is_graph_output() or any(u not in core for u, _ in out.uses()):
-                        raise _Skip(f"{out.name!r} (scores/probabilities) is used outside the attention core")
+                        raise Skip(f"{out.name!r} (scores/probabilities) is used outside the attention core")
         return n, heads
 
     def _spec(self, blk: AttentionBlock, group: HeadGroup | None, head_ids: list[int], bkind: str):
@@ -262,7 +273,7 @@ class _Rewriter:
         if pattern == "sliding_window":
             params.setdefault("causal", blk.causal)
         elif blk.causal:
-            raise _Skip(f"the block is causal; {pattern} is not (use sliding_window with causal: true)")
+            raise Skip(f"the block is causal; {pattern} is not (use sliding_window with causal: true)")
         if pattern == "neighborhood_2d" and "grid" not in params:
             side = math.isqrt(n - params["num_global"])
             if side * side != n - params["num_global"]:
@@ -297,12 +308,12 @@ class _Rewriter:
         executed, dense = op.attention_flops(attrs, 1, len(head_ids), blk.head_dim, dv)
         self.flops[0] += executed
         self.flops[1] += dense
-        self.rewritten.append({
-            "block": blk.index, "heads": head_ids, "pattern": attrs["pattern"], "tokens": attrs["seq_len"],
-            "params": {k: v for k, v in attrs.items() if k not in ("pattern", "seq_len", "scale", "bias")}
+        self.rewritten.append(SparseRewrite(
+            blk.index, head_ids, attrs["pattern"], attrs["seq_len"],
+            {k: v for k, v in attrs.items() if k not in ("pattern", "seq_len", "scale", "bias")}
             | {"block_size": op.effective_block(attrs)},
-            "mask": attrs["bias"], "attention_flops_ratio": round(dense / executed, 3), "node": node.name,
-        })
+            attrs["bias"], round(dense / executed, 3), node.name,
+        ))
         return out
 
     def replace(self, blk: AttentionBlock, new_out: ir.Value) -> None:
@@ -365,18 +376,18 @@ class SparseAttentionPass(GraphPass):
             for blk in selected:
                 try:
                     out = rw.rewrite(blk)
-                except _Skip as e:
-                    skipped.append({"where": f"block {blk.index}", "reason": str(e)})
+                except Skip as e:
+                    skipped.append(e.record(f"block {blk.index}"))
                     step()
                     continue
                 rw.replace(blk, out)
                 step()
         if not blocks:
-            skipped.append({"where": "graph", "reason": "no attention blocks found"})
-        info = {"blocks_found": len(blocks), "blocks_replaced": len({r["block"] for r in rw.rewritten})}
+            skipped.append(Skipped("graph", "no attention blocks found"))
+        info = {"blocks_found": len(blocks), "blocks_replaced": len({r.block for r in rw.rewritten})}
         if rw.flops[0]:
             info["attention_flops_ratio"] = round(rw.flops[1] / rw.flops[0], 3)
         return GraphResult(model, bool(rw.rewritten), rewritten=rw.rewritten, skipped=skipped, info=info)
 
 
-__all__ = ["GraphpruneError", "SparseAttentionConfig", "SparseAttentionPass"]
+__all__ = ["SparseAttentionConfig", "SparseAttentionPass", "SparseRewrite"]

@@ -26,12 +26,15 @@ Refusals (recorded in ``skipped`` with the reason; the model is left unchanged t
 no residual ``Add`` found; a later mask that is not rank 4, or ``fuse_rest`` with a later mask (the fused token
 has no mask entry); fused attention without [B,H,N,D] q/k or with grouped KV heads; token counts that collide
 with a model dimension in shape constants, or size constants (Split, Tile, ...) holding the token count.
+Each is a :class:`Skip` for that block; one met while planning (a FLOPs budget needs every block's stream
+point) skips the model. A skip is never an error: the run succeeds and reports it.
 Config errors (:class:`ConfigError`, naming the key): ``layers`` beyond the model's blocks, a ``schedule`` list
 of the wrong length, an unreachable FLOPs budget; value ranges are checked by the pydantic config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 import onnx_ir as ir
@@ -39,14 +42,14 @@ import pydantic
 
 from graphprune._ir import additive_mask, infer_shapes
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
-from graphprune.errors import ConfigError, UnsupportedPatternError
+from graphprune.errors import ConfigError
 from graphprune.ops import add_function, diversity_select, token_merge, token_select
 from graphprune.ops._token_body import Body
 from graphprune.passes import _token_rewire as rewire
 from graphprune.passes import _token_schedule as sched
 from graphprune.passes import _token_scores as scores
 from graphprune.passes import register
-from graphprune.passes.base import GraphPass, GraphResult, PassConfig
+from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skip, Skipped
 
 
 class TokenDropConfig(PassConfig):
@@ -111,17 +114,28 @@ class TokenDropConfig(PassConfig):
         return v
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenReduction(Rewrite):
+    """One block whose stream was reduced: token counts before and after, and a note (e.g. scores recomputed)."""
+
+    layer: int
+    tokens_before: int
+    tokens_after: int
+    method: str
+    note: str | None = None
+
+
 def _stream_point(blocks: list[AttentionBlock], blk: AttentionBlock, placement: str) -> tuple[ir.Value, ir.Node]:
     """(stream value to reduce, node after which to insert)."""
     if blk.residual_add is None:
-        raise UnsupportedPatternError(f"block {blk.index}: no residual Add found after the attention output")
+        raise Skip(f"block {blk.index}: no residual Add found after the attention output")
     if placement == "block":
         if blk.index + 1 >= len(blocks) or blocks[blk.index + 1].residual_in is None:
-            raise UnsupportedPatternError(f"block {blk.index}: no following block; placement 'block' needs one")
+            raise Skip(f"block {blk.index}: no following block; placement 'block' needs one")
         val = blocks[blk.index + 1].residual_in
         prod = val.producer()
         if prod is None:
-            raise UnsupportedPatternError(f"block {blk.index}: block boundary value has no producer")
+            raise Skip(f"block {blk.index}: block boundary value has no producer")
         return val, prod
     val = blk.residual_add.outputs[0]
     users = [u for u, _ in val.uses()]
@@ -176,14 +190,14 @@ class TokenDropPass(GraphPass):
         cfg = self.config
         blocks = find_attention_blocks(model)
         if not blocks:
-            return GraphResult(model, False, skipped=[{"where": "model", "reason": "no attention blocks found; nothing to drop"}])
+            return GraphResult(model, False, skipped=[Skipped("model", "no attention blocks found; nothing to drop")])
         protect = cfg.protect if cfg.protect is not None else blocks[0].prefix_tokens
         layers, ratios, info = self._plan(blocks, model, protect)
         info.update(method=cfg.method, protect=protect, layers=layers)
         result = GraphResult(model, False, info=info)
         n_cur = blocks[0].tokens
         if n_cur is None:
-            result.skipped.append({"where": "model", "reason": "token count is not static; cannot retarget reshapes"})
+            result.skipped.append(Skipped("model", "token count is not static; cannot retarget reshapes"))
             return result
         out_shapes = {o: o.shape for o in model.graph.outputs}
         per_token = [o.name for o in model.graph.outputs if o.shape is not None and len(o.shape) == 3
@@ -199,14 +213,11 @@ class TokenDropPass(GraphPass):
                         n_new, size, note = self._merge(model, blocks, blk, n_cur, size, protect, bias_sites, mask_map)
                     else:
                         n_new, note = self._select(model, blocks, blk, n_cur, ratios[j], protect, mask_map)
-                except UnsupportedPatternError as e:
-                    result.skipped.append({"where": f"block {layer}", "reason": str(e)})
+                except Skip as e:
+                    result.skipped.append(e.record(f"block {layer}"))
                     step(1)
                     continue
-                rec = {"layer": layer, "tokens_before": n_cur, "tokens_after": n_new, "method": cfg.method}
-                if note:
-                    rec["note"] = note
-                result.rewritten.append(rec)
+                result.rewritten.append(TokenReduction(layer, n_cur, n_new, cfg.method, note or None))
                 result.modified = True
                 n_cur = n_new
                 step(1)
@@ -231,9 +242,9 @@ class TokenDropPass(GraphPass):
             if m is None or (m.shape is not None and len(m.shape) > 0 and m.shape[-1] == 1):
                 continue
             if self.config.fuse_rest and self.config.method != "tome":
-                raise UnsupportedPatternError(f"block {other.index} has a per-token attention mask; the fused rest token has none")
+                raise Skip(f"block {other.index} has a per-token attention mask; the fused rest token has none")
             if m.shape is None or len(m.shape) != 4:
-                raise UnsupportedPatternError(f"block {other.index}: attention mask is not a [B,H,Nq,Nk] tensor")
+                raise Skip(f"block {other.index}: attention mask is not a [B,H,Nq,Nk] tensor")
             out.append(other)
         return out
 
@@ -282,7 +293,7 @@ class TokenDropPass(GraphPass):
                     score, note = scores.attention_graph(t, blk, cfg.iterations)
                 else:
                     score, note = scores.cls_attention(t, blk, self._rows(n_cur))
-            except UnsupportedPatternError:
+            except Skip:
                 rewire.detach(t.nodes)
                 raise
             kw = dict(k=k, protect=protect, keep_order=cfg.keep_order, fuse_rest=cfg.fuse_rest)
@@ -308,7 +319,7 @@ class TokenDropPass(GraphPass):
         t = Body()
         try:
             metric = scores.key_metric(t, blk)
-        except UnsupportedPatternError:
+        except Skip:
             rewire.detach(t.nodes)
             raise
         node = token_merge.make_node(stream, metric, size, r=r, protect=protect, n=n_cur, name=f"token_merge_{blk.index}")
@@ -363,7 +374,7 @@ def _check_logit_bias(blk: AttentionBlock) -> None:
         return
     if blk.kind == "attention_op" and blk.layout == "BHND":
         return
-    raise UnsupportedPatternError(f"block {blk.index}: proportional attention not supported for {blk.kind} ({blk.layout})")
+    raise Skip(f"block {blk.index}: proportional attention not supported for {blk.kind} ({blk.layout})")
 
 
 def _add_logit_bias(graph: ir.Graph, blk: AttentionBlock, bias: ir.Value) -> tuple[ir.Node, int]:
@@ -394,7 +405,7 @@ def _add_logit_bias(graph: ir.Graph, blk: AttentionBlock, bias: ir.Value) -> tup
         node.replace_input_with(3, full)
         blk.nodes.extend(t.nodes)  # so that a later mask gather also reaches the mask feeding these helpers
         return expand, 0
-    raise UnsupportedPatternError(f"block {blk.index}: proportional attention not supported for {blk.kind}")
+    raise Skip(f"block {blk.index}: proportional attention not supported for {blk.kind}")
 
 
 __all__ = ["TokenDropConfig", "TokenDropPass"]
