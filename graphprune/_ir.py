@@ -1,6 +1,7 @@
 """Small helpers over onnx-ir that analysis, passes and backends share: constants, dims, additive masks, names.
 
   * ``const_value``: the numpy value of an initializer or ``Constant`` output (``onnx_ir.convenience.get_const_tensor``);
+    ``constant_node``: the ``Constant`` node behind a value;
   * ``rank`` / ``dim``: static facts of a value's shape (``None`` when unknown or symbolic);
   * ``mask_min`` / ``additive_mask``: the one bool → additive mask convention: 0 where the mask is True (attend),
     ``finfo(dtype).min`` where it is False. A finite minimum, not -inf, so that a fully masked row softmaxes to a
@@ -8,7 +9,8 @@
   * ``NameScope``: unique names for values a rewrite adds (initializers included);
   * ``infer_shapes``: ONNX shape inference written back into the model (it mutates, so it is not in ``analysis``).
 
-Op-type strings do not live here: matching graph patterns belongs to ``analysis``.
+Op-type strings do not live here, but for ``Constant`` (how ONNX spells a constant, which ``const_value`` reads):
+matching graph patterns belongs to ``analysis``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ def const_value(value: ir.Value | None) -> np.ndarray | None:
     except ValueError:
         return None
     return None if tensor is None else tensor.numpy()
+
+
+def constant_node(value: ir.Value | None) -> ir.Node | None:
+    """The standard ``Constant`` node that produces ``value``, if that is what produces it (``const_value`` reads
+    such a value from the node's attribute)."""
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == "Constant" and node.domain == "" else None
 
 
 def rank(value: ir.Value | None) -> int | None:
@@ -100,4 +109,4 @@ def infer_shapes(model: ir.Model) -> ir.Model:
     return model
 
 
-__all__ = ["NameScope", "additive_mask", "const_value", "dim", "infer_shapes", "mask_min", "rank"]
+__all__ = ["NameScope", "additive_mask", "const_value", "constant_node", "dim", "infer_shapes", "mask_min", "rank"]

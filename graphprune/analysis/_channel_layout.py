@@ -150,9 +150,9 @@ def _slice(b: Builder, node: ir.Node) -> None:
         return
     s, e = (min(max(x + n if x < 0 else x, 0), n) for x in (starts[k], ends[k]))
     if s > 0:
-        b.count_edit(node, 1, k, lab.atoms[:s])
+        b.count_edit(node, 1, k, lab.atoms[:s], always=True)
     if e < n:
-        b.count_edit(node, 2, k, lab.atoms[:e])
+        b.count_edit(node, 2, k, lab.atoms[:e], always=True)
     b.set_label(node.outputs[0], lab.axis, lab.atoms[s:e])
 
 

@@ -9,7 +9,8 @@ Spellings matched (op-type strings live here, not in passes):
   3. ``com.microsoft`` ``Attention`` (packed QKV projection inside) and ``MultiHeadAttention`` ([B, N, C] inputs).
 
 Besides the core, each record carries the residual stream the block lives on when the graph shows it:
-the value entering the qkv projection (``attn_input``), the output projection and the residual ``Add``.
+the value entering the qkv projection (``attn_input``), the output projection, the residual ``Add`` and, for a
+post-norm block, the ``LayerNormalization`` right after it (``post_norm``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class AttentionBlock:
     out_proj: ir.Node | None = None  # output projection (MatMul/Gemm with weight initializer)
     residual_add: ir.Node | None = None  # the Add that puts the block's output back on the stream
     residual_in: ir.Value | None = None  # the stream value the residual Add adds to
+    post_norm: ir.Node | None = None  # a standard LayerNormalization that is the residual Add's only user (post-norm)
 
     @property
     def residual_out(self) -> ir.Value | None:
@@ -284,6 +286,14 @@ def _projection_input(value: ir.Value | None, limit: int = 8) -> ir.Value | None
     return None
 
 
+def _post_norm(add: ir.Node) -> ir.Node | None:
+    """The standard ``LayerNormalization`` reading the residual ``Add`` as its only user (BERT-style post-norm)."""
+    users = [u for u, _ in add.outputs[0].uses()]
+    if len(users) == 1 and users[0].op_type == "LayerNormalization" and users[0].domain == "":
+        return users[0]
+    return None
+
+
 def _attach_stream(blk: AttentionBlock) -> None:
     """Find the projection input, output projection and residual Add around a core."""
     src = blk.q if blk.q is not None else None
@@ -301,6 +311,7 @@ def _attach_stream(blk: AttentionBlock) -> None:
             other = node.inputs[1] if node.inputs[0] is cur else node.inputs[0]
             if const_value(other) is None:
                 blk.residual_add, blk.residual_in = node, other
+                blk.post_norm = _post_norm(node)
                 return
         elif node.op_type not in ("Transpose", "Reshape", "Add"):
             return

@@ -68,6 +68,9 @@ class CountEdit:
     lines: np.ndarray
     attr: str | None = None
     base: list[int] | None = None  # the full constant, when the input does not exist yet (Split num_outputs)
+    #: written even when the count does not change: a bound relative to the axis size (a negative Slice bound
+    #: moves with the pruned size) is rewritten as the absolute count
+    always: bool = False
 
 
 @dataclasses.dataclass
@@ -218,11 +221,11 @@ class Builder:
         self.members.append(Member(node, index, axis, np.asarray(atoms, dtype=np.int64), role))
 
     def count_edit(self, node: ir.Node, index: int | None, pos: int, lines: np.ndarray, attr: str | None = None,
-                   base: list[int] | None = None) -> None:
+                   base: list[int] | None = None, always: bool = False) -> None:
         lines = np.asarray(lines, dtype=np.int64)
         if lines.ndim == 1:
             lines = lines[:, None]
-        self.count_edits.append(CountEdit(node, index, pos, lines, attr, base))
+        self.count_edits.append(CountEdit(node, index, pos, lines, attr, base, always))
 
     def cost(self, node: ir.Node, flops: int | None, fan_in: np.ndarray | None, fan_out: np.ndarray | None) -> None:
         if node not in self._cost_nodes:

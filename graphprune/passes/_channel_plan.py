@@ -178,7 +178,7 @@ def build_plan(analysis: ChannelAnalysis, kept: np.ndarray, info: dict | None = 
     counts = []
     for e in analysis.count_edits:
         new = int(kr[e.lines].any(axis=1).sum())
-        if new == len(e.lines) and e.attr is None and e.node.op_type != "Slice":
+        if new == len(e.lines) and e.attr is None and not e.always:
             continue
         rec = {"node": e.node.name, "pos": e.pos, "value": new}
         rec.update({"attr": e.attr} if e.attr else {"input": e.input_index})

@@ -9,7 +9,7 @@ refitted on calibration activations so that the pruned layer reproduces the orig
 Only the Gram matrix G = [X, 1]ᵀ[X, 1] is accumulated (one ORT pass over the calibration feeds with the
 consumer inputs as extra outputs); AᵀA and AᵀX are blocks of G. λ = 1e-3 · mean(diag AᵀA).
 
-Cases: MatMul with a 2-D constant weight (channels on the last axis), Gemm (transA 0, transB either),
+Cases (``analysis.linear.linear_map``): MatMul with a 2-D constant weight (channels on the last axis), Gemm (transA 0, transB either),
 Conv 1×1, group 1, no padding (stride s reads x[:, :, ::s, ::s]). The bias shift c goes into the Gemm/Conv bias
 input, or the constant of the single ``Add`` after a MatMul; with no bias only W' is refitted (A = X_P).
 By default (``refit: independent``) activations come from the original model (errors of earlier layers are not fed
@@ -32,6 +32,7 @@ import onnx_ir as ir
 from graphprune._ir import NameScope, const_value
 from graphprune.analysis.channels import ChannelAnalysis, Member
 from graphprune.analysis.importance import fold_activations
+from graphprune.analysis.linear import LinearMap, linear_map
 from graphprune.backends.onnxruntime import Probe, probe
 from graphprune.passes.base import Rewrite, Skipped
 
@@ -50,40 +51,6 @@ class LayerRefit(Rewrite):
         return {"refit": self.node, **super().to_dict()}
 
 
-def _layout(m: Member) -> tuple[np.ndarray, ir.Value | None, ir.Node | None, int | None] | str:
-    """(W as [K, N], bias value or None, bias node, bias input index) or a reason."""
-    node = m.node
-    w = const_value(m.value)
-    op = node.op_type
-    if op == "MatMul" and w.ndim == 2:
-        users = [u for u, _ in node.outputs[0].uses()]
-        if len(users) == 1 and users[0].op_type == "Add":
-            add = users[0]
-            j = 1 if add.inputs[0] is node.outputs[0] else 0
-            b = const_value(add.inputs[j])
-            if b is not None and b.shape == (w.shape[1],):
-                return w, add.inputs[j], add, j
-        return w, None, None, None
-    if op == "Gemm" and not node.attributes.get_int("transA", 0):
-        wk = w.T if node.attributes.get_int("transB", 0) else w
-        b = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        ok = b is not None and b.shape == (wk.shape[1],)
-        return wk, (node.inputs[2] if ok else None), (node if ok else None), (2 if ok else None)
-    if op == "Conv" and w.ndim == 4 and w.shape[2:] == (1, 1) and node.attributes.get_int("group", 1) == 1:
-        if any(node.attributes.get_ints("pads", [0]) or [0]):
-            return "1×1 Conv with padding"
-        b = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
-        return w[:, :, 0, 0].T, (node.inputs[2] if b is not None else None), (node if b is not None else None), 2
-    return f"{op} {'k×k' if op == 'Conv' else ''} consumer is not a linear map of single positions".replace("  ", " ")
-
-
-def _rows(m: Member, x: np.ndarray) -> np.ndarray:
-    if m.node.op_type == "Conv":
-        s = list(m.node.attributes.get_ints("strides", [1, 1]) or [1, 1])
-        x = np.moveaxis(x[:, :, :: s[0], :: s[1]], 1, -1)
-    return x.reshape(-1, x.shape[-1])
-
-
 def _write(graph: ir.Graph, node: ir.Node, index: int, arr: np.ndarray) -> None:
     v = node.inputs[index]
     arr = arr.astype(const_value(v).dtype)
@@ -98,9 +65,9 @@ def _rel_err(s: np.ndarray, txx: float, atxw: np.ndarray, ata: np.ndarray) -> fl
     return float((txx - 2 * np.trace(s.T @ atxw) + np.trace(s.T @ ata @ s)) / max(txx, 1e-30))
 
 
-def _refit(m: Member, lay: tuple, kr: np.ndarray, ata: np.ndarray, atx: np.ndarray, gxx: np.ndarray):
+def _refit(m: Member, lay: LinearMap, kr: np.ndarray, ata: np.ndarray, atx: np.ndarray, gxx: np.ndarray):
     """Solve one consumer's refit from its Gram blocks; returns (new full-size W, bias shift or None, errors)."""
-    w, bias = lay[0], lay[1]
+    w, bias = lay.weight, lay.bias
     k = w.shape[0]
     p = np.nonzero(kr[m.atoms])[0]
     lam = 1e-3 * float(np.mean(np.diag(ata))) + 1e-12
@@ -116,17 +83,10 @@ def _refit(m: Member, lay: tuple, kr: np.ndarray, ata: np.ndarray, atx: np.ndarr
     return new_w, (sol[len(p)] if bias is not None else None), before, after, p, k
 
 
-def _store(model: ir.Model, m: Member, lay: tuple, new_w: np.ndarray, shift: np.ndarray | None) -> None:
-    node = m.node
-    _, bias, bnode, bidx = lay
-    if node.op_type == "MatMul":
-        _write(model.graph, node, 1, new_w)
-    elif node.op_type == "Gemm":
-        _write(model.graph, node, 1, new_w.T if node.attributes.get_int("transB", 0) else new_w)
-    else:
-        _write(model.graph, node, 1, new_w.T[:, :, None, None])
+def _store(model: ir.Model, lay: LinearMap, new_w: np.ndarray, shift: np.ndarray | None) -> None:
+    _write(model.graph, lay.node, 1, lay.stored(new_w))
     if shift is not None:
-        _write(model.graph, bnode, bidx, const_value(bias).astype(np.float64) + shift)
+        _write(model.graph, lay.bias_node, lay.bias_index, const_value(lay.bias).astype(np.float64) + shift)
 
 
 def _plan_refits(analysis: ChannelAnalysis, kr: np.ndarray) -> tuple[list, list, list]:
@@ -138,7 +98,7 @@ def _plan_refits(analysis: ChannelAnalysis, kr: np.ndarray) -> tuple[list, list,
         keep = kr[m.atoms]
         if keep.all() or not keep.any():
             continue
-        lay = _layout(m)
+        lay = linear_map(m)
         if isinstance(lay, str):
             skipped.append(Skipped(m.node.name, f"reconstruct: {lay}"))
             others.append(m)
@@ -181,22 +141,22 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
         if after >= before:
             skipped.append(Skipped(m.node.name, "reconstruct: refit did not lower the error"))
             return
-        _store(model, m, lay, new_w, shift)
+        _store(model, lay, new_w, shift)
         rewritten.append(LayerRefit(m.node.name, int(len(p)), int(k), round(float(max(before, 0.0)), 5),
                                     round(float(max(after, 0.0)), 5)))
 
     if not sequential:
         def reduce(i, y, acc):
-            a = _rows(todo[i][0], y)
+            a = todo[i][1].rows(y)
             a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
             g = a.T @ a
             return g if acc is None else acc + g
 
         grams, _ = fold_activations(probe(model, xs, feeds), len(xs), reduce)
         for (m, lay), g in zip(todo, grams, strict=True):
-            k = lay[0].shape[0]
+            k = lay.weight.shape[0]
             p = np.nonzero(kr[m.atoms])[0]
-            cols = np.append(p, k) if lay[1] is not None else p
+            cols = np.append(p, k) if lay.bias is not None else p
             finish(m, lay, *_refit(m, lay, kr, g[np.ix_(cols, cols)], g[np.ix_(cols, np.arange(k))], g[:k, :k]))
         return rewritten, skipped
 
@@ -205,15 +165,15 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
         _mask_rows(model, m, kr)
     for step, (m, lay) in enumerate(todo):
         x = m.node.inputs[0]
-        k = lay[0].shape[0]
+        k = lay.weight.shape[0]
         p = np.nonzero(kr[m.atoms])[0]
-        n = len(p) + (1 if lay[1] is not None else 0)
+        n = len(p) + (1 if lay.bias is not None else 0)
         ata, atx, gxx = np.zeros((n, n)), np.zeros((n, k)), np.zeros((k, k))
         run_pruned = Probe(model, [x])
         for feed in feeds:
-            xo = _rows(m, np.asarray(run_original(feed)[step], dtype=np.float64))
-            xp = _rows(m, np.asarray(run_pruned(feed)[0], dtype=np.float64))[:, p]
-            if lay[1] is not None:
+            xo = lay.rows(np.asarray(run_original(feed)[step], dtype=np.float64))
+            xp = lay.rows(np.asarray(run_pruned(feed)[0], dtype=np.float64))[:, p]
+            if lay.bias is not None:
                 xp = np.concatenate([xp, np.ones((xp.shape[0], 1))], axis=1)
             ata += xp.T @ xp
             atx += xp.T @ xo

@@ -20,9 +20,10 @@ import onnx_ir as ir
 
 from graphprune.analysis.channels import ChannelAnalysis
 from graphprune.analysis.importance import Importance, fold_activations
+from graphprune.analysis.linear import linear_map
 from graphprune.backends.onnxruntime import probe
 from graphprune.passes._channel_plan import _keep_count, _unit, class_flops
-from graphprune.passes._channel_reconstruct import _layout, _mask_rows, _refit, _rows, _store
+from graphprune.passes._channel_reconstruct import _mask_rows, _refit, _store
 
 
 def _distance(ref: list[list[np.ndarray]], outs: list[list[np.ndarray]]) -> float:
@@ -69,13 +70,13 @@ def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: 
     outputs = list(model.graph.outputs)
     ref = _outputs(model, outputs, feeds)
     consumers = [m for m in analysis.members if m.role == "in" and m.value is not None and m.value.const_value is not None]
-    lays = {id(m): _layout(m) for m in consumers}
+    lays = {id(m): linear_map(m) for m in consumers}
     fit = [m for m in consumers if refit and not isinstance(lays[id(m)], str)]
     fit_ids = {id(m) for m in fit}
     xs = list(dict.fromkeys(m.node.inputs[0] for m in fit))
 
     def reduce(i, y, acc):
-        a = _rows(next(m for m in fit if m.node.inputs[0] is xs[i]), y)
+        a = next(lays[id(m)] for m in fit if m.node.inputs[0] is xs[i]).rows(y)
         a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
         g = a.T @ a
         return g if acc is None else acc + g
@@ -97,14 +98,14 @@ def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: 
             restore.remember(m.node, m.input_index)
             if id(m) in fit_ids:
                 gram = grams[m.node.inputs[0]]
-                kdim = lay[0].shape[0]
+                kdim = lay.weight.shape[0]
                 p = np.nonzero(keep)[0]
-                cols = np.append(p, kdim) if lay[1] is not None else p
+                cols = np.append(p, kdim) if lay.bias is not None else p
                 new_w, shift, *_ = _refit(m, lay, kr, gram[np.ix_(cols, cols)], gram[np.ix_(cols, np.arange(kdim))],
                                           gram[:kdim, :kdim])
                 if shift is not None:
-                    restore.remember(lay[2], lay[3])
-                _store(model, m, lay, new_w, shift)
+                    restore.remember(lay.bias_node, lay.bias_index)
+                _store(model, lay, new_w, shift)
             else:
                 _mask_rows(model, m, kr)
         result[g.id] = _distance(ref, _outputs(model, outputs, feeds))

@@ -22,7 +22,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from graphprune._ir import NameScope, const_value, infer_shapes
+from graphprune._ir import NameScope, const_value, constant_node, infer_shapes
 from graphprune.errors import GraphpruneError
 
 
@@ -130,8 +130,8 @@ def apply_plan(model: ir.Model, plan: dict) -> dict:
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     if value.is_initializer() and not value.uses() and not value.is_graph_output():
         graph.initializers.pop(value.name, None)
-    prod = value.producer()
-    if prod is not None and prod.op_type == "Constant" and not value.uses():
+    prod = constant_node(value)
+    if prod is not None and not value.uses():
         graph.remove(prod, safe=True)
 
 

@@ -2,8 +2,9 @@
 
 ``splice(graph, stream, nodes, reduced)``: every user of ``stream`` (except the new nodes) reads ``reduced``.
 
-``plan_retarget(graph, start, n_old, n_new)`` then ``.apply()`` and ``clear_shapes``: nodes downstream of ``start`` that hard-code the token count get
-their own copy of the constant with ``n_old`` replaced by ``n_new``:
+``plan_retarget(graph, start, n_old, n_new)`` then ``.apply()`` and ``clear_shapes``: nodes downstream of
+``start`` that hard-code the token count (found by ``analysis.tokens.token_sites``) get their own copy of the
+constant with ``n_old`` replaced by ``n_new``:
   1. ``Reshape`` / ``Expand`` shape from an initializer or ``Constant`` (dynamo writes ``[-1, N, 3, H, D]``);
   2. the same shape built by ``Concat`` of ``Shape`` slices and constants (the Concat is cloned per user);
   3. ``Slice`` ``ends`` equal to ``n_old`` (positional slices ``x[:, a:N]``).
@@ -23,21 +24,9 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from graphprune._ir import NameScope, const_value
+from graphprune._ir import NameScope
+from graphprune.analysis.tokens import ConcatShape, ShapeConstant, Site, SizeConstant, downstream_nodes, token_sites
 from graphprune.passes.base import Skip
-
-
-def downstream_nodes(start: ir.Value) -> list[ir.Node]:
-    """Nodes that (transitively) consume ``start``."""
-    seen: dict[int, ir.Node] = {}
-    stack = [start]
-    while stack:
-        v = stack.pop()
-        for user, _ in v.uses():
-            if id(user) not in seen:
-                seen[id(user)] = user
-                stack.extend(user.outputs)
-    return list(seen.values())
 
 
 def splice(graph: ir.Graph, stream: ir.Value, new_nodes: Iterable[ir.Node], reduced: ir.Value, anchor: ir.Node) -> None:
@@ -79,42 +68,33 @@ class _Retarget:
         out[arr == self.n_old] = self.n_new
         return out
 
-    def shape_input(self, node: ir.Node, i: int, down: set[int]) -> None:
-        val = node.inputs[i]
-        arr = const_value(val)
-        if arr is not None:
-            fixed = self._fix_array(np.asarray(arr), f"{node.op_type} {node.name}", allow_many=node.op_type == "Expand")
+    def site(self, site: Site) -> None:
+        """Record the rewrite one site needs (raises :class:`Skip` when it cannot be rewritten safely)."""
+        node = site.node
+        if isinstance(site, ShapeConstant):
+            where = f"{node.op_type} {node.name}"
+            fixed = self._fix_array(site.array, where, allow_many=site.kind == "expand")
             if fixed is not None:
-                self.edits.append(("input", node, i, self._new_const(fixed, val.name or "shape")))
-            return
-        prod = val.producer()
-        if prod is None or id(prod) in down:
-            return  # a graph input or computed from reduced values: already right
-        if prod.op_type != "Concat":
-            if _depends_only_on_shapes_of_downstream(prod, down):
-                return
-            raise Skip(f"{node.op_type} {node.name}: shape target is computed upstream by {prod.op_type}; cannot retarget")
-        parts, changed = [], False
-        for part in prod.inputs:
-            parr = const_value(part)
-            fixed = None if parr is None else self._fix_array(np.asarray(parr), f"Concat {prod.name}")
-            if fixed is not None:
-                parts.append(self._new_const(fixed, part.name or "shape"))
-                changed = True
-            else:
-                parts.append(part)
-        if changed:
-            self.edits.append(("concat", node, i, prod, parts))
-
-    def slice_ends(self, node: ir.Node) -> None:
-        if len(node.inputs) < 3:
-            return
-        arr = const_value(node.inputs[2])
-        if arr is None:
-            return
-        fixed = self._fix_array(np.asarray(arr), f"Slice {node.name}")
-        if fixed is not None:
-            self.edits.append(("input", node, 2, self._new_const(fixed, node.inputs[2].name or "ends")))
+                hint = node.inputs[site.input_index].name or ("ends" if site.kind == "ends" else "shape")
+                self.edits.append(("input", node, site.input_index, self._new_const(fixed, hint)))
+        elif isinstance(site, ConcatShape):
+            parts, changed = [], False
+            for piece, arr in site.pieces:
+                fixed = None if arr is None else self._fix_array(arr, f"Concat {site.concat.name}")
+                if fixed is not None:
+                    parts.append(self._new_const(fixed, piece.name or "shape"))
+                    changed = True
+                else:
+                    parts.append(piece)
+            if changed:
+                self.edits.append(("concat", node, site.input_index, site.concat, parts))
+        elif isinstance(site, SizeConstant):
+            if np.any(site.array == self.n_old) or (site.split and int(site.array.sum()) == self.n_old):
+                raise Skip(f"{node.op_type} {node.name}: a constant input holds the token count {self.n_old}; "
+                           "not retargeted")
+        else:
+            raise Skip(f"{node.op_type} {node.name}: shape target is computed upstream by {site.producer.op_type}; "
+                       "cannot retarget")
 
     def apply(self) -> None:
         for edit in self.edits:
@@ -135,38 +115,6 @@ class _Retarget:
                 node.replace_input_with(i, clone.outputs[0])
 
 
-def _depends_only_on_shapes_of_downstream(node: ir.Node, down: set[int]) -> bool:
-    """True when ``node`` computes from ``Shape`` of downstream values and constants only."""
-    stack, steps = [node], 0
-    while stack and steps < 64:
-        n = stack.pop()
-        steps += 1
-        if id(n) in down:
-            continue
-        if n.op_type == "Constant":
-            continue
-        for v in n.inputs:
-            if v is None or const_value(v) is not None:
-                continue
-            p = v.producer()
-            if p is None:
-                return False
-            stack.append(p)
-    return not stack
-
-
-def weight_dims(nodes: Iterable[ir.Node]) -> set[int]:
-    """Dimensions of weight initializers (rank ≥ 2) used by ``nodes``."""
-    dims: set[int] = set()
-    for n in nodes:
-        if n.op_type not in ("MatMul", "Gemm", "Conv"):
-            continue
-        for v in n.inputs:
-            if v is not None and v.const_value is not None and len(v.const_value.shape) >= 2:
-                dims.update(int(d) for d in v.const_value.shape.numpy())
-    return dims
-
-
 def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, model_dims: Iterable[int] = ()) -> _Retarget:
     """Collect the constant rewrites downstream of ``start`` (raises before anything is changed).
 
@@ -176,30 +124,11 @@ def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, mode
     rt = _Retarget(graph, n_old, n_new, set())
     if n_old == n_new:
         return rt
-    nodes = downstream_nodes(start)
-    down = {id(n) for n in nodes}
-    rt.weight_dims = weight_dims(nodes) | {int(d) for d in model_dims if d}
-    for node in nodes:
-        if node.domain != "":
-            continue
-        if node.op_type in ("Reshape", "Expand") and len(node.inputs) > 1:
-            rt.shape_input(node, 1, down)
-        elif node.op_type == "Slice":
-            rt.slice_ends(node)
-        elif node.op_type in _SIZE_OPS:
-            for v in node.inputs[1:]:
-                arr = const_value(v)
-                arr = None if arr is None else np.asarray(arr)
-                if arr is None or not np.issubdtype(arr.dtype, np.integer):
-                    continue
-                if np.any(arr == n_old) or (node.op_type == "Split" and int(arr.sum()) == n_old):
-                    raise Skip(
-                        f"{node.op_type} {node.name}: a constant input holds the token count {n_old}; not retargeted")
+    found = token_sites(start)
+    rt.weight_dims = found.weight_dims | {int(d) for d in model_dims if d}
+    for site in found.sites:
+        rt.site(site)
     return rt
-
-
-#: Ops whose integer constant inputs are sizes; a token count there is refused rather than guessed.
-_SIZE_OPS = {"Split", "Tile", "ConstantOfShape", "Range", "Pad", "Resize", "OneHot", "TopK"}
 
 
 def clear_shapes(start: ir.Value) -> None:

@@ -137,11 +137,9 @@ def _stream_point(blocks: list[AttentionBlock], blk: AttentionBlock, placement: 
         if prod is None:
             raise Skip(f"block {blk.index}: block boundary value has no producer")
         return val, prod
-    val = blk.residual_add.outputs[0]
-    users = [u for u, _ in val.uses()]
-    if len(users) == 1 and users[0].op_type == "LayerNormalization":  # post-norm: reduce after the LayerNorm
-        return users[0].outputs[0], users[0]
-    return val, blk.residual_add
+    if blk.post_norm is not None:  # post-norm: reduce after the LayerNorm
+        return blk.post_norm.outputs[0], blk.post_norm
+    return blk.residual_add.outputs[0], blk.residual_add
 
 
 @register
