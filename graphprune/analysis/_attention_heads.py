@@ -22,17 +22,14 @@ Blocked: com.microsoft packed ``Attention``, per-head masks, chains with other o
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import const_value
+from graphprune.analysis._channel_core import Builder, static_shape
 from graphprune.analysis._channel_layout import const_slot
 from graphprune.analysis.attention import AttentionBlock
-
-if TYPE_CHECKING:
-    from graphprune.analysis.channels import Builder
 
 _CHAIN = {"Reshape", "Transpose", "Gather", "Split", "Squeeze", "Unsqueeze", "Expand", "Mul", "Div", "Identity", "Cast"}
 _OUT_CHAIN = {"Transpose", "Reshape"}
@@ -168,7 +165,6 @@ def _eval_shape(value: ir.Value, env: dict, depth: int = 0) -> np.ndarray:
 
 
 def _run(node: ir.Node, x: np.ndarray, env: dict) -> list[np.ndarray]:
-    from graphprune.analysis.channels import static_shape
 
     op = node.op_type
     if op == "Reshape":
@@ -229,7 +225,6 @@ def _simulate(chain: list[ir.Node], start: ir.Value, arr: np.ndarray, env: dict)
 
 
 def _index_array(value: ir.Value, width: int) -> np.ndarray | None:
-    from graphprune.analysis.channels import static_shape
 
     s = static_shape(value)
     if s is None or s[-1] != width:
@@ -425,7 +420,6 @@ def apply(b: Builder, rec: _Block) -> None:
 
 
 def _core_cost(b: Builder, rec: _Block, head_atoms: np.ndarray, h: int, d: int) -> None:
-    from graphprune.analysis.channels import static_shape
 
     n = rec.blk.tokens
     q = static_shape(rec.blk.q) if rec.blk.q is not None else None

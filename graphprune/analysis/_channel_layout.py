@@ -13,15 +13,13 @@ Also the shared helpers: ranks, constant ints, and ``const_slot`` (where a shape
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import const_value, dim, rank
+from graphprune.analysis._channel_core import Builder, rule, static_shape
 
-if TYPE_CHECKING:
-    from graphprune.analysis.channels import Builder
 
 def _ints(v: ir.Value | None) -> list[int] | None:
     c = const_value(v)
@@ -36,8 +34,6 @@ def _axes(node: ir.Node, index: int, attr: str = "axes") -> list[int] | None:
 
 
 def _numel(v: ir.Value | None) -> int | None:
-    from graphprune.analysis.channels import static_shape
-
     s = static_shape(v)
     return None if s is None else int(math.prod(s))
 
@@ -80,6 +76,7 @@ def _shape_edit(b: Builder, node: ir.Node, index: int, pos: int, expected: int, 
     b.count_edit(snode, sidx, spos, lines)
 
 
+@rule("Expand", "Tile")
 def _expand_like(b: Builder, node: ir.Node) -> None:
     """Expand / Tile of a labeled tensor: the channel factor must stay 1 (Tile) or the size C (Expand)."""
     lab = b.label(node.inputs[0])
@@ -102,6 +99,7 @@ def _expand_like(b: Builder, node: ir.Node) -> None:
     b.set_label(node.outputs[0], ax, lab.atoms)
 
 
+@rule("Split")
 def _split(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
     r = rank(node.inputs[0])
@@ -130,6 +128,7 @@ def _split(b: Builder, node: ir.Node) -> None:
         off += s
 
 
+@rule("Slice")
 def _slice(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
     r = rank(node.inputs[0])
@@ -193,6 +192,7 @@ def _group_norm(b: Builder, node: ir.Node) -> bool:
     return True
 
 
+@rule("Reshape", "Flatten")
 def _reshape(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
     if node in b.restore:
@@ -229,6 +229,7 @@ def _reshape(b: Builder, node: ir.Node) -> None:
     b.block(lab.atoms, f"{node.op_type} {node.name!r} mixes the channel axis with other axes")
 
 
+@rule("Transpose")
 def _transpose(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
     r = rank(node.inputs[0])
@@ -236,6 +237,7 @@ def _transpose(b: Builder, node: ir.Node) -> None:
     b.set_label(node.outputs[0], perm.index(lab.axis), lab.atoms)
 
 
+@rule("Squeeze", "Unsqueeze")
 def _squeeze(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
     r_in, r_out = rank(node.inputs[0]), rank(node.outputs[0])
@@ -258,6 +260,7 @@ def _squeeze(b: Builder, node: ir.Node) -> None:
     b.set_label(node.outputs[0], new, lab.atoms)
 
 
+@rule("Pad")
 def _pad(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
     r = rank(node.inputs[0])
@@ -275,6 +278,7 @@ def _pad(b: Builder, node: ir.Node) -> None:
     b.set_label(node.outputs[0], lab.axis, lab.atoms)
 
 
+@rule("Resize")
 def _resize(b: Builder, node: ir.Node) -> None:
     lab = b.label(node.inputs[0])
     scales = _ints(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None

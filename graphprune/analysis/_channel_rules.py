@@ -19,29 +19,12 @@ Cases
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import const_value, dim, rank
-from graphprune.analysis._channel_layout import (
-    _axes,
-    _expand_like,
-    _ints,
-    _numel,
-    _pad,
-    _reshape,
-    _resize,
-    _shape_edit,
-    _slice,
-    _split,
-    _squeeze,
-    _transpose,
-)
-
-if TYPE_CHECKING:
-    from graphprune.analysis.channels import Builder
+from graphprune.analysis._channel_core import Builder, GatherEdit, rule
+from graphprune.analysis._channel_layout import _axes, _ints, _numel, _shape_edit
 
 _UNARY = {
     "Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Clip", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Selu",
@@ -53,7 +36,7 @@ _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "W
 _POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceProd",
            "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "ArgMax", "ArgMin"}
-_SINKS = {"Shape", "Size"}  # read only sizes, which follow the pruned tensor at run time
+_SINKS = {"Shape", "Size"}
 
 
 def _new_space(b: Builder, node: ir.Node, size: int, data: ir.Value | None, kind: str = "channels") -> np.ndarray:
@@ -63,6 +46,7 @@ def _new_space(b: Builder, node: ir.Node, size: int, data: ir.Value | None, kind
     return atoms
 
 
+@rule("Conv", producer=True)
 def _conv(b: Builder, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
     wv = const_value(w)
@@ -95,6 +79,7 @@ def _conv(b: Builder, node: ir.Node) -> None:
     b.cost(node, 2 * n * cin_g * int(np.prod(wv.shape[2:])) if n else None, lab.atoms if (g == 1 and lab) else None, out)
 
 
+@rule("ConvTranspose", producer=True)
 def _conv_transpose(b: Builder, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
     wv = const_value(w)
@@ -113,6 +98,7 @@ def _conv_transpose(b: Builder, node: ir.Node) -> None:
     b.cost(node, 2 * n * wv.shape[1] * int(np.prod(wv.shape[2:])) if n else None, lab.atoms if lab else None, out)
 
 
+@rule("Gemm", producer=True)
 def _gemm(b: Builder, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
     wv = const_value(w)
@@ -138,6 +124,7 @@ def _gemm(b: Builder, node: ir.Node) -> None:
     b.cost(node, 2 * n * k if n else None, lab.atoms if lab else None, out)
 
 
+@rule("MatMul", producer=True)
 def _matmul(b: Builder, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
     wv = const_value(w)
@@ -160,6 +147,7 @@ def _matmul(b: Builder, node: ir.Node) -> None:
     b.cost(node, 2 * n * wv.shape[0] if n else None, lab.atoms if lab else None, out)
 
 
+@rule("Gather", producer=True)
 def _gather(b: Builder, node: ir.Node) -> None:
     data, idx = node.inputs[0], node.inputs[1]
     axis = node.attributes.get_int("axis", 0)
@@ -181,7 +169,7 @@ def _gather(b: Builder, node: ir.Node) -> None:
             b.block(lab.atoms, f"Gather {node.name!r} picks channels with {'computed' if ind is None else 'scalar'} indices")
             return
         ind = np.where(ind < 0, ind + len(lab.atoms), ind)
-        b.gather_edits.append(_gather_edit(node, lab.atoms))
+        b.gather_edits.append(GatherEdit(node, 1, lab.atoms))
         b.set_label(node.outputs[0], axis, lab.atoms[ind])
         return
     ir_rank = rank(idx)
@@ -189,12 +177,6 @@ def _gather(b: Builder, node: ir.Node) -> None:
         b.block(lab.atoms, f"Gather {node.name!r}: unknown index rank")
         return
     b.set_label(node.outputs[0], lab.axis if lab.axis < axis else lab.axis - 1 + ir_rank, lab.atoms)
-
-
-def _gather_edit(node: ir.Node, atoms: np.ndarray):
-    from graphprune.analysis.channels import GatherEdit
-
-    return GatherEdit(node, 1, atoms)
 
 
 def _const_member(b: Builder, node: ir.Node, index: int, axis_from_end: int, atoms: np.ndarray) -> str | None:
@@ -263,6 +245,7 @@ def _broadcast(b: Builder, node: ir.Node) -> None:
     b.set_label(out, ax, ref)
 
 
+@rule("Concat", data_first=False)
 def _concat(b: Builder, node: ir.Node) -> None:
     out = node.outputs[0]
     r = rank(out)
@@ -285,6 +268,7 @@ def _concat(b: Builder, node: ir.Node) -> None:
     _broadcast(b, node)  # same channels in every input, joined on another axis
 
 
+@rule("BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization")
 def _norm(b: Builder, node: ir.Node) -> None:
     x = node.inputs[0]
     lab = b.label(x)
@@ -356,46 +340,16 @@ def _axis_op(b: Builder, node: ir.Node) -> None:
     b.set_label(node.outputs[0], new, lab.atoms)
 
 
-_PRODUCERS = {"Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul, "Gather": _gather}
-_RULES = {
-    "Concat": _concat, "Split": _split, "Slice": _slice, "Reshape": _reshape, "Flatten": _reshape,
-    "Transpose": _transpose, "Squeeze": _squeeze, "Unsqueeze": _squeeze, "Expand": _expand_like, "Tile": _expand_like,
-    "BatchNormalization": _norm, "InstanceNormalization": _norm, "LayerNormalization": _norm,
-    "GroupNormalization": _norm, "Pad": _pad, "Resize": _resize,
-}
+rule(*_BROADCAST, data_first=False)(_broadcast)
+rule(*_POOL, *_REDUCE, "Softmax", "LogSoftmax")(_axis_op)
 
 
-def apply(b: Builder, node: ir.Node) -> None:
-    """Propagate labels through one node (graph order)."""
-    op = node.op_type
-    if node.domain not in ("", "ai.onnx"):
-        _block_all(b, node, f"{node.domain}::{op} {node.name!r} has no channel rule")
-        return
-    if op in _PRODUCERS:
-        _PRODUCERS[op](b, node)
-        return
-    labeled = [v for v in node.inputs if b.label(v) is not None]
-    if not labeled or op in _SINKS:
-        return
-    if op in _UNARY:
-        lab = b.label(node.inputs[0])
-        if lab is None:
-            _block_all(b, node, f"{op} {node.name!r} takes channels as a parameter")
-            return
-        b.set_label(node.outputs[0], lab.axis, lab.atoms)
-    elif op in _BROADCAST:
-        _broadcast(b, node)
-    elif op in _POOL or op in _REDUCE or op in ("Softmax", "LogSoftmax"):
-        _axis_op(b, node)
-    elif op in _RULES:
-        if b.label(node.inputs[0]) is None and op != "Concat":
-            _block_all(b, node, f"{op} {node.name!r} takes channels as a parameter")
-            return
-        _RULES[op](b, node)
-    else:
-        _block_all(b, node, f"{op} {node.name!r} has no channel rule")
+@rule(*_UNARY)
+def _unary(b: Builder, node: ir.Node) -> None:
+    lab = b.label(node.inputs[0])
+    b.set_label(node.outputs[0], lab.axis, lab.atoms)
 
 
-def _block_all(b: Builder, node: ir.Node, reason: str) -> None:
-    for v in node.inputs:
-        b.block_value(v, reason)
+@rule(*_SINKS, data_first=False)
+def _sizes(b: Builder, node: ir.Node) -> None:
+    """Shape / Size read only sizes, which follow the pruned tensor at run time: nothing to track."""

@@ -4,9 +4,10 @@ Model
   * Every layer that *creates* channels (Conv / ConvTranspose / Gemm / MatMul with a constant weight, an
     embedding Gather) opens a *space*: one atom per output channel.
   * Channels are followed forward through the graph (one tracked axis per value, a *label*: the atom of every
-    position along that axis). Op rules live in ``_channel_rules`` (producers, grouped convolution, elementwise,
-    norms, pooling, Concat, Gather), ``_channel_layout`` (Reshape/Flatten, Transpose, Squeeze, Split, Slice,
-    Expand, Pad, Resize) and ``_attention_heads`` (whole heads).
+    position along that axis). Per-op rules sit in one registry (``_channel_core.RULES``), filled by
+    ``_channel_rules`` (producers, grouped convolution, elementwise, norms, pooling, Concat, Gather) and
+    ``_channel_layout`` (Reshape/Flatten, Transpose, Squeeze, Split, Slice, Expand, Pad, Resize); whole heads are
+    the block-level rule of ``_attention_heads``. The records and the analysis state live in ``_channel_core``.
   * Rules that couple channels *union* atoms (union-find): a residual ``Add`` unions its inputs position by
     position; a grouped convolution unions each conv group; a head unions all its q/k/v/output channels.
     A broadcast of a 1-channel operand couples nothing.
@@ -24,72 +25,23 @@ to rewrite (:class:`CountEdit`, :class:`GatherEdit`) and compute terms for a FLO
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.analysis import _attention_heads, _channel_rules
+# the rule modules register their per-op rules in _channel_core.RULES when imported
+from graphprune.analysis import _attention_heads, _channel_layout, _channel_rules  # noqa: F401
+from graphprune.analysis._channel_core import (
+    Builder,
+    CostTerm,
+    CountEdit,
+    GatherEdit,
+    Label,
+    Member,
+    apply,
+    static_shape,
+)
 from graphprune.analysis.attention import find_attention_blocks
-
-
-@dataclasses.dataclass
-class Label:
-    """The tracked channel axis of a value and the atom of every position along it."""
-
-    axis: int
-    atoms: np.ndarray  # int64 [dim]
-
-
-@dataclasses.dataclass
-class Member:
-    """A constant input of ``node`` whose ``axis`` is indexed by channels: position i belongs to ``atoms[i]``."""
-
-    node: ir.Node
-    input_index: int
-    axis: int
-    atoms: np.ndarray
-    role: str  # "out" (producer weight) | "in" (consumer weight) | "param" (bias, norm, gate, embedding)
-
-    @property
-    def value(self) -> ir.Value:
-        return self.node.inputs[self.input_index]
-
-
-@dataclasses.dataclass
-class CountEdit:
-    """Entry ``pos`` of constant input ``input_index`` of ``node`` (or attribute ``attr``) becomes the number of
-    rows of ``lines`` ([size, k] atoms) that keep at least one atom. Reshape targets, split sizes, slice bounds,
-    head counts, conv ``group``."""
-
-    node: ir.Node
-    input_index: int | None
-    pos: int
-    lines: np.ndarray
-    attr: str | None = None
-    base: list[int] | None = None  # the full constant, when the input does not exist yet (Split num_outputs)
-    #: written even when the count does not change: a bound relative to the axis size (a negative Slice bound
-    #: moves with the pruned size) is rewritten as the absolute count
-    always: bool = False
-
-
-@dataclasses.dataclass
-class GatherEdit:
-    """Constant indices (input ``input_index``) into a channel axis whose positions are ``atoms``."""
-
-    node: ir.Node
-    input_index: int
-    atoms: np.ndarray
-
-
-@dataclasses.dataclass
-class CostTerm:
-    """A compute node: ``flops`` at full width, scaled by the kept fraction of ``fan_in`` and ``fan_out``."""
-
-    node: ir.Node
-    flops: int
-    fan_in: np.ndarray | None
-    fan_out: np.ndarray | None
 
 
 @dataclasses.dataclass
@@ -142,110 +94,6 @@ class ChannelAnalysis:
 
     def group_of_atom(self, atom: int) -> ChannelGroup:
         return self.groups[self.group_of_root[int(self.root[atom])]]
-
-
-class Builder:
-    """Mutable state of one analysis run; rules call its methods."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.labels: dict[ir.Value, Label] = {}
-        self.parent: list[int] = []
-        self.atom_space: list[int] = []
-        self.space_nodes: list[ir.Node] = []
-        self.space_sizes: list[int] = []
-        self.stem_spaces: set[int] = set()
-        self.blocked: dict[int, str] = {}  # atom -> reason (first reason wins)
-        self.members: list[Member] = []
-        self.count_edits: list[CountEdit] = []
-        self.gather_edits: list[GatherEdit] = []
-        self.costs: list[CostTerm] = []
-        self._cost_nodes: set[ir.Node] = set()
-        self.claimed: set[ir.Node] = set()
-        self.shape_lines: list[tuple[ir.Value, int, np.ndarray]] = []  # (value, axis, [dim, k] atoms)
-        self.restore: dict[ir.Node, Label] = {}  # a Reshape that undoes an earlier one gets its label back
-        self.derived: set[ir.Value] = set()  # values computed from some layer's channels (not input-only)
-        self.kinds: dict[int, str] = {}  # space -> kind hint
-
-    # -- atoms ------------------------------------------------------------------------------------
-    def new_space(self, node: ir.Node, size: int, kind: str = "channels") -> np.ndarray:
-        sid = len(self.space_nodes)
-        start = len(self.parent)
-        self.parent.extend(range(start, start + size))
-        self.atom_space.extend([sid] * size)
-        self.space_nodes.append(node)
-        self.space_sizes.append(size)
-        self.kinds[sid] = kind
-        return np.arange(start, start + size, dtype=np.int64)
-
-    def find(self, a: int) -> int:
-        parent = self.parent
-        root = a
-        while parent[root] != root:
-            root = parent[root]
-        while parent[a] != root:
-            parent[a], a = root, parent[a]
-        return root
-
-    def union(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in zip(np.asarray(a).ravel().tolist(), np.asarray(b).ravel().tolist(), strict=True):
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self.parent[max(rx, ry)] = min(rx, ry)
-
-    def union_all(self, atoms: np.ndarray) -> None:
-        flat = np.asarray(atoms).ravel()
-        if flat.size > 1:
-            self.union(np.full(flat.size - 1, flat[0]), flat[1:])
-
-    def block(self, atoms: np.ndarray | None, reason: str) -> None:
-        if atoms is None:
-            return
-        for a in np.asarray(atoms).ravel().tolist():
-            self.blocked.setdefault(a, reason)
-
-    def block_value(self, value: ir.Value | None, reason: str) -> None:
-        lab = self.labels.get(value) if value is not None else None
-        if lab is not None:
-            self.block(lab.atoms, reason)
-
-    # -- labels and records -----------------------------------------------------------------------
-    def label(self, value: ir.Value | None) -> Label | None:
-        return self.labels.get(value) if value is not None else None
-
-    def set_label(self, value: ir.Value, axis: int, atoms: np.ndarray) -> None:
-        self.labels[value] = Label(axis, np.asarray(atoms, dtype=np.int64))
-
-    def member(self, node: ir.Node, index: int, axis: int, atoms: np.ndarray, role: str) -> None:
-        self.members.append(Member(node, index, axis, np.asarray(atoms, dtype=np.int64), role))
-
-    def count_edit(self, node: ir.Node, index: int | None, pos: int, lines: np.ndarray, attr: str | None = None,
-                   base: list[int] | None = None, always: bool = False) -> None:
-        lines = np.asarray(lines, dtype=np.int64)
-        if lines.ndim == 1:
-            lines = lines[:, None]
-        self.count_edits.append(CountEdit(node, index, pos, lines, attr, base, always))
-
-    def cost(self, node: ir.Node, flops: int | None, fan_in: np.ndarray | None, fan_out: np.ndarray | None) -> None:
-        if node not in self._cost_nodes:
-            self._cost_nodes.add(node)
-            self.costs.append(CostTerm(node, int(flops or 0), fan_in, fan_out))
-
-
-def static_shape(value: ir.Value | None) -> list[int] | None:
-    """The shape with symbolic dims as 1 (batch, tokens); ``None`` when the rank or a dim is unknown."""
-    if value is None or value.shape is None:
-        return None
-    dims = []
-    for d in value.shape:
-        if isinstance(d, int):
-            dims.append(d)
-        elif isinstance(d, ir.SymbolicDim) and d.value is not None:
-            dims.append(1)
-        else:
-            return None
-    return dims
 
 
 def _groups(b: Builder, ignore: set[str], ignore_stem: bool) -> ChannelAnalysis:
@@ -313,7 +161,7 @@ def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), 
         if node in heads.finishers:
             _attention_heads.apply(b, heads.finishers[node])
         elif node not in b.claimed:
-            _channel_rules.apply(b, node)
+            apply(b, node)
         if any(v is not None and (v in b.derived or v in b.labels) for v in node.inputs):
             b.derived.update(node.outputs)
     for value, lab in b.labels.items():  # every other op on channels scales with its output's kept fraction
@@ -332,10 +180,6 @@ def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), 
 def find_channel_groups(model: ir.Model) -> list[ChannelGroup]:
     """Channel dependency groups with default settings (stem ignored), as ``graphprune inspect`` lists them."""
     return analyze_channels(model).groups
-
-
-def numel(shape: list[int] | None) -> int | None:
-    return None if shape is None else int(math.prod(shape))
 
 
 __all__ = ["ChannelAnalysis", "ChannelGroup", "CountEdit", "CostTerm", "GatherEdit", "Label", "Member",

@@ -78,6 +78,36 @@ def select_global(analysis: ChannelAnalysis, imp: Importance, r: float, round_to
     return kept
 
 
+def allocate(analysis: ChannelAnalysis, imp: Importance, sensitivity: dict[int, float], r: float, round_to: int,
+             max_group_ratio: float, probe_ratio: float = 0.5) -> np.ndarray:
+    """Kept-class mask from measured sensitivity (``_channel_sensitivity.measure``): group ratios r_g = μ·f_g/e_g
+    (capped) removing a share ``r`` of the prunable channels (the model is in ``_channel_sensitivity``'s docstring)."""
+    groups = [g for g in analysis.groups if g.prunable and g.id in sensitivity]
+    kept = np.ones(len(analysis.root), dtype=bool)
+    if not groups or r <= 0:
+        return kept
+    n = np.array([float(g.widths.sum()) for g in groups])
+    saved = class_flops(analysis)
+    f = np.array([max(float(saved[g.classes].sum()), 1e-9) for g in groups])
+    e = np.array([max(sensitivity[g.id], 1e-12) / probe_ratio ** 2 for g in groups])
+
+    def ratios(mu: float) -> np.ndarray:
+        return np.minimum(mu * f / e, max_group_ratio)
+
+    goal = r * n.sum()
+    lo, hi = 0.0, 1.0
+    while (ratios(hi) * n).sum() < goal and hi < 1e30 and ratios(hi).min() < max_group_ratio:
+        hi *= 2.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if (ratios(mid) * n).sum() < goal else (lo, mid)
+    for g, rg in zip(groups, ratios(hi), strict=True):
+        k = _keep_count(g.size, 1.0 - float(rg), _unit(g, round_to))
+        order = np.argsort(-imp.scores[g.id], kind="stable")
+        kept[g.classes[order[k:]]] = False
+    return kept
+
+
 def class_flops(analysis: ChannelAnalysis) -> np.ndarray:
     """FLOPs each root class would save on its own (first order: every compute term's share of that class's
     atoms along its fan-in and fan-out), indexed by root atom."""
@@ -127,8 +157,6 @@ def select(analysis: ChannelAnalysis, imp: Importance, ratio: float, target: str
 
     def pick(r: float) -> np.ndarray:
         if sensitivity is not None:
-            from graphprune.passes._channel_sensitivity import allocate
-
             return allocate(analysis, imp, sensitivity, r, round_to, max_group_ratio)
         if global_:
             return select_global(analysis, imp, r, round_to, max_group_ratio)

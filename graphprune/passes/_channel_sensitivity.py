@@ -1,4 +1,5 @@
-"""Per-group sensitivity measured on calibration data, and ratios allocated from it (``allocate: sensitivity``).
+"""Per-group sensitivity measured on calibration data (``allocate: sensitivity``; ``_channel_plan.allocate`` turns
+it into group ratios).
 
 Measurement: for every prunable group g, the model is changed as if g alone lost ``probe`` of its classes (the
 lowest-scored first): the consumer rows reading them are zeroed and, with ``reconstruct``, each consumer is refitted
@@ -6,7 +7,7 @@ from the original's Gram matrix (the independent refit of ``_channel_reconstruct
 and d_g = mean over samples and float outputs of (1 − cosine(original, changed)) is recorded; then the model is
 restored. One ORT session (``backends.onnxruntime.probe``) per group, over at most ``max_feeds`` feeds.
 
-Allocation: the output error of removing a fraction r_g of group g is modelled as e_g·r_g² with e_g = d_g / probe².
+Allocation (``_channel_plan.allocate``): the output error of removing a fraction r_g of group g is modelled as e_g·r_g² with e_g = d_g / probe².
 Minimising Σ e_g·r_g² for the FLOPs removed, Σ f_g·r_g (f_g: the FLOPs of g's classes, ``class_flops``), gives
 r_g = μ·f_g / e_g, capped at ``max_group_ratio``; μ is found by bisection so that the target share of channels is
 removed, Σ n_g·r_g = R·Σ n_g (n_g: channels of g). (For ``target: flops`` the caller bisects R as for any selection.) Within a group the classes go in
@@ -22,7 +23,7 @@ from graphprune.analysis.channels import ChannelAnalysis
 from graphprune.analysis.importance import Importance, fold_activations
 from graphprune.analysis.linear import linear_map
 from graphprune.backends.onnxruntime import probe
-from graphprune.passes._channel_plan import _keep_count, _unit, class_flops
+from graphprune.passes._channel_plan import _keep_count, _unit
 from graphprune.passes._channel_reconstruct import _mask_rows, _refit, _store
 
 
@@ -113,32 +114,3 @@ def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: 
         if progress is not None:
             progress(step + 1, len(groups))
     return result
-
-
-def allocate(analysis: ChannelAnalysis, imp: Importance, sensitivity: dict[int, float], r: float, round_to: int,
-             max_group_ratio: float, probe_ratio: float = 0.5) -> np.ndarray:
-    """Kept-class mask: group ratios r_g = μ·f_g/e_g (capped) removing a share ``r`` of the prunable channels."""
-    groups = [g for g in analysis.groups if g.prunable and g.id in sensitivity]
-    kept = np.ones(len(analysis.root), dtype=bool)
-    if not groups or r <= 0:
-        return kept
-    n = np.array([float(g.widths.sum()) for g in groups])
-    saved = class_flops(analysis)
-    f = np.array([max(float(saved[g.classes].sum()), 1e-9) for g in groups])
-    e = np.array([max(sensitivity[g.id], 1e-12) / probe_ratio ** 2 for g in groups])
-
-    def ratios(mu: float) -> np.ndarray:
-        return np.minimum(mu * f / e, max_group_ratio)
-
-    goal = r * n.sum()
-    lo, hi = 0.0, 1.0
-    while (ratios(hi) * n).sum() < goal and hi < 1e30 and ratios(hi).min() < max_group_ratio:
-        hi *= 2.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if (ratios(mid) * n).sum() < goal else (lo, mid)
-    for g, rg in zip(groups, ratios(hi), strict=True):
-        k = _keep_count(g.size, 1.0 - float(rg), _unit(g, round_to))
-        order = np.argsort(-imp.scores[g.id], kind="stable")
-        kept[g.classes[order[k:]]] = False
-    return kept

@@ -41,13 +41,17 @@ from typing import Literal
 
 import onnx_ir as ir
 import pydantic
+from onnx_ir.passes.common import NameFixPass
 
 from graphprune.analysis.channels import analyze_channels
 from graphprune.analysis.importance import activation_values, compute_importance
+from graphprune.analysis.inputs import example_inputs
 from graphprune.backends.onnxruntime import count_flops, probe
 from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes._channel_plan import build_plan, predicted, select
+from graphprune.passes._channel_reconstruct import reconstruct
+from graphprune.passes._channel_sensitivity import measure
 from graphprune.passes._channel_surgery import apply_plan
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skipped
 
@@ -116,8 +120,6 @@ def _read_plan(path: str) -> dict:
 def _calibration(model: ir.Model, ctx) -> list[dict]:
     if ctx.calibration:
         return list(ctx.calibration)
-    from graphprune.analysis.inputs import example_inputs
-
     return [example_inputs(model, batch=4, seed=s) for s in range(2)]
 
 
@@ -127,8 +129,6 @@ def _ensure_names(model: ir.Model) -> None:
     names = [n.name for n in model.graph]
     if all(names) and len(set(names)) == len(names) and all(o.name for n in model.graph for o in n.outputs):
         return
-    from onnx_ir.passes.common import NameFixPass
-
     NameFixPass()(model)
 
 
@@ -184,8 +184,6 @@ class ChannelPrunePass(GraphPass):
             per_node = _per_node_flops(model) if cfg.target == "flops" else None
             sens = None
             if method["allocate"] == "sensitivity" and cfg.ratio > 0:
-                from graphprune.passes._channel_sensitivity import measure
-
                 sens = measure(model, analysis, imp, calib, refit=bool(method["reconstruct"]), round_to=cfg.round_to,
                                progress=lambda d, t: self.context.notify("sensitivity", d, t))
             kept, used_ratio = select(analysis, imp, cfg.ratio, cfg.target, cfg.round_to, method["global"],
@@ -214,8 +212,6 @@ class ChannelPrunePass(GraphPass):
             _write_plan(cfg, plan, info)
             return GraphResult(model, False, rewritten=[], skipped=skipped, info=info, warnings=warnings)
         if method["reconstruct"]:
-            from graphprune.passes._channel_reconstruct import reconstruct
-
             with self.context.task("least-squares reconstruction", 1) as step:
                 refit, refit_skipped = reconstruct(
                     model, analysis, kept, calib, sequential=cfg.refit == "sequential",
