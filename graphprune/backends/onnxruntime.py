@@ -132,14 +132,6 @@ class Probe:
         if missing:
             raise ValueError(f"probe: values {missing} are not in the model's main graph")
         targets = [twin[id(v)] for v in values]
-        taken = {v.name for v in _main_graph_values(clone.graph) if v.name}
-        for i, v in enumerate(targets):  # ORT names outputs: give unnamed values a name in the clone only
-            if not v.name:
-                name = f"graphprune_probe_{i}"
-                while name in taken:
-                    name += "_"
-                v.name = name
-                taken.add(name)
         outputs = set(clone.graph.outputs)
         clone.graph.outputs.extend(dict.fromkeys(v for v in targets if v not in outputs))
         self.names = [v.name for v in targets]
