@@ -23,23 +23,32 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir import tape as _tape
 
+from graphprune.ops._base import Body
 from graphprune.ops._sparse_plan import GatheredPlan, RoutedPlan
 
 BIAS_FLOOR = np.float32(-1e30)
 FORCE = np.float32(np.inf)  # added to forced routing scores (biases are floored, so never inf - inf)
 
 
-class _Body(_tape.Tape):
+def bias_floor(dtype: ir.DataType) -> float:
+    """The user bias is clamped to this: -1e30 (absorbs any score in float32/bfloat16), float16's lowest finite."""
+    return -65504.0 if dtype == ir.DataType.FLOAT16 else float(BIAS_FLOOR)
+
+
+class SparseBody(Body):
+    """A body tape whose float constants are ``CastLike``'d to the data type of ``like`` (the Q input)."""
+
+    def __init__(self, like: ir.Value, dtype: ir.DataType) -> None:
+        super().__init__()
+        self.like = like
+        self.floor = bias_floor(dtype)
+
     def const(self, array, dtype=None) -> ir.Value:
-        return self.op("Constant", [], {"value": ir.tensor(np.asarray(array, dtype=dtype))})
-
-    def ints(self, *values: int) -> ir.Value:
-        return self.const(np.array(values, dtype=np.int64))
-
-    def slice(self, x: ir.Value, start: int, end: int, axis: int) -> ir.Value:
-        return self.op("Slice", [x, self.ints(start), self.ints(end), self.ints(axis)])
+        arr = np.asarray(array, dtype=dtype)
+        if np.issubdtype(arr.dtype, np.floating):
+            return self.lit(arr, self.like)
+        return super().const(arr)
 
     def pad_tokens(self, x: ir.Value, pad: int, axis_from_end: int = 2, value: float | None = None) -> ir.Value:
         """Pad ``pad`` entries at the end of axis ``-axis_from_end`` of a rank-4 tensor."""
@@ -65,13 +74,12 @@ class _Body(_tape.Tape):
         return self.op("Transpose", [x], {"perm": perm})
 
 
-def _floor(body: _Body, bias: ir.Value) -> ir.Value:
-    return body.op("Max", [bias, body.const(BIAS_FLOOR)])
+def _floor(body: SparseBody, bias: ir.Value) -> ir.Value:
+    return body.op("Max", [bias, body.const(np.float32(body.floor))])
 
 
-def gathered_body(plan: GatheredPlan, scale: float, bias_kind: str, inputs: list[ir.Value]) -> tuple[_Body, ir.Value]:
-    """Nodes computing the gathered pattern; returns (body, output)."""
-    body = _Body()
+def gathered_body(body: SparseBody, plan: GatheredPlan, scale: float, bias_kind: str, inputs: list[ir.Value]) -> ir.Value:
+    """Record the gathered pattern on ``body``; returns the output."""
     q, k, v = inputs[:3]
     bias = inputs[3] if bias_kind != "none" else None
     n, g, nb, bq = plan.seq_len, plan.num_global, plan.nb, plan.bq
@@ -97,10 +105,10 @@ def gathered_body(plan: GatheredPlan, scale: float, bias_kind: str, inputs: list
         out = body.op("Gather", [of, body.const(plan.out_idx)], {"axis": 2})
     if g:
         out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, n, plan.causal), out], {"axis": 2})
-    return body, out
+    return out
 
 
-def _global_rows(body: _Body, qs: ir.Value, k: ir.Value, v: ir.Value, fb: ir.Value | None, bias_kind: str, g: int,
+def _global_rows(body: SparseBody, qs: ir.Value, k: ir.Value, v: ir.Value, fb: ir.Value | None, bias_kind: str, g: int,
                  n: int, causal: bool) -> ir.Value:
     """Dense attention of the first ``g`` (global) queries: [B, H, g, Dv]."""
     sg = body.op("MatMul", [body.slice(qs, 0, g, 2), body.t_last(k, 4)])
@@ -113,7 +121,7 @@ def _global_rows(body: _Body, qs: ir.Value, k: ir.Value, v: ir.Value, fb: ir.Val
     return body.op("MatMul", [body.op("Softmax", [sg], {"axis": -1}), v])
 
 
-def _gathered_run(body: _Body, plan: GatheredPlan, start: int, end: int, shared: bool, qb: ir.Value, k: ir.Value,
+def _gathered_run(body: SparseBody, plan: GatheredPlan, start: int, end: int, shared: bool, qb: ir.Value, k: ir.Value,
                   v: ir.Value, fb: ir.Value | None, bias_kind: str) -> ir.Value:
     """Attention of query blocks ``start:end``: [B, H, end - start, bq, Dv]."""
     n, g, nr_blocks, L = plan.seq_len, plan.num_global, end - start, plan.kv_len
@@ -136,10 +144,9 @@ def _gathered_run(body: _Body, plan: GatheredPlan, start: int, end: int, shared:
     return body.op("MatMul", [probs, vb])
 
 
-def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarray | None, layout: bool,
-                inputs: list[ir.Value]) -> tuple[_Body, ir.Value]:
-    """Nodes computing block_topk (``layout`` False) or block_layout (``layout`` True)."""
-    body = _Body()
+def routed_body(body: SparseBody, plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarray | None, layout: bool,
+                inputs: list[ir.Value]) -> ir.Value:
+    """Record block_topk (``layout`` False) or block_layout (``layout`` True) on ``body``; returns the output."""
     q, k, v = inputs[:3]
     bias = inputs[3] if bias_kind != "none" else None
     n, b, nb, kk = plan.seq_len, plan.block, plan.nb, plan.topk
@@ -149,7 +156,7 @@ def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarra
     kp = body.pad_tokens(k, plan.pad)
     vp = body.pad_tokens(v, plan.pad)
     if layout:
-        lay = body.op("Cast", [inputs[4]], {"to": ir.DataType.FLOAT})
+        lay = body.op("CastLike", [inputs[4], q])
         _, idx = body.op_multi_out("TopK", [lay, body.ints(kk)], {"axis": -1}, num_outputs=2)
         chosen = body.op("GatherElements", [lay, idx], {"axis": -1})  # [Hl, nb, k] 1 = real block
         sel_bias = body.op("Where", [body.op("Greater", [chosen, body.const(np.float32(0.5))]),
@@ -204,10 +211,10 @@ def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarra
     if g:
         fb = _floor(body, bias) if bias is not None else None
         out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, n, False), out], {"axis": 2})
-    return body, out
+    return out
 
 
-def _routed_key_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value, fidx: ir.Value) -> ir.Value:
+def _routed_key_bias(body: SparseBody, plan: RoutedPlan, bias: ir.Value, q: ir.Value, fidx: ir.Value) -> ir.Value:
     """Key bias [Bb, Hb, 1, N] → the chosen blocks' keys [B, H, nb, 1, k*b] (padding keys -inf)."""
     nb, b, kk = plan.nb, plan.block, plan.topk
     fb = body.pad_tokens(_floor(body, bias), plan.pad, axis_from_end=1, value=0.0)
@@ -217,7 +224,7 @@ def _routed_key_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value,
     return body.op("Reshape", [kb, body.ints(0, 0, 0, 1, kk * b)])
 
 
-def _routed_full_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value, idx: ir.Value) -> ir.Value:
+def _routed_full_bias(body: SparseBody, plan: RoutedPlan, bias: ir.Value, q: ir.Value, idx: ir.Value) -> ir.Value:
     """Full bias [Bb, Hb, N, N] → the (query block, chosen key block) tiles [B, H, nb, b, k*b].
 
     Costs a copy of the bias expanded to [B, H, N, N]: a full bias is already that size.
@@ -243,15 +250,15 @@ def _routed_full_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value
     return body.op("Reshape", [picked, body.ints(0, 0, 0, 0, kk * b)])
 
 
-def _block_bias_max(body: _Body, plan: RoutedPlan, bias: ir.Value, bias_kind: str) -> ir.Value:
+def _block_bias_max(body: SparseBody, plan: RoutedPlan, bias: ir.Value, bias_kind: str) -> ir.Value:
     """Largest (floored) bias per key block: [Bb, Hb, 1, nb] (key bias) or per tile [Bb, Hb, nb, nb] (full)."""
     nb, b = plan.nb, plan.block
     fb = _floor(body, bias)
     if bias_kind == "key":
-        fb = body.pad_tokens(fb, plan.pad, axis_from_end=1, value=float(BIAS_FLOOR))
+        fb = body.pad_tokens(fb, plan.pad, axis_from_end=1, value=body.floor)
         tiles = body.op("Reshape", [fb, body.lead_shape(fb, 1, nb, b)])
         return body.op("ReduceMax", [tiles, body.ints(-1)], {"keepdims": 0})
     if plan.pad:
-        fb = body.op("Pad", [fb, body.ints(0, 0, 0, 0, 0, 0, plan.pad, plan.pad), body.const(BIAS_FLOOR)])
+        fb = body.op("Pad", [fb, body.ints(0, 0, 0, 0, 0, 0, plan.pad, plan.pad), body.const(np.float32(body.floor))])
     tiles = body.op("Reshape", [fb, body.lead_shape(fb, nb, b, nb, b)])
     return body.op("ReduceMax", [tiles, body.ints(3, 5)], {"keepdims": 0})

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from graphprune.analysis.attention import AttentionBlock
 from graphprune.errors import UnsupportedPatternError
-from graphprune.ops._token_body import INT64_MAX, Body
+from graphprune.ops._base import INT64_MAX, Body
 
 
 def _rows(t: Body, x: ir.Value, rows: tuple[int, int], axis: int) -> ir.Value:
