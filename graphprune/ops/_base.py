@@ -153,8 +153,22 @@ class PluginDescriptor:
 # ---------------------------------------------------------------- function-body tape
 
 
+def np_dtype(dtype: ir.DataType):
+    """The numpy (or ml_dtypes) scalar type of an ONNX float type."""
+    return dtype.numpy()
+
+
 class Body(_tape.Tape):
-    """A tape for function bodies (no initializers: constants are ``Constant`` nodes)."""
+    """A tape for function bodies (no initializers: constants are ``Constant`` nodes).
+
+    ``dtype`` is the data type of the body's float data: float literals (``lit``) are created in it, so no
+    runtime cast is needed (the body is specialised per dtype anyway); runtime values change type with
+    ``CastLike``.
+    """
+
+    def __init__(self, dtype: ir.DataType = ir.DataType.FLOAT) -> None:
+        super().__init__()
+        self.dtype = dtype
 
     def const(self, array, dtype=None) -> ir.Value:
         return self.op("Constant", [], {"value": ir.tensor(np.asarray(array, dtype=dtype))})
@@ -162,10 +176,25 @@ class Body(_tape.Tape):
     def ints(self, *values: int) -> ir.Value:
         return self.const(np.array(values, dtype=np.int64))
 
-    def lit(self, array, like: ir.Value) -> ir.Value:
-        """A float literal in ``like``'s dtype: ``CastLike(Constant(float32), like)``."""
-        value = self.op("Constant", [], {"value": ir.tensor(np.asarray(array, dtype=np.float32))})
-        return self.op("CastLike", [value, like])
+    def lit(self, array, like: ir.Value | None = None) -> ir.Value:
+        """A float literal in the body's data type (``like`` documents which value it combines with)."""
+        arr = np.asarray(array, dtype=np.float64)
+        if self.dtype == ir.DataType.FLOAT16:  # saturate: float16's range is ±65504 (inf stays inf)
+            finite = np.isfinite(arr)
+            arr = np.where(finite, np.clip(arr, -65504.0, 65504.0), arr)
+        return self.op("Constant", [], {"value": ir.tensor(arr.astype(np_dtype(self.dtype)))})
+
+    def rank(self, v: ir.Value) -> ir.Value:
+        """``v`` ready for ``TopK``: opset-18 ``TopK`` has no bfloat16, so bfloat16 ranks as float32 (exact)."""
+        return self.op("Cast", [v], {"to": ir.DataType.FLOAT}) if self.dtype == ir.DataType.BFLOAT16 else v
+
+    def one_hot(self, indices: ir.Value, depth: ir.Value, off_on, axis: int) -> ir.Value:
+        """``OneHot`` with float values ``(off, on)`` in the body's dtype (built as float32 for bfloat16)."""
+        if self.dtype == ir.DataType.BFLOAT16:
+            vals = self.op("Constant", [], {"value": ir.tensor(np.asarray(off_on, dtype=np.float32))})
+            hot = self.op("OneHot", [indices, depth, vals], {"axis": axis})
+            return self.op("Cast", [hot], {"to": ir.DataType.BFLOAT16})
+        return self.op("OneHot", [indices, depth, self.lit(off_on)], {"axis": axis})
 
     def dim(self, shape: ir.Value, axis: int) -> ir.Value:
         """``shape[axis:axis+1]`` as a 1-element int64 tensor."""
@@ -343,7 +372,7 @@ class OpDef:
     @classmethod
     def tape(cls, inputs: list[ir.Value | None], dtype: ir.DataType) -> Body:
         """The tape ``lower`` records on."""
-        return Body()
+        return Body(dtype)
 
     @classmethod
     def make_function(cls, dtype: ir.DataType = ir.DataType.FLOAT, present: Sequence[bool] | None = None,

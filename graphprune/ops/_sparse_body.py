@@ -37,10 +37,10 @@ def bias_floor(dtype: ir.DataType) -> float:
 
 
 class SparseBody(Body):
-    """A body tape whose float constants are ``CastLike``'d to the data type of ``like`` (the Q input)."""
+    """A body tape whose float constants are in the data type of the body (that of ``like``, the Q input)."""
 
     def __init__(self, like: ir.Value, dtype: ir.DataType) -> None:
-        super().__init__()
+        super().__init__(dtype)
         self.like = like
         self.floor = bias_floor(dtype)
 
@@ -157,7 +157,7 @@ def routed_body(body: SparseBody, plan: RoutedPlan, scale: float, bias_kind: str
     vp = body.pad_tokens(v, plan.pad)
     if layout:
         lay = body.op("CastLike", [inputs[4], q])
-        _, idx = body.op_multi_out("TopK", [lay, body.ints(kk)], {"axis": -1}, num_outputs=2)
+        _, idx = body.op_multi_out("TopK", [body.rank(lay), body.ints(kk)], {"axis": -1}, num_outputs=2)
         chosen = body.op("GatherElements", [lay, idx], {"axis": -1})  # [Hl, nb, k] 1 = real block
         sel_bias = body.op("Where", [body.op("Greater", [chosen, body.const(np.float32(0.5))]),
                                      body.const(np.float32(0)), body.const(np.float32(-np.inf))])
@@ -172,7 +172,7 @@ def routed_body(body: SparseBody, plan: RoutedPlan, scale: float, bias_kind: str
             route = body.op("Add", [route, _block_bias_max(body, plan, bias, bias_kind)])
         if force is not None:
             route = body.op("Add", [route, body.const(force)])
-        _, idx = body.op_multi_out("TopK", [route, body.ints(kk)], {"axis": -1}, num_outputs=2)
+        _, idx = body.op_multi_out("TopK", [body.rank(route), body.ints(kk)], {"axis": -1}, num_outputs=2)
         sel_bias = None
     # Flat block index into [B*H*nb, b, D]: idx + (batch*H + head) * nb.
     bh = body.op("ReduceProd", [body.op("Shape", [q], {"start": 0, "end": 2})], {"keepdims": 0})

@@ -105,14 +105,13 @@ class DiversitySelect(OpDef):
         first = t.op("ArgMax", [t.op("ReduceMin", [d_excl, t.ints(2)], {"keepdims": 0})], {"axis": 1, "keepdims": 1})
         picks = [first]  # each [B, 1]
         depth = t.scalar(m)
-        onoff = t.lit([0.0, -_EXCLUDE], x)
 
         def row(i: ir.Value) -> ir.Value:  # d[b, i[b], :] -> [B, M]
             return t.op("Squeeze", [t.op("GatherND", [d, t.op("Unsqueeze", [i, t.ints(2)])], {"batch_dims": 1}),
                                     t.ints(1)])
 
         def excluded(i: ir.Value) -> ir.Value:  # -4 at i[b], 0 elsewhere -> [B, M]
-            return t.op("Squeeze", [t.op("OneHot", [i, depth, onoff], {"axis": -1}), t.ints(1)])
+            return t.op("Squeeze", [t.one_hot(i, depth, [0.0, -_EXCLUDE], axis=-1), t.ints(1)])
 
         mind = t.op("Add", [row(first), excluded(first)])
         for step in range(k - 1):

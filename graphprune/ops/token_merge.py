@@ -133,7 +133,7 @@ class TokenMerge(OpDef):
         sim = t.op("MatMul", [ma, t.op("Transpose", [mb], {"perm": [0, 2, 1]})])
         best = t.op("ReduceMax", [sim, t.ints(2)], {"keepdims": 0})
         match = t.op("ArgMax", [sim], {"axis": 2, "keepdims": 0})
-        _, order = t.op_multi_out("TopK", [best, t.value(na)], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)
+        _, order = t.op_multi_out("TopK", [t.rank(best), t.value(na)], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)
         src = t.slice(order, 0, t.value(rr), 1)
         unm = t.slice(order, t.value(rr), INT64_MAX, 1)
         unm, _ = t.op_multi_out("TopK", [unm, t.value(n_unm)], {"axis": 1, "largest": 0, "sorted": 1}, num_outputs=2)
@@ -142,7 +142,7 @@ class TokenMerge(OpDef):
         def rows(v, idx):  # v[b, idx[b, j], :]
             return t.op("GatherND", [v, t.op("Unsqueeze", [idx, t.ints(2)])], {"batch_dims": 1})
 
-        hot = t.op("OneHot", [dst, t.scalar(nb), t.lit([0.0, 1.0], x)], {"axis": 1})  # [B, |B|, r]
+        hot = t.one_hot(dst, t.scalar(nb), [0.0, 1.0], axis=1)  # [B, |B|, r]
         b_new = t.op("Add", [xb, t.op("MatMul", [hot, rows(xa, src)])])
         parts = [rows(xa, unm), b_new]
         if p:

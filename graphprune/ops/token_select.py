@@ -118,7 +118,7 @@ class TokenSelect(OpDef):
         env = t.dims(cls, inputs, static)
         kv = t.value(t.count(cls.kept("N", a), env))
         s = t.slice_tokens(scores, p) if p else scores
-        _, idx = t.op_multi_out("TopK", [s, kv], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)
+        _, idx = t.op_multi_out("TopK", [t.rank(s), kv], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)
         top = idx
         if a["keep_order"]:
             idx, _ = t.op_multi_out("TopK", [idx, kv], {"axis": 1, "largest": 0, "sorted": 1}, num_outputs=2)
@@ -130,7 +130,7 @@ class TokenSelect(OpDef):
         y = t.op("GatherND", [x, t.op("Unsqueeze", [idx, t.ints(2)])], {"batch_dims": 1})
         if a["fuse_rest"]:
             depth = t.scalar(t.count(Dim.of("N") - p, env))
-            hot = t.op("OneHot", [top, depth, t.lit([0.0, 1.0], x)], {"axis": -1})
+            hot = t.one_hot(top, depth, [0.0, 1.0], axis=-1)
             kept = t.op("ReduceMax", [hot, t.ints(1)], {"keepdims": 0})
             w = t.op("Mul", [t.op("CastLike", [s, x]), t.op("Sub", [t.lit(1.0, x), kept])])
             xs = t.slice_tokens(x, p) if p else x
