@@ -36,6 +36,7 @@ class Case:
     token_axis: int  # the N axis of the first input
     dynamic_n: bool = True  # the body follows a runtime N (False: the body is built for one N)
     fp16_atol: float = 2e-2
+    export_dynamic: bool = True  # the torch export can mark (batch, N) dynamic on every input
 
 
 def _rand(rng, shape, dtype):
@@ -69,7 +70,9 @@ def _sparse(pattern: str, bias: str | None = None, **params):
     def make(rng, b, n, dtype=np.float32):
         h, d = 2, 8
         q, k, v = (_rand(rng, (b, h, n, d), dtype) for _ in range(3))
-        attrs = dict(pattern=pattern, seq_len=n, **params)
+        attrs = dict(pattern=pattern, **params)
+        if pattern not in ("sliding_window", "block_topk"):  # built for one N (a grid, a block layout)
+            attrs["seq_len"] = n
         if pattern == "neighborhood_2d":
             g = params.get("num_global", 0)
             attrs["grid"] = {26: [5, 5], 29: [4, 7]}[n]
@@ -79,6 +82,8 @@ def _sparse(pattern: str, bias: str | None = None, **params):
             mask = np.zeros((b, 1, 1, n), dtype=dtype)
             mask[:, :, :, n - 3:] = np.finfo(dtype).min  # padding keys
             extra, attrs["bias"] = [mask], "key"
+        elif bias == "full":
+            extra, attrs["bias"] = [_rand(rng, (b, 1, n, n), dtype)], "full"
         if pattern == "block_layout":
             nb = -(-n // params["block_size"])
             lay = (rng.random((h, nb, nb)) < 0.5).astype(dtype)
@@ -97,13 +102,22 @@ CASES = {
     "TokenMerge-nosize": Case("TokenMerge", _merge(False, r=100, protect=0), (13, 18), 1),
     "DiversitySelect": Case("DiversitySelect", _diverse(k=4, protect=1, keep_order=1), (13, 17), 1),
     "SparseAttention-sliding_window": Case(
-        "SparseAttention", _sparse("sliding_window", window=5, num_global=1, block_size=8), (24, 29), 2, False),
+        "SparseAttention", _sparse("sliding_window", window=5, num_global=1, block_size=8), (24, 29), 2),
     "SparseAttention-sliding_window-causal-keybias": Case(
-        "SparseAttention", _sparse("sliding_window", "key", window=6, causal=1, block_size=8), (24, 29), 2, False),
+        "SparseAttention", _sparse("sliding_window", "key", window=6, causal=1, block_size=8), (24, 29), 2,
+        export_dynamic=False),  # one dynamic-axes map for every input: the key bias has no token axis 2
+    "SparseAttention-sliding_window-causal-global-fullbias": Case(
+        "SparseAttention", _sparse("sliding_window", "full", window=4, causal=1, num_global=2, block_size=8),
+        (24, 29), 2, export_dynamic=False),
     "SparseAttention-neighborhood_2d": Case(
         "SparseAttention", _sparse("neighborhood_2d", kernel=3, num_global=1), (26, 29), 2, False),
-    "SparseAttention-block_topk": Case(
-        "SparseAttention", _sparse("block_topk", "key", block_size=8, topk=2), (24, 29), 2, False),
+    "SparseAttention-block_topk-keybias": Case(
+        "SparseAttention", _sparse("block_topk", "key", block_size=8, topk=2), (24, 29), 2, export_dynamic=False),
+    "SparseAttention-block_topk-global": Case(
+        "SparseAttention", _sparse("block_topk", block_size=8, topk=2, num_global=1, keep_diagonal=0), (24, 29), 2),
+    "SparseAttention-block_topk-fullbias": Case(
+        "SparseAttention", _sparse("block_topk", "full", block_size=8, topk=3, keep_first=0), (24, 29), 2,
+        export_dynamic=False),
     "SparseAttention-block_layout": Case(
         "SparseAttention", _sparse("block_layout", block_size=8), (24, 29), 2, False),
 }
@@ -141,8 +155,9 @@ def _ort_model(spec, arrays, attrs, dynamic: bool, token_axis: int) -> ir.Model:
         shape = list(arr.shape)
         if dynamic and port.dims is not None:
             shape = [("batch" if ax == 0 else "seq" if ax == token_axis else d) for ax, d in enumerate(shape)]
-        elif dynamic and arr.ndim == arrays[0].ndim:  # a bias: only its batch axis follows
-            shape[0] = "batch"
+        elif dynamic and arr.ndim == arrays[0].ndim:  # a bias: its batch axis and its token axes follow
+            n = arrays[0].shape[token_axis]
+            shape = ["batch" if ax == 0 else "seq" if d == n else d for ax, d in enumerate(shape)]
         values.append(ir.Value(name=port.name, type=ir.TensorType(_IR[arr.dtype]), shape=ir.Shape(shape)))
     inputs = [v for v in values if v is not None]
     node = spec.make_node(*values, **attrs)
@@ -236,7 +251,7 @@ def test_torch_export_ort(name, batch, which, dynamic, dtype, tmp_path):
     present = [a is not None for a in arrays] + [False] * (len(spec.inputs) - len(arrays))
     tensors = [torch.from_numpy(a) for a in arrays if a is not None]
     module = _Calls(spec, attrs, present)
-    axes = {0: "batch", case.token_axis: "seq"} if dynamic and case.dynamic_n else None
+    axes = {0: "batch", case.token_axis: "seq"} if dynamic and case.dynamic_n and case.export_dynamic else None
     if any(a is not None and a.ndim != arrays[0].ndim for a in arrays):
         axes = None  # inputs of different ranks (layout): static export
     path = gtorch.export(module, tuple(tensors), tmp_path / "m.onnx", dynamic_axes=axes,

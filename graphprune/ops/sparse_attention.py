@@ -44,7 +44,14 @@ import onnx_ir as ir
 from graphprune.errors import ConfigError
 from graphprune.ops._base import Attr, Body, OpDef, Port, register
 from graphprune.ops._dims import Dim
-from graphprune.ops._sparse_body import FORCE, SparseBody, gathered_body, routed_body
+from graphprune.ops._sparse_body import (
+    FORCE,
+    SparseBody,
+    dynamic_topk_body,
+    dynamic_window_body,
+    gathered_body,
+    routed_body,
+)
 from graphprune.ops._sparse_plan import (
     GatheredPlan,
     RoutedPlan,
@@ -56,6 +63,8 @@ from graphprune.ops._sparse_plan import (
 OP = "SparseAttention"
 PATTERNS = ("sliding_window", "neighborhood_2d", "block_topk", "block_layout")
 BIAS_KINDS = ("none", "key", "full")
+#: Patterns whose body also follows a runtime N (the others are defined for one N: a grid, a block layout).
+DYNAMIC_PATTERNS = ("sliding_window", "block_topk")
 
 PATTERN_KEYS = {
     "sliding_window": ("window", "causal", "num_global", "block_size"),
@@ -166,9 +175,18 @@ class SparseAttention(OpDef):
         qs = static[0]
         n = a["seq_len"] or (qs[2] if qs is not None else None)
         d = qs[3] if qs is not None else None
-        if not isinstance(n, int) or (not a["scale"] and not isinstance(d, int)):
-            raise ValueError("SparseAttention: the body needs a static sequence length (seq_len) and, without "
-                             "scale, a static head size")
+        if not a["scale"] and not isinstance(d, int):
+            raise ValueError("SparseAttention: without a scale attribute the body needs a static head size")
+        if not isinstance(n, int):
+            if a["pattern"] not in DYNAMIC_PATTERNS:
+                raise ValueError(f"SparseAttention: pattern {a['pattern']} needs a static sequence length "
+                                 f"(seq_len); {' and '.join(DYNAMIC_PATTERNS)} also run at a dynamic N")
+            a = dict(a, scale=a["scale"] or 1.0 / math.sqrt(d))
+            if a["pattern"] == "sliding_window":
+                return [dynamic_window_body(t, a["window"], bool(a["causal"]), a["num_global"], effective_block(a),
+                                            a["scale"], a["bias"], list(inputs))]
+            return [dynamic_topk_body(t, a["block_size"] or 64, a["topk"], bool(a["keep_first"]),
+                                      bool(a["keep_diagonal"]), a["num_global"], a["scale"], a["bias"], list(inputs))]
         a = _at_length(a, n, d)
         plan = _plan(a)
         ins = [x for x in inputs]
