@@ -19,6 +19,7 @@ import typer
 import yaml
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     except GraphpruneError as e:
         if "--debug" in args:
             raise
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
@@ -398,11 +399,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(getattr(e, "exit_code", 0))
         if isinstance(e, _usage_types()):
             message = e.format_message() if hasattr(e, "format_message") else str(e)
-            err.print(f"[red]error:[/] {message} (see --help)", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(message)} (see --help)", highlight=False, soft_wrap=True)
             sys.exit(2)
         if "--debug" in args:
             raise
-        err.print(f"[red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)", highlight=False)
+        err.print(f"[red]internal error:[/] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)", highlight=False,
+                  soft_wrap=True)
         sys.exit(1)
 
 
