@@ -1,4 +1,4 @@
-"""The ``graphprune`` command: optimize, inspect, bench, passes.
+"""The ``graphprune`` command: optimize, inspect, bench, passes; deploy, serve, loadtest (in ``_cli_deploy``).
 
 User errors (bad paths, malformed models, bad configs, failed verification) print one line to stderr and exit
 with code 2; ``--debug`` shows the traceback instead.
@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from graphprune._cli_deploy import register as _register_deploy
 from graphprune.errors import ConfigError, GraphpruneError
 
 app = typer.Typer(
@@ -356,6 +357,9 @@ def list_passes(as_json: Annotated[bool, typer.Option("--json", help="Print one 
             default = "required" if f["required"] else f"default {_yaml_value(f['default'])}"
             out.print(f"    {fname}: {f['type']} ({default}){' — ' + f['help'] if f['help'] else ''}", highlight=False,
                       markup=False)
+
+
+_register_deploy(app, out, err)  # deploy, serve, loadtest
 
 
 def _exceptions(attr: str) -> tuple[type, ...]:
