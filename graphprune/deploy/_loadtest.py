@@ -5,7 +5,8 @@ answer before sending the next) for ``duration`` seconds, split into ``windows``
 windows interleave, A B then B A, so that both meet the same machine load; compare ratios from one run, not
 across runs.
 
-Bounds: every window ends at its deadline or after ``max_requests`` requests, whichever comes first; every
+Bounds: a window sends no new request after its deadline or after ``max_requests`` requests, whichever comes
+first, and ends when the requests in flight have been answered (its time, used for ``rps``, includes them); every
 request has a ``timeout``; warm-up is a fixed number of requests. Nothing is sent anywhere but the given address.
 
 Per level and model: completed requests per second (``rps``; ``items_per_s`` = rps × batch), latency p50 / p90 /
