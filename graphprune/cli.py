@@ -1,4 +1,4 @@
-"""The ``graphprune`` command: optimize, inspect, bench, passes.
+"""The ``graphprune`` command: optimize, inspect, bench, passes; deploy, serve, loadtest (in ``_cli_deploy``).
 
 User errors (bad paths, malformed models, bad configs, failed verification) print one line to stderr and exit
 with code 2; ``--debug`` shows the traceback instead.
@@ -19,9 +19,11 @@ import typer
 import yaml
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from graphprune._cli_deploy import register as _register_deploy
 from graphprune.errors import ConfigError, GraphpruneError
 
 app = typer.Typer(
@@ -357,6 +359,9 @@ def list_passes(as_json: Annotated[bool, typer.Option("--json", help="Print one 
                       markup=False)
 
 
+_register_deploy(app, out, err)  # deploy, serve, loadtest
+
+
 def _exceptions(attr: str) -> tuple[type, ...]:
     found = []
     for name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     except GraphpruneError as e:
         if "--debug" in args:
             raise
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
@@ -398,11 +403,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(getattr(e, "exit_code", 0))
         if isinstance(e, _usage_types()):
             message = e.format_message() if hasattr(e, "format_message") else str(e)
-            err.print(f"[red]error:[/] {message} (see --help)", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(message)} (see --help)", highlight=False, soft_wrap=True)
             sys.exit(2)
         if "--debug" in args:
             raise
-        err.print(f"[red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)", highlight=False)
+        err.print(f"[red]internal error:[/] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)", highlight=False,
+                  soft_wrap=True)
         sys.exit(1)
 
 

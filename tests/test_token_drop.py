@@ -59,7 +59,7 @@ def torch_reference(vit, images: np.ndarray, cfg: dict) -> np.ndarray:
                 x, size = torch.from_numpy(y), torch.from_numpy(s)
             elif method == "diversity":
                 kk = token_select.kept_count(x.shape[1], protect, keep_ratio=ratio)
-                x = torch.from_numpy(diversity_select.reference(x.numpy(), kk, protect, cfg.get("keep_order", True))[0])
+                x = torch.from_numpy(diversity_select.reference(x.numpy(), k=kk, protect=protect, keep_order=cfg.get("keep_order", True))[0])
             else:
                 if method == "cls_attention":
                     q0, q1 = {"cls": (0, 1), "last": (n - 1, n)}.get(cfg.get("query", "cls"), cfg.get("query"))

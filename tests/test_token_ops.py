@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphprune.ops import FLOPS_RULES, diversity_select, load_all, token_merge, token_select
+from graphprune.ops import REGISTRY, diversity_select, token_merge, token_select
 from tests._token_util import run_single
 
 SHAPES = [(1, 17, 8), (4, 17, 8), (4, 65, 16), (1, 197, 32)]
@@ -26,7 +26,7 @@ def test_token_select_matches_reference(shape, protect, kw):
     x = rng.standard_normal(shape).astype(np.float32)
     s = rng.random(shape[:2]).astype(np.float32)
     kw = dict(kw, protect=protect)
-    y, idx = run_single(lambda a, b: token_select.make_node(a, b, **kw), token_select.make_function(**kw),
+    y, idx = run_single(lambda a, b: token_select.make_node(a, b, **kw),
                         {"x": x, "scores": s}, 2)
     ry, ridx = token_select.reference(x, s, **kw)
     assert y.shape == ry.shape
@@ -62,9 +62,7 @@ def test_token_merge_matches_reference(shape, protect, r, has_size, static):
     size = rng.integers(1, 4, (b, n, 1)).astype(np.float32) if has_size else None
     if has_size:
         feeds["size"] = size
-    nn = n if static else 0
-    y, s, idx = run_single(lambda *a: token_merge.make_node(*a, r=r, protect=protect, n=nn),
-                           token_merge.make_function(r, protect, has_size, nn), feeds, 3)
+    y, s, idx = run_single(lambda *a: token_merge.make_node(*a, r=r, protect=protect), feeds, 3, static=static)
     ry, rs, ridx = token_merge.reference(x, metric, size, r=r, protect=protect)
     assert y.shape == (b, n - token_merge.merged_count(n, protect, r), shape[2])
     np.testing.assert_array_equal(idx, ridx)
@@ -94,8 +92,8 @@ def test_diversity_select_matches_reference(shape, protect, k, keep_order):
     x = rng.standard_normal(shape).astype(np.float32)
     k = shape[1] - protect if k == -1 else k
     y, idx = run_single(lambda a: diversity_select.make_node(a, k=k, protect=protect, keep_order=keep_order),
-                        diversity_select.make_function(k, protect, keep_order), {"x": x}, 2)
-    ry, ridx = diversity_select.reference(x, k, protect, keep_order)
+                        {"x": x}, 2)
+    ry, ridx = diversity_select.reference(x, k=k, protect=protect, keep_order=keep_order)
     np.testing.assert_array_equal(idx, ridx)
     np.testing.assert_allclose(y, ry, atol=1e-6)
 
@@ -103,10 +101,9 @@ def test_diversity_select_matches_reference(shape, protect, k, keep_order):
 def test_diversity_select_reference_semantics():
     # two tight clusters and an outlier: 3 picks take one token from each
     x = np.array([[[1, 0, 0], [0.99, 0.1, 0], [0, 1, 0], [0.1, 0.99, 0], [0, 0, 1]]], dtype=np.float32)
-    _, idx = diversity_select.reference(x, 3, protect=0)
+    _, idx = diversity_select.reference(x, k=3, protect=0)
     assert idx[0, -1] == 4 and len({int(i) // 2 for i in idx[0, :2]}) == 2
 
 
 def test_flops_rules_registered():
-    load_all()
-    assert {"TokenSelect", "TokenMerge", "DiversitySelect"} <= set(FLOPS_RULES)
+    assert {"TokenSelect", "TokenMerge", "DiversitySelect", "SparseAttention"} <= set(REGISTRY)

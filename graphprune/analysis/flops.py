@@ -4,7 +4,8 @@ Rules: MatMul/Gemm (2·M·N·K), Conv (grouped: 2·out·Cin/g·k), ConvTranspose
 com.microsoft ``Attention``/``MultiHeadAttention`` (projections + 4·B·H·N·M·D + softmax), LayerNorm/GroupNorm/
 InstanceNorm (5/elem), Softmax (5/elem), BatchNormalization (2/elem), pooling (kernel·out), reductions (in),
 elementwise ops (1/elem of the output). Shape-only ops (Reshape, Transpose, Gather, Concat, ...) are free.
-``ai.graphprune`` ops use the rule their op module registers (``graphprune.ops.flops_rule``).
+``ai.graphprune`` ops use their definition's FLOPs function (``OpDef.flops``), fed the concrete input shapes at
+the counted batch.
 
 Shapes come from ONNX shape inference at a fixed input size (batch 1 by default), or from the caller
 (``shapes``: e.g. completed with shapes measured in ONNX Runtime by ``graphprune.backends.onnxruntime.count_flops``;
@@ -21,8 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.analysis.shapes import concrete_shapes, input_dims
-from graphprune.ops import FLOPS_RULES, load_all
-from graphprune.ops._base import DOMAIN
+from graphprune.ops import DOMAIN, REGISTRY
 
 _ELEMENTWISE = {
     "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Log", "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Gelu",
@@ -58,8 +58,8 @@ def _node_flops(node: ir.Node, shp) -> int | None:  # noqa: C901 - a flat table 
     outs = [shp(v) for v in node.outputs]
     out = outs[0] if outs else None
     if node.domain == DOMAIN:
-        rule = FLOPS_RULES.get(op)
-        return rule(node) if rule is not None else None
+        spec = REGISTRY.get(op)
+        return spec.node_flops(node, shp) if spec is not None else None
     if op == "MatMul":
         if ins[0] is None or _numel(out) is None or not ins[0]:
             return None
@@ -167,7 +167,6 @@ def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = N
     measured in a run (``graphprune.backends.onnxruntime.count_flops`` does that). Nodes whose shapes stay
     unknown are listed in ``unknown``. Runs nothing and changes nothing.
     """
-    load_all()
     if shapes is None:
         shapes = static_shapes(model, batch, dims)
 

@@ -1,27 +1,33 @@
-"""``ai.graphprune`` ops: one module per op (schema, numpy reference, standard-op function body)."""
+"""``ai.graphprune`` ops: one :class:`~graphprune.ops._base.OpDef` per op, one module per op.
+
+Every lowering comes from the definition: the numpy reference, the ONNX function body, the FLOPs rule, the
+torch custom op (``graphprune.torch``) and the TensorRT plugin descriptor. ``REGISTRY`` maps op type → definition.
+"""
 
 from __future__ import annotations
-
-import importlib
 
 from graphprune.ops._base import (
     DOMAIN,
     DOMAIN_VERSION,
-    FLOPS_RULES,
-    OpSchema,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    REGISTRY,
+    Attr,
+    OpDef,
+    PluginDescriptor,
+    Port,
     add_function,
-    flops_rule,
+    add_node_function,
+    op_def,
     overload_key,
 )
+from graphprune.ops.diversity_select import DiversitySelect
+from graphprune.ops.sparse_attention import SparseAttention
+from graphprune.ops.token_merge import TokenMerge
+from graphprune.ops.token_select import TokenSelect
 
-# Op modules, imported lazily (``load_all``) so that their FLOPs rules are registered.
-_OP_MODULES = ("token_select", "token_merge", "diversity_select", "sparse_attention")
-
-
-def load_all() -> None:
-    """Import every op module (registers FLOPs rules)."""
-    for mod in _OP_MODULES:
-        importlib.import_module(f"graphprune.ops.{mod}")
-
-
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "FLOPS_RULES", "OpSchema", "add_function", "flops_rule", "load_all", "overload_key"]
+__all__ = [
+    "DOMAIN", "DOMAIN_VERSION", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "REGISTRY", "Attr", "DiversitySelect", "OpDef",
+    "PluginDescriptor", "Port", "SparseAttention", "TokenMerge", "TokenSelect", "add_function", "add_node_function",
+    "op_def", "overload_key",
+]

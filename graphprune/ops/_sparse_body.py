@@ -23,23 +23,32 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir import tape as _tape
 
+from graphprune.ops._base import INT64_MAX, Body
 from graphprune.ops._sparse_plan import GatheredPlan, RoutedPlan
 
 BIAS_FLOOR = np.float32(-1e30)
 FORCE = np.float32(np.inf)  # added to forced routing scores (biases are floored, so never inf - inf)
 
 
-class _Body(_tape.Tape):
+def bias_floor(dtype: ir.DataType) -> float:
+    """The user bias is clamped to this: -1e30 (absorbs any score in float32/bfloat16), float16's lowest finite."""
+    return -65504.0 if dtype == ir.DataType.FLOAT16 else float(BIAS_FLOOR)
+
+
+class SparseBody(Body):
+    """A body tape whose float constants are in the data type of the body (that of ``like``, the Q input)."""
+
+    def __init__(self, like: ir.Value, dtype: ir.DataType) -> None:
+        super().__init__(dtype)
+        self.like = like
+        self.floor = bias_floor(dtype)
+
     def const(self, array, dtype=None) -> ir.Value:
-        return self.op("Constant", [], {"value": ir.tensor(np.asarray(array, dtype=dtype))})
-
-    def ints(self, *values: int) -> ir.Value:
-        return self.const(np.array(values, dtype=np.int64))
-
-    def slice(self, x: ir.Value, start: int, end: int, axis: int) -> ir.Value:
-        return self.op("Slice", [x, self.ints(start), self.ints(end), self.ints(axis)])
+        arr = np.asarray(array, dtype=dtype)
+        if np.issubdtype(arr.dtype, np.floating):
+            return self.lit(arr, self.like)
+        return super().const(arr)
 
     def pad_tokens(self, x: ir.Value, pad: int, axis_from_end: int = 2, value: float | None = None) -> ir.Value:
         """Pad ``pad`` entries at the end of axis ``-axis_from_end`` of a rank-4 tensor."""
@@ -65,13 +74,12 @@ class _Body(_tape.Tape):
         return self.op("Transpose", [x], {"perm": perm})
 
 
-def _floor(body: _Body, bias: ir.Value) -> ir.Value:
-    return body.op("Max", [bias, body.const(BIAS_FLOOR)])
+def _floor(body: SparseBody, bias: ir.Value) -> ir.Value:
+    return body.op("Max", [bias, body.const(np.float32(body.floor))])
 
 
-def gathered_body(plan: GatheredPlan, scale: float, bias_kind: str, inputs: list[ir.Value]) -> tuple[_Body, ir.Value]:
-    """Nodes computing the gathered pattern; returns (body, output)."""
-    body = _Body()
+def gathered_body(body: SparseBody, plan: GatheredPlan, scale: float, bias_kind: str, inputs: list[ir.Value]) -> ir.Value:
+    """Record the gathered pattern on ``body``; returns the output."""
     q, k, v = inputs[:3]
     bias = inputs[3] if bias_kind != "none" else None
     n, g, nb, bq = plan.seq_len, plan.num_global, plan.nb, plan.bq
@@ -97,10 +105,10 @@ def gathered_body(plan: GatheredPlan, scale: float, bias_kind: str, inputs: list
         out = body.op("Gather", [of, body.const(plan.out_idx)], {"axis": 2})
     if g:
         out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, n, plan.causal), out], {"axis": 2})
-    return body, out
+    return out
 
 
-def _global_rows(body: _Body, qs: ir.Value, k: ir.Value, v: ir.Value, fb: ir.Value | None, bias_kind: str, g: int,
+def _global_rows(body: SparseBody, qs: ir.Value, k: ir.Value, v: ir.Value, fb: ir.Value | None, bias_kind: str, g: int,
                  n: int, causal: bool) -> ir.Value:
     """Dense attention of the first ``g`` (global) queries: [B, H, g, Dv]."""
     sg = body.op("MatMul", [body.slice(qs, 0, g, 2), body.t_last(k, 4)])
@@ -113,7 +121,7 @@ def _global_rows(body: _Body, qs: ir.Value, k: ir.Value, v: ir.Value, fb: ir.Val
     return body.op("MatMul", [body.op("Softmax", [sg], {"axis": -1}), v])
 
 
-def _gathered_run(body: _Body, plan: GatheredPlan, start: int, end: int, shared: bool, qb: ir.Value, k: ir.Value,
+def _gathered_run(body: SparseBody, plan: GatheredPlan, start: int, end: int, shared: bool, qb: ir.Value, k: ir.Value,
                   v: ir.Value, fb: ir.Value | None, bias_kind: str) -> ir.Value:
     """Attention of query blocks ``start:end``: [B, H, end - start, bq, Dv]."""
     n, g, nr_blocks, L = plan.seq_len, plan.num_global, end - start, plan.kv_len
@@ -136,10 +144,9 @@ def _gathered_run(body: _Body, plan: GatheredPlan, start: int, end: int, shared:
     return body.op("MatMul", [probs, vb])
 
 
-def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarray | None, layout: bool,
-                inputs: list[ir.Value]) -> tuple[_Body, ir.Value]:
-    """Nodes computing block_topk (``layout`` False) or block_layout (``layout`` True)."""
-    body = _Body()
+def routed_body(body: SparseBody, plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarray | None, layout: bool,
+                inputs: list[ir.Value]) -> ir.Value:
+    """Record block_topk (``layout`` False) or block_layout (``layout`` True) on ``body``; returns the output."""
     q, k, v = inputs[:3]
     bias = inputs[3] if bias_kind != "none" else None
     n, b, nb, kk = plan.seq_len, plan.block, plan.nb, plan.topk
@@ -149,8 +156,8 @@ def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarra
     kp = body.pad_tokens(k, plan.pad)
     vp = body.pad_tokens(v, plan.pad)
     if layout:
-        lay = body.op("Cast", [inputs[4]], {"to": ir.DataType.FLOAT})
-        _, idx = body.op_multi_out("TopK", [lay, body.ints(kk)], {"axis": -1}, num_outputs=2)
+        lay = body.op("CastLike", [inputs[4], q])
+        _, idx = body.op_multi_out("TopK", [body.rank(lay), body.ints(kk)], {"axis": -1}, num_outputs=2)
         chosen = body.op("GatherElements", [lay, idx], {"axis": -1})  # [Hl, nb, k] 1 = real block
         sel_bias = body.op("Where", [body.op("Greater", [chosen, body.const(np.float32(0.5))]),
                                      body.const(np.float32(0)), body.const(np.float32(-np.inf))])
@@ -165,7 +172,7 @@ def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarra
             route = body.op("Add", [route, _block_bias_max(body, plan, bias, bias_kind)])
         if force is not None:
             route = body.op("Add", [route, body.const(force)])
-        _, idx = body.op_multi_out("TopK", [route, body.ints(kk)], {"axis": -1}, num_outputs=2)
+        _, idx = body.op_multi_out("TopK", [body.rank(route), body.ints(kk)], {"axis": -1}, num_outputs=2)
         sel_bias = None
     # Flat block index into [B*H*nb, b, D]: idx + (batch*H + head) * nb.
     bh = body.op("ReduceProd", [body.op("Shape", [q], {"start": 0, "end": 2})], {"keepdims": 0})
@@ -204,10 +211,10 @@ def routed_body(plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarra
     if g:
         fb = _floor(body, bias) if bias is not None else None
         out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, n, False), out], {"axis": 2})
-    return body, out
+    return out
 
 
-def _routed_key_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value, fidx: ir.Value) -> ir.Value:
+def _routed_key_bias(body: SparseBody, plan: RoutedPlan, bias: ir.Value, q: ir.Value, fidx: ir.Value) -> ir.Value:
     """Key bias [Bb, Hb, 1, N] → the chosen blocks' keys [B, H, nb, 1, k*b] (padding keys -inf)."""
     nb, b, kk = plan.nb, plan.block, plan.topk
     fb = body.pad_tokens(_floor(body, bias), plan.pad, axis_from_end=1, value=0.0)
@@ -217,7 +224,7 @@ def _routed_key_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value,
     return body.op("Reshape", [kb, body.ints(0, 0, 0, 1, kk * b)])
 
 
-def _routed_full_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value, idx: ir.Value) -> ir.Value:
+def _routed_full_bias(body: SparseBody, plan: RoutedPlan, bias: ir.Value, q: ir.Value, idx: ir.Value) -> ir.Value:
     """Full bias [Bb, Hb, N, N] → the (query block, chosen key block) tiles [B, H, nb, b, k*b].
 
     Costs a copy of the bias expanded to [B, H, N, N]: a full bias is already that size.
@@ -243,15 +250,228 @@ def _routed_full_bias(body: _Body, plan: RoutedPlan, bias: ir.Value, q: ir.Value
     return body.op("Reshape", [picked, body.ints(0, 0, 0, 0, kk * b)])
 
 
-def _block_bias_max(body: _Body, plan: RoutedPlan, bias: ir.Value, bias_kind: str) -> ir.Value:
+def _block_bias_max(body: SparseBody, plan: RoutedPlan, bias: ir.Value, bias_kind: str) -> ir.Value:
     """Largest (floored) bias per key block: [Bb, Hb, 1, nb] (key bias) or per tile [Bb, Hb, nb, nb] (full)."""
     nb, b = plan.nb, plan.block
     fb = _floor(body, bias)
     if bias_kind == "key":
-        fb = body.pad_tokens(fb, plan.pad, axis_from_end=1, value=float(BIAS_FLOOR))
+        fb = body.pad_tokens(fb, plan.pad, axis_from_end=1, value=body.floor)
         tiles = body.op("Reshape", [fb, body.lead_shape(fb, 1, nb, b)])
         return body.op("ReduceMax", [tiles, body.ints(-1)], {"keepdims": 0})
     if plan.pad:
-        fb = body.op("Pad", [fb, body.ints(0, 0, 0, 0, 0, 0, plan.pad, plan.pad), body.const(BIAS_FLOOR)])
+        fb = body.op("Pad", [fb, body.ints(0, 0, 0, 0, 0, 0, plan.pad, plan.pad), body.const(np.float32(body.floor))])
     tiles = body.op("Reshape", [fb, body.lead_shape(fb, nb, b, nb, b)])
     return body.op("ReduceMax", [tiles, body.ints(3, 5)], {"keepdims": 0})
+
+
+# ---------------------------------------------------------------- sliding_window at a runtime N
+
+
+def dynamic_window_body(body: SparseBody, window: int, causal: bool, num_global: int, block: int, scale: float,
+                        bias_kind: str, inputs: list[ir.Value]) -> ir.Value:
+    """``sliding_window`` for any N, read at run time (the static body's index tables, computed in the graph).
+
+    Query blocks of ``block`` consecutive non-global tokens; block ``t`` reads the global keys and ``S`` keys from
+    ``start_t`` (``S = min(N, roundup16(block + window - 1))``, enough for every window of the block); a
+    per-block additive bias [nb, block, g + S] (0 / -inf) built from the positions keeps each query to its own
+    window. Global queries attend densely (causal: to earlier keys).
+    """
+    q, k, v = inputs[:3]
+    bias = inputs[3] if bias_kind != "none" else None
+    g, w, bq = num_global, window, block
+    span = -(-(bq + w - 1) // 16) * 16
+    n = body.op("Shape", [q], {"start": 2, "end": 3})  # [1]
+    nr = body.op("Sub", [n, body.ints(g)])
+    nb = body.op("Div", [body.op("Add", [nr, body.ints(bq - 1)]), body.ints(bq)])
+    s_len = body.op("Min", [n, body.ints(span)])
+    zero, one = body.const(np.int64(0)), body.const(np.int64(1))
+    t = body.op("Range", [zero, body.op("Squeeze", [nb]), one])  # [nb]
+    # first query of each block and its window start; the key range [start, start + S) covers the block
+    q0 = body.op("Add", [body.op("Mul", [t, body.ints(bq)]), body.ints(g)])
+    lo0 = _window_lo(body, q0, n, w, causal)
+    start = body.op("Max", [body.op("Min", [lo0, body.op("Sub", [n, s_len])]), body.ints(0)])
+    cols = body.op("Range", [zero, body.op("Squeeze", [s_len]), one])  # [S]
+    win = body.op("Add", [body.op("Unsqueeze", [start, body.ints(1)]), body.op("Unsqueeze", [cols, body.ints(0)])])
+    if g:
+        glob = body.op("Expand", [body.const(np.arange(g, dtype=np.int64)[None, :]),
+                                  body.op("Concat", [nb, body.ints(g)], {"axis": 0})])
+        kv_idx = body.op("Concat", [glob, win], {"axis": 1})  # [nb, L]
+    else:
+        kv_idx = win
+    # queries: [nb, bq] relative positions, their absolute (pad rows clamped) and validity
+    q_rel = body.op("Add", [body.op("Unsqueeze", [body.op("Mul", [t, body.ints(bq)]), body.ints(1)]),
+                            body.const(np.arange(bq, dtype=np.int64)[None, :])])
+    q_valid = body.op("Less", [q_rel, nr])
+    q_abs = body.op("Add", [body.op("Min", [q_rel, body.op("Sub", [nr, body.ints(1)])]), body.ints(g)])
+    qa = body.op("Unsqueeze", [q_abs, body.ints(2)])  # [nb, bq, 1]
+    key = body.op("Unsqueeze", [kv_idx, body.ints(1)])  # [nb, 1, L]
+    lo = _window_lo(body, qa, n, w, causal)
+    hi = body.op("Add", [qa, body.ints(1)]) if causal else body.op("Add", [lo, body.op("Min", [n, body.ints(w)])])
+    inside = body.op("And", [body.op("GreaterOrEqual", [key, lo]), body.op("Less", [key, hi])])
+    if g:  # window columns holding a global key are masked (the key has its global column)
+        ncol = body.op("Shape", [kv_idx], {"start": 1, "end": 2})
+        is_glob_col = body.op("Less", [body.op("Range", [zero, body.op("Squeeze", [ncol]), one]), body.ints(g)])
+        window_ok = body.op("And", [inside, body.op("GreaterOrEqual", [key, body.ints(g)])])
+        glob_ok = body.op("LessOrEqual", [key, qa]) if causal else body.op("GreaterOrEqual", [key, body.ints(0)])
+        allowed = body.op("Or", [body.op("And", [is_glob_col, glob_ok]),
+                                 body.op("And", [body.op("Not", [is_glob_col]), window_ok])])
+    else:
+        allowed = inside
+    allowed = body.op("Or", [allowed, body.op("Unsqueeze", [body.op("Not", [q_valid]), body.ints(2)])])
+    sbias = body.op("Where", [allowed, body.const(np.float32(0)), body.const(np.float32(-np.inf))])  # [nb, bq, L]
+
+    qs = body.op("Mul", [q, body.const(np.float32(scale))])
+    qr = body.op("Slice", [qs, body.ints(g), body.ints(INT64_MAX), body.ints(2)]) if g else qs
+    pad = body.op("Sub", [body.op("Mul", [nb, body.ints(bq)]), nr])
+    pads = body.op("Concat", [body.ints(0, 0, 0, 0, 0, 0), pad, body.ints(0)], {"axis": 0})
+    qp = body.op("Pad", [qr, pads])
+    shape5 = body.op("Concat", [body.op("Shape", [q], {"start": 0, "end": 2}), body.ints(-1, bq),
+                                body.op("Shape", [q], {"start": 3})], {"axis": 0})
+    qb = body.op("Reshape", [qp, shape5])  # [B, H, nb, bq, D]
+    kb = body.op("Gather", [k, kv_idx], {"axis": 2})  # [B, H, nb, L, D]
+    vb = body.op("Gather", [v, kv_idx], {"axis": 2})
+    scores = body.op("Add", [body.op("MatMul", [qb, body.t_last(kb, 5)]), sbias])
+    fb = _floor(body, bias) if bias is not None else None
+    if bias_kind == "key":  # [Bb, Hb, 1, N] → [Bb, Hb, 1, nb, L] → [Bb, Hb, nb, 1, L]
+        ub = body.op("Gather", [fb, kv_idx], {"axis": 3})
+        scores = body.op("Add", [scores, body.op("Transpose", [ub], {"perm": [0, 1, 3, 2, 4]})])
+    elif bias_kind == "full":  # flat (query, key) pairs of [Bb, Hb, N, N]
+        flat = body.op("Add", [body.op("Mul", [qa, n]), key])  # [nb, bq, L]
+        fl = body.op("Reshape", [fb, body.lead_shape(fb, -1)])
+        scores = body.op("Add", [scores, body.op("Gather", [fl, flat], {"axis": 2})])
+    ob = body.op("MatMul", [body.op("Softmax", [scores], {"axis": -1}), vb])  # [B, H, nb, bq, Dv]
+    shape4 = body.op("Concat", [body.op("Shape", [q], {"start": 0, "end": 2}), body.ints(-1),
+                                body.op("Shape", [v], {"start": 3})], {"axis": 0})
+    out = body.op("Slice", [body.op("Reshape", [ob, shape4]), body.ints(0), nr, body.ints(2)])
+    if g:
+        sg = body.op("MatMul", [body.op("Slice", [qs, body.ints(0), body.ints(g), body.ints(2)]), body.t_last(k, 4)])
+        if causal:
+            keys = body.op("Range", [zero, body.op("Squeeze", [n]), one])
+            ok = body.op("LessOrEqual", [body.op("Unsqueeze", [keys, body.ints(0)]),
+                                         body.const(np.arange(g, dtype=np.int64)[:, None])])
+            sg = body.op("Add", [sg, body.op("Where", [ok, body.const(np.float32(0)),
+                                                       body.const(np.float32(-np.inf))])])
+        if fb is not None:
+            sg = body.op("Add", [sg, fb if bias_kind == "key" else
+                                 body.op("Slice", [fb, body.ints(0), body.ints(g), body.ints(2)])])
+        rows = body.op("MatMul", [body.op("Softmax", [sg], {"axis": -1}), v])
+        out = body.op("Concat", [rows, out], {"axis": 2})
+    return out
+
+
+def _window_lo(body: SparseBody, pos: ir.Value, n: ir.Value, w: int, causal: bool) -> ir.Value:
+    """First key of the window of query ``pos``: causal ``max(pos - w + 1, 0)``, else NATTEN-clamped."""
+    if causal:
+        return body.op("Max", [body.op("Sub", [pos, body.ints(w - 1)]), body.ints(0)])
+    hi = body.op("Max", [body.op("Sub", [n, body.ints(w)]), body.ints(0)])
+    return body.op("Min", [body.op("Max", [body.op("Sub", [pos, body.ints(w // 2)]), body.ints(0)]), hi])
+
+
+# ---------------------------------------------------------------- block_topk at a runtime N
+
+
+def dynamic_topk_body(body: SparseBody, block: int, topk: int, keep_first: bool, keep_diagonal: bool,
+                      num_global: int, scale: float, bias_kind: str, inputs: list[ir.Value]) -> ir.Value:
+    """``block_topk`` for any N read at run time: the routed body with its block counts, padding, pooling
+    weights, forced blocks and padding-key bias computed in the graph (``nb = ceil(N / block)``)."""
+    q, k, v = inputs[:3]
+    bias = inputs[3] if bias_kind != "none" else None
+    b, g = block, num_global
+    zero, one = body.const(np.int64(0)), body.const(np.int64(1))
+    n = body.op("Shape", [q], {"start": 2, "end": 3})
+    nb = body.op("Div", [body.op("Add", [n, body.ints(b - 1)]), body.ints(b)])
+    pad = body.op("Sub", [body.op("Mul", [nb, body.ints(b)]), n])
+    kk = body.op("Min", [nb, body.ints(topk)])
+    blocks = body.op("Range", [zero, body.op("Squeeze", [nb]), one])  # [nb]
+
+    def pad_axis(x, axis_from_end: int, value: float | None = None):
+        parts = [body.ints(0, 0, 0, 0, 0, 0), pad, body.ints(0)] if axis_from_end == 2 else \
+            [body.ints(0, 0, 0, 0, 0, 0, 0), pad]
+        inputs_ = [x, body.op("Concat", parts, {"axis": 0})]
+        if value is not None:
+            inputs_.append(body.const(np.float32(value)))
+        return body.op("Pad", inputs_)
+
+    def blocked(x):  # [B, H, nb*b, D] → [B, H, nb, b, D]
+        shape = body.op("Concat", [body.ints(0, 0, -1, b), body.op("Shape", [x], {"start": 3})], {"axis": 0})
+        return body.op("Reshape", [x, shape])
+
+    qs = body.op("Mul", [q, body.const(np.float32(scale))])
+    qb = blocked(pad_axis(qs, 2))
+    kp, vp = pad_axis(k, 2), pad_axis(v, 2)
+    # routing: block means over the real tokens
+    counts = body.op("Min", [body.op("Sub", [n, body.op("Mul", [blocks, body.ints(b)])]), body.ints(b)])
+    inv = body.op("Reciprocal", [body.op("CastLike", [body.op("Unsqueeze", [counts, body.ints(1)]), q])])
+    qpool = body.op("Mul", [body.op("ReduceSum", [qb, body.ints(3)], {"keepdims": 0}), inv])
+    kpool = body.op("Mul", [body.op("ReduceSum", [blocked(kp), body.ints(3)], {"keepdims": 0}), inv])
+    route = body.op("MatMul", [qpool, body.t_last(kpool, 4)])  # [B, H, nb, nb]
+    # 0 / -inf per padded key position, [nb, b]
+    pos = body.op("Reshape", [body.op("Range", [zero, body.op("Squeeze", [body.op("Mul", [nb, body.ints(b)])]), one]),
+                              body.op("Concat", [nb, body.ints(b)], {"axis": 0})])
+    key_pad = body.op("Where", [body.op("Less", [pos, n]), body.const(np.float32(0)), body.const(np.float32(-np.inf))])
+    fb = _floor(body, bias) if bias is not None else None
+    if fb is not None:  # a key block's routing score gets its largest bias: fully masked blocks rank last
+        floor = body.floor
+        if bias_kind == "key":
+            tiles = body.op("Reshape", [pad_axis(fb, 1, floor), body.lead_shape(fb, 1, -1, b)])
+            route = body.op("Add", [route, body.op("ReduceMax", [tiles, body.ints(-1)], {"keepdims": 0})])
+        else:
+            full = pad_axis(pad_axis(fb, 1, floor), 2, floor)
+            shape = body.op("Concat", [body.op("Shape", [fb], {"start": 0, "end": 2}), nb, body.ints(b), nb,
+                                       body.ints(b)], {"axis": 0})
+            tiles = body.op("Reshape", [full, shape])
+            route = body.op("Add", [route, body.op("ReduceMax", [tiles, body.ints(3, 5)], {"keepdims": 0})])
+    if keep_first or keep_diagonal:
+        rows, cols = body.op("Unsqueeze", [blocks, body.ints(1)]), body.op("Unsqueeze", [blocks, body.ints(0)])
+        forced = None
+        if keep_first:
+            forced = body.op("Equal", [cols, body.op("Mul", [rows, body.ints(0)])])  # column 0, [nb, nb]
+        if keep_diagonal:
+            diag = body.op("Equal", [rows, cols])
+            forced = diag if forced is None else body.op("Or", [forced, diag])
+        route = body.op("Add", [route, body.op("Where", [forced, body.const(FORCE), body.const(np.float32(0))])])
+    _, idx = body.op_multi_out("TopK", [body.rank(route), kk], {"axis": -1}, num_outputs=2)  # [B, H, nb, k]
+    # flat block index into [B*H*nb, b, D]: idx + (batch*H + head) * nb
+    bh = body.op("ReduceProd", [body.op("Shape", [q], {"start": 0, "end": 2})], {"keepdims": 0})
+    step = body.op("Squeeze", [nb])
+    offs = body.op("Reshape", [body.op("Range", [zero, body.op("Mul", [bh, step]), step]), body.lead_shape(q, 1, 1)])
+    fidx = body.op("Add", [idx, offs])
+
+    def gather_blocks(x, x_pad):  # [B, H, nb, k*b, D]
+        flat = body.op("Reshape", [x_pad, body.tail_shape(x, -1, b)])
+        shape = body.op("Concat", [body.ints(0, 0, 0, -1), body.op("Shape", [x], {"start": 3})], {"axis": 0})
+        return body.op("Reshape", [body.op("Gather", [flat, fidx], {"axis": 0}), shape])
+
+    kg, vg = gather_blocks(k, kp), gather_blocks(v, vp)
+    scores = body.op("MatMul", [qb, body.t_last(kg, 5)])  # [B, H, nb, b, k*b]
+    if bias_kind == "key":  # the chosen blocks' keys, padding keys -inf
+        kb = body.op("Add", [body.op("Reshape", [pad_axis(fb, 1, 0.0), body.lead_shape(fb, -1, b)]), key_pad])
+        kb = body.op("Expand", [kb, body.op("Concat", [body.op("Shape", [q], {"start": 0, "end": 2}), nb,
+                                                        body.ints(b)], {"axis": 0})])
+        kb = body.op("Gather", [body.op("Reshape", [kb, body.ints(-1, b)]), fidx], {"axis": 0})
+        scores = body.op("Add", [scores, body.op("Reshape", [kb, body.ints(0, 0, 0, 1, -1)])])
+    elif bias_kind == "full":  # the (query block, chosen key block) tiles
+        full = pad_axis(pad_axis(fb, 1, 0.0), 2, 0.0)
+        full = body.op("Add", [full, body.op("Reshape", [key_pad, body.ints(1, -1)])])
+        shape = body.op("Concat", [body.op("Shape", [fb], {"start": 0, "end": 2}), nb, body.ints(b), nb,
+                                   body.ints(b)], {"axis": 0})
+        tiles = body.op("Transpose", [body.op("Reshape", [full, shape])], {"perm": [0, 1, 2, 4, 3, 5]})
+        tiles = body.op("Expand", [tiles, body.op("Concat", [body.op("Shape", [q], {"start": 0, "end": 2}), nb, nb,
+                                                             body.ints(b, b)], {"axis": 0})])
+        tiles = body.op("Reshape", [tiles, body.ints(-1, b, b)])
+        step2 = body.op("Mul", [step, step])
+        offs2 = body.op("Reshape", [body.op("Range", [zero, body.op("Mul", [bh, step2]), step2]),
+                                    body.lead_shape(q, 1, 1)])
+        row = body.op("Unsqueeze", [body.op("Mul", [blocks, step]), body.ints(1)])  # [nb, 1]
+        picked = body.op("Gather", [tiles, body.op("Add", [body.op("Add", [idx, offs2]), row])], {"axis": 0})
+        picked = body.op("Transpose", [picked], {"perm": [0, 1, 2, 4, 3, 5]})  # [B, H, nb, b, k, b]
+        scores = body.op("Add", [scores, body.op("Reshape", [picked, body.ints(0, 0, 0, 0, -1)])])
+    else:  # padding keys of the last block
+        extra = body.op("Gather", [key_pad, idx], {"axis": 0})  # [B, H, nb, k, b]
+        scores = body.op("Add", [scores, body.op("Reshape", [extra, body.ints(0, 0, 0, 1, -1)])])
+    ob = body.op("MatMul", [body.op("Softmax", [scores], {"axis": -1}), vg])  # [B, H, nb, b, Dv]
+    shape4 = body.op("Concat", [body.ints(0, 0, -1), body.op("Shape", [v], {"start": 3})], {"axis": 0})
+    out = body.op("Slice", [body.op("Reshape", [ob, shape4]), body.ints(g), n, body.ints(2)])
+    if g:
+        out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, 0, False), out], {"axis": 2})
+    return out

@@ -27,9 +27,11 @@ Masked rows: the bias is clamped to >= -1e30, so a query whose allowed keys are 
 of V over its allowed keys, never NaN. This equals what dense attention gives with HF's finite min mask; a dense
 chain fed a -inf mask gives NaN there, and that NaN then leaks into every row of the next layer through 0·NaN.
 
-The function body (``_sparse_body``) is specialised per attribute set (``overload``), including ``seq_len``: it
-reshapes Q to [B, H, seq_len, -1] first, so a run at another length fails (a reshape or MatMul shape error)
-instead of attending to the wrong keys.
+The function body (``_sparse_body``) is specialised per attribute set, dtype and inputs (``overload``), including
+``seq_len``: the sequence length is static (the bodies gather with index tables built for it). The body reshapes Q
+to [B, H, seq_len, -1] first, so a run at another length fails (a reshape or MatMul shape error) instead of
+attending to the wrong keys. ``SparseAttention.compute`` (numpy oracle and torch eager) accepts any N.
+Float constants are ``CastLike``'d to Q's type; the bias floor is -1e30, or -65504 for float16.
 """
 
 from __future__ import annotations
@@ -40,8 +42,16 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.errors import ConfigError
-from graphprune.ops._base import DOMAIN, OpSchema, flops_rule, overload_key
-from graphprune.ops._sparse_body import FORCE, gathered_body, routed_body
+from graphprune.ops._base import Attr, Body, OpDef, Port, register
+from graphprune.ops._dims import Dim
+from graphprune.ops._sparse_body import (
+    FORCE,
+    SparseBody,
+    dynamic_topk_body,
+    dynamic_window_body,
+    gathered_body,
+    routed_body,
+)
 from graphprune.ops._sparse_plan import (
     GatheredPlan,
     RoutedPlan,
@@ -53,25 +63,8 @@ from graphprune.ops._sparse_plan import (
 OP = "SparseAttention"
 PATTERNS = ("sliding_window", "neighborhood_2d", "block_topk", "block_layout")
 BIAS_KINDS = ("none", "key", "full")
-
-SCHEMA = OpSchema(
-    name=OP,
-    inputs=("Q", "K", "V", "bias?", "layout?"),
-    outputs=("Y",),
-    attributes={
-        "pattern": "sliding_window | neighborhood_2d | block_topk | block_layout",
-        "scale": "float, multiplies Q·Kᵀ",
-        "seq_len": "int, static N the body is built for",
-        "bias": "none | key ([.., 1, N]) | full ([.., N, N])",
-        "window": "int (sliding_window)", "causal": "0/1 (sliding_window)",
-        "num_global": "int: leading global tokens (block_*: global queries only)",
-        "grid": "[h, w] (neighborhood_2d)", "kernel": "int (neighborhood_2d)", "dilation": "int (neighborhood_2d)",
-        "block_size": "query block (sliding_window), tile side (neighborhood_2d), block (block_*)",
-        "topk": "int (block_topk, block_layout)", "keep_diagonal": "0/1 (block_topk)", "keep_first": "0/1 (block_topk)",
-    },
-    shape_rule="Y = [B, H, N, Dv] with B, H, N from Q and Dv from V",
-    doc=__doc__.split("\n\n")[0],
-)
+#: Patterns whose body also follows a runtime N (the others are defined for one N: a grid, a block layout).
+DYNAMIC_PATTERNS = ("sliding_window", "block_topk")
 
 PATTERN_KEYS = {
     "sliding_window": ("window", "causal", "num_global", "block_size"),
@@ -81,42 +74,149 @@ PATTERN_KEYS = {
 }
 _DEFAULTS = {"window": 256, "causal": 0, "num_global": 0, "kernel": 7, "dilation": 1, "block_size": 0, "topk": 8,
              "keep_diagonal": 1, "keep_first": 1}
+_OPTIONAL = tuple(dict.fromkeys(k for keys in PATTERN_KEYS.values() for k in keys))
+
+
+@register
+class SparseAttention(OpDef):
+    name = OP
+    snake = "sparse_attention"
+    doc = (__doc__ or "").split("\n\n")[0]
+    attributes = (
+        Attr("pattern", str, "sliding_window", "attention pattern", choices=PATTERNS),
+        Attr("seq_len", int, 0, "static N the body is built for (0: Q's static length)", min=0),
+        Attr("scale", float, 0.0, "multiplies Q·Kᵀ (0: 1/sqrt(D))"),
+        Attr("bias", str, "none", "none | key ([.., 1, N]) | full ([.., N, N])", choices=BIAS_KINDS),
+        Attr("window", int, None, "keys per query (sliding_window)", min=1),
+        Attr("causal", bool, None, "causal window (sliding_window)"),
+        Attr("num_global", int, None, "leading global tokens (block_*: global queries only)", min=0),
+        Attr("grid", "ints", None, "token grid [h, w] (neighborhood_2d)", min=1),
+        Attr("kernel", int, None, "neighborhood side (neighborhood_2d)", min=1),
+        Attr("dilation", int, None, "neighborhood dilation (neighborhood_2d)", min=1),
+        Attr("block_size", int, None, "query block (sliding_window), tile side (neighborhood_2d), block (block_*)",
+             min=0),
+        Attr("topk", int, None, "key blocks per query block (block_topk, block_layout)", min=1),
+        Attr("keep_diagonal", bool, None, "always keep the diagonal block (block_topk)"),
+        Attr("keep_first", bool, None, "always keep the first block (block_topk)"),
+    )
+    inputs = (Port("Q", ("B", "H", "N", "D")), Port("K", ("B", "H", "N", "D")), Port("V", ("B", "H", "N", "Dv")),
+              Port("attn_bias", None, optional=True, doc="rank 4, broadcastable to [B, H, N, N]"),
+              Port("layout", None, "any", optional=True, doc="[H|1, nb, nb] 0/1 (block_layout)"))
+    outputs = (Port("Y", ("B", "H", "N", "Dv")),)
+
+    @classmethod
+    def check(cls, a: dict) -> dict:
+        pattern, seq_len = a["pattern"], a["seq_len"]
+        for key in _OPTIONAL:
+            if key not in PATTERN_KEYS[pattern]:
+                a[key] = None
+            elif a[key] is None:
+                a[key] = cls.attr(key).check(OP, _DEFAULTS.get(key))
+        if pattern == "neighborhood_2d":
+            if a["grid"] is None or len(a["grid"]) != 2:
+                raise ConfigError("grid: neighborhood_2d needs the token grid [h, w]")
+        if pattern == "block_topk" and a["keep_diagonal"] + a["keep_first"] > a["topk"]:
+            raise ConfigError(f"topk: {a['topk']} is fewer than the blocks always kept (keep_diagonal/keep_first)")
+        if seq_len:
+            if a["num_global"] >= seq_len:
+                raise ConfigError(f"num_global: {a['num_global']} leaves no tokens of the {seq_len} for the pattern")
+            if pattern == "neighborhood_2d" and a["num_global"] + a["grid"][0] * a["grid"][1] != seq_len:
+                raise ConfigError(f"grid: {a['grid']} plus {a['num_global']} prefix tokens != sequence length "
+                                  f"{seq_len}")
+        return a
+
+    @classmethod
+    def shape(cls, a: dict) -> list[tuple]:
+        return [("B", "H", "N", "Dv")]
+
+    @classmethod
+    def constraints(cls, a: dict):
+        if not a["seq_len"]:
+            return []
+        n = Dim.of("N")
+        return [(n, Dim.of(a["seq_len"]), "the body is built for seq_len tokens"),
+                (Dim.of(a["seq_len"]), n, "the body is built for seq_len tokens")]
+
+    @classmethod
+    def flops(cls, shapes, a: dict) -> int:
+        """Executed FLOPs of the pattern (``attention_flops``) at the inputs' batch and heads."""
+        b, h, n, d = shapes[0]
+        dv = shapes[2][3]
+        return attention_flops(_at_length(a, n, d), b, h, d, dv)[0]
+
+    @classmethod
+    def compute(cls, xp, q, k, v, attn_bias=None, layout=None, **a):
+        bias = attn_bias
+        n, d = q.shape[2], q.shape[3]
+        a = _at_length(a, n, d)
+        f64 = xp.float64
+        if a["pattern"] in ("sliding_window", "neighborhood_2d"):
+            allowed = xp.asarray(_allowed_static(a)[None, None], device=_device(q))
+        else:
+            allowed = _allowed_routed(xp, a, q, k, layout, bias)
+            g = a["num_global"]
+            rows = xp.asarray((np.arange(n) < g)[None, None, :, None], device=_device(q))
+            allowed = xp.logical_or(allowed, rows)
+        s = (xp.astype(q, f64) @ xp.permute_dims(xp.astype(k, f64), (0, 1, 3, 2))) * a["scale"]
+        if bias is not None:
+            s = s + xp.maximum(xp.astype(bias, f64), xp.asarray(-1e30, dtype=f64))
+        s = xp.where(allowed, s, xp.asarray(-math.inf, dtype=f64))
+        s = s - xp.max(s, axis=-1, keepdims=True)
+        p = xp.exp(s)
+        p = p / xp.sum(p, axis=-1, keepdims=True)
+        return (xp.astype(p @ xp.astype(v, f64), q.dtype),)
+
+    @classmethod
+    def tape(cls, inputs, dtype: ir.DataType) -> Body:
+        return SparseBody(inputs[0], dtype)
+
+    @classmethod
+    def lower(cls, t: Body, inputs, a: dict, dtype: ir.DataType, static) -> list[ir.Value]:
+        qs = static[0]
+        n = a["seq_len"] or (qs[2] if qs is not None else None)
+        d = qs[3] if qs is not None else None
+        if not a["scale"] and not isinstance(d, int):
+            raise ValueError("SparseAttention: without a scale attribute the body needs a static head size")
+        if not isinstance(n, int):
+            if a["pattern"] not in DYNAMIC_PATTERNS:
+                raise ValueError(f"SparseAttention: pattern {a['pattern']} needs a static sequence length "
+                                 f"(seq_len); {' and '.join(DYNAMIC_PATTERNS)} also run at a dynamic N")
+            a = dict(a, scale=a["scale"] or 1.0 / math.sqrt(d))
+            if a["pattern"] == "sliding_window":
+                return [dynamic_window_body(t, a["window"], bool(a["causal"]), a["num_global"], effective_block(a),
+                                            a["scale"], a["bias"], list(inputs))]
+            return [dynamic_topk_body(t, a["block_size"] or 64, a["topk"], bool(a["keep_first"]),
+                                      bool(a["keep_diagonal"]), a["num_global"], a["scale"], a["bias"], list(inputs))]
+        a = _at_length(a, n, d)
+        plan = _plan(a)
+        ins = [x for x in inputs]
+        if isinstance(plan, GatheredPlan):
+            out = gathered_body(t, plan, a["scale"], a["bias"], ins)
+        else:
+            force = _force(a, plan) if a["pattern"] == "block_topk" else None
+            out = routed_body(t, plan, a["scale"], a["bias"], force, a["pattern"] == "block_layout", ins)
+        return [out]
+
+
+def _device(x):
+    return getattr(x, "device", None) if not isinstance(x, np.ndarray) else None
+
+
+def _at_length(a: dict, n: int, d: int | None) -> dict:
+    """The attributes with ``seq_len`` = n and the default scale resolved (checked again)."""
+    out = dict(a)
+    if out["seq_len"] and out["seq_len"] != n:
+        raise ValueError(f"SparseAttention: built for seq_len {out['seq_len']}, got {n} tokens")
+    out["seq_len"] = n
+    if not out["scale"]:
+        out["scale"] = 1.0 / math.sqrt(d)
+    return SparseAttention.check(out)
 
 
 def normalize(pattern: str, seq_len: int, scale: float, bias: str = "none", **params) -> dict:
     """The full static attribute set of a node: defaults filled in, only the pattern's keys kept, checked."""
-    if pattern not in PATTERNS:
-        raise ConfigError(f"pattern: {pattern!r} is not one of {', '.join(PATTERNS)}")
-    if bias not in BIAS_KINDS:
-        raise ValueError(f"bias kind {bias!r}")
-    out: dict = {"pattern": pattern, "seq_len": int(seq_len), "scale": float(scale), "bias": bias}
-    for key in PATTERN_KEYS[pattern]:
-        val = params.get(key)
-        out[key] = _DEFAULTS.get(key) if val is None else val
-    for key in ("window", "kernel", "dilation", "topk"):
-        if key in out and int(out[key]) < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {out[key]}")
-    for key in ("num_global", "block_size"):
-        if key in out and int(out[key]) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {out[key]}")
-    if out["num_global"] >= seq_len:
-        raise ConfigError(f"num_global: {out['num_global']} leaves no tokens of the {seq_len} for the pattern")
-    if pattern == "neighborhood_2d":
-        grid = out.get("grid")
-        if grid is None:
-            raise ConfigError("grid: neighborhood_2d needs the token grid [h, w]")
-        out["grid"] = [int(grid[0]), int(grid[1])]
-        if out["num_global"] + out["grid"][0] * out["grid"][1] != seq_len:
-            raise ConfigError(f"grid: {out['grid']} plus {out['num_global']} prefix tokens != sequence length {seq_len}")
-    for key in ("causal", "keep_diagonal", "keep_first"):
-        if key in out:
-            out[key] = int(bool(out[key]))
-    for key in ("window", "kernel", "dilation", "topk", "num_global", "block_size"):
-        if key in out:
-            out[key] = int(out[key])
-    if pattern == "block_topk" and out["keep_diagonal"] + out["keep_first"] > out["topk"]:
-        raise ConfigError(f"topk: {out['topk']} is fewer than the blocks always kept (keep_diagonal/keep_first)")
-    return out
+    a = SparseAttention.normalize(pattern=pattern, seq_len=seq_len, scale=scale, bias=bias, **params)
+    return {k: v for k, v in a.items() if v is not None}
 
 
 def _plan(a: dict) -> GatheredPlan | RoutedPlan:
@@ -177,90 +277,79 @@ def _allowed_static(a: dict) -> np.ndarray:
     return allowed
 
 
-def _allowed_routed(a: dict, q: np.ndarray, k: np.ndarray, layout: np.ndarray | None,
-                    bias: np.ndarray | None) -> np.ndarray:
+def _allowed_routed(xp, a: dict, q, k, layout, bias):
     """[B, H, N, N] bool: each query block's chosen key blocks, expanded to tokens."""
     bsz, heads, n, _ = q.shape
+    dev = _device(q)
+    f64 = xp.float64
     b = max(1, min(a["block_size"] or 64, n))
     nb = -(-n // b)
-    blk = np.arange(n) // b
+    blk = xp.asarray(np.arange(n) // b, device=dev)
     if a["pattern"] == "block_layout":
-        lay = np.broadcast_to(np.asarray(layout) > 0, (heads, nb, nb))
-        chosen = np.broadcast_to(lay, (bsz, heads, nb, nb))
+        lay = xp.asarray(layout, device=dev) > 0
+        chosen = xp.broadcast_to(lay, (bsz, heads, nb, nb))
     else:
         kk = min(a["topk"], nb)
-        qm = np.stack([q[:, :, blk == t].mean(axis=2) for t in range(nb)], axis=2)
-        km = np.stack([k[:, :, blk == t].mean(axis=2) for t in range(nb)], axis=2)
-        score = (qm @ np.swapaxes(km, -1, -2)).astype(np.float64) * a["scale"]
+        pad = nb * b - n
+
+        def block_means(x):  # [B, H, nb, D], the mean over each block's real tokens
+            x = xp.astype(x, f64)
+            x = xp.concat([x, xp.zeros((bsz, heads, pad, x.shape[3]), dtype=f64, device=dev)], axis=2)
+            counts = np.minimum(b, n - np.arange(nb) * b).astype(np.float64)
+            return xp.sum(xp.reshape(x, (bsz, heads, nb, b, x.shape[3])), axis=3) / xp.asarray(
+                counts[:, None], device=dev)
+
+        score = (block_means(q) @ xp.permute_dims(block_means(k), (0, 1, 3, 2))) * a["scale"]
         forced = np.zeros((nb, nb), dtype=bool)
         if a["keep_first"]:
             forced[:, 0] = True
         if a["keep_diagonal"]:
             forced[np.arange(nb), np.arange(nb)] = True
         if bias is not None:  # largest floored bias of each (query block, key block) tile
-            fb = np.broadcast_to(np.maximum(bias, -1e30), (bsz, heads, n, n))
-            pad = nb * b - n
-            fb = np.pad(fb, ((0, 0), (0, 0), (0, pad), (0, pad)), constant_values=-1e30)
-            tile_max = fb.reshape(bsz, heads, nb, b, nb, b).max(axis=(3, 5))
+            floor = xp.asarray(-1e30, dtype=f64)
+            fb = xp.broadcast_to(xp.maximum(xp.astype(bias, f64), floor), (bsz, heads, n, n))
+            if pad:
+                fb = xp.concat([fb, xp.full((bsz, heads, pad, n), -1e30, dtype=f64, device=dev)], axis=2)
+                fb = xp.concat([fb, xp.full((bsz, heads, nb * b, pad), -1e30, dtype=f64, device=dev)], axis=3)
+            tile_max = xp.max(xp.reshape(fb, (bsz, heads, nb, b, nb, b)), axis=(3, 5))
             if bias.shape[2] == 1:  # a key bias is the same for every query block (padded query rows aside)
-                tile_max = np.broadcast_to(tile_max[:, :, :1], tile_max.shape)
+                tile_max = xp.broadcast_to(tile_max[:, :, :1], tile_max.shape)
             score = score + tile_max
-        score = np.where(forced, np.inf, score)
-        order = np.argsort(-score, axis=-1, kind="stable")[..., :kk]
-        chosen = np.zeros((bsz, heads, nb, nb), dtype=bool)
-        np.put_along_axis(chosen, order, True, axis=-1)
-    return chosen[:, :, blk][:, :, :, blk]
+        score = xp.where(xp.asarray(forced, device=dev), xp.asarray(math.inf, dtype=f64), score)
+        order = xp.argsort(score, axis=-1, descending=True, stable=True)[..., :kk]
+        chosen = xp.any(order[..., :, None] == xp.arange(nb, device=dev), axis=-2)
+    return xp.take(xp.take(chosen, blk, axis=2), blk, axis=3)
+
+
+# ---------------------------------------------------------------- the node, its body, its cost
 
 
 def reference(q, k, v, bias=None, layout=None, **attrs) -> np.ndarray:
-    """Dense attention restricted to the pattern's allowed set, in numpy (float64 accumulation)."""
-    n = q.shape[2]
-    a = normalize(seq_len=n, **({"scale": 1.0 / math.sqrt(q.shape[-1])} | attrs))
-    if a["pattern"] in ("sliding_window", "neighborhood_2d"):
-        allowed = _allowed_static(a)[None, None]
-    else:
-        allowed = _allowed_routed(a, q, k, layout, bias).copy()
-        allowed[:, :, : a["num_global"]] = True
-    s = (q.astype(np.float64) @ np.swapaxes(k.astype(np.float64), -1, -2)) * a["scale"]
-    if bias is not None:
-        s = s + np.maximum(bias.astype(np.float64), -1e30)
-    s = np.where(allowed, s, -np.inf)
-    s = s - s.max(axis=-1, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(axis=-1, keepdims=True)
-    return (p @ v.astype(np.float64)).astype(np.float32)
+    """Numpy oracle: dense attention restricted to the pattern's allowed set (float64 accumulation)."""
+    return SparseAttention.reference(q, k, v, bias, layout, **attrs)[0]
 
 
-# ---------------------------------------------------------------- ONNX function and node
-
-
-def make_function(attrs: dict, layout_input: bool = False, opset: int = 18) -> ir.Function:
-    """The standard-op body for one normalized attribute set (``normalize``).
-
-    ``opset`` (>= 18) is the default-domain opset the body imports; it must equal the model's (ONNX checker).
-    """
+def make_function(attrs: dict, layout_input: bool = False, opset: int = 18,
+                  dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Function:
+    """The standard-op body for one attribute set (``normalize``); ``opset`` (>= 18) must equal the model's."""
     if opset < 18:
         raise ValueError(f"the SparseAttention body needs opset >= 18, the model imports {opset}")
-    a = attrs
-    names = ["Q", "K", "V"] + (["bias"] if a["bias"] != "none" or layout_input else []) + (["layout"] if layout_input else [])
-    inputs = [ir.Value(name=nm) for nm in names]
-    plan = _plan(a)
-    if isinstance(plan, GatheredPlan):
-        body, out = gathered_body(plan, a["scale"], a["bias"], inputs)
-    else:
-        force = _force(a, plan) if a["pattern"] == "block_topk" else None
-        body, out = routed_body(plan, a["scale"], a["bias"], force, a["pattern"] == "block_layout", inputs)
-    out.name = "Y"
-    graph = ir.Graph(inputs, [out], nodes=body.nodes, opset_imports={"": opset}, name=OP)
-    return ir.Function(DOMAIN, OP, _overload(a), graph=graph, attributes=_node_attrs(a))
+    present = (True, True, True, attrs.get("bias", "none") != "none" or layout_input, layout_input)
+    return SparseAttention.make_function(dtype=dtype, present=present, opset=opset, **attrs)
 
 
-def _overload(a: dict) -> str:
-    return f"{a['pattern']}_{overload_key(a)}"
+def make_node(q: ir.Value, k: ir.Value, v: ir.Value, attrs: dict, bias: ir.Value | None = None,
+              layout: ir.Value | None = None, name: str | None = None, opset: int = 18) -> tuple[ir.Node, ir.Function]:
+    """A SparseAttention node and its function body (register the body with ``add_function``)."""
+    if opset < 18:
+        raise ValueError(f"the SparseAttention body needs opset >= 18, the model imports {opset}")
+    node = SparseAttention.make_node(q, k, v, bias, layout, name=name, **attrs)
+    return node, SparseAttention.function_for(node, opset=opset)
 
 
-def _node_attrs(a: dict) -> list[ir.Attr]:
-    return [ir.convenience.convert_attribute(k, v) for k, v in sorted(a.items())]
+def attrs_of(node: ir.Node) -> dict:
+    """A node's attributes (the pattern's keys only)."""
+    return {k: v for k, v in SparseAttention.attrs_of(node).items() if v is not None}
 
 
 def bias_kind(bias: ir.Value | None, seq_len: int) -> str:
@@ -275,23 +364,6 @@ def bias_kind(bias: ir.Value | None, seq_len: int) -> str:
     if shape[2] == seq_len:
         return "full"
     raise ValueError(f"bias {bias.name!r} query dim {shape[2]} is neither 1 nor {seq_len}")
-
-
-def make_node(q: ir.Value, k: ir.Value, v: ir.Value, attrs: dict, bias: ir.Value | None = None,
-              layout: ir.Value | None = None, name: str | None = None, opset: int = 18) -> tuple[ir.Node, ir.Function]:
-    """A SparseAttention node and its function body (register the body with ``add_function``)."""
-    inputs = [q, k, v] + ([bias] if bias is not None or layout is not None else []) + ([layout] if layout is not None else [])
-    fn = make_function(attrs, layout_input=layout is not None, opset=opset)
-    node = ir.Node(DOMAIN, OP, inputs, _node_attrs(attrs), overload=fn.overload, name=name, num_outputs=1)
-    return node, fn
-
-
-def attrs_of(node: ir.Node) -> dict:
-    out = {}
-    for key, attr in node.attributes.items():
-        val = attr.value
-        out[key] = list(val) if isinstance(val, (tuple, list)) or (hasattr(val, "__iter__") and not isinstance(val, str)) else val
-    return out
 
 
 def scores_per_head(attrs: dict) -> int:
@@ -318,12 +390,3 @@ def attention_flops(attrs: dict, batch: int, heads: int, head_dim: int, v_dim: i
         plan = _plan(attrs)
         executed += 2 * plan.nb * plan.nb * head_dim + 2 * n * head_dim  # routing
     return batch * heads * executed, batch * heads * n * n * per
-
-
-@flops_rule(OP)
-def flops(node: ir.Node) -> int:
-    """Executed FLOPs of a SparseAttention node (symbolic batch counts as 1)."""
-    q, v = node.inputs[0], node.inputs[2]
-    dims = [d if isinstance(d, int) else 1 for d in (q.shape or [1, 1, 1, 1])]
-    dv = v.shape[-1] if v.shape is not None and isinstance(v.shape[-1], int) else dims[-1]
-    return attention_flops(attrs_of(node), dims[0], dims[1], dims[-1], dv)[0]

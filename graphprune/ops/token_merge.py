@@ -1,9 +1,9 @@
 """``ai.graphprune::TokenMerge``: ToMe bipartite soft matching, scatter-free.
 
-Semantics (``reference`` is the definition), for ``x [B, N, C]``, ``metric [B, N, D]``, ``size [B, N, 1]``:
+Semantics (``TokenMerge.compute`` is the definition), for ``x [B, N, C]``, ``metric [B, N, D]``, ``size [B, N, 1]``:
   1. the first ``protect`` tokens pass through unchanged (never merged), first;
-  2. the other tokens alternate into set A (even offsets) and set B (odd offsets);
-     ``r`` is clamped to ``|A|``;
+  2. the other ``M = N - protect`` tokens alternate into set A (even offsets, ``ceil(M/2)`` tokens) and set B
+     (odd offsets, ``floor(M/2)``); ``r`` is clamped to ``|A|``; ``M >= 2``;
   3. cosine similarity of A to B on ``metric``; each A token's best B match (``ArgMax``, first on ties) and
      its similarity; the ``r`` A tokens with the highest similarity (``TopK`` order) merge into their match;
   4. a merged B token is the size-weighted mean ``(x_b·s_b + Σ x_a·s_a) / (s_b + Σ s_a)``, its size the sum;
@@ -11,7 +11,7 @@ Semantics (``reference`` is the definition), for ``x [B, N, C]``, ``metric [B, N
      merged token sits where its B token was. At ``r = 0`` the op is the identity.
 ``size`` is optional (all ones when absent). Outputs: ``y [B, N - r, C]``, ``size_out [B, N - r, 1]``,
 ``indices [B, N - r]`` (int64): each output token's representative input position (itself, or the B token
-that absorbed merges), used to carry per-token attention masks along.
+that absorbed merges), used to carry per-token attention masks along. Any ``N`` (dynamic) is accepted.
 Following blocks use proportional attention: ``log(size_out)`` is added to their attention logits (the pass
 does that; it is not part of this op).
 
@@ -25,162 +25,155 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.ops._base import DOMAIN, OpSchema, flops_rule, overload_key
-from graphprune.ops._token_body import Body, build_function, node_attrs
+from graphprune.ops._base import INT64_MAX, Attr, Body, OpDef, Port, register
+from graphprune.ops._dims import Dim, cdiv, dmin
 
 OP = "TokenMerge"
 
-SCHEMA = OpSchema(
-    name=OP,
-    inputs=("x [B, N, C]", "metric [B, N, D]", "size [B, N, 1] (optional)"),
-    outputs=("y [B, N - r, C]", "size_out [B, N - r, 1]", "indices [B, N - r] int64"),
-    attributes={"r": "int, tokens merged (clamped to the size of set A)", "protect": "int, prefix tokens never merged",
-                "has_size": "int 0/1, whether the size input is given", "n": "int, input token count the body is specialised to (0: any)"},
-    shape_rule="y[1] = N - min(r, ceil((N - protect) / 2))",
-    doc=__doc__ or "",
-)
+
+@register
+class TokenMerge(OpDef):
+    name = OP
+    snake = "token_merge"
+    doc = __doc__ or ""
+    attributes = (
+        Attr("r", int, 0, "tokens merged (clamped to the size of set A)", min=0),
+        Attr("protect", int, 0, "prefix tokens never merged", min=0),
+    )
+    inputs = (Port("x", ("B", "N", "C")), Port("metric", ("B", "N", "D")),
+              Port("size", ("B", "N", 1), optional=True, doc="token sizes (ones when absent)"))
+    outputs = (Port("y", ("B", "N_out", "C")), Port("size_out", ("B", "N_out", 1)),
+               Port("indices", ("B", "N_out"), "int64"))
+
+    @classmethod
+    def merged(cls, n, a: dict) -> Dim:
+        """Tokens removed for ``n`` input tokens."""
+        return dmin(a["r"], cdiv(Dim.of(n) - a["protect"], 2))
+
+    @classmethod
+    def shape(cls, a: dict) -> list[tuple]:
+        out = Dim.of("N") - cls.merged("N", a)
+        return [("B", out, "C"), ("B", out, 1), ("B", out)]
+
+    @classmethod
+    def constraints(cls, a: dict):
+        return [(Dim.of("N"), Dim.of(a["protect"] + 2), "needs two tokens after the protected prefix")]
+
+    @classmethod
+    def flops(cls, shapes, a: dict) -> int:
+        """Similarity (2·B·|A|·|B|·D), weighting/merging (4·B·N·C + 2·B·|B|·r·(C+1)), normalisation (3·B·N·D)."""
+        b, n, c = shapes[0]
+        d = shapes[1][2]
+        m = n - a["protect"]
+        na, nb = (m + 1) // 2, m // 2
+        r = cls.merged(n, a).static
+        return 2 * b * na * nb * d + 4 * b * n * c + 2 * b * nb * r * (c + 1) + 3 * b * n * d
+
+    @classmethod
+    def compute(cls, xp, x, metric, size=None, **a):
+        b, n, c = x.shape
+        p = a["protect"]
+        f64 = xp.float64
+        if size is None:
+            size = xp.ones((b, n, 1), dtype=x.dtype)
+        r = cls.merged(n, a).static
+        nb = (n - p) // 2
+        rest, srest = xp.astype(x[:, p:], f64), xp.astype(size[:, p:], f64)
+        mr = xp.astype(metric[:, p:], f64)
+        mr = mr / xp.sqrt(xp.sum(mr * mr, axis=-1, keepdims=True))
+        ma, mb = mr[:, 0::2], mr[:, 1::2]
+        sim = ma @ xp.permute_dims(mb, (0, 2, 1))  # [B, |A|, |B|]
+        best, match = xp.max(sim, axis=2), xp.argmax(sim, axis=2)
+        order = xp.argsort(best, axis=1, descending=True, stable=True)
+        src, unm = order[:, :r], xp.sort(order[:, r:], axis=1)
+        dst = xp.take_along_axis(match, src, axis=1)  # [B, r]
+        xs = xp.concat([rest * srest, srest], axis=2)  # (x·s, s) travel together
+        xa, xb = xs[:, 0::2], xs[:, 1::2]
+
+        def rows(v, idx):
+            return xp.take_along_axis(v, xp.broadcast_to(idx[:, :, None], (b, idx.shape[1], v.shape[2])), axis=1)
+
+        hot = xp.astype(dst[:, None, :] == xp.arange(nb)[None, :, None], f64)  # [B, |B|, r]
+        b_new = xb + hot @ rows(xa, src)
+        parts = [rows(xa, unm), b_new]
+        pos_parts = [2 * xp.astype(unm, xp.int64) + p,
+                     xp.broadcast_to(xp.arange(nb, dtype=xp.int64)[None, :] * 2 + 1 + p, (b, nb))]
+        if p:
+            head = xp.astype(x[:, :p], f64)
+            parts.insert(0, xp.concat([head * xp.astype(size[:, :p], f64), xp.astype(size[:, :p], f64)], axis=2))
+            pos_parts.insert(0, xp.broadcast_to(xp.arange(p, dtype=xp.int64)[None, :], (b, p)))
+        merged, rep = xp.concat(parts, axis=1), xp.concat(pos_parts, axis=1)
+        perm = xp.argsort(rep, axis=1, stable=True)
+        merged, ids = rows(merged, perm), xp.take_along_axis(rep, perm, axis=1)
+        s_out = merged[:, :, c:]
+        return xp.astype(merged[:, :, :c] / s_out, x.dtype), xp.astype(s_out, x.dtype), ids
+
+    @classmethod
+    def lower(cls, t: Body, inputs, a: dict, dtype: ir.DataType, static) -> list[ir.Value]:
+        x, metric, size = inputs
+        p = a["protect"]
+        env = t.dims(cls, inputs, static)
+        m = Dim.of("N") - p
+        na, nb = t.count(cdiv(m, 2), env), t.count(m // 2, env)
+        rr = t.count(cls.merged("N", a), env)
+        n_unm = t.count(cdiv(m, 2) - cls.merged("N", a), env)
+        n_out = t.count(Dim.of("N") - cls.merged("N", a), env)
+        if size is None:  # ones [B, N, 1], built by broadcasting so that shape inference keeps B and N
+            size = t.op("Add", [t.op("Mul", [t.slice(x, 0, 1, 2), t.lit(0.0, x)]), t.lit(1.0, x)])
+        xs = t.op("Concat", [t.op("Mul", [x, size]), size], {"axis": 2})  # [B, N, C+1] holding (x·s, s)
+        rest = t.slice_tokens(xs, p) if p else xs
+        mrest = t.slice_tokens(metric, p) if p else metric
+        mrest = t.op("Div", [mrest, t.op("ReduceL2", [mrest, t.ints(-1)], {"keepdims": 1})])
+
+        def every_other(v, start):
+            return t.op("Slice", [v, t.ints(start), t.ints(INT64_MAX), t.ints(1), t.ints(2)])
+
+        xa, xb = every_other(rest, 0), every_other(rest, 1)
+        ma, mb = every_other(mrest, 0), every_other(mrest, 1)
+        sim = t.op("MatMul", [ma, t.op("Transpose", [mb], {"perm": [0, 2, 1]})])
+        best = t.op("ReduceMax", [sim, t.ints(2)], {"keepdims": 0})
+        match = t.op("ArgMax", [sim], {"axis": 2, "keepdims": 0})
+        _, order = t.op_multi_out("TopK", [t.rank(best), t.value(na)], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)
+        src = t.slice(order, 0, t.value(rr), 1)
+        unm = t.slice(order, t.value(rr), INT64_MAX, 1)
+        unm, _ = t.op_multi_out("TopK", [unm, t.value(n_unm)], {"axis": 1, "largest": 0, "sorted": 1}, num_outputs=2)
+        dst = t.op("GatherElements", [match, src], {"axis": 1})  # [B, r]
+
+        def rows(v, idx):  # v[b, idx[b, j], :]
+            return t.op("GatherND", [v, t.op("Unsqueeze", [idx, t.ints(2)])], {"batch_dims": 1})
+
+        hot = t.one_hot(dst, t.scalar(nb), [0.0, 1.0], axis=1)  # [B, |B|, r]
+        b_new = t.op("Add", [xb, t.op("MatMul", [hot, rows(xa, src)])])
+        parts = [rows(xa, unm), b_new]
+        if p:
+            parts.insert(0, t.slice(xs, 0, p, 1))
+        merged = t.op("Concat", parts, {"axis": 1})  # [B, N-r, C+1]
+        # representative positions: prefix, 2·unm + protect, then 2·j + 1 + protect for every B token
+        b_pos = t.op("Range", [t.const(0, np.int64), t.scalar(nb), t.const(1, np.int64)])
+        b_pos = t.op("Add", [t.op("Mul", [b_pos, t.ints(2)]), t.ints(1 + p)])
+        zero = t.op("Mul", [t.slice(match, 0, 1, 1), t.const(0, np.int64)])  # [B, 1]
+        b_pos = t.op("Add", [zero, t.op("Unsqueeze", [b_pos, t.ints(0)])])  # [B, |B|] by broadcasting
+        ids = [t.op("Add", [t.op("Mul", [unm, t.ints(2)]), t.ints(p)]), b_pos]
+        if p:
+            ids.insert(0, t.op("Add", [zero, t.const(np.arange(p, dtype=np.int64)[None, :])]))
+        ids = t.op("Concat", ids, {"axis": 1})
+        idx, perm = t.op_multi_out("TopK", [ids, t.value(n_out)], {"axis": 1, "largest": 0, "sorted": 1},
+                                   num_outputs=2)
+        merged = rows(merged, perm)  # back to the original token order
+        s_out = t.slice(merged, -1, INT64_MAX, 2)
+        y = t.op("Div", [t.slice(merged, 0, -1, 2), s_out])
+        return [y, s_out, idx]
 
 
 def merged_count(n: int, protect: int, r: int) -> int:
-    """Tokens removed for ``n`` input tokens."""
-    return max(0, min(r, (n - protect + 1) // 2))
+    """Tokens removed for ``n`` input tokens (the op's shape rule, evaluated)."""
+    return TokenMerge.merged(n, TokenMerge.normalize(r=r, protect=protect)).static
 
 
-def reference(x: np.ndarray, metric: np.ndarray, size: np.ndarray | None = None, r: int = 0,
-              protect: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Numpy definition of TokenMerge; returns ``(y, size_out, indices)``."""
-    b, n, c = x.shape
-    if size is None:
-        size = np.ones((b, n, 1), dtype=x.dtype)
-    r = merged_count(n, protect, r)
-    rest, srest, mrest = x[:, protect:], size[:, protect:], metric[:, protect:].astype(np.float64)
-    mrest = mrest / np.linalg.norm(mrest, axis=-1, keepdims=True)
-    ma, mb = mrest[:, 0::2], mrest[:, 1::2]
-    xa, xb, sa, sb = rest[:, 0::2], rest[:, 1::2], srest[:, 0::2], srest[:, 1::2]
-    ys, ss, ids = [], [], []
-    pos = np.arange(n - protect) + protect
-    pa, pb = pos[0::2], pos[1::2]
-    for i in range(b):
-        sim = ma[i] @ mb[i].T
-        best, match = sim.max(axis=1), sim.argmax(axis=1)
-        order = np.argsort(-best, kind="stable")
-        src, unm = order[:r], np.sort(order[r:])
-        acc = xb[i].astype(np.float64) * sb[i]
-        acc_s = sb[i].astype(np.float64).copy()
-        for a in src:
-            acc[match[a]] += xa[i, a] * sa[i, a]
-            acc_s[match[a]] += sa[i, a]
-        rep = np.concatenate([np.arange(protect), pa[unm], pb]).astype(np.int64)
-        perm = np.argsort(rep, kind="stable")
-        ys.append(np.concatenate([x[i, :protect], xa[i, unm], (acc / acc_s).astype(x.dtype)], axis=0)[perm])
-        ss.append(np.concatenate([size[i, :protect], sa[i, unm], acc_s.astype(x.dtype)], axis=0)[perm])
-        ids.append(rep[perm])
-    return np.stack(ys), np.stack(ss), np.stack(ids)
+def reference(x: np.ndarray, metric: np.ndarray, size: np.ndarray | None = None, **attrs):
+    """Numpy oracle; returns ``(y, size_out, indices)``."""
+    return TokenMerge.reference(x, metric, size, **attrs)
 
 
-def _batched_gather(t: Body, data: ir.Value, idx: ir.Value) -> ir.Value:
-    """``data[b, idx[b, j], :]`` for [B, N, C] data and [B, K] indices (GatherND, batch_dims=1)."""
-    return t.op("GatherND", [data, t.op("Unsqueeze", [idx, t.ints(2)])], {"batch_dims": 1})
-
-
-def _attrs(r: int, protect: int, has_size: bool, n: int) -> dict:
-    return {"r": int(r), "protect": int(protect), "has_size": int(bool(has_size)), "n": int(n)}
-
-
-def make_function(r: int, protect: int = 0, has_size: bool = True, n: int = 0) -> ir.Function:
-    """The standard-op body for one ``(r, protect, has_size, n)``.
-
-    ``n > 0`` specialises the body to ``n`` input tokens: the set sizes become constants, so ONNX shape
-    inference (and FLOPs counting) sees static token counts. ``n = 0`` works for any ``N``.
-    """
-    attrs = _attrs(r, protect, has_size, n)
-    t = Body()
-    x, metric, size = ir.Value(name="x"), ir.Value(name="metric"), ir.Value(name="size")
-    if not has_size:
-        # ones [B, N, 1], built by broadcasting so that shape inference keeps B and N
-        size = t.op("Add", [t.op("Mul", [t.op("Slice", [x, t.ints(0), t.ints(1), t.ints(2)]), t.const(np.float32(0.0))]),
-                            t.const(np.float32(1.0))])
-    # values and sizes travel together: [B, N, C+1] holding (x·s, s)
-    xs = t.op("Concat", [t.op("Mul", [x, size]), size], {"axis": 2})
-    big = np.iinfo(np.int64).max
-    rest = t.slice_tokens(xs, protect) if protect else xs
-    mrest = t.slice_tokens(metric, protect) if protect else metric
-    mrest = t.op("Div", [mrest, t.op("ReduceL2", [mrest, t.ints(-1)], {"keepdims": 1})])
-    a = t.op("Slice", [rest, t.ints(0), t.ints(big), t.ints(1), t.ints(2)])
-    bb = t.op("Slice", [rest, t.ints(1), t.ints(big), t.ints(1), t.ints(2)])
-    ma = t.op("Slice", [mrest, t.ints(0), t.ints(big), t.ints(1), t.ints(2)])
-    mb = t.op("Slice", [mrest, t.ints(1), t.ints(big), t.ints(1), t.ints(2)])
-    sim = t.op("MatMul", [ma, t.op("Transpose", [mb], {"perm": [0, 2, 1]})])
-    best = t.op("ReduceMax", [sim, t.ints(2)], {"keepdims": 0})
-    match = t.op("ArgMax", [sim], {"axis": 2, "keepdims": 0})
-    if n > 0:
-        na_, nb_ = (n - protect + 1) // 2, (n - protect) // 2
-        na, nb = t.ints(na_), t.ints(nb_)
-    else:
-        na = t.dim(t.op("Shape", [a]), 1)
-        nb = t.dim(t.op("Shape", [bb]), 1)
-    _, order = t.op_multi_out("TopK", [best, na], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)
-    rr = t.ints(min(r, na_)) if n > 0 else t.op("Min", [t.ints(r), na])
-    src = t.op("Slice", [order, t.ints(0), rr, t.ints(1)])
-    unm = t.op("Slice", [order, rr, t.ints(big), t.ints(1)])
-    n_unm = t.ints(na_ - min(r, na_)) if n > 0 else t.op("Sub", [na, rr])
-    unm, _ = t.op_multi_out("TopK", [unm, n_unm], {"axis": 1, "largest": 0, "sorted": 1},
-                            num_outputs=2)
-    dst = t.op("GatherElements", [match, src], {"axis": 1})  # [B, r]
-    a_src = _batched_gather(t, a, src)  # [B, r, C+1]
-    a_unm = _batched_gather(t, a, unm)
-    hot = t.op("OneHot", [dst, t.const(np.int64(nb_)) if n > 0 else t.op("Squeeze", [nb]), t.const([0.0, 1.0], np.float32)], {"axis": 1})  # [B, |B|, r]
-    b_new = t.op("Add", [bb, t.op("MatMul", [hot, a_src])])
-    parts = [a_unm, b_new]
-    if protect:
-        parts.insert(0, t.op("Slice", [xs, t.ints(0), t.ints(protect), t.ints(1)]))
-    merged = t.op("Concat", parts, {"axis": 1})  # [B, N-r, C+1]
-    # representative positions: prefix, 2·unm + protect, then 2·j + 1 + protect for every B token
-    if n > 0:
-        b_pos = t.const(np.arange(nb_, dtype=np.int64) * 2 + 1 + protect)
-    else:
-        b_pos = t.op("Range", [t.const(0, np.int64), t.op("Squeeze", [nb]), t.const(1, np.int64)])
-        b_pos = t.op("Add", [t.op("Mul", [b_pos, t.ints(2)]), t.ints(1 + protect)])
-    zero = t.op("Mul", [t.op("Slice", [match, t.ints(0), t.ints(1), t.ints(1)]), t.const(0, np.int64)])  # [B, 1]
-    b_pos = t.op("Add", [zero, t.op("Unsqueeze", [b_pos, t.ints(0)])])  # [B, |B|] by broadcasting
-    ids = [t.op("Add", [t.op("Mul", [unm, t.ints(2)]), t.ints(protect)]), b_pos]
-    if protect:
-        ids.insert(0, t.op("Add", [zero, t.const(np.arange(protect, dtype=np.int64)[None, :])]))
-    ids = t.op("Concat", ids, {"axis": 1})
-    nout = t.ints(n - min(r, na_)) if n > 0 else t.dim(t.op("Shape", [ids]), 1)
-    idx, perm = t.op_multi_out("TopK", [ids, nout], {"axis": 1, "largest": 0, "sorted": 1}, num_outputs=2)
-    merged = _batched_gather(t, merged, perm)  # back to the original token order
-    s_out = t.op("Slice", [merged, t.ints(-1), t.ints(big), t.ints(2)])
-    y = t.op("Div", [t.op("Slice", [merged, t.ints(0), t.ints(-1), t.ints(2)]), s_out])
-    y.name = "y"
-    s_out = t.op("Identity", [s_out])
-    s_out.name = "size_out"
-    idx = t.op("Identity", [idx])
-    idx.name = "indices"
-    inputs = [x, metric, size] if has_size else [x, metric]
-    return build_function(t, OP, overload_key(attrs), inputs, [y, s_out, idx], attrs)
-
-
-def make_node(x: ir.Value, metric: ir.Value, size: ir.Value | None = None, *, r: int, protect: int = 0, n: int = 0,
-              name: str | None = None) -> ir.Node:
-    """A TokenMerge node (outputs ``y``, ``size_out``, ``indices``); pair it with ``make_function(r, protect, size is not None, n)``."""
-    attrs = _attrs(r, protect, size is not None, n)
-    inputs = [x, metric] + ([size] if size is not None else [])
-    return ir.Node(DOMAIN, OP, inputs, node_attrs(attrs), overload=overload_key(attrs), num_outputs=3, name=name)
-
-
-def _int(d) -> int:
-    return d if isinstance(d, int) else 1
-
-
-@flops_rule(OP)
-def flops(node: ir.Node) -> int:
-    """Similarity (2·B·(N/2)²·D), weighting/merging (2·B·N·C + 2·B·(N/2)·r·C), normalisation."""
-    xs, ms = node.inputs[0].shape, node.inputs[1].shape
-    if xs is None or ms is None or len(xs) != 3 or len(ms) != 3:
-        return 0
-    b, n, c = (_int(d) for d in xs)
-    d = _int(ms[2])
-    r = node.attributes.get_int("r", 0)
-    half = (n + 1) // 2
-    return 2 * b * half * half * d + 4 * b * n * c + 2 * b * half * r * (c + 1) + 3 * b * n * d
+make_node = TokenMerge.make_node
+make_function = TokenMerge.make_function

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from graphprune._ir import additive_mask
 from graphprune.analysis.attention import AttentionBlock
-from graphprune.ops._token_body import INT64_MAX, Body
+from graphprune.ops._base import INT64_MAX, Body
 from graphprune.passes.base import Skip
 
 

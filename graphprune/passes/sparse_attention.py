@@ -302,7 +302,7 @@ class _Rewriter:
                                 opset=self.opset)
         out = self._insert(anchor, node)
         out.shape = ir.Shape([q.shape[0], len(head_ids), attrs["seq_len"], v.shape[-1]])
-        out.type = ir.TensorType(ir.DataType.FLOAT)
+        out.type = ir.TensorType(q.dtype or ir.DataType.FLOAT)
         add_function(self.model, fn)
         dv = v.shape[-1] if isinstance(v.shape[-1], int) else blk.head_dim
         executed, dense = op.attention_flops(attrs, 1, len(head_ids), blk.head_dim, dv)

@@ -43,8 +43,8 @@ import pydantic
 from graphprune._ir import additive_mask, infer_shapes
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
 from graphprune.errors import ConfigError
-from graphprune.ops import add_function, diversity_select, token_merge, token_select
-from graphprune.ops._token_body import Body
+from graphprune.ops import add_node_function, diversity_select, token_merge, token_select
+from graphprune.ops._base import Body
 from graphprune.passes import _token_rewire as rewire
 from graphprune.passes import _token_schedule as sched
 from graphprune.passes import _token_scores as scores
@@ -282,8 +282,8 @@ class TokenDropPass(GraphPass):
         plan = rewire.plan_retarget(model.graph, stream, n_cur, n_new, _model_dims(blocks))
         if cfg.method == "diversity":
             kw = dict(k=k, protect=protect, keep_order=cfg.keep_order)
-            node = diversity_select.make_node(stream, name=f"diversity_select_{blk.index}", **kw)
-            t, note, function = Body(), None, diversity_select.make_function(**kw)
+            node = diversity_select.make_node(stream, name=f"diversity_select_{blk.index}", dims={"N": n_cur}, **kw)
+            t, note = Body(), None
         else:
             t = Body()
             try:
@@ -295,13 +295,12 @@ class TokenDropPass(GraphPass):
                 rewire.detach(t.nodes)
                 raise
             kw = dict(k=k, protect=protect, keep_order=cfg.keep_order, fuse_rest=cfg.fuse_rest)
-            node = token_select.make_node(stream, score, name=f"token_select_{blk.index}", **kw)
-            function = token_select.make_function(**kw)
+            node = token_select.make_node(stream, score, name=f"token_select_{blk.index}", dims={"N": n_cur}, **kw)
         _name_outputs(node, f"token_select_{blk.index}", stream)
         node.outputs[1].type = ir.TensorType(ir.DataType.INT64)
         self._commit(model, stream, [*t.nodes, node], node.outputs[0], anchor, plan)
         self._gather_masks(model.graph, masked, node, node.outputs[1], mask_map)
-        _add_function(model, function)
+        add_node_function(model, node)
         return n_new, note
 
     def _merge(self, model, blocks, blk, n_cur, size, protect, bias_sites, mask_map) -> tuple[int, ir.Value, str | None]:
@@ -320,7 +319,8 @@ class TokenDropPass(GraphPass):
         except Skip:
             rewire.detach(t.nodes)
             raise
-        node = token_merge.make_node(stream, metric, size, r=r, protect=protect, n=n_cur, name=f"token_merge_{blk.index}")
+        node = token_merge.make_node(stream, metric, size, r=r, protect=protect, dims={"N": n_cur},
+                                 name=f"token_merge_{blk.index}")
         _name_outputs(node, f"token_merge_{blk.index}", stream)
         s_out = node.outputs[1]
         s_out.type = stream.type
@@ -338,7 +338,7 @@ class TokenDropPass(GraphPass):
                 site.replace_input_with(i, bias)
             else:
                 bias_sites[other.index] = _add_logit_bias(model.graph, other, bias)
-        _add_function(model, token_merge.make_function(r, protect, size is not None, n_cur))
+        add_node_function(model, node)
         return n_new, s_out, None
 
     @staticmethod
@@ -346,15 +346,6 @@ class TokenDropPass(GraphPass):
         rewire.splice(model.graph, stream, nodes, reduced, anchor)
         plan.apply()
         rewire.clear_shapes(reduced)
-
-
-def _add_function(model: ir.Model, function: ir.Function) -> None:
-    """Register a body; it declares the model's default opset when newer than the body's (bodies use ops
-    unchanged since opset 18), so ``onnx.checker`` accepts function and model imports as compatible."""
-    version = model.graph.opset_imports.get("", model.opset_imports.get("", 0))
-    if version > function.opset_imports.get("", 0):
-        function.opset_imports[""] = version
-    add_function(model, function)
 
 
 def _model_dims(blocks: list[AttentionBlock]) -> set[int]:

@@ -3,6 +3,9 @@
 ``export`` uses ``torch.onnx.export(dynamo=True)``, which keeps parameter names as initializer names, so a plan
 computed on the ONNX graph (e.g. a channel-prune plan keyed by initializer names) maps back to the module's
 ``state_dict`` keys. The exporter always writes a separate ``<path>.data`` weights file.
+
+Importing this module registers every ``ai.graphprune`` op as ``torch.ops.graphprune.<snake_name>`` (eager kernel,
+fake kernel, ONNX translation); a module that calls them exports to the ``ai.graphprune`` nodes with their bodies.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from graphprune.errors import GraphpruneError
+from graphprune.ops import DOMAIN, add_node_function
 
 try:
     import torch
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise GraphpruneError("graphprune.torch needs PyTorch: pip install torch==2.13.0 (then graphprune[torch])") from e
+
+from graphprune.torch._ops import TRANSLATIONS  # noqa: E402 - registers torch.ops.graphprune.*
 
 BATCH_RANGE = (1, 1024)
 """``(min, max)`` declared to ``torch.export`` for a dynamic axis 0 (the batch)."""
@@ -99,9 +105,19 @@ def export(
     shapes = _dynamic_shapes(tuple(args), dynamic_axes) if dynamic_axes else None
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SAME_NAME_WARNING, category=UserWarning)
-        torch.onnx.export(module, args, str(path), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
-                          input_names=input_names, output_names=output_names, verbose=False)
+        program = torch.onnx.export(module, args, None, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                                    input_names=input_names, output_names=output_names, verbose=False,
+                                    custom_translation_table=dict(TRANSLATIONS))
+    _attach_bodies(program.model)
+    program.save(str(path), external_data=True)
     return path
+
+
+def _attach_bodies(model) -> None:
+    """Give every exported ``ai.graphprune`` node (from ``torch.ops.graphprune.*``) its function body."""
+    nodes = [n for n in model.graph.all_nodes() if n.domain == DOMAIN]
+    for node in nodes:
+        add_node_function(model, node)
 
 
 __all__ = ["AXIS_RANGE", "BATCH_RANGE", "export"]
