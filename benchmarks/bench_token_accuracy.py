@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
             fr = count_flops(model, batch=1).flops / base_flops
             lat = {b: float("nan") if a.no_latency else
                    measure(base_sess, model, feeds[b], a.reps, a.runs if b == 64 else 3 * a.runs)[0] for b in feeds}
-            after = [str(r["tokens_after"]) for r in result.rewritten]
+            after = [str(r.tokens_after) for r in result.rewritten]
             tokens = "→".join(after) if len(after) <= 4 else f"{after[0]}→…→{after[-1]} ({len(after)} layers)"
             label = f"flops≤{level['flops']}" if isinstance(level, dict) else f"{key}={level}"
-            row = {"method": name, "level": label, "layers": [r["layer"] for r in result.rewritten], "tokens": tokens,
+            row = {"method": name, "level": label, "layers": [r.layer for r in result.rewritten], "tokens": tokens,
                    "top1": acc, "delta_pts": 100 * (acc - base_acc), "flops_ratio": fr,
                    "speedup_b64": 1 / lat[64], "speedup_b1": 1 / lat[1], "eff_b64": fr / lat[64], "eff_b1": fr / lat[1]}
             rows.append(row)

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                 fr = count_flops(model, batch=a.batch).flops / base_flops
                 lat, base_ms = measure(base_sess, model, feeds, a.reps, a.runs)
                 eff = (1 / lat) / (1 / fr)
-                after = [str(r["tokens_after"]) for r in result.rewritten]
+                after = [str(r.tokens_after) for r in result.rewritten]
                 tokens = "→".join(after) if len(after) <= 4 else f"{after[0]}→…→{after[-1]} ({len(after)} layers)"
                 rows.append({"opset": opset, "method": name, key: level, "tokens": tokens, "flops_ratio": fr,
                              "latency_ratio": lat, "speedup": 1 / lat, "efficiency": eff, "base_ms": base_ms,
