@@ -121,7 +121,6 @@ class Probe:
     """
 
     def __init__(self, model: ir.Model, values: Sequence[ir.Value], threads: int | None = None) -> None:
-        self.count = len(values)
         self.names: list[str] = []
         self._session = None
         if not values:
