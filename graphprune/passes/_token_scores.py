@@ -43,7 +43,8 @@ def _recompute_probs(t: Body, blk: AttentionBlock, rows: tuple[int, int] | None)
     _check_fused(blk)
     q = _rows(t, blk.q, rows, 2) if rows is not None else blk.q
     kt = t.op("Transpose", [blk.k], {"perm": [0, 1, 3, 2]})
-    logits = t.op("Mul", [t.op("MatMul", [q, kt]), t.const(np.float32(blk.scale))])
+    scale = t.op("CastLike", [t.const(np.float32(blk.scale)), q])  # the model's dtype (fp16 exports)
+    logits = t.op("Mul", [t.op("MatMul", [q, kt]), scale])
     if blk.mask is not None:
         # the static facts come from the original mask; the value is whatever feeds the op now (the pass may
         # have replaced it by a gathered copy after an earlier reduction)

@@ -19,7 +19,7 @@ whose outputs are concatenated back in head order. Unset ``num_global`` defaults
 (CLS; every pattern), unset ``causal`` to the block's own causality, unset ``grid`` to a square grid of the non-prefix tokens.
 
 Skipped with a reason (never silently): com.microsoft fused ops, 3-D ``Attention`` inputs, K/V with other heads or
-another length than Q (GQA, cross attention), a dynamic sequence length, non-float32 attention, probabilities used
+another length than Q (GQA, cross attention), a dynamic sequence length, non-float attention, probabilities used
 outside the core, ``Attention`` with past KV / extra outputs / softcap.
 """
 
@@ -39,6 +39,7 @@ from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
 from graphprune.errors import ConfigError
 from graphprune.ops import add_function
 from graphprune.ops import sparse_attention as op
+from graphprune.ops._base import FLOAT_TYPES
 from graphprune.passes import register
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skip, Skipped
 
@@ -187,8 +188,9 @@ class _Rewriter:
             shape4 = [1] * (4 - len(shape)) + list(shape)
             if shape4[3] != n or shape4[2] not in (1, n) or not isinstance(shape4[1], int):
                 raise Skip(f"mask {blk.mask.name!r} of shape {list(shape)} is not [B|1, H|1, 1|{n}, {n}]")
-            if blk.mask.dtype not in (ir.DataType.FLOAT, ir.DataType.BOOL):
-                raise Skip(f"mask {blk.mask.name!r} has dtype {blk.mask.dtype}, not float32 or bool")
+            if blk.mask.dtype not in (blk.q.dtype, ir.DataType.BOOL):
+                raise Skip(f"mask {blk.mask.name!r} has dtype {blk.mask.dtype}, not the attention's "
+                           f"{blk.q.dtype} or bool")
         bkind = "none" if shape4 is None else ("key" if shape4[2] == 1 else "full")
         groups = self.config.head_groups
         if groups is not None:
@@ -215,7 +217,7 @@ class _Rewriter:
                 gat = ir.node("Gather", [x, idx.outputs[0]], {"axis": 1})
                 shape = list(x.shape)
                 shape[1] = len(head_ids)
-                gat.outputs[0].shape, gat.outputs[0].type = ir.Shape(shape), ir.TensorType(ir.DataType.FLOAT)
+                gat.outputs[0].shape, gat.outputs[0].type = ir.Shape(shape), x.type
                 sub.append(gat)
                 parts.append(gat.outputs[0])
             self.graph.insert_after(anchor, sub)
@@ -240,8 +242,8 @@ class _Rewriter:
             raise Skip(f"{blk.kind} (com.microsoft fused attention) is not rewritten; export without ORT fusion")
         if blk.layout != "BHND" or q is None or v is None or q.shape is None or len(q.shape) != 4:
             raise Skip("attention inputs are not 4-D [B, H, N, D]")
-        if q.dtype != ir.DataType.FLOAT:
-            raise Skip(f"attention runs in {q.dtype}, only float32 is supported")
+        if q.dtype not in FLOAT_TYPES:
+            raise Skip(f"attention runs in {q.dtype}; float32, float16 and bfloat16 are supported")
         n = blk.tokens
         if not isinstance(n, int):
             raise Skip("the sequence length is dynamic; the sparse body needs a static N")
