@@ -272,7 +272,7 @@ def optimize(
     Returns the report dict (keys ``data``, ``passes``, ``flops``, ``params``, ``verify``, ``warnings``, and
     ``latency_ms`` when ``bench``). Nothing is written when verification fails, unless ``force``.
     """
-    from graphprune.analysis.inputs import example_inputs
+    from graphprune.analysis.inputs import example_inputs, static_batch
     from graphprune.backends.onnxruntime import benchmark
     from graphprune.errors import VerificationError
     from graphprune.io import check_output_path, load_model, save_model
@@ -287,9 +287,11 @@ def optimize(
     if data is None and feeds is not None:  # the older form: its samples serve both roles, as they did
         data, data_cfg = feeds, data_cfg.model_copy(update={"allow_overlap": True})
     cal, ver = resolve_data(model, data, data_cfg)
-    batch = pipeline.data.batch_size
+    batch, fixed = pipeline.data.batch_size, static_batch(model)
+    if fixed is not None:  # the model fixes its batch: feed exactly that many samples per run
+        batch = bench_batch = fixed
     if context.calibration is None:
-        context.calibration = cal.batches(batch)
+        context.calibration = cal.batches(batch, exact=fixed is not None)
         context.data_source = cal.source
     data_info = {"source": cal.source, "description": cal.description, "calibration_samples": len(cal),
                  "verify_samples": len(ver)}
@@ -304,7 +306,7 @@ def optimize(
     records = pipeline.run(model, context)
     for r in records:
         warnings += [f"{r['name']}: {w}" for w in r.get("warnings", [])]
-    verify_feeds = ver.batches(batch)
+    verify_feeds = ver.batches(batch, exact=fixed is not None)
     report_verify = compare(model_path, model, verify_feeds, pipeline.verify, real_data=ver.source == "user",
                             progress=lambda d, t: _progress(context, "verify", d, t))
     if records:  # the pipeline already counted the model before its first and after its last pass

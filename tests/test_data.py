@@ -409,3 +409,29 @@ def test_synthetic_data():
     cal, ver = ds.split(4, 2)
     assert (len(cal), len(ver)) == (4, 2) and cal.source == "synthetic"
     raises(lambda: synthetic_data(model, 0), "at least 1")
+
+
+def test_exact_batches_fill_the_last_chunk():
+    ds = Dataset("user", "five", [{"x": np.full((2,), i, np.float32)} for i in range(5)])
+    sizes = [len(b["x"]) for b in ds.batches(2)]
+    assert sizes == [2, 2, 1]
+    exact = ds.batches(2, exact=True)
+    assert [len(b["x"]) for b in exact] == [2, 2, 2]
+    np.testing.assert_array_equal(exact[-1]["x"][:, 0], [4, 0])  # filled from the start
+
+
+def test_optimize_feeds_a_fixed_batch_model_its_batch(tmp_path):
+    """A model whose inputs fix batch 2 is calibrated, verified and benchmarked at batch 2 (not 8 or 1)."""
+    import onnx
+
+    import graphprune as gp
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).ravel().tolist())
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    src = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), src)
+    report = gp.optimize(src, tmp_path / "out.onnx", gp.Pipeline().add("cleanup"), bench=True, bench_runs=2)
+    assert report["verify"]["passed"] and report["latency_ms"]["batch"] == 2
+    assert report["data"]["verify_samples"] == 8

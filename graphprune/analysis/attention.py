@@ -118,7 +118,10 @@ def _untranspose_k(kt: ir.Value) -> ir.Value | None:
     tr = _producer(r2.inputs[0], "Transpose") if r2 is not None else None
     r1 = _producer(tr.inputs[0], "Reshape") if tr is not None else None
     if r1 is not None and list(tr.attributes.get_ints("perm", [])) == [0, 2, 1]:
-        return r1.inputs[0]
+        k = r1.inputs[0]
+        # only a [B, H, N, D] source is k itself; GQA exports reshape a [B, kv_heads, rep, N, D] expansion here
+        if k is not None and k.shape is not None and len(k.shape) == 4:
+            return k
     return None
 
 

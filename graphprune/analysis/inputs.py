@@ -55,3 +55,16 @@ def example_inputs(model: ir.Model, batch: int = 1, seed: int = 0, dims: dict[st
             arr = rng.standard_normal(shape).astype(dtype)
         feeds[value.name] = arr
     return feeds
+
+
+def static_batch(model: ir.Model) -> int | None:
+    """The batch size every input fixes on its axis 0, or ``None`` when the batch is free (or not axis 0)."""
+    inits = model.graph.initializers
+    sizes = set()
+    for value in model.graph.inputs:
+        if value.name in inits:
+            continue
+        if value.shape is None or len(value.shape) == 0 or not isinstance(value.shape[0], int):
+            return None
+        sizes.add(value.shape[0])
+    return sizes.pop() if len(sizes) == 1 else None

@@ -81,11 +81,19 @@ class Dataset:
         ver = np.concatenate([order[n_cal:], cal])[: min(verify, n)]
         return self.subset(cal), self.subset(ver)
 
-    def batches(self, batch_size: int) -> list[dict[str, np.ndarray]]:
-        """ORT feed dicts: consecutive chunks of ``batch_size`` samples stacked along a new axis 0, padded if ragged."""
+    def batches(self, batch_size: int, exact: bool = False) -> list[dict[str, np.ndarray]]:
+        """ORT feed dicts: consecutive chunks of ``batch_size`` samples stacked along a new axis 0, padded if ragged.
+
+        ``exact``: every chunk holds exactly ``batch_size`` samples (a model with a fixed batch); the last one is
+        filled up with samples from the start.
+        """
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1 (got {batch_size})")
-        return [self._stack(self.samples[i : i + batch_size]) for i in range(0, len(self), batch_size)]
+        chunks = [self.samples[i : i + batch_size] for i in range(0, len(self), batch_size)]
+        if exact and chunks and len(chunks[-1]) < batch_size:
+            fill = (self.samples * (batch_size // max(len(self.samples), 1) + 1))[: batch_size - len(chunks[-1])]
+            chunks[-1] = list(chunks[-1]) + list(fill)
+        return [self._stack(c) for c in chunks]
 
     def _stack(self, chunk: list[Sample]) -> dict[str, np.ndarray]:
         names = list(chunk[0])

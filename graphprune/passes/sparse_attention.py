@@ -47,6 +47,15 @@ _PATTERN_KEYS = ("pattern", "window", "num_global", "causal", "kernel", "dilatio
                  "keep_diagonal", "keep_first", "layout")
 
 
+#: Token count at which the report predicts the attention-FLOPs ratio of a block whose N is dynamic.
+NOMINAL_N = 1024
+
+
+def _length(blk: AttentionBlock):
+    """The query length: an int, or the named symbolic dim of a dynamic-sequence export."""
+    return blk.tokens if blk.tokens is not None else (blk.q.shape[2] if blk.q.shape is not None else None)
+
+
 class PatternParams(PassConfig):
     """The pattern's keys; ``None`` means the op default or a value taken from the block."""
 
@@ -119,7 +128,7 @@ class SparseRewrite(Rewrite):
     block: int
     heads: list[int]
     pattern: str
-    tokens: int
+    tokens: int | None  # None: a dynamic sequence length (the body follows the runtime N)
     params: dict[str, Any]
     mask: str  # bias kind: none | key | full
     attention_flops_ratio: float  # dense / executed attention-core FLOPs
@@ -244,9 +253,9 @@ class _Rewriter:
             raise Skip("attention inputs are not 4-D [B, H, N, D]")
         if q.dtype not in FLOAT_TYPES:
             raise Skip(f"attention runs in {q.dtype}; float32, float16 and bfloat16 are supported")
-        n = blk.tokens
-        if not isinstance(n, int):
-            raise Skip("the sequence length is dynamic; the sparse body needs a static N")
+        n = _length(blk)
+        if not isinstance(n, int) and not (isinstance(n, ir.SymbolicDim) and n.value):
+            raise Skip("the sequence length is unknown (neither static nor a named dim)")
         heads = blk.heads
         if not isinstance(heads, int) or blk.kv_heads != heads or not isinstance(blk.head_dim, int):
             raise Skip(f"K/V heads ({blk.kv_heads}) differ from Q heads ({heads}) or are dynamic (GQA/MQA)")
@@ -270,7 +279,10 @@ class _Rewriter:
         """(group, head ids, normalized op attributes, layout array or None) for one head group."""
         params = self.params_for(blk, group)
         pattern = params.pop("pattern", self.config.pattern)
-        n = blk.tokens
+        n = _length(blk)
+        if not isinstance(n, int) and pattern not in op.DYNAMIC_PATTERNS:
+            raise Skip(f"the sequence length is dynamic; {pattern} is defined for one N "
+                       f"({' and '.join(op.DYNAMIC_PATTERNS)} run at any N)")
         params.setdefault("num_global", blk.prefix_tokens)
         if pattern == "sliding_window":
             params.setdefault("causal", blk.causal)
@@ -293,7 +305,7 @@ class _Rewriter:
             params["topk"] = int(lay.sum(-1).max())
         params = {k: v for k, v in params.items() if k in op.PATTERN_KEYS[pattern]}  # other patterns' keys do not apply
         scale = blk.scale if blk.scale else 1.0 / math.sqrt(blk.head_dim)
-        return group, head_ids, op.normalize(pattern, n, scale, bkind, **params), lay
+        return group, head_ids, op.normalize(pattern, n if isinstance(n, int) else 0, scale, bkind, **params), lay
 
     def _sparse(self, blk, anchor, q, k, v, bias, group, head_ids, attrs, lay) -> ir.Value:
         layout_val = None
@@ -303,17 +315,19 @@ class _Rewriter:
                                 name=f"sparse_attention_{blk.index}" + (f"_h{head_ids[0]}" if group else ""),
                                 opset=self.opset)
         out = self._insert(anchor, node)
-        out.shape = ir.Shape([q.shape[0], len(head_ids), attrs["seq_len"], v.shape[-1]])
+        out.shape = ir.Shape([q.shape[0], len(head_ids), attrs["seq_len"] or q.shape[2], v.shape[-1]])
         out.type = ir.TensorType(q.dtype or ir.DataType.FLOAT)
         add_function(self.model, fn)
         dv = v.shape[-1] if isinstance(v.shape[-1], int) else blk.head_dim
-        executed, dense = op.attention_flops(attrs, 1, len(head_ids), blk.head_dim, dv)
+        # predicted cost at the model's N, or at NOMINAL_N tokens when N is dynamic
+        at_n = attrs if attrs["seq_len"] else dict(attrs, seq_len=NOMINAL_N)
+        executed, dense = op.attention_flops(at_n, 1, len(head_ids), blk.head_dim, dv)
         self.flops[0] += executed
         self.flops[1] += dense
         self.rewritten.append(SparseRewrite(
-            blk.index, head_ids, attrs["pattern"], attrs["seq_len"],
+            blk.index, head_ids, attrs["pattern"], attrs["seq_len"] or None,
             {k: v for k, v in attrs.items() if k not in ("pattern", "seq_len", "scale", "bias")}
-            | {"block_size": op.effective_block(attrs)},
+            | {"block_size": op.effective_block(attrs)} | ({} if attrs["seq_len"] else {"ratio_at_tokens": NOMINAL_N}),
             attrs["bias"], round(dense / executed, 3), node.name,
         ))
         return out
