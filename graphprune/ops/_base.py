@@ -209,22 +209,35 @@ class Body(_tape.Tape):
         return self.slice(x, start, INT64_MAX, axis)
 
     def dims(self, op: type[OpDef], inputs: Sequence[ir.Value | None], static: Sequence[tuple | None]) -> dict:
-        """Symbol → int (static at build time) or a 1-element int64 value read with ``Shape`` at run time."""
-        env: dict[str, Any] = {}
+        """Symbol → int (static at build time) or a 1-element int64 value read with ``Shape`` at run time.
+
+        Runtime reads are recorded only for the symbols a count actually uses.
+        """
+        tape = self
+        where: dict[str, tuple[ir.Value, int]] = {}
+        known: dict[str, Any] = {}
         for port, value, shape in zip(op.inputs, inputs, static):
             if port.dims is None or value is None:
                 continue
-            shp = None
             for axis, sym in enumerate(port.dims):
-                if not isinstance(sym, str) or sym in env:
+                if not isinstance(sym, str) or sym in known or sym in where:
                     continue
                 d = shape[axis] if shape is not None else None
                 if isinstance(d, int):
-                    env[sym] = d
+                    known[sym] = d
                 else:
-                    shp = shp if shp is not None else self.op("Shape", [value])
-                    env[sym] = self.dim(shp, axis)
-        return env
+                    where[sym] = (value, axis)
+
+        class _Env(dict):
+            def __missing__(self, sym):
+                value, axis = where[sym]  # KeyError for a symbol no input has
+                self[sym] = tape.op("Shape", [value], {"start": axis, "end": axis + 1})
+                return self[sym]
+
+            def __contains__(self, sym):
+                return dict.__contains__(self, sym) or sym in where
+
+        return _Env(known)
 
     def count(self, expr, env: dict) -> int | ir.Value:
         """``expr`` (a shape expression) as an int when static, else a 1-element int64 value."""

@@ -149,8 +149,11 @@ class TokenMerge(OpDef):
             parts.insert(0, t.slice(xs, 0, p, 1))
         merged = t.op("Concat", parts, {"axis": 1})  # [B, N-r, C+1]
         # representative positions: prefix, 2·unm + protect, then 2·j + 1 + protect for every B token
-        b_pos = t.op("Range", [t.const(0, np.int64), t.scalar(nb), t.const(1, np.int64)])
-        b_pos = t.op("Add", [t.op("Mul", [b_pos, t.ints(2)]), t.ints(1 + p)])
+        if isinstance(nb, int):
+            b_pos = t.const(np.arange(nb, dtype=np.int64) * 2 + 1 + p)
+        else:
+            b_pos = t.op("Range", [t.const(0, np.int64), t.scalar(nb), t.const(1, np.int64)])
+            b_pos = t.op("Add", [t.op("Mul", [b_pos, t.ints(2)]), t.ints(1 + p)])
         zero = t.op("Mul", [t.slice(match, 0, 1, 1), t.const(0, np.int64)])  # [B, 1]
         b_pos = t.op("Add", [zero, t.op("Unsqueeze", [b_pos, t.ints(0)])])  # [B, |B|] by broadcasting
         ids = [t.op("Add", [t.op("Mul", [unm, t.ints(2)]), t.ints(p)]), b_pos]
