@@ -409,8 +409,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         if "--debug" in args:
             raise
-        err.print(f"[red]internal error:[/] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)", highlight=False,
-                  soft_wrap=True)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        message = lines[0] if lines else repr(e)
+        if len(message) > 300:
+            message = message[:297] + "..."
+        err.print(f"[red]internal error:[/] {type(e).__name__}: {escape(message)} (run with --debug for the traceback)",
+                  highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from graphprune._validate import problems
 from graphprune.errors import GraphpruneError, ModelLoadError
 
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -77,6 +78,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if model.ir_version <= 0 or not model.graph.outputs or len(model.graph) == 0:
         raise ModelLoadError(f"{path} is not a valid ONNX model (no graph, outputs or IR version)")
     check_external_data(model, path)
+    found = problems(model)
+    if found:
+        more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
+        raise ModelLoadError(f"{path} is not a valid model: {found[0]}{more}")
     return model
 
 

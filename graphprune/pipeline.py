@@ -246,6 +246,10 @@ def resolve_data(
                       allow_overlap=cfg.allow_overlap)
 
 
+#: Passes for which changing nothing is a normal outcome (the model was already clean).
+HOUSEKEEPING_PASSES = frozenset({"cleanup", "dce", "identity_elimination", "constant_folding", "shape_inference"})
+
+
 def optimize(
     model_path: str | Path,
     output: str | Path,
@@ -306,6 +310,11 @@ def optimize(
     records = pipeline.run(model, context)
     for r in records:
         warnings += [f"{r['name']}: {w}" for w in r.get("warnings", [])]
+        if not r.get("changed") and r["name"] not in HOUSEKEEPING_PASSES:  # never a silent success
+            skips = r.get("skipped") or []
+            why = f"{skips[0]['where']}: {skips[0]['reason']}" if skips else "no site it rewrites was found"
+            more = f" (and {len(skips) - 1} more skipped)" if len(skips) > 1 else ""
+            warnings.append(f"{r['name']} changed nothing; {why}{more}")
     verify_feeds = ver.batches(batch, exact=fixed is not None)
     report_verify = compare(model_path, model, verify_feeds, pipeline.verify, real_data=ver.source == "user",
                             progress=lambda d, t: _progress(context, "verify", d, t))
@@ -321,8 +330,8 @@ def optimize(
         "output": str(output),
         "data": data_info,
         "passes": records,
-        "flops": {"before": f0, "after": f1, "ratio": f1 / max(f0, 1)},
-        "params": {"before": p0, "after": p1, "ratio": p1 / max(p0, 1)},
+        "flops": {"before": f0, "after": f1, "ratio": f1 / f0 if f0 else 1.0},
+        "params": {"before": p0, "after": p1, "ratio": p1 / p0 if p0 else 1.0},
         "verify": report_verify.to_dict() | {"data_source": ver.source, "summary": report_verify.summary()},
         "warnings": warnings,
     }

@@ -59,7 +59,7 @@ import numpy as np
 import pydantic
 
 from graphprune.backends.onnxruntime import ModelLike, make_session, run
-from graphprune.errors import ConfigError, VerificationError
+from graphprune.errors import ConfigError, ModelLoadError, VerificationError
 
 Kind = Literal["logits", "embedding", "per_token", "other"]
 
@@ -434,7 +434,13 @@ def compare(
         raise VerificationError("no verification feeds: give at least one feed dict")
     total = 2 * len(feeds)
 
-    session = make_session(original)
+    try:
+        session = make_session(original)
+    except Exception as e:  # the input model itself: ORT cannot load it (an op or opset it lacks, ...)
+        if type(e).__module__.startswith("onnxruntime"):
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ModelLoadError(f"ONNX Runtime cannot load the original model: {first}") from e
+        raise
     names = [o.name for o in session.get_outputs()]
     unknown = sorted(set(t.outputs) - set(names))
     if unknown:

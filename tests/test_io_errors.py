@@ -156,3 +156,84 @@ def test_save_refuses_data_file_in_use(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(GraphpruneError, match="overwrite"):
         save_model(model, tmp_path / "m.onnx")
+
+
+# ------------------------------------------------------------------ invalid models: inspect and optimize refuse them
+
+
+def _save_model(path: Path, nodes, inputs, outputs, opset: int = 18, ir_version: int = 10, domains=()) -> Path:
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]
+                              + [helper.make_opsetid(d, 1) for d in domains])
+    proto.ir_version = ir_version
+    onnx.save(proto, path)
+    return path
+
+
+def _invalid(kind: str, folder: Path) -> Path:
+    from onnx import TensorProto
+    from onnx import helper as h
+
+    x = h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = h.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    relu = [h.make_node("Relu", ["x"], ["y"])]
+    path = folder / f"{kind}.onnx"
+    if kind == "undefined":
+        return _save_model(path, [h.make_node("Add", ["x", "missing"], ["y"])], [x], [y])
+    if kind == "cycle":
+        return _save_model(path, [h.make_node("Add", ["x", "b"], ["a"]), h.make_node("Relu", ["a"], ["b"]),
+                                  h.make_node("Identity", ["a"], ["y"])], [x], [y])
+    if kind == "domain":
+        return _save_model(path, [h.make_node("Foo", ["x"], ["y"], domain="com.nowhere")], [x], [y],
+                           domains=["com.nowhere"])
+    if kind == "opset":
+        return _save_model(path, relu, [x], [y], opset=99)
+    if kind == "ir":
+        return _save_model(path, relu, [x], [y], ir_version=99)
+    if kind == "negative_dim":
+        return _save_model(path, relu, [h.make_tensor_value_info("x", TensorProto.FLOAT, [1, -3])], [y])
+    if kind == "string_input":
+        s = [h.make_tensor_value_info(n, TensorProto.STRING, [1, 4]) for n in ("x", "y")]
+        return _save_model(path, [h.make_node("Identity", ["x"], ["y"])], s[:1], s[1:])
+    if kind == "unknown_op":
+        return _save_model(path, [h.make_node("Relux", ["x"], ["y"])], [x], [y])
+    raise AssertionError(kind)
+
+
+INVALID = {
+    "undefined": "reads 'missing', which no input, initializer or node produces",
+    "cycle": "the graph has a cycle or is not topologically sorted",
+    "domain": "domain 'com.nowhere' is not one ONNX Runtime provides",
+    "opset": "default-domain opset 99 is newer",
+    "ir": "IR version 99 is newer",
+    "negative_dim": "input 'x' has a negative dim (-3)",
+    "string_input": "input 'x' is a string tensor",
+    "unknown_op": "no standard op 'Relux' at opset 18",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(INVALID))
+def test_invalid_models_are_user_errors(kind, tmp_path, capsys):
+    path = _invalid(kind, tmp_path)
+    out = tmp_path / "o.onnx"
+    code, err = run_cli(["inspect", path], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and INVALID[kind] in err, err
+    assert_user_error(["optimize", path, "-o", out], capsys, out, INVALID[kind])
+    with pytest.raises(ModelLoadError, match="is not a valid model"):
+        load_model(path)
+
+
+def test_internal_errors_are_one_line_with_the_message(tmp_path, capsys, monkeypatch):
+    """An unexpected exception: exit 1, its type and first message line, the --debug hint; never an empty line."""
+    import graphprune.analysis as analysis
+
+    def boom(*a, **k):
+        raise RuntimeError("first line of the message\nsecond line\nthird")
+
+    monkeypatch.setattr(analysis, "summarize", boom)
+    code, err = run_cli(["inspect", linear_model(tmp_path / "m.onnx")], capsys)
+    assert code == 1
+    assert err == "internal error: RuntimeError: first line of the message (run with --debug for the traceback)"

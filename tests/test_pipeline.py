@@ -154,3 +154,14 @@ def test_inputs_npz_used_for_verification(tmp_path, capsys):
     np.savez(bad, Y=np.zeros((1, 8), np.float32))
     code, _, err = cli(["optimize", src, "-o", tmp_path / "o2.onnx", "--inputs", bad], capsys)
     assert code == 2 and "do not match the model inputs ['X']" in err and "['Y']" in err and not (tmp_path / "o2.onnx").exists()
+
+
+def test_a_pass_that_changes_nothing_warns(tmp_path):
+    """Nothing changed is never a silent success: the report (and so the CLI) carries the reason."""
+    import graphprune as gp
+    from tests.helpers import linear_model
+
+    src = linear_model(tmp_path / "m.onnx")
+    report = gp.optimize(src, tmp_path / "o.onnx", gp.Pipeline().add("token_drop").add("cleanup"))
+    mine = [w for w in report["warnings"] if "changed nothing" in w]
+    assert len(mine) == 1 and mine[0].startswith("token_drop changed nothing; ")
