@@ -114,6 +114,73 @@ def initializer_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+class StagedModel:
+    """A model written once into a hidden temporary folder beside its output, ready to be run from there
+    (``path``) and then renamed into place (``commit``) or dropped (``discard``). A context manager: leaving the
+    block without ``commit`` discards it."""
+
+    def __init__(self, model: ir.Model, out: Path, tmpdir: Path, external: bool) -> None:
+        self.model, self.out, self.tmpdir, self.external = model, out, tmpdir, external
+        self.path = tmpdir / out.name
+        self.data_name = out.name + ".data"
+        self.done = False
+
+    def commit(self) -> Path:
+        """Rename the staged files into place (weights first, so the model never points at missing data)."""
+        if self.done:
+            raise RuntimeError("staged model already committed or discarded")
+        try:
+            if self.external:
+                os.replace(self.tmpdir / self.data_name, self.out.parent / self.data_name)
+            os.replace(self.path, self.out)
+            stale = self.out.parent / self.data_name
+            if not self.external and stale.exists() and not _is_referenced(stale, self.model):
+                stale.unlink()  # a weights file from an earlier save of this output would mislead
+        finally:
+            self.discard()
+        return self.out
+
+    def discard(self) -> None:
+        self.done = True
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> StagedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.done:
+            self.discard()
+
+
+def stage_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    inputs: tuple[Path, ...] = (),
+    external_threshold: int = DEFAULT_EXTERNAL_THRESHOLD,
+) -> StagedModel:
+    """Serialise ``model`` once, into a temporary folder beside ``path`` (weights to ``<path>.data`` when large).
+
+    Run the staged file (``.path``) for verification and benchmarks, then ``commit()`` it: nothing goes through an
+    in-memory ``SerializeToString``, and the output appears atomically.
+    """
+    out = check_output_path(path, model, inputs)
+    total = initializer_bytes(model)
+    external = total > external_threshold or total >= PROTOBUF_LIMIT
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staged = StagedModel(model, out, tmpdir, external)
+    try:
+        if external:
+            ir.save(model, staged.path, external_data=staged.data_name, size_threshold_bytes=1024)
+        else:
+            # Pull externally stored weights into the single file; otherwise it would point at the input's data.
+            ir.save(_with_weights_in_memory(model), staged.path)
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -122,26 +189,7 @@ def save_model(
     external_threshold: int = DEFAULT_EXTERNAL_THRESHOLD,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; weights to ``<path>.data`` when large. Returns the path."""
-    out = check_output_path(path, model, inputs)
-    total = initializer_bytes(model)
-    external = total > external_threshold or total >= PROTOBUF_LIMIT
-    data_name = out.name + ".data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp_model = tmpdir / out.name
-        if external:
-            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=1024)
-            os.replace(tmpdir / data_name, out.parent / data_name)
-        else:
-            # Pull externally stored weights into the single file; otherwise it would point at the input's data.
-            ir.save(_with_weights_in_memory(model), tmp_model)
-        os.replace(tmp_model, out)
-        if not external and (out.parent / data_name).exists() and not _is_referenced(out.parent / data_name, model):
-            # A stale weights file from an earlier save of this output would mislead; remove it.
-            (out.parent / data_name).unlink()
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return out
+    return stage_model(model, path, inputs=inputs, external_threshold=external_threshold).commit()
 
 
 def _is_referenced(p: Path, model: ir.Model) -> bool:

@@ -276,11 +276,8 @@ def optimize(
     Returns the report dict (keys ``data``, ``passes``, ``flops``, ``params``, ``verify``, ``warnings``, and
     ``latency_ms`` when ``bench``). Nothing is written when verification fails, unless ``force``.
     """
-    from graphprune.analysis.inputs import example_inputs, static_batch
-    from graphprune.backends.onnxruntime import benchmark
-    from graphprune.errors import VerificationError
-    from graphprune.io import check_output_path, load_model, save_model
-    from graphprune.verify import compare
+    from graphprune.analysis.inputs import static_batch
+    from graphprune.io import check_output_path, load_model, stage_model
 
     model_path = Path(model_path)
     model = load_model(model_path)
@@ -316,7 +313,23 @@ def optimize(
             more = f" (and {len(skips) - 1} more skipped)" if len(skips) > 1 else ""
             warnings.append(f"{r['name']} changed nothing; {why}{more}")
     verify_feeds = ver.batches(batch, exact=fixed is not None)
-    report_verify = compare(model_path, model, verify_feeds, pipeline.verify, real_data=ver.source == "user",
+    # Serialised once: verification and the benchmark run the staged file, which is then renamed into place.
+    with stage_model(model, output, inputs=(model_path,)) as staged:
+        report = _verify_bench_report(model_path, output, model, staged.path, records, pipeline, ver, verify_feeds,
+                                      data_info, warnings, force, bench, bench_batch, bench_runs, threads, context)
+        staged.commit()
+    return report
+
+
+def _verify_bench_report(model_path, output, model, staged_path, records, pipeline, ver, verify_feeds, data_info,
+                         warnings, force, bench, bench_batch, bench_runs, threads, context) -> dict:
+    """Verify the staged output against the original, build the report, benchmark; raise when verification fails."""
+    from graphprune.analysis.inputs import example_inputs
+    from graphprune.backends.onnxruntime import benchmark
+    from graphprune.errors import VerificationError
+    from graphprune.verify import compare
+
+    report_verify = compare(model_path, staged_path, verify_feeds, pipeline.verify, real_data=ver.source == "user",
                             progress=lambda d, t: _progress(context, "verify", d, t))
     if records:  # the pipeline already counted the model before its first and after its last pass
         f0, f1 = records[0]["flops"]["before"], records[-1]["flops"]["after"]
@@ -351,7 +364,7 @@ def optimize(
             if real and len(next(iter(real[0].values()))) == bench_batch:
                 bench_feeds, bench_inputs = real[0], "verification samples"
         lat = benchmark(
-            {"before": model_path, "after": model},
+            {"before": model_path, "after": staged_path},
             bench_feeds,
             runs=bench_runs,
             threads=threads,
@@ -367,7 +380,6 @@ def optimize(
             "runs": bench_runs,
             "inputs": bench_inputs,
         }
-    save_model(model, output, inputs=(model_path,))
     return report
 
 

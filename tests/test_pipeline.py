@@ -165,3 +165,47 @@ def test_a_pass_that_changes_nothing_warns(tmp_path):
     report = gp.optimize(src, tmp_path / "o.onnx", gp.Pipeline().add("token_drop").add("cleanup"))
     mine = [w for w in report["warnings"] if "changed nothing" in w]
     assert len(mine) == 1 and mine[0].startswith("token_drop changed nothing; ")
+
+
+def test_optimize_serialises_the_output_once(tmp_path, monkeypatch):
+    """The optimized model is saved once (to a staged file that verification and the benchmark run), never
+    serialised in memory for ORT, and the staged folder is gone afterwards."""
+    import onnx_ir
+
+    import graphprune as gp
+    import graphprune.backends.onnxruntime as backend
+    from tests.helpers import linear_model
+
+    saves, sessions = [], []
+    real_save, real_session = onnx_ir.save, backend.make_session
+    monkeypatch.setattr(onnx_ir, "save", lambda *a, **k: (saves.append(a[1]), real_save(*a, **k))[1])
+    monkeypatch.setattr(backend, "make_session", lambda m, *a, **k: (sessions.append(m), real_session(m, *a, **k))[1])
+    src = linear_model(tmp_path / "m.onnx")
+    out = tmp_path / "o.onnx"
+    report = gp.optimize(src, out, gp.Pipeline().add("cleanup"), bench=True, bench_runs=2)
+    assert report["verify"]["passed"] and out.exists()
+    assert len(saves) == 1 and saves[0].name == "o.onnx" and saves[0].parent != tmp_path  # staged, then renamed
+    assert sessions and not [m for m in sessions if isinstance(m, onnx_ir.Model)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "o.onnx"]
+
+
+def test_failed_verification_leaves_no_staged_files(tmp_path, monkeypatch):
+    import graphprune as gp
+    import graphprune.verify as verify
+    from graphprune.errors import VerificationError
+    from tests.helpers import linear_model
+
+    real = verify.compare
+
+    def failing(*a, **k):
+        report = real(*a, **k)
+        report.failures.append("forced by the test")
+        return report
+
+    monkeypatch.setattr(verify, "compare", failing)
+    src = linear_model(tmp_path / "m.onnx")
+    with pytest.raises(VerificationError, match="forced by the test"):
+        gp.optimize(src, tmp_path / "o.onnx", gp.Pipeline().add("cleanup"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+    gp.optimize(src, tmp_path / "o.onnx", gp.Pipeline().add("cleanup"), force=True)  # --force writes anyway
+    assert (tmp_path / "o.onnx").exists()
