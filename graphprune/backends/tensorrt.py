@@ -306,7 +306,11 @@ def to_fp16(model: ir.Model) -> ir.Model:
     from onnxruntime.transformers.float16 import convert_float_to_float16  # ships with onnxruntime
 
     proto = ir.serde.serialize_model(model)
-    return ir.serde.deserialize_model(convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=True))
+    half = ir.serde.deserialize_model(convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=False))
+    for node in _graphprune_nodes(half):  # bodies are specialised per dtype: point each node at its float16 body
+        add_node_function(half, node)
+    _drop_unused_functions(half)
+    return half
 
 
 @dataclasses.dataclass
