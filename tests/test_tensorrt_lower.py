@@ -175,3 +175,17 @@ def test_build_and_verify_with_tensorrt(export, tmp_path):  # pragma: no cover -
     assert res.plugin_layers.get("SparseAttention")
     feeds = example_inputs(load_model(src), batch=1)
     assert trtb.verify_and_bench(src, res.plan, feeds, runs=3)["max_abs_err"] < 1e-3
+
+
+def test_fp16_conversion_points_nodes_at_float16_bodies():
+    model, _ = _token_select_model("N")
+    half = trtb.to_fp16(model)
+    trtb.lower(half)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 20, 8)).astype(np.float16)
+    s = rng.random((2, 20)).astype(np.float16)
+    y, idx = run(half, {"x": x, "s": s})
+    ry, ri = TokenSelect.reference(x, s, keep_ratio=0.5, protect=1)
+    assert y.dtype == np.float16 and len(half.functions) == 1
+    np.testing.assert_array_equal(idx, ri)
+    np.testing.assert_allclose(y.astype(np.float32), ry.astype(np.float32), atol=1e-3)
