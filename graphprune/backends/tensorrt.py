@@ -303,10 +303,9 @@ def to_fp16(model: ir.Model) -> ir.Model:
 
     Strongly typed networks run in the ONNX's precision, so this is what ``--fp16`` means for TensorRT.
     """
-    from onnxruntime.transformers.float16 import convert_float_to_float16  # ships with onnxruntime
+    from graphprune.backends.onnxruntime import float16_proto
 
-    proto = ir.serde.serialize_model(model)
-    half = ir.serde.deserialize_model(convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=False))
+    half = ir.serde.deserialize_model(float16_proto(ir.serde.serialize_model(model)))
     for node in _graphprune_nodes(half):  # bodies are specialised per dtype: point each node at its float16 body
         add_node_function(half, node)
     _drop_unused_functions(half)
