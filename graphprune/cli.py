@@ -1,4 +1,5 @@
-"""The ``graphprune`` command: optimize, inspect, bench, passes; deploy, serve, loadtest (in ``_cli_deploy``).
+"""The ``graphprune`` command: optimize, inspect, bench, passes; deploy, serve, loadtest (in ``_cli_deploy``);
+lower, build (TensorRT, in ``_cli_trt``).
 
 User errors (bad paths, malformed models, bad configs, failed verification) print one line to stderr and exit
 with code 2; ``--debug`` shows the traceback instead.
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from graphprune._cli_deploy import register as _register_deploy
+from graphprune._cli_trt import register as _register_trt
 from graphprune.errors import ConfigError, GraphpruneError
 
 app = typer.Typer(
@@ -362,6 +364,7 @@ def list_passes(as_json: Annotated[bool, typer.Option("--json", help="Print one 
 
 
 _register_deploy(app, out, err)  # deploy, serve, loadtest
+_register_trt(app, out, err)  # lower, build (TensorRT)
 
 
 def _exceptions(attr: str) -> tuple[type, ...]:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Kernel tests (marker `kernels`) run graphprune's Triton kernels on CPU tensors in Triton's interpreter. triton reads
+# TRITON_INTERPRET when a kernel is decorated, so it is set here, before any test imports graphprune.kernels.
+# GRAPHPRUNE_KERNELS_CUDA=1 tests the compiled kernels on a GPU instead.
+if os.environ.get("GRAPHPRUNE_KERNELS_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -220,3 +220,11 @@ def benchmark(
         if progress is not None:
             progress(i + 1, runs)
     return {k: _stats(v) for k, v in times.items()}
+
+
+def float16_proto(proto):
+    """``proto`` (an ``onnx.ModelProto``) with float32 tensors, inputs and outputs in float16: ONNX Runtime's own
+    converter (``onnxruntime.transformers.float16``); used for TensorRT's strongly typed ``--fp16`` builds."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=False)

@@ -279,12 +279,20 @@ def _allowed_static(a: dict) -> np.ndarray:
 
 def _allowed_routed(xp, a: dict, q, k, layout, bias):
     """[B, H, N, N] bool: each query block's chosen key blocks, expanded to tokens."""
+    chosen, b = routed_blocks(xp, a, q, k, layout, bias)
+    blk = xp.asarray(np.arange(q.shape[2]) // b, device=_device(q))
+    return xp.take(xp.take(chosen, blk, axis=2), blk, axis=3)
+
+
+def routed_blocks(xp, a: dict, q, k, layout, bias):
+    """``(chosen, b)``: [B, H, nb, nb] bool, the key blocks each query block reads (block_topk / block_layout,
+    ``a`` resolved at the length), and the block size. Global query rows are not included (they see every key).
+    Kernels use this to route without an [N, N] tensor."""
     bsz, heads, n, _ = q.shape
     dev = _device(q)
     f64 = xp.float64
     b = max(1, min(a["block_size"] or 64, n))
     nb = -(-n // b)
-    blk = xp.asarray(np.arange(n) // b, device=dev)
     if a["pattern"] == "block_layout":
         lay = xp.asarray(layout, device=dev) > 0
         chosen = xp.broadcast_to(lay, (bsz, heads, nb, nb))
@@ -318,7 +326,7 @@ def _allowed_routed(xp, a: dict, q, k, layout, bias):
         score = xp.where(xp.asarray(forced, device=dev), xp.asarray(math.inf, dtype=f64), score)
         order = xp.argsort(score, axis=-1, descending=True, stable=True)[..., :kk]
         chosen = xp.any(order[..., :, None] == xp.arange(nb, device=dev), axis=-2)
-    return xp.take(xp.take(chosen, blk, axis=2), blk, axis=3)
+    return chosen, b
 
 
 # ---------------------------------------------------------------- the node, its body, its cost

@@ -1,0 +1,108 @@
+"""Ahead-of-time compilation of the kernels to PTX, without a GPU.
+
+``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32))`` runs the whole
+Triton pipeline (ttir → ttgir → llir → ptx → cubin) on a CPU-only machine; ``ptx`` is what a TensorRT
+``@trtp.aot_impl`` returns. The kernel function is wrapped in a fresh ``JITFunction`` here, so this works
+whether or not the modules were imported under ``TRITON_INTERPRET=1``. Triton's code generator does not work in a
+process where the interpreter is on (it patches ``triton.language``), so there the compilation runs in a child
+process with the variable removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+_MODULES = ("graphprune.kernels.sparse_attention", "graphprune.kernels.token_select")
+_PTR = {"float32": "*fp32", "float16": "*fp16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    name: str  # the PTX entry
+    arch: int
+    ptx: str
+    num_warps: int
+    shared: int
+
+
+def sources() -> dict:
+    """Kernel name → plain kernel function, over every kernel module."""
+    out = {}
+    for mod in _MODULES:
+        out.update(importlib.import_module(mod).SOURCES)
+    return out
+
+
+def signature(fn, pointers: dict[str, str], floats: tuple[str, ...], constexprs: dict) -> dict[str, str]:
+    """Triton signature: pointer types from ``pointers``, ``fp32`` scalars in ``floats``, ``i32`` for the rest."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig
+
+
+def compile_ptx(kernel: str, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
+                arch: int = 90, num_warps: int = 4) -> Compiled:
+    """PTX of ``kernel`` (a key of :func:`sources`) for ``sm_<arch>``."""
+    from graphprune.kernels import interpreted
+
+    if interpreted():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        args = json.dumps([kernel, pointers, constexprs, list(floats), arch, num_warps])
+        res = subprocess.run([sys.executable, "-m", "graphprune.kernels.aot", args], env=env, capture_output=True,
+                             text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"PTX compilation of {kernel} failed: {res.stderr.strip().splitlines()[-1:]}")
+        return Compiled(**json.loads(res.stdout))
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = JITFunction(sources()[kernel])
+    src = ASTSource(fn, signature(fn, pointers, floats, constexprs), constexprs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    return Compiled(k.metadata.name, arch, k.asm["ptx"], k.metadata.num_warps, k.metadata.shared)
+
+
+def sparse_attention_ptx(dtype: str = "float16", pattern: str = "sliding_window", causal: bool = False,
+                         bias: bool = False, head_dim: int = 64, block: int = 64, arch: int = 90) -> Compiled:
+    """The SparseAttention kernel specialised for one dtype, pattern family, bias and head size."""
+    from graphprune.kernels.sparse_attention import MODES
+
+    t = _PTR[dtype]
+    d = max(16, 1 << (head_dim - 1).bit_length())
+    return compile_ptx(
+        "sparse_attention_fwd",
+        {"Q": t, "K": t, "V": t, "Bias": t, "Chosen": "*i8", "Table": "*i32", "Out": t},
+        dict(MODE=MODES[pattern], CAUSAL=causal, HAS_BIAS=bias, BLOCK_M=block, BLOCK_N=block, BLOCK_D=d,
+             BLOCK_DV=d),
+        floats=("scale",), arch=arch)
+
+
+def token_select_ptx(dtype: str = "float16", arch: int = 90) -> list[Compiled]:
+    """The four TokenSelect kernels for one dtype."""
+    t = _PTR[dtype]
+    return [
+        compile_ptx("token_select_rank", {"S": t, "R": "*i32"}, dict(BLOCK=128), arch=arch),
+        compile_ptx("token_select_kept_before", {"R": "*i32", "C": "*i32"}, dict(BLOCK=128), arch=arch),
+        compile_ptx("token_select_gather", {"X": t, "R": "*i32", "C": "*i32", "Y": t, "Idx": "*i64"},
+                    dict(KEEP_ORDER=True, BLOCK=128, BLOCK_C=64), arch=arch),
+        compile_ptx("token_select_fuse_rest", {"X": t, "S": t, "R": "*i32", "Y": t}, dict(BLOCK=128, BLOCK_C=64),
+                    arch=arch),
+    ]
+
+
+if __name__ == "__main__":  # the child process of compile_ptx under the interpreter
+    kernel, pointers, constexprs, floats, arch, num_warps = json.loads(sys.argv[1])
+    print(json.dumps(dataclasses.asdict(compile_ptx(kernel, pointers, constexprs, tuple(floats), arch, num_warps))))
