@@ -99,6 +99,25 @@ def export(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    program = export_program(module, args, opset, dynamic_batch, input_names, dynamic_axes=dynamic_axes,
+                             output_names=output_names)
+    program.save(str(path), external_data=True)
+    return path
+
+
+def export_program(
+    module: torch.nn.Module,
+    args: tuple,
+    opset: int = 18,
+    dynamic_batch: bool = True,
+    input_names: list[str] | None = None,
+    *,
+    dynamic_axes: Mapping[int, str] | None = None,
+    output_names: list[str] | None = None,
+):
+    """``export`` without writing: the ``torch.onnx.ONNXProgram`` (``.model``: the ONNX IR with the ai.graphprune
+    bodies attached; ``.exported_program``: the torch.export program it was translated from, whose node names are
+    the ONNX value names). Same arguments as :func:`export`."""
     module.eval()
     if dynamic_axes is None and dynamic_batch:
         dynamic_axes = {0: "batch"}
@@ -109,8 +128,7 @@ def export(
                                     input_names=input_names, output_names=output_names, verbose=False,
                                     custom_translation_table=dict(TRANSLATIONS))
     _attach_bodies(program.model)
-    program.save(str(path), external_data=True)
-    return path
+    return program
 
 
 def _attach_bodies(model) -> None:
@@ -120,4 +138,8 @@ def _attach_bodies(model) -> None:
         add_node_function(model, node)
 
 
-__all__ = ["AXIS_RANGE", "BATCH_RANGE", "export"]
+from graphprune.torch._apply import apply_plan, count_parameters, load_pruned, save_pruned  # noqa: E402
+from graphprune.torch._optimize import TorchResult, optimize  # noqa: E402
+
+__all__ = ["AXIS_RANGE", "BATCH_RANGE", "TorchResult", "apply_plan", "count_parameters", "export", "export_program",
+           "load_pruned", "optimize", "save_pruned"]
