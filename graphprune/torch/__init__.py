@@ -5,7 +5,11 @@ computed on the ONNX graph (e.g. a channel-prune plan keyed by initializer names
 ``state_dict`` keys. The exporter always writes a separate ``<path>.data`` weights file.
 
 Importing this module registers every ``ai.graphprune`` op as ``torch.ops.graphprune.<snake_name>`` (eager kernel,
-fake kernel, ONNX translation); a module that calls them exports to the ``ai.graphprune`` nodes with their bodies.
+fake kernel, autograd, ONNX translation); a module that calls them exports to the ``ai.graphprune`` nodes with
+their bodies.
+
+Beyond export: ``optimize`` (a module through a pipeline, verified against the module), ``apply_plan`` (the channel
+plan back onto the module), ``save_pruned`` / ``load_pruned``, and the FX pass ``token_drop``.
 """
 
 from __future__ import annotations
@@ -140,6 +144,7 @@ def _attach_bodies(model) -> None:
 
 from graphprune.torch._apply import apply_plan, count_parameters, load_pruned, save_pruned  # noqa: E402
 from graphprune.torch._optimize import TorchResult, optimize  # noqa: E402
+from graphprune.torch._token_fx import token_drop  # noqa: E402
 
 __all__ = ["AXIS_RANGE", "BATCH_RANGE", "TorchResult", "apply_plan", "count_parameters", "export", "export_program",
-           "load_pruned", "optimize", "save_pruned"]
+           "load_pruned", "optimize", "save_pruned", "token_drop"]
