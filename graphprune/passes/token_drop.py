@@ -184,13 +184,22 @@ class TokenDropPass(GraphPass):
             return layers, [ratio] * len(layers), info
         return layers, [cfg.keep_ratio] * len(layers), info
 
-    def call(self, model: ir.Model) -> GraphResult:
-        cfg = self.config
+    def schedule(self, model: ir.Model) -> tuple[list[AttentionBlock], int, list[int], list[float], dict] | None:
+        """The decision, without rewriting: (blocks, protected prefix, layers, per-layer keep ratios, info), or None
+        without attention blocks. ``graphprune.torch``'s FX pass places its ops from this too."""
         blocks = find_attention_blocks(model)
         if not blocks:
-            return GraphResult(model, False, skipped=[Skipped("model", "no attention blocks found; nothing to drop")])
-        protect = cfg.protect if cfg.protect is not None else blocks[0].prefix_tokens
+            return None
+        protect = self.config.protect if self.config.protect is not None else blocks[0].prefix_tokens
         layers, ratios, info = self._plan(blocks, model, protect)
+        return blocks, protect, layers, ratios, info
+
+    def call(self, model: ir.Model) -> GraphResult:
+        cfg = self.config
+        decided = self.schedule(model)
+        if decided is None:
+            return GraphResult(model, False, skipped=[Skipped("model", "no attention blocks found; nothing to drop")])
+        blocks, protect, layers, ratios, info = decided
         info.update(method=cfg.method, protect=protect, layers=layers)
         result = GraphResult(model, False, info=info)
         n_cur = blocks[0].tokens
@@ -397,4 +406,7 @@ def _add_logit_bias(graph: ir.Graph, blk: AttentionBlock, bias: ir.Value) -> tup
     raise Skip(f"block {blk.index}: proportional attention not supported for {blk.kind}")
 
 
-__all__ = ["TokenDropConfig", "TokenDropPass"]
+stream_point = _stream_point
+"""Public name of the stream-point rule (where a block's reduction goes), shared with the torch FX pass."""
+
+__all__ = ["TokenDropConfig", "TokenDropPass", "stream_point"]

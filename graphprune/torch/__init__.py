@@ -5,7 +5,11 @@ computed on the ONNX graph (e.g. a channel-prune plan keyed by initializer names
 ``state_dict`` keys. The exporter always writes a separate ``<path>.data`` weights file.
 
 Importing this module registers every ``ai.graphprune`` op as ``torch.ops.graphprune.<snake_name>`` (eager kernel,
-fake kernel, ONNX translation); a module that calls them exports to the ``ai.graphprune`` nodes with their bodies.
+fake kernel, autograd, ONNX translation); a module that calls them exports to the ``ai.graphprune`` nodes with
+their bodies.
+
+Beyond export: ``optimize`` (a module through a pipeline, verified against the module), ``apply_plan`` (the channel
+plan back onto the module), ``save_pruned`` / ``load_pruned``, and the FX pass ``token_drop``.
 """
 
 from __future__ import annotations
@@ -99,6 +103,25 @@ def export(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    program = export_program(module, args, opset, dynamic_batch, input_names, dynamic_axes=dynamic_axes,
+                             output_names=output_names)
+    program.save(str(path), external_data=True)
+    return path
+
+
+def export_program(
+    module: torch.nn.Module,
+    args: tuple,
+    opset: int = 18,
+    dynamic_batch: bool = True,
+    input_names: list[str] | None = None,
+    *,
+    dynamic_axes: Mapping[int, str] | None = None,
+    output_names: list[str] | None = None,
+):
+    """``export`` without writing: the ``torch.onnx.ONNXProgram`` (``.model``: the ONNX IR with the ai.graphprune
+    bodies attached; ``.exported_program``: the torch.export program it was translated from, whose node names are
+    the ONNX value names). Same arguments as :func:`export`."""
     module.eval()
     if dynamic_axes is None and dynamic_batch:
         dynamic_axes = {0: "batch"}
@@ -109,8 +132,7 @@ def export(
                                     input_names=input_names, output_names=output_names, verbose=False,
                                     custom_translation_table=dict(TRANSLATIONS))
     _attach_bodies(program.model)
-    program.save(str(path), external_data=True)
-    return path
+    return program
 
 
 def _attach_bodies(model) -> None:
@@ -120,4 +142,9 @@ def _attach_bodies(model) -> None:
         add_node_function(model, node)
 
 
-__all__ = ["AXIS_RANGE", "BATCH_RANGE", "export"]
+from graphprune.torch._apply import apply_plan, count_parameters, load_pruned, save_pruned  # noqa: E402
+from graphprune.torch._optimize import TorchResult, optimize  # noqa: E402
+from graphprune.torch._token_fx import token_drop  # noqa: E402
+
+__all__ = ["AXIS_RANGE", "BATCH_RANGE", "TorchResult", "apply_plan", "count_parameters", "export", "export_program",
+           "load_pruned", "optimize", "save_pruned", "token_drop"]

@@ -6,6 +6,7 @@ For each :class:`~graphprune.ops._base.OpDef` in the registry:
   * the eager kernel is ``OpDef.compute`` run with the torch array-API namespace (the same code the numpy
     reference runs);
   * ``register_fake`` evaluates the op's shape expressions over the inputs' ``SymInt`` dims;
+  * autograd: the backward differentiates the same ``compute`` (``_autograd``);
   * ``TRANSLATIONS`` maps each op overload to an ONNX translation for ``torch.onnx.export``: it emits the
     ``ai.graphprune`` node; ``graphprune.torch.export`` then attaches the function body (``add_node_function``).
 """
@@ -55,6 +56,31 @@ def _fake(spec: type[OpDef]):
     return fake
 
 
+def _autograd(spec: type[OpDef]):
+    """Backward by differentiating ``OpDef.compute`` itself (torch namespace): gathers and weighted sums carry
+    gradients to the float inputs; indices (TopK, argsort) carry none. So a module can train with the op in place."""
+    n_in = len(spec.inputs)
+
+    def setup_context(ctx, inputs, keyword_only_inputs, output):
+        ctx.inputs = inputs
+        ctx.kwargs = dict(keyword_only_inputs)
+
+    def backward(ctx, *grads):
+        inputs = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+                  for x in ctx.inputs]
+        kw = dict(ctx.kwargs)
+        with torch.enable_grad():
+            ins = list(inputs[:n_in]) + [kw.pop(p.name, None) for p in spec.inputs[len(inputs):]]
+            outs = spec.compute(_xp, *ins, **spec.normalize(**kw))
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.is_floating_point() and o.requires_grad]
+        wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                   if pairs and wrt else [None] * len(wrt))
+        return tuple(next(got) if isinstance(x, torch.Tensor) and x.requires_grad else None for x in inputs)
+
+    return backward, setup_context
+
+
 def _translation(spec: type[OpDef]):
     from onnxscript.values import Op, Opset
 
@@ -79,6 +105,8 @@ def _register_all() -> None:
             continue
         op = torch.library.custom_op(qualname, _kernel(spec), mutates_args=(), schema=spec.torch_schema())
         op.register_fake(_fake(spec))
+        backward, setup = _autograd(spec)
+        op.register_autograd(backward, setup_context=setup)
         TRANSLATIONS[getattr(getattr(torch.ops, _LIB), spec.snake).default] = _translation(spec)
 
 
