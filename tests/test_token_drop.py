@@ -339,3 +339,12 @@ def test_hf_vit_opset23_matches_opset18(hf_export, cfg):
         outs.append(run(model, {"pixel_values": x}))
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_default_layers_stay_inside_the_model():
+    from graphprune.passes._token_schedule import default_layers
+
+    assert default_layers(12) == [3, 6, 9]
+    assert default_layers(2) == [1] and default_layers(1) == []  # a one-block model: nothing to place, no IndexError
+    for depth in range(1, 40):
+        assert all(0 < i < depth for i in default_layers(depth))

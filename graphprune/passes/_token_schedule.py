@@ -80,7 +80,7 @@ def pyramid_layers(depth: int, stages: int) -> list[int]:
 
 def default_layers(depth: int) -> list[int]:
     """EViT-style placement: blocks at 1/4, 2/4, 3/4 of the depth (3, 6, 9 for 12 blocks); never block 0."""
-    return sorted({max(1, int(depth * q / 4 + 0.5)) for q in (1, 2, 3) if int(depth * q / 4 + 0.5) < depth})
+    return sorted(i for i in {max(1, int(depth * q / 4 + 0.5)) for q in (1, 2, 3)} if i < depth)
 
 
 def solve_budget(budget: float, layers: Sequence[int], predict: Callable[[list[float]], int], total: int) -> float:

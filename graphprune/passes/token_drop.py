@@ -206,6 +206,11 @@ class TokenDropPass(GraphPass):
         if n_cur is None:
             result.skipped.append(Skipped("model", "token count is not static; cannot retarget reshapes"))
             return result
+        if not layers:
+            result.skipped.append(Skipped("model", f"no layer selected: the model has {len(blocks)} attention "
+                                          "block(s) and the default layers (¼, ½, ¾ of the depth) never take block 0; "
+                                          "set layers"))
+            return result
         out_shapes = {o: o.shape for o in model.graph.outputs}
         per_token = [o.name for o in model.graph.outputs if o.shape is not None and len(o.shape) == 3
                      and o.shape[1] == n_cur]
