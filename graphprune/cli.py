@@ -149,15 +149,15 @@ def optimize(
         allow_overlap=allow_overlap or None).items() if v is not None}
     if data_overrides:
         pipe.data = pipe.data.model_copy(update=data_overrides)
-    shortcut = []
+    shortcut = []  # (the flag, as the user typed it, for error messages; the pass entry)
     if token_keep is not None:
-        shortcut.append({"name": "token_drop", "keep_ratio": token_keep})
+        shortcut.append(("--token-keep", {"name": "token_drop", "keep_ratio": token_keep}))
     if sparse_attention is not None:
-        shortcut.append(parse_sparse_spec(sparse_attention))
+        shortcut.append(("--sparse-attention", parse_sparse_spec(sparse_attention)))
     if prune_channels is not None:
-        shortcut.append({"name": "channel_prune", "ratio": prune_channels})
-    for entry in shortcut:
-        pipe.steps.append(Pipeline.step(entry, f"--{entry['name'].replace('_', '-')}"))
+        shortcut.append(("--prune-channels", {"name": "channel_prune", "ratio": prune_channels}))
+    for flag, entry in shortcut:
+        pipe.steps.append(Pipeline.step(entry, flag))
     if shortcut or not pipe.steps:
         pipe.add("cleanup")
     overrides = {k: v for k, v in dict(cosine_min=cosine_min, cosine_mean_min=cosine_mean_min, max_abs_err=max_abs_err,

@@ -237,3 +237,13 @@ def test_internal_errors_are_one_line_with_the_message(tmp_path, capsys, monkeyp
     code, err = run_cli(["inspect", linear_model(tmp_path / "m.onnx")], capsys)
     assert code == 1
     assert err == "internal error: RuntimeError: first line of the message (run with --debug for the traceback)"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--token-keep", "0"], "--token-keep (token_drop).keep_ratio"),
+    (["--prune-channels", "1.0"], "--prune-channels (channel_prune).ratio"),
+    (["--sparse-attention", "sliding_window:window=0"], "--sparse-attention (sparse_attention).window"),
+])
+def test_shortcut_errors_name_the_flag_as_typed(args, needle, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert_user_error(["optimize", linear_model(tmp_path / "m.onnx"), "-o", out, *args], capsys, out, needle)
