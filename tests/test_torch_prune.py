@@ -212,3 +212,29 @@ def test_optimize_without_channel_prune(examples, tmp_path):
     t = res.report["torch"]
     assert t["export"]["max_abs_err"] < 1e-4 and t["optimized"]["max_abs_err"] < 1e-4
     assert res.report["data"]["source"] == "user"
+
+
+def test_multihead_attention_block_matches_the_pruned_onnx(tmp_path):
+    """nn.MultiheadAttention (packed in_proj) plus an MLP: the pruned copy runs and equals the pruned ONNX."""
+    import onnxruntime as ort
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+            self.fc1, self.fc2, self.ln = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64), torch.nn.LayerNorm(64)
+
+        def forward(self, x):
+            x = x + self.mha(x, x, x, need_weights=False)[0]
+            return x + self.fc2(torch.relu(self.fc1(self.ln(x))))
+
+    torch.manual_seed(0)
+    m, x = Block().eval(), torch.randn(2, 10, 64)
+    r = gt.optimize(m, (x,), {"passes": [{"name": "channel_prune", "ratio": 0.3}]}, out=tmp_path / "o.onnx")
+    pruned = gt.apply_plan(m, r.plan, example_inputs=(x,))
+    sess = ort.InferenceSession(str(r.onnx_path), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(pruned(x).numpy(), want, atol=1e-4)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in m.parameters())
+    assert pruned.mha.embed_dim == 64 and pruned.mha.num_heads == 4  # heads untouched here: only the MLP
