@@ -337,10 +337,6 @@ class OpDef:
         return tuple(i < len(inputs) and inputs[i] is not None for i in range(len(cls.inputs)))
 
     @classmethod
-    def overload(cls, a: dict, dtype: ir.DataType, present: Sequence[bool]) -> str:
-        return overload_key({"attrs": a, "dtype": dtype.name, "inputs": [int(p) for p in present]})
-
-    @classmethod
     def symbolic_shapes(cls, a: dict) -> list[tuple[Dim, ...]]:
         return [tuple(Dim.of(d) for d in dims) for dims in cls.shape(a)]
 
@@ -421,11 +417,12 @@ class OpDef:
             final.append(v)
         graph = ir.Graph(declared, final, nodes=t.nodes, opset_imports={"": opset}, name=cls.name)
         fattrs = [ir.Attr(s.name, s.onnx_type, None) for s in cls.attributes]
-        return ir.Function(DOMAIN, cls.name, cls._overload_static(a, dtype, present, static), graph=graph,
+        return ir.Function(DOMAIN, cls.name, cls.overload(a, dtype, present, static), graph=graph,
                            attributes=fattrs)
 
     @classmethod
-    def _overload_static(cls, a: dict, dtype: ir.DataType, present: Sequence[bool], static) -> str:
+    def overload(cls, a: dict, dtype: ir.DataType, present: Sequence[bool], static) -> str:
+        """The body's overload key: attributes, dtype, present optional inputs, and the static dims it is built for."""
         key = {"attrs": a, "dtype": dtype.name, "inputs": [int(p) for p in present]}
         if any(s is not None for s in static):
             key["static"] = [None if s is None else list(s) for s in static]
@@ -455,7 +452,7 @@ class OpDef:
             node_inputs.pop()
         node_attrs = [ir.Attr(s.name, s.onnx_type, a[s.name]) for s in cls.attributes if a[s.name] is not None]
         node = ir.Node(DOMAIN, cls.name, node_inputs, node_attrs,
-                       overload=cls._overload_static(a, dtype, present, _static_key(static, len(cls.inputs))),
+                       overload=cls.overload(a, dtype, present, _static_key(static, len(cls.inputs))),
                        num_outputs=len(cls.outputs), name=name)
         out_shapes = cls.output_shapes(shapes, a)
         for port, value, shp in zip(cls.outputs, node.outputs, out_shapes):
@@ -563,23 +560,6 @@ class OpDef:
             kws.append(f"{s.torch_type} {s.name}={text}")
         outs = ", ".join("Tensor" for _ in cls.outputs)
         return f"({', '.join(ins + ['*'] + kws)}) -> ({outs})"
-
-    @classmethod
-    def describe(cls) -> dict:
-        """Human- and tool-readable summary (``graphprune inspect``, docs)."""
-        a = {s.name: s.default for s in cls.attributes}
-        try:
-            shapes = [[str(d) for d in dims] for dims in cls.symbolic_shapes(cls.check(dict(a)))]
-        except (ConfigError, ValueError, TypeError, KeyError):
-            shapes = None
-        return {
-            "name": f"{DOMAIN}.{cls.name}",
-            "inputs": [f"{p.name}{'?' if p.optional else ''} [{', '.join(p.dims or ('...',))}] {p.dtype}"
-                       for p in cls.inputs],
-            "outputs": [f"{p.name} [{', '.join(p.dims or ('...',))}] {p.dtype}" for p in cls.outputs],
-            "attributes": {s.name: f"{s.type_name} = {s.default!r}: {s.doc}" for s in cls.attributes},
-            "output_shapes_at_defaults": shapes,
-        }
 
 
 def _dtype_of(values) -> ir.DataType:
