@@ -70,3 +70,36 @@ def test_aot_ptx(arch):
     if arch == 90:
         names = [c.name for c in aot.token_select_ptx("float32", arch=arch)]
         assert names == ["_rank", "_kept_before", "_gather", "_fuse_rest"]
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_ptx_merge_and_diversity(arch):
+    """The one-launch kernels compile for sm_80 / sm_90, and their entries take exactly what TensorRT's AOT launch
+    passes: the input pointers, the int32 scalars, the output pointers (Triton's unused scratch pointers dropped)."""
+    pytest.importorskip("triton")
+    from graphprune.kernels import aot
+
+    merge = aot.token_merge_ptx("float16", n=65, channels=64, metric_dim=32, has_size=True, arch=arch, r=8, protect=1)
+    diverse = aot.diversity_select_ptx("float32", n=65, channels=64, arch=arch, k=16, protect=1)
+    for k, name, params in ((merge, "_token_merge", [".u64"] * 3 + [".u32"] * 3 + [".u64"] * 3),
+                            (diverse, "_diversity_select", [".u64"] + [".u32"] * 2 + [".u64"] * 2)):
+        assert k.name == name and k.arch == arch
+        assert f".target sm_{arch}" in k.ptx and f".visible .entry {name}(" in k.ptx
+        head = k.ptx[k.ptx.index(f".entry {name}("):]
+        head = head[: head.index(")")]
+        assert [p.split()[1] for p in head.splitlines()[1:]] == params
+        assert len(aot.entry_params(k.ptx, name)) == len(params)
+        assert "ret;" in k.ptx and k.num_warps in (4, 8)
+
+
+def test_strip_unused_params_keeps_read_ones():
+    from graphprune.kernels import aot
+
+    ptx = (".visible .entry f(\n\t.param .u64 f_param_0,\n\t.param .u32 f_param_1,\n\t.param .u64 f_param_2,\n"
+           "\t.param .u64 f_param_3\n)\n{\n\tld.param.b64 %rd1, [f_param_0];\n\tld.param.b32 %r1, [f_param_1];\n}\n")
+    out = aot.strip_unused_params(ptx, "f")
+    assert aot.entry_params(out, "f") == ["f_param_0", "f_param_1"]
+    assert "f_param_1\n)" in out and "ld.param.b32 %r1, [f_param_1];" in out
+    read_all = ptx.replace("}\n", "\tld.param.b64 %rd2, [f_param_3];\n}\n")
+    assert aot.strip_unused_params(read_all, "f") == read_all  # the last one is read: nothing dropped
