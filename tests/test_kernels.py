@@ -208,3 +208,30 @@ def test_merge_and_diversity_limits_are_refused():
     assert supported(2 * MAX_SIDE, dict(r=4)) and not supported(2 * MAX_SIDE + 1, dict(r=4))
     with pytest.raises(ValueError, match="k <= N - protect"):
         diversity_select(torch.zeros((1, MAX_M + 2, 4), device=DEVICE), k=2, protect=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("attrs", [dict(k=9, protect=1), dict(k=9, keep_order=0, fuse_rest=1),
+                                   dict(keep_ratio=0.6, protect=2, fuse_rest=1), dict(k=70)],
+                         ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
+def test_token_select_threshold_ties_signs_and_zeros(attrs, dtype):
+    """The radix-select threshold: negative scores, +0 and -0 (equal), many ties exactly at the threshold (the
+    lower indices are kept), a huge and a tiny magnitude, N = 70 (five 16-token tiles); k = 70 keeps everything."""
+    from graphprune.kernels.token_select import token_select
+
+    rng = np.random.default_rng(11)
+    n = 70
+    x = rng.standard_normal((2, n, 24)).astype(dtype)
+    s = rng.choice(np.array([-3.0, -0.5, 0.0, 0.25, 1.5], dtype), size=(2, n))  # few distinct values: ties
+    s[0, 10:14] = -0.0
+    s[1, :5] = rng.standard_normal(5).astype(dtype) * 1000
+    s[1, 5] = np.finfo(dtype).tiny
+    if attrs.get("fuse_rest"):  # the fused token is a weighted mean: signed weights summing near 0 blow it up
+        s = np.abs(s)
+        s[0, 10:14] = -0.0
+    ry, ri = TokenSelect.reference(x, s, **attrs)
+    assert np.isfinite(ry).all()
+    y, i = token_select(_t(x), _t(s), **attrs)
+    np.testing.assert_array_equal(i.cpu().numpy(), ri)
+    np.testing.assert_allclose(y.cpu().numpy().astype(np.float64), ry.astype(np.float64), atol=TOL[dtype] * 4,
+                               rtol=TOL[dtype])

@@ -79,9 +79,9 @@ def test_aot_ptx(arch):
     assert k.name == "_sparse_attention_fwd" and k.arch == arch
     assert f".target sm_{arch}" in k.ptx and f".visible .entry {k.name}(" in k.ptx
     assert k.num_warps == 4
-    if arch == 90:
-        names = [c.name for c in aot.token_select_ptx("float32", arch=arch)]
-        assert names == ["_rank", "_kept_before", "_gather", "_fuse_rest"]
+    sel = aot.token_select_ptx("float32", arch=arch, keep_ratio=0.5, protect=1, fuse_rest=1)
+    assert sel.name == "_token_select" and f".target sm_{arch}" in sel.ptx
+    assert len(aot.entry_params(sel.ptx, sel.name)) == 6  # X, S, N, C, Y, Idx: Triton's scratch pointers dropped
 
 
 @pytest.mark.kernels
@@ -129,9 +129,9 @@ def test_used_inputs_drop_only_the_placeholders():
 
 
 def test_aot_refusal_names_the_multi_launch_ops():
-    assert plugins.aot_refusal({"TokenMerge", "DiversitySelect"}) is None
+    assert plugins.aot_refusal({"TokenMerge", "DiversitySelect", "TokenSelect"}) is None
     why = plugins.aot_refusal({"TokenMerge", "TokenSelect", "SparseAttention"})
-    assert why.startswith("--aot: SparseAttention, TokenSelect have no one-launch kernel") and "\n" not in why
+    assert why.startswith("--aot: SparseAttention has no one-launch kernel") and "\n" not in why
 
 
 def test_aot_plan_needs_a_static_token_count():
@@ -142,11 +142,14 @@ def test_aot_plan_needs_a_static_token_count():
         plugins.aot_plan("TokenMerge", [[None, 1200, 64], [None, 1200, 32], [None, 1200, 1]],
                          TokenMerge.normalize(r=4), True)
     with pytest.raises(GraphpruneError, match="no one-launch kernel"):
-        plugins.aot_plan("TokenSelect", [[None, 20, 8], [None, 20]], TokenSelect.normalize(k=4), True)
+        plugins.aot_plan("SparseAttention", [[None, 2, 20, 8]] * 3, SparseAttention.normalize(pattern="sliding_window",
+                                                                                              window=4), True)
+    plan = plugins.aot_plan("TokenSelect", [[None, None, 8], [None, None]], TokenSelect.normalize(k=4), True)
+    assert plan["grid"] == [(0, 1, 128), (0, 0, 1)]  # any N: cdiv(N, 128) tiles × B
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("op", ["TokenMerge", "DiversitySelect"])
+@pytest.mark.parametrize("op", ["TokenMerge", "DiversitySelect", "TokenSelect"])
 def test_aot_plan_launch_matches_the_reference(op):
     """TensorRT's AOT launch, simulated in the interpreter: the plan's kernel with its constexprs, grid (B,) and
     arguments in TensorRT's order (input pointers, the plan's int32 dims, output pointers) gives the reference."""
@@ -160,6 +163,7 @@ def test_aot_plan_launch_matches_the_reference(op):
         pytest.skip("simulates the launch on CPU tensors in Triton's interpreter")
     from graphprune.kernels import diversity_select as ds
     from graphprune.kernels import token_merge as tm
+    from graphprune.kernels import token_select as ts
 
     rng = np.random.default_rng(0)
     n, c = 29, 24
@@ -170,15 +174,21 @@ def test_aot_plan_launch_matches_the_reference(op):
         size = np.ones((3, n, 1), np.float32)  # what the lowering fills in for an absent size
         inputs, ref = [x, metric, size], TokenMerge.reference(x, metric, None, **attrs)
         kernel = tm.token_merge_kernel
-    else:
+    elif op == "DiversitySelect":
         attrs = DiversitySelect.normalize(k=9, protect=1, keep_order=0)
         inputs, ref = [x], DiversitySelect.reference(x, **attrs)
         kernel = ds.diversity_select_kernel
+    else:
+        attrs = TokenSelect.normalize(keep_ratio=0.4, protect=1, fuse_rest=1)
+        scores = rng.random((3, n)).astype(np.float32)
+        inputs, ref = [x, scores], TokenSelect.reference(x, scores, **attrs)
+        kernel = ts.token_select_kernel
     plan = plugins.aot_plan(op, [list(a.shape) for a in inputs], attrs, True)
     assert list(plan["pointers"])[: len(inputs)] == [p for p in kernel.arg_names[: len(inputs)]]
     scalars = [inputs[i].shape[axis] for i, axis in plan["scalars"]]
     outs = [torch.empty(r.shape, dtype=torch.from_numpy(r).dtype) for r in ref]
-    kernel[(x.shape[0],)](*[torch.from_numpy(a) for a in inputs], *scalars, *outs, **plan["constexprs"])
+    grid = tuple(-(-inputs[i].shape[axis] // div) for i, axis, div in plan["grid"])
+    kernel[grid](*[torch.from_numpy(a) for a in inputs], *scalars, *outs, **plan["constexprs"])
     for got, want in zip(outs, ref):
         np.testing.assert_allclose(got.numpy(), want, atol=1e-5, rtol=1e-5)
     assert outs[-1].dtype == torch.int64

@@ -129,17 +129,13 @@ def sparse_attention_ptx(dtype: str = "float16", pattern: str = "sliding_window"
         floats=("scale",), arch=arch)
 
 
-def token_select_ptx(dtype: str = "float16", arch: int = 90) -> list[Compiled]:
-    """The four TokenSelect kernels for one dtype."""
+def token_select_ptx(dtype: str = "float16", arch: int = 90, **attrs) -> Compiled:
+    """The TokenSelect kernel for one dtype and attribute set (any N)."""
+    from graphprune.kernels import token_select as ts
+
     t = _PTR[dtype]
-    return [
-        compile_ptx("token_select_rank", {"S": t, "R": "*i32"}, dict(BLOCK=128), arch=arch),
-        compile_ptx("token_select_kept_before", {"R": "*i32", "C": "*i32"}, dict(BLOCK=128), arch=arch),
-        compile_ptx("token_select_gather", {"X": t, "R": "*i32", "C": "*i32", "Y": t, "Idx": "*i64"},
-                    dict(KEEP_ORDER=True, BLOCK=128, BLOCK_C=64), arch=arch),
-        compile_ptx("token_select_fuse_rest", {"X": t, "S": t, "R": "*i32", "Y": t}, dict(BLOCK=128, BLOCK_C=64),
-                    arch=arch),
-    ]
+    return compile_ptx("token_select", {"X": t, "S": t, "Y": t, "Idx": "*i64"}, ts.constexprs(attrs or {"k": 1}),
+                       arch=arch)
 
 
 def token_merge_ptx(dtype: str = "float16", n: int = 197, channels: int = 384, metric_dim: int = 64,

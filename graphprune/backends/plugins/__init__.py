@@ -18,10 +18,10 @@ For each op in ``graphprune.ops.REGISTRY``, :func:`plugin_specs` derives from ``
   * the ``aot_impl`` returns ``(kernel name, PTX, KernelLaunchParams, SymIntExprs)``: the op's one-launch kernel
     compiled by :func:`graphprune.kernels.aot.compile_ptx` for the build GPU, specialised to the node's
     attributes and dtype (TensorRT does not serialise attributes with an AOT plugin: they are compiled in),
-    grid ``(B,)``, and the int32 dims the kernel reads. TokenMerge and DiversitySelect have such kernels; the
-    SparseAttention and TokenSelect kernels need several launches and host-built tables (tile table, ranks),
-    which TensorRT's AOT launch (one kernel, tensors and int32 scalars) cannot give, so ``--aot`` refuses a
-    model holding them (:func:`aot_refusal`).
+    its grid, and the int32 dims the kernel reads. TokenMerge, DiversitySelect and TokenSelect have such
+    kernels; the SparseAttention kernel takes a host-built KV tile table (and, for the routed patterns, the
+    routing), which TensorRT's AOT launch (one kernel, tensors and int32 scalars) cannot give, so ``--aot``
+    refuses a model holding it (:func:`aot_refusal`).
 
 **Optional inputs.** A plugin has a fixed list of inputs, and a Python plugin cannot be registered twice under one
 name (``plugin_version`` is always 1), so there is one plugin per op taking every port. The lowering
@@ -52,7 +52,7 @@ KERNELS = {"SparseAttention": ("graphprune.kernels.sparse_attention", "sparse_at
            "TokenMerge": ("graphprune.kernels.token_merge", "token_merge", "supported"),
            "DiversitySelect": ("graphprune.kernels.diversity_select", "diversity_select", "supported")}
 #: Ops whose whole computation is one kernel launch, hence an ``@trtp.aot_impl``.
-AOT_KERNELS = ("DiversitySelect", "TokenMerge")
+AOT_KERNELS = ("DiversitySelect", "TokenMerge", "TokenSelect")
 #: How the lowering fills an absent optional input: ``("ones_tokens", 3)`` (ones [B, N, 1] like input 0, the op's
 #: default) or ``("placeholder", rank)`` (a one-element tensor of that rank, unused under the condition in
 #: :func:`used_inputs`).
@@ -131,8 +131,8 @@ def aot_refusal(op_types) -> str | None:
     if not multi:
         return None
     return (f"--aot: {', '.join(multi)} {'has' if len(multi) == 1 else 'have'} no one-launch kernel (the Triton "
-            f"kernels need several launches and host-built tables, which TensorRT's AOT launch cannot pass); "
-            f"only {' and '.join(AOT_KERNELS)} build ahead of time; build without --aot")
+            f"kernel needs host-built tables, which TensorRT's AOT launch cannot pass); only "
+            f"{', '.join(AOT_KERNELS)} build ahead of time; build without --aot")
 
 
 def _require():
@@ -287,18 +287,28 @@ def _is_float32(trt, desc) -> bool:
 
 
 def _static(expr) -> int | None:
-    """A ``trtp`` shape expression's value when it is a build-time constant."""
-    return int(expr.constant_value) if getattr(expr, "is_constant", False) else None
+    """A ``trtp.ShapeExpr``'s value when it is a build-time constant (``is_constant`` raises for a "fake" one)."""
+    try:
+        return int(expr.constant_value()) if expr.is_constant else None
+    except RuntimeError:
+        return None
 
 
 def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) -> dict:
     """What :func:`register_all`'s ``aot_impl`` compiles and launches for ``op``, from the inputs' dims (``None``
     where not a build-time constant): ``kernel`` (a key of ``aot.sources()``), ``pointers``, ``constexprs``,
-    ``num_warps`` and ``scalars`` (the input dim ``(input, axis)`` behind each int32 argument, in order). The token
-    count must be static: it bounds the kernel's register blocks. Pure (no TensorRT), so it is tested here."""
+    ``num_warps``, ``scalars`` (the input dim ``(input, axis)`` behind each int32 argument, in order) and ``grid``
+    (``(input, axis, divisor)`` per grid dim: ``cdiv`` of that dim). TokenMerge and DiversitySelect need a static
+    token count (it sizes their register blocks); TokenSelect takes any. Pure (no TensorRT), tested here."""
     t = "*fp32" if float32 else "*fp16"
     x = dims[0]
     n = x[1]
+    if op == "TokenSelect":
+        from graphprune.kernels import token_select as ts
+
+        return dict(kernel="token_select", pointers={"X": t, "S": t, "Y": t, "Idx": "*i64"},
+                    constexprs=ts.constexprs(attrs, 128, 64), num_warps=4, scalars=[(0, 1), (0, 2)],
+                    grid=[(0, 1, 128), (0, 0, 1)])
     if n is None:
         raise GraphpruneError(f"--aot: {op} needs a static token count (the one-launch kernel's register blocks are "
                               f"sized from N at build time); give a fixed N or build without --aot")
@@ -312,7 +322,7 @@ def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) 
         return dict(kernel="token_merge", pointers={"X": t, "Metric": t, "Size": t, "Y": t, "SizeOut": t,
                                                     "Idx": "*i64"},
                     constexprs=dict(HAS_SIZE=True, **tm.constexprs(n, c, d, attrs)), num_warps=tm.num_warps(n, attrs),
-                    scalars=[(0, 1), (0, 2), (1, 2)])
+                    scalars=[(0, 1), (0, 2), (1, 2)], grid=[(0, 0, 1)])
     if op == "DiversitySelect":
         from graphprune.kernels import diversity_select as ds
 
@@ -320,7 +330,7 @@ def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) 
             raise GraphpruneError(f"--aot: DiversitySelect at N = {n} needs k <= N - protect <= {ds.MAX_M}")
         k = ds.constexprs(n, c, attrs)
         return dict(kernel="diversity_select", pointers={"X": t, "Y": t, "Idx": "*i64"}, constexprs=k,
-                    num_warps=8 if k["BLOCK_M"] >= 512 else 4, scalars=[(0, 1), (0, 2)])
+                    num_warps=8 if k["BLOCK_M"] >= 512 else 4, scalars=[(0, 1), (0, 2)], grid=[(0, 0, 1)])
     raise GraphpruneError(aot_refusal([op]) or f"--aot: {op} has no one-launch kernel")
 
 
@@ -345,7 +355,9 @@ def _register_aot(trt, trtp, spec: PluginSpec) -> None:
         k = aot.compile_ptx(plan["kernel"], plan["pointers"], plan["constexprs"], arch=major * 10 + minor,
                             num_warps=plan["num_warps"])
         launch = trtp.KernelLaunchParams()
-        launch.grid_x = descs[0].shape_expr[0]  # one program per batch row
+        for axis_name, (inp, axis, div) in zip(("grid_x", "grid_y", "grid_z"), plan["grid"]):
+            expr = descs[inp].shape_expr[axis]
+            setattr(launch, axis_name, trtp.cdiv(expr, div) if div > 1 else expr)
         launch.block_x = k.num_warps * 32
         launch.shared_mem = k.shared
         extra = trtp.SymIntExprs(len(plan["scalars"]))
