@@ -75,6 +75,34 @@ def test_sparse_attention(attrs, n, dtype, bias):
     np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), atol=TOL[dtype] * 4, rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype,bias", [(np.float32, "none"), (np.float32, "full"), (np.float16, "key")],
+                         ids=["fp32-none", "fp32-full", "fp16-key"])
+@pytest.mark.parametrize("n", [24, 29])
+@pytest.mark.parametrize("attrs", [a for a in SPARSE if a["pattern"] in ("sliding_window", "neighborhood_2d")],
+                         ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items() if k != "grid"))
+def test_sparse_attention_table_free(attrs, n, dtype, bias):
+    """The static patterns without a host table (each query tile's KV span computed in the kernel: the AOT path)."""
+    from graphprune.kernels.sparse_attention import sparse_attention_table_free
+
+    rng = np.random.default_rng(n + 1)
+    attrs = dict(attrs)
+    if attrs["pattern"] == "neighborhood_2d":
+        attrs["grid"] = _grid(n, attrs["num_global"])
+    q, k, v = (rng.standard_normal((2, 2, n, 16)).astype(dtype) for _ in range(3))
+    b = None
+    if bias == "key":
+        b = np.zeros((2, 1, 1, n), dtype=dtype)
+        b[1, ..., n - 5:] = -np.inf
+    elif bias == "full":
+        b = rng.standard_normal((1, 2, n, n)).astype(dtype)
+    if b is not None:
+        attrs["bias"] = bias
+    ref = SparseAttention.reference(q, k, v, b, **attrs)[0]
+    got = sparse_attention_table_free(_t(q), _t(k), _t(v), None if b is None else _t(b), **attrs).cpu().numpy()
+    assert got.dtype == dtype and not np.isnan(got).any()
+    np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
 def test_sparse_attention_full_bias():
     from graphprune.kernels.sparse_attention import sparse_attention
 

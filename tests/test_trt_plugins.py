@@ -79,6 +79,10 @@ def test_aot_ptx(arch):
     assert k.name == "_sparse_attention_fwd" and k.arch == arch
     assert f".target sm_{arch}" in k.ptx and f".visible .entry {k.name}(" in k.ptx
     assert k.num_warps == 4
+    sw = aot.sparse_attention_static_ptx("float16", arch=arch, head_dim=64, pattern="sliding_window", window=256,
+                                         num_global=1, bias_shape=(8, 1, 1, 1024))
+    assert sw.name == "_sparse_attention_static" and f".target sm_{arch}" in sw.ptx
+    assert len(aot.entry_params(sw.ptx, sw.name)) == 10  # Q K V Bias Layout, H N D DV, Out
     sel = aot.token_select_ptx("float32", arch=arch, keep_ratio=0.5, protect=1, fuse_rest=1)
     assert sel.name == "_token_select" and f".target sm_{arch}" in sel.ptx
     assert len(aot.entry_params(sel.ptx, sel.name)) == 6  # X, S, N, C, Y, Idx: Triton's scratch pointers dropped
@@ -129,9 +133,12 @@ def test_used_inputs_drop_only_the_placeholders():
 
 
 def test_aot_refusal_names_the_multi_launch_ops():
-    assert plugins.aot_refusal({"TokenMerge", "DiversitySelect", "TokenSelect"}) is None
-    why = plugins.aot_refusal({"TokenMerge", "TokenSelect", "SparseAttention"})
-    assert why.startswith("--aot: SparseAttention has no one-launch kernel") and "\n" not in why
+    sw = SparseAttention.normalize(pattern="sliding_window", window=8)
+    topk = SparseAttention.normalize(pattern="block_topk", block_size=8, topk=2)
+    ok = [("TokenMerge", {}), ("DiversitySelect", {}), ("TokenSelect", {}), ("SparseAttention", sw)]
+    assert plugins.aot_refusal(ok) is None
+    why = plugins.aot_refusal(ok + [("SparseAttention", topk)])
+    assert why.startswith("--aot: SparseAttention block_topk has no one-launch kernel") and "\n" not in why
 
 
 def test_aot_plan_needs_a_static_token_count():
@@ -141,15 +148,22 @@ def test_aot_plan_needs_a_static_token_count():
     with pytest.raises(GraphpruneError, match=r"exceeds the kernel's \|A\| <= 512"):
         plugins.aot_plan("TokenMerge", [[None, 1200, 64], [None, 1200, 32], [None, 1200, 1]],
                          TokenMerge.normalize(r=4), True)
-    with pytest.raises(GraphpruneError, match="no one-launch kernel"):
-        plugins.aot_plan("SparseAttention", [[None, 2, 20, 8]] * 3, SparseAttention.normalize(pattern="sliding_window",
-                                                                                              window=4), True)
+    topk = SparseAttention.normalize(pattern="block_topk", block_size=8, topk=2)
+    with pytest.raises(GraphpruneError, match="block_topk has no one-launch kernel"):
+        plugins.aot_plan("SparseAttention", [[None, 2, 20, 8]] * 3 + [[1] * 4, [1] * 3], topk, True)
+    hood = SparseAttention.normalize(pattern="neighborhood_2d", grid=[4, 5], kernel=3)
+    with pytest.raises(GraphpruneError, match="neighborhood_2d needs a static sequence length"):
+        plugins.aot_plan("SparseAttention", [[None, 2, None, 8]] * 3 + [[1] * 4, [1] * 3], hood, True)
     plan = plugins.aot_plan("TokenSelect", [[None, None, 8], [None, None]], TokenSelect.normalize(k=4), True)
-    assert plan["grid"] == [(0, 1, 128), (0, 0, 1)]  # any N: cdiv(N, 128) tiles × B
+    assert plan["grid"] == [(((0, 1),), 128), (((0, 0),), 1)]  # any N: cdiv(N, 128) tiles × B
+    sw = SparseAttention.normalize(pattern="sliding_window", window=8, bias="key")
+    plan = plugins.aot_plan("SparseAttention", [[None, 2, None, 16]] * 3 + [[None, 1, 1, None], [1] * 3], sw, False)
+    assert plan["grid"] == [(((0, 2),), 64), (((0, 0), (0, 1)), 1)]  # any N for a window; B·H programs per tile
+    assert plan["constexprs"]["BIAS_B"] and not plan["constexprs"]["BIAS_H"] and plan["pointers"]["Q"] == "*fp16"
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("op", ["TokenMerge", "DiversitySelect", "TokenSelect"])
+@pytest.mark.parametrize("op", ["TokenMerge", "DiversitySelect", "TokenSelect", "window", "neighborhood"])
 def test_aot_plan_launch_matches_the_reference(op):
     """TensorRT's AOT launch, simulated in the interpreter: the plan's kernel with its constexprs, grid (B,) and
     arguments in TensorRT's order (input pointers, the plan's int32 dims, output pointers) gives the reference."""
@@ -178,20 +192,38 @@ def test_aot_plan_launch_matches_the_reference(op):
         attrs = DiversitySelect.normalize(k=9, protect=1, keep_order=0)
         inputs, ref = [x], DiversitySelect.reference(x, **attrs)
         kernel = ds.diversity_select_kernel
-    else:
+    elif op == "TokenSelect":
         attrs = TokenSelect.normalize(keep_ratio=0.4, protect=1, fuse_rest=1)
         scores = rng.random((3, n)).astype(np.float32)
         inputs, ref = [x, scores], TokenSelect.reference(x, scores, **attrs)
         kernel = ts.token_select_kernel
+    else:  # SparseAttention, with the placeholders the lowering adds (window) or a key bias (neighborhood)
+        from graphprune.kernels import sparse_attention as sa
+
+        q, k, v = (rng.standard_normal((2, 2, 70, 16)).astype(np.float32) for _ in range(3))
+        if op == "window":
+            attrs = SparseAttention.normalize(pattern="sliding_window", window=24, causal=1, num_global=1)
+            bias, ref_bias = np.zeros((1, 1, 1, 1), np.float32), None
+        else:
+            attrs = SparseAttention.normalize(pattern="neighborhood_2d", grid=[7, 10], kernel=3, num_global=0,
+                                              bias="key")
+            bias = np.zeros((2, 1, 1, 70), np.float32)
+            bias[1, ..., 60:] = -np.inf
+            ref_bias = bias
+        inputs = [q, k, v, bias, np.zeros((1, 1, 1), np.int64)]
+        ref = SparseAttention.reference(q, k, v, ref_bias, **attrs)
+        kernel = sa.sparse_attention_static
+        op = "SparseAttention"
     plan = plugins.aot_plan(op, [list(a.shape) for a in inputs], attrs, True)
     assert list(plan["pointers"])[: len(inputs)] == [p for p in kernel.arg_names[: len(inputs)]]
     scalars = [inputs[i].shape[axis] for i, axis in plan["scalars"]]
     outs = [torch.empty(r.shape, dtype=torch.from_numpy(r).dtype) for r in ref]
-    grid = tuple(-(-inputs[i].shape[axis] // div) for i, axis, div in plan["grid"])
+    grid = tuple(-(-int(np.prod([inputs[i].shape[axis] for i, axis in factors])) // div)
+                 for factors, div in plan["grid"])
     kernel[grid](*[torch.from_numpy(a) for a in inputs], *scalars, *outs, **plan["constexprs"])
     for got, want in zip(outs, ref):
         np.testing.assert_allclose(got.numpy(), want, atol=1e-5, rtol=1e-5)
-    assert outs[-1].dtype == torch.int64
+    assert outs[-1].dtype == (torch.float32 if op == "SparseAttention" else torch.int64)
 
 
 @pytest.mark.kernels

@@ -441,7 +441,7 @@ def build(model_path: str | os.PathLike, plan_path: str | os.PathLike, *, fp16: 
 
     model = load_model(model_path)
     out = check_output_path(plan_path, model, (Path(model_path),))
-    if aot and (why := plugins.aot_refusal({n.op_type for n in _graphprune_nodes(model)})):
+    if aot and (why := plugins.aot_refusal([(n.op_type, op_def(n).attrs_of(n)) for n in _graphprune_nodes(model)])):
         raise GraphpruneError(why)
     plugins.register_all(aot=aot)
     if fp16:

@@ -129,6 +129,18 @@ def sparse_attention_ptx(dtype: str = "float16", pattern: str = "sliding_window"
         floats=("scale",), arch=arch)
 
 
+def sparse_attention_static_ptx(dtype: str = "float16", arch: int = 90, head_dim: int = 64, n: int | None = None,
+                                bias_shape: tuple | None = None, block: int = 64, **attrs) -> Compiled:
+    """The table-free SparseAttention kernel (sliding window, 2-D neighborhood) in TensorRT's AOT argument order,
+    for one dtype, attribute set, head size and bias shape."""
+    from graphprune.kernels import sparse_attention as sa
+
+    t = _PTR[dtype]
+    const = sa.static_constexprs(attrs, n, head_dim, head_dim, bias_shape, block)
+    return compile_ptx("sparse_attention_static", {"Q": t, "K": t, "V": t, "Bias": t, "Layout": "*i64", "Out": t},
+                       const, arch=arch)
+
+
 def token_select_ptx(dtype: str = "float16", arch: int = 90, **attrs) -> Compiled:
     """The TokenSelect kernel for one dtype and attribute set (any N)."""
     from graphprune.kernels import token_select as ts

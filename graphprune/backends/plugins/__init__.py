@@ -18,10 +18,11 @@ For each op in ``graphprune.ops.REGISTRY``, :func:`plugin_specs` derives from ``
   * the ``aot_impl`` returns ``(kernel name, PTX, KernelLaunchParams, SymIntExprs)``: the op's one-launch kernel
     compiled by :func:`graphprune.kernels.aot.compile_ptx` for the build GPU, specialised to the node's
     attributes and dtype (TensorRT does not serialise attributes with an AOT plugin: they are compiled in),
-    its grid, and the int32 dims the kernel reads. TokenMerge, DiversitySelect and TokenSelect have such
-    kernels; the SparseAttention kernel takes a host-built KV tile table (and, for the routed patterns, the
-    routing), which TensorRT's AOT launch (one kernel, tensors and int32 scalars) cannot give, so ``--aot``
-    refuses a model holding it (:func:`aot_refusal`).
+    its grid, and the int32 dims the kernel reads. TokenMerge, DiversitySelect, TokenSelect and SparseAttention's
+    static patterns (sliding window, 2-D neighborhood: the table-free kernel computes each query tile's KV span)
+    have such kernels; the routed patterns (``block_topk``, ``block_layout``) take the routing and a host-built
+    tile table, which TensorRT's AOT launch (one kernel, tensors and int32 scalars) cannot give, so ``--aot``
+    refuses a model holding them (:func:`aot_refusal`).
 
 **Optional inputs.** A plugin has a fixed list of inputs, and a Python plugin cannot be registered twice under one
 name (``plugin_version`` is always 1), so there is one plugin per op taking every port. The lowering
@@ -51,8 +52,9 @@ KERNELS = {"SparseAttention": ("graphprune.kernels.sparse_attention", "sparse_at
            "TokenSelect": ("graphprune.kernels.token_select", "token_select", None),
            "TokenMerge": ("graphprune.kernels.token_merge", "token_merge", "supported"),
            "DiversitySelect": ("graphprune.kernels.diversity_select", "diversity_select", "supported")}
-#: Ops whose whole computation is one kernel launch, hence an ``@trtp.aot_impl``.
-AOT_KERNELS = ("DiversitySelect", "TokenMerge", "TokenSelect")
+#: Ops whose whole computation is one kernel launch, hence an ``@trtp.aot_impl`` (SparseAttention: the static
+#: patterns only, see :func:`aot_refusal`).
+AOT_KERNELS = ("DiversitySelect", "SparseAttention", "TokenMerge", "TokenSelect")
 #: How the lowering fills an absent optional input: ``("ones_tokens", 3)`` (ones [B, N, 1] like input 0, the op's
 #: default) or ``("placeholder", rank)`` (a one-element tensor of that rank, unused under the condition in
 #: :func:`used_inputs`).
@@ -125,14 +127,23 @@ def used_inputs(op: str, tensors: list, attrs: dict) -> list:
     return out
 
 
-def aot_refusal(op_types) -> str | None:
-    """Why ``--aot`` cannot build a model holding ``op_types`` (one line), or ``None``."""
-    multi = sorted(set(op_types) - set(AOT_KERNELS))
-    if not multi:
+def aot_refusal(nodes) -> str | None:
+    """Why ``--aot`` cannot build a model holding ``nodes`` (``(op type, normalized attributes)`` pairs), one line,
+    or ``None``: SparseAttention's routed patterns (``block_topk``, ``block_layout``) need the routing and a
+    host-built tile table, which TensorRT's AOT launch (one kernel, tensors and int32 scalars) cannot pass."""
+    from graphprune.kernels.sparse_attention import STATIC_PATTERNS
+
+    bad = set()
+    for op, attrs in nodes:
+        if op not in AOT_KERNELS:
+            bad.add(op)
+        elif op == "SparseAttention" and attrs["pattern"] not in STATIC_PATTERNS:
+            bad.add(f"SparseAttention {attrs['pattern']}")
+    if not bad:
         return None
-    return (f"--aot: {', '.join(multi)} {'has' if len(multi) == 1 else 'have'} no one-launch kernel (the Triton "
-            f"kernel needs host-built tables, which TensorRT's AOT launch cannot pass); only "
-            f"{', '.join(AOT_KERNELS)} build ahead of time; build without --aot")
+    return (f"--aot: {', '.join(sorted(bad))} {'has' if len(bad) == 1 else 'have'} no one-launch kernel (the "
+            f"routed patterns need the routing and a host-built tile table, which TensorRT's AOT launch cannot "
+            f"pass); build without --aot")
 
 
 def _require():
@@ -298,8 +309,9 @@ def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) 
     """What :func:`register_all`'s ``aot_impl`` compiles and launches for ``op``, from the inputs' dims (``None``
     where not a build-time constant): ``kernel`` (a key of ``aot.sources()``), ``pointers``, ``constexprs``,
     ``num_warps``, ``scalars`` (the input dim ``(input, axis)`` behind each int32 argument, in order) and ``grid``
-    (``(input, axis, divisor)`` per grid dim: ``cdiv`` of that dim). TokenMerge and DiversitySelect need a static
-    token count (it sizes their register blocks); TokenSelect takes any. Pure (no TensorRT), tested here."""
+    (``(factors, divisor)`` per grid dim: ``cdiv`` of the product of the ``(input, axis)`` factors). TokenMerge
+    and DiversitySelect need a static token count (it sizes their register blocks), SparseAttention static head
+    sizes; TokenSelect and a sliding window take any N. Pure (no TensorRT), tested here."""
     t = "*fp32" if float32 else "*fp16"
     x = dims[0]
     n = x[1]
@@ -308,7 +320,24 @@ def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) 
 
         return dict(kernel="token_select", pointers={"X": t, "S": t, "Y": t, "Idx": "*i64"},
                     constexprs=ts.constexprs(attrs, 128, 64), num_warps=4, scalars=[(0, 1), (0, 2)],
-                    grid=[(0, 1, 128), (0, 0, 1)])
+                    grid=[(((0, 1),), 128), (((0, 0),), 1)])
+    if op == "SparseAttention":
+        from graphprune.kernels import sparse_attention as sa
+
+        if (why := aot_refusal([(op, attrs)])) is not None:
+            raise GraphpruneError(why)
+        d, dv = x[3], dims[2][3]
+        if d is None or dv is None:
+            raise GraphpruneError("--aot: SparseAttention needs static head sizes (they size the kernel's blocks)")
+        bias = None if attrs["bias"] == "none" else tuple(1 if e == 1 else 2 for e in dims[3])  # 2: "not 1"
+        try:
+            const = sa.static_constexprs(attrs, x[2], d, dv, bias, 64)
+        except ValueError as e:
+            raise GraphpruneError(f"--aot: {e}") from None
+        return dict(kernel="sparse_attention_static",
+                    pointers={"Q": t, "K": t, "V": t, "Bias": t, "Layout": "*i64", "Out": t}, constexprs=const,
+                    num_warps=4, scalars=[(0, 1), (0, 2), (0, 3), (2, 3)],
+                    grid=[(((0, 2),), 64), (((0, 0), (0, 1)), 1)])
     if n is None:
         raise GraphpruneError(f"--aot: {op} needs a static token count (the one-launch kernel's register blocks are "
                               f"sized from N at build time); give a fixed N or build without --aot")
@@ -322,7 +351,7 @@ def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) 
         return dict(kernel="token_merge", pointers={"X": t, "Metric": t, "Size": t, "Y": t, "SizeOut": t,
                                                     "Idx": "*i64"},
                     constexprs=dict(HAS_SIZE=True, **tm.constexprs(n, c, d, attrs)), num_warps=tm.num_warps(n, attrs),
-                    scalars=[(0, 1), (0, 2), (1, 2)], grid=[(0, 0, 1)])
+                    scalars=[(0, 1), (0, 2), (1, 2)], grid=[(((0, 0),), 1)])
     if op == "DiversitySelect":
         from graphprune.kernels import diversity_select as ds
 
@@ -330,7 +359,7 @@ def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) 
             raise GraphpruneError(f"--aot: DiversitySelect at N = {n} needs k <= N - protect <= {ds.MAX_M}")
         k = ds.constexprs(n, c, attrs)
         return dict(kernel="diversity_select", pointers={"X": t, "Y": t, "Idx": "*i64"}, constexprs=k,
-                    num_warps=8 if k["BLOCK_M"] >= 512 else 4, scalars=[(0, 1), (0, 2)], grid=[(0, 0, 1)])
+                    num_warps=8 if k["BLOCK_M"] >= 512 else 4, scalars=[(0, 1), (0, 2)], grid=[(((0, 0),), 1)])
     raise GraphpruneError(aot_refusal([op]) or f"--aot: {op} has no one-launch kernel")
 
 
@@ -355,8 +384,10 @@ def _register_aot(trt, trtp, spec: PluginSpec) -> None:
         k = aot.compile_ptx(plan["kernel"], plan["pointers"], plan["constexprs"], arch=major * 10 + minor,
                             num_warps=plan["num_warps"])
         launch = trtp.KernelLaunchParams()
-        for axis_name, (inp, axis, div) in zip(("grid_x", "grid_y", "grid_z"), plan["grid"]):
-            expr = descs[inp].shape_expr[axis]
+        for axis_name, (factors, div) in zip(("grid_x", "grid_y", "grid_z"), plan["grid"]):
+            expr = descs[factors[0][0]].shape_expr[factors[0][1]]
+            for inp, axis in factors[1:]:
+                expr = expr * descs[inp].shape_expr[axis]
             setattr(launch, axis_name, trtp.cdiv(expr, div) if div > 1 else expr)
         launch.block_x = k.num_warps * 32
         launch.shared_mem = k.shared
