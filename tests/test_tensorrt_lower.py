@@ -247,3 +247,22 @@ def test_optional_input_without_a_rule_is_refused(monkeypatch):
     model, _ = _merge_model()
     with pytest.raises(trtb.LoweringError, match="merge: optional input size of TokenMerge is absent"):
         trtb.lower(model)
+
+
+def test_aot_check_before_tensorrt():
+    """--aot's static check on the lowered model: a TokenMerge at a dynamic N is refused with the node named; at a
+    static N it passes (as does a TokenSelect at any N)."""
+    model, _ = _merge_model()
+    trtb.lower(model)
+    trtb.check_aot(model)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", "N", 8]))
+    m = ir.Value(name="m", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", "N", 4]))
+    node = TokenMerge.make_node(x, m, r=4, name="merge_dyn")
+    dyn = ir.Model(ir.Graph([x, m], list(node.outputs), nodes=[node], opset_imports={"": 18}), ir_version=10)
+    add_node_function(dyn, node)
+    trtb.lower(dyn)
+    with pytest.raises(trtb.GraphpruneError, match="^merge_dyn: --aot: TokenMerge needs a static token count"):
+        trtb.check_aot(dyn)
+    sel, _ = _token_select_model("N")
+    trtb.lower(sel)
+    trtb.check_aot(sel)

@@ -133,6 +133,10 @@ def test_used_inputs_drop_only_the_placeholders():
 
 
 def test_aot_refusal_names_the_multi_launch_ops():
+    pytest.importorskip("triton")
+    from graphprune.kernels.sparse_attention import STATIC_PATTERNS
+
+    assert plugins.AOT_PATTERNS == STATIC_PATTERNS
     sw = SparseAttention.normalize(pattern="sliding_window", window=8)
     topk = SparseAttention.normalize(pattern="block_topk", block_size=8, topk=2)
     ok = [("TokenMerge", {}), ("DiversitySelect", {}), ("TokenSelect", {}), ("SparseAttention", sw)]

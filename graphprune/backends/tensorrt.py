@@ -294,6 +294,21 @@ def lower(model: ir.Model, strip_bodies: bool = False) -> LowerReport:
     return report
 
 
+def check_aot(model: ir.Model) -> None:
+    """Before TensorRT: every ``ai.graphprune`` node of the lowered ``model`` has an AOT kernel plan at its static
+    dims (:func:`graphprune.backends.plugins.aot_plan`), else one line naming the node and the reason."""
+    from graphprune.backends import plugins
+
+    for node in _graphprune_nodes(model):
+        dims = [[d if isinstance(d, int) else None for d in v.shape] if v is not None and v.shape is not None
+                else [None] * 4 for v in node.inputs]
+        float32 = node.inputs[0].dtype != ir.DataType.FLOAT16
+        try:
+            plugins.aot_plan(node.op_type, dims, op_def(node).attrs_of(node), float32)
+        except GraphpruneError as e:
+            raise GraphpruneError(f"{_name(node)}: {e}") from None
+
+
 def _drop_unused_functions(model: ir.Model) -> None:
     """Bodies no node calls any more (a TokenSelect whose attributes changed points at a new one)."""
     used = {(n.domain, n.op_type, n.overload) for n in model.graph.all_nodes()}
@@ -447,6 +462,8 @@ def build(model_path: str | os.PathLike, plan_path: str | os.PathLike, *, fp16: 
     if fp16:
         model = to_fp16(model)
     report = lower(model, strip_bodies=strip_bodies)
+    if aot:
+        check_aot(model)
     profile = profile_shapes(model, shapes)
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)

@@ -55,6 +55,9 @@ KERNELS = {"SparseAttention": ("graphprune.kernels.sparse_attention", "sparse_at
 #: Ops whose whole computation is one kernel launch, hence an ``@trtp.aot_impl`` (SparseAttention: the static
 #: patterns only, see :func:`aot_refusal`).
 AOT_KERNELS = ("DiversitySelect", "SparseAttention", "TokenMerge", "TokenSelect")
+#: SparseAttention patterns of the table-free kernel (``graphprune.kernels.sparse_attention.STATIC_PATTERNS``;
+#: spelled here so that the check needs no triton).
+AOT_PATTERNS = ("sliding_window", "neighborhood_2d")
 #: How the lowering fills an absent optional input: ``("ones_tokens", 3)`` (ones [B, N, 1] like input 0, the op's
 #: default) or ``("placeholder", rank)`` (a one-element tensor of that rank, unused under the condition in
 #: :func:`used_inputs`).
@@ -131,13 +134,11 @@ def aot_refusal(nodes) -> str | None:
     """Why ``--aot`` cannot build a model holding ``nodes`` (``(op type, normalized attributes)`` pairs), one line,
     or ``None``: SparseAttention's routed patterns (``block_topk``, ``block_layout``) need the routing and a
     host-built tile table, which TensorRT's AOT launch (one kernel, tensors and int32 scalars) cannot pass."""
-    from graphprune.kernels.sparse_attention import STATIC_PATTERNS
-
     bad = set()
     for op, attrs in nodes:
         if op not in AOT_KERNELS:
             bad.add(op)
-        elif op == "SparseAttention" and attrs["pattern"] not in STATIC_PATTERNS:
+        elif op == "SparseAttention" and attrs["pattern"] not in AOT_PATTERNS:
             bad.add(f"SparseAttention {attrs['pattern']}")
     if not bad:
         return None
