@@ -69,3 +69,49 @@ def test_pass(exported, tmp_path, name, family):
         assert out.flops_ratio != 1.0
     else:
         assert out.reason.strip() and "\n" not in out.reason
+
+
+# -- the contract checker itself catches what it must (small models built in code; no export) ----------------------
+
+
+def _mlp(path, out_dim=4, scale=1.0, batch="batch"):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, out_dim)) * scale).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "mlp",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [batch, 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [batch, out_dim])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path))
+    return path
+
+
+def test_contract_accepts_an_equivalent_model(tmp_path):
+    assert _zoo.check_output(_mlp(tmp_path / "a.onnx"), _mlp(tmp_path / "b.onnx", scale=0.5)) == []
+
+
+def test_contract_catches_a_changed_static_dim(tmp_path):
+    problems = _zoo.check_output(_mlp(tmp_path / "a.onnx"), _mlp(tmp_path / "b.onnx", out_dim=3))
+    assert any("static dim 1 = 4 became 3" in p for p in problems), problems
+    assert any("float32[2, 4] became float32[2, 3]" in p for p in problems), problems
+
+
+def test_contract_catches_non_finite_outputs(tmp_path):
+    problems = _zoo.check_output(_mlp(tmp_path / "a.onnx"), _mlp(tmp_path / "b.onnx", scale=float("inf")))
+    assert problems and all("non-finite" in p for p in problems), problems
+
+
+def test_contract_catches_a_lost_static_batch(tmp_path):
+    problems = _zoo.check_output(_mlp(tmp_path / "a.onnx", batch=2), _mlp(tmp_path / "b.onnx"))
+    assert problems == ["output 'Y': static dim 0 = 2 became dynamic"]
+
+
+def test_a_pass_without_sites_is_a_refusal_with_its_reason(tmp_path):
+    out = _zoo.run_family("mlp", _mlp(tmp_path / "a.onnx"), "token_drop", tmp_path)
+    assert out.status == "refused" and out.reason, out
+    assert out.cell().startswith("refused: ")
