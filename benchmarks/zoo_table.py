@@ -13,6 +13,7 @@ The inspect cell gives the FLOPs at batch 1 and the attention blocks found (and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in failures:
         print(f"- {f}")
     if args.out:
-        args.out.write_text(table + "\n")
+        tmp = args.out.with_name(f".{args.out.name}.tmp")
+        tmp.write_text(table + "\n")
+        os.replace(tmp, args.out)  # atomic: a reader never sees half a table
     return 1 if failures else 0
 
 

@@ -4,8 +4,8 @@ run through ``inspect`` and each pass family at its default settings, with the c
 Sources: transformers models built from tiny configs (random init, offline) and torch modules written here
 (timm-style ViT, Swin-like windowed attention, MaxViT-like grid attention, a GQA+RoPE decoder LM, an encoder-decoder's
 encoder, a PVT-like hierarchical ViT with reduced K/V, plain and grouped/depthwise CNNs).
-Every model is exported with ``graphprune.torch.export`` (dynamo, opset 18): vision models with a dynamic batch,
-text, audio and decoder models with a dynamic batch and sequence length, as users export them.
+Every model is exported with ``graphprune.torch.export`` (dynamo, opset 18): vision and audio models with a dynamic
+batch, text encoders and decoder LMs with a dynamic batch and sequence length, as users export them.
 
 Dropped from the zoo (not counted): none so far; a model that fails to export with this torch goes in
 ``DROPPED`` with the reason.
