@@ -10,9 +10,10 @@ batch, text encoders and decoder LMs with a dynamic batch and sequence length, a
 Dropped from the zoo (not counted): none so far; a model that fails to export with this torch goes in
 ``DROPPED`` with the reason.
 
-The contract (``run_family``, and ``check_output`` for a changed model), per (model, pass family) — the pass runs as its CLI shortcut would (``--token-keep 0.7``,
-``--sparse-attention sliding_window``, ``--prune-channels 0.3``: the pass, then ``cleanup``) through
-``graphprune.pipeline.optimize`` with ``force`` (verification figures are reported, not required):
+The contract (``run_family``, and ``check_output`` for a changed model), per (model, pass family) — the pass runs
+as its CLI shortcut would (``--token-keep 0.7``, ``--sparse-attention sliding_window``, ``--prune-channels 0.3``: the
+pass, then ``cleanup``) through ``graphprune.pipeline.optimize`` with ``force`` (verification figures are reported,
+not required):
   * **changed**: the pass's record says it changed the model, its FLOPs changed, the output passes
     ``onnx.checker`` (full check), ONNX Runtime runs it on the inputs the original runs on (at two sequence lengths
     when the sequence is dynamic), and every graph output keeps its dtype, rank and static dims (declared), and
