@@ -21,6 +21,7 @@ import math
 import onnx_ir as ir
 
 from graphprune._ir import const_value, dim
+from graphprune.analysis import _windows
 
 MS = "com.microsoft"
 
@@ -54,6 +55,22 @@ class AttentionBlock:
     residual_add: ir.Node | None = None  # the Add that puts the block's output back on the stream
     residual_in: ir.Value | None = None  # the stream value the residual Add adds to
     post_norm: ir.Node | None = None  # a standard LayerNormalization that is the residual Add's only user (post-norm)
+    layer_scale: ir.Node | None = None  # per-channel Mul (γ [C]) between the output projection and the residual Add
+    # -- window / grid attention (Swin, MaxViT): the core sees [B·windows, H, T, D]; ``tokens`` is T
+    partition: str | None = None  # "window" | "grid" | "other" (tokens rearranged in a way not described); None: none
+    window: tuple[int, int] | None = None  # rows × cols of tokens in one window (grid: one group)
+    windows: int | None = None  # windows (grid: groups) per image
+    tokens_per_window: int | None = None  # = window[0] · window[1] = T
+    dilation: tuple[int, int] | None = None  # step between a window's tokens on the map: (1, 1), grid (H/gh, W/gw)
+    shifted: bool = False  # windows start at an offset (Swin's rolled map)
+    shift: tuple[int, int] = (0, 0)  # that offset (rows, cols)
+    spatial: tuple[int, int] | None = None  # the H × W token map the windows tile
+    rel_pos_bias: bool = False  # the logits get a constant per-head bias [1|·, H, T, T] (relative positions)
+    window_mask: ir.Value | None = None  # Swin's shift mask, added over a [B, windows, H, T, T] view of the logits
+    partition_input: ir.Value | None = None  # stream-side value the partition starts from ([B, L, C] or [B, H, W, C])
+    partition_nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # stream → projection input
+    reverse_nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # output projection → residual Add
+    partition_note: str | None = None  # for "other": what did not match
 
     @property
     def residual_out(self) -> ir.Value | None:
@@ -72,8 +89,27 @@ class AttentionBlock:
             "has_probs": self.probs is not None,
             "has_mask": self.mask is not None,
             "causal": self.causal,
+            "layer_scale": self.layer_scale is not None,
+            "partition": self.partition,
+            "window": list(self.window) if self.window else None,
+            "windows": self.windows,
+            "tokens_per_window": self.tokens_per_window,
+            "dilation": list(self.dilation) if self.dilation else None,
+            "shifted": self.shifted,
+            "rel_pos_bias": self.rel_pos_bias,
             "nodes": [n.name for n in self.nodes],
         }
+
+    def partition_summary(self) -> str | None:
+        """``windowed attention (7×7 windows)``, ``grid attention (7×7 groups, dilation 8×8)``, or None."""
+        if self.partition is None:
+            return None
+        if self.partition == "other" or self.window is None:
+            return f"tokens are rearranged before the attention ({self.partition_note or 'not a window partition'})"
+        size = f"{self.window[0]}×{self.window[1]}"
+        if self.partition == "grid":
+            return f"grid attention ({size} groups, dilation {self.dilation[0]}×{self.dilation[1]})"
+        return f"{'shifted ' if self.shifted else ''}windowed attention ({size} windows)"
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -153,6 +189,10 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
     core = [sm]
     mask = None
     cur = logits
+    win = _window_mask(cur)
+    if win is not None:
+        cur, window_mask, win_nodes = win
+        core += win_nodes
     add = _producer(cur, "Add")
     if add is not None:
         # The branch that leads back to a MatMul (possibly via a scalar Mul/Div) is the q·kᵀ side.
@@ -203,7 +243,41 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
         kv_heads=kv_heads,
         head_dim=head_dim,
         tokens=dim(q, -2),
+        window_mask=win[1] if win is not None else None,
     )
+
+
+def _window_mask(logits: ir.Value) -> tuple[ir.Value, ir.Value, list[ir.Node]] | None:
+    """Swin's shifted-window mask: ``Reshape(Add(Reshape(x → [B, nW, H, T, T]), m) → [B·nW, H, T, T])`` with ``m``
+    computed from constants → (x, m, [outer Reshape, Add, inner Reshape])."""
+    outer = _producer(logits, "Reshape")
+    add = _producer(outer.inputs[0], "Add") if outer is not None else None
+    if add is None:
+        return None
+    for i in (0, 1):
+        inner = _producer(add.inputs[i], "Reshape")
+        m = add.inputs[1 - i]
+        if inner is None or not _const_derived(m):
+            continue
+        x, view = inner.inputs[0], inner.outputs[0]
+        shapes = [v.shape for v in (x, view, logits)]
+        if any(sh is None for sh in shapes) or len(shapes[0]) != 4 or len(shapes[1]) != 5 or len(shapes[2]) != 4:
+            continue
+        if list(shapes[0])[1:] == list(shapes[1])[2:] == list(shapes[2])[1:]:
+            return x, m, [outer, add, inner]
+    return None
+
+
+def _const_derived(value: ir.Value | None, depth: int = 0) -> bool:
+    """True when ``value`` is a constant or computed from constants only (no graph input)."""
+    if value is None:
+        return False
+    if const_value(value) is not None:
+        return True
+    prod = value.producer()
+    if prod is None or depth > 10 or not prod.inputs:
+        return False
+    return all(v is None or _const_derived(v, depth + 1) for v in prod.inputs)
 
 
 def _match_attention_op(node: ir.Node) -> AttentionBlock:
@@ -298,27 +372,62 @@ def _post_norm(add: ir.Node) -> ir.Node | None:
 
 
 def _attach_stream(blk: AttentionBlock) -> None:
-    """Find the projection input, output projection and residual Add around a core."""
+    """Find the projection input, output projection and residual Add around a core (through a window reverse and
+    a layer-scale Mul), and the window partition when there is one."""
     src = blk.q if blk.q is not None else None
     if blk.attn_input is None and src is not None:
         blk.attn_input = _projection_input(src)
     cur = blk.output
-    for _ in range(6):
+    for _ in range(6):  # core output → (Transpose | Reshape)* → output projection
         users = [u for u, _ in cur.uses()]
         if len(users) != 1:
             return
         node = users[0]
-        if node.op_type in ("MatMul", "Gemm") and _is_weight(node.inputs[1]) and blk.out_proj is None:
+        if node.op_type in ("MatMul", "Gemm") and _is_weight(node.inputs[1]):
             blk.out_proj = node
-        elif node.op_type == "Add" and blk.out_proj is not None:
-            other = node.inputs[1] if node.inputs[0] is cur else node.inputs[0]
-            if const_value(other) is None:
-                blk.residual_add, blk.residual_in = node, other
-                blk.post_norm = _post_norm(node)
-                return
-        elif node.op_type not in ("Transpose", "Reshape", "Add"):
+            break
+        if node.op_type not in ("Transpose", "Reshape", "Add"):
             return
         cur = node.outputs[0]
+    else:
+        return
+    part = _windows.describe(blk.attn_input, blk.tokens) if blk.attn_input is not None else None
+    region = _windows.forward_region(blk.out_proj.outputs[0])
+    if region is None:
+        _set_partition(blk, part, [])
+        return
+    nodes, exit_ = region
+    users = [u for u, _ in exit_.uses() if u.op_type != "Shape"]
+    add = users[0] if len(users) == 1 and users[0].op_type == "Add" and users[0].domain == "" else None
+    other = None if add is None else (add.inputs[1] if add.inputs[0] is exit_ else add.inputs[0])
+    moves = [n for n in nodes if _windows.is_move(n)]
+    if part is not None and part.kind != "other" and not (add is not None and _windows.reverse_ok(
+            part, blk.out_proj.outputs[0], nodes, exit_)):
+        part.kind, part.reason = "other", "the window reverse does not put every token back"
+    _set_partition(blk, part, moves)
+    if add is None or other is None or const_value(other) is not None:
+        return
+    blk.residual_add, blk.residual_in = add, other
+    blk.layer_scale = next((n for n in nodes if n.op_type == "Mul" and any(
+        (c := const_value(v)) is not None and c.size > 1 for v in n.inputs)), None)
+    blk.post_norm = _post_norm(add)
+
+
+def _set_partition(blk: AttentionBlock, part: _windows.Partition | None, reverse: list[ir.Node]) -> None:
+    if blk.mask is not None and _const_derived(blk.mask) and blk.mask.shape is not None and len(blk.mask.shape) >= 3:
+        h = blk.mask.shape[-3]
+        blk.rel_pos_bias = isinstance(h, int) and h > 1 and h == blk.heads
+    if part is None:
+        if blk.window_mask is not None:
+            blk.partition, blk.partition_note = "other", "a window mask without a window partition"
+        return
+    blk.partition, blk.partition_input, blk.partition_nodes = part.kind, part.source, part.nodes
+    blk.reverse_nodes, blk.partition_note = reverse, part.reason
+    if part.kind == "other":
+        return
+    blk.window, blk.windows, blk.tokens_per_window = part.window, part.windows, part.tokens_per_window
+    blk.dilation, blk.shift, blk.spatial = part.dilation, part.shift, part.spatial
+    blk.shifted = part.shift != (0, 0)
 
 
 def detect_prefix_tokens(graph: ir.Graph) -> int:
