@@ -307,8 +307,81 @@ class LayerScaleViT(nn.Module):
 def build(name: str, **kw) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """(module in eval mode, example input) for ``swin``, ``maxvit`` or ``layerscale_vit``."""
     torch.manual_seed(0)
-    cls = {"swin": SwinStyle, "maxvit": MaxViTStyle, "layerscale_vit": LayerScaleViT}[name]
+    cls = {"swin": SwinStyle, "maxvit": MaxViTStyle, "maxvit_tv": MaxViTTV, "layerscale_vit": LayerScaleViT}[name]
     m = cls(**kw).eval()
-    size = {"swin": (64, 128), "maxvit": (32, 64), "layerscale_vit": (32, 32)}[name]
+    size = {"swin": (64, 128), "maxvit": (32, 64), "maxvit_tv": (32, 64), "layerscale_vit": (32, 32)}[name]
     size = kw.get("img", size) if name != "layerscale_vit" else (kw.get("img", 32),) * 2
     return m, (torch.randn(2, 3, *size),)
+
+
+class RelPosMHA5D(nn.Module):
+    """torchvision MaxViT ``RelativePositionalMultiHeadAttention``: ``[B, G, P, C]`` input, 5-D heads, einsum."""
+
+    def __init__(self, dim: int, heads: int, p: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.scale = self.head_dim**-0.5
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.merge = nn.Linear(dim, dim)
+        self.rel_pos = RelPosBias((p, p), heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, g, p, d = x.shape
+        q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
+        q, k, v = (t.reshape(b, g, p, self.heads, self.head_dim).permute(0, 1, 3, 2, 4) for t in (q, k, v))
+        k = k * self.scale
+        dot = F.softmax(torch.einsum("BGHID,BGHJD->BGHIJ", q, k) + self.rel_pos(), dim=-1)
+        out = torch.einsum("BGHIJ,BGHJD->BGHID", dot, v)
+        return self.merge(out.permute(0, 1, 3, 2, 4).reshape(b, g, p, d))
+
+
+class PartitionLayerTV(nn.Module):
+    """torchvision ``PartitionAttentionLayer``: the NCHW stream is partitioned to ``[B, G, P², C]`` (grid: axes -2/-3
+    swapped), attention and MLP residuals run in that layout, then it is departitioned."""
+
+    def __init__(self, dim: int, heads: int, p: int, res: tuple[int, int], kind: str) -> None:
+        super().__init__()
+        self.p, self.res, self.kind = p, res, kind
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = RelPosMHA5D(dim, heads, p)
+        self.mlp = Mlp(dim, 2 * dim)
+
+    def patch(self, h: int, w: int) -> tuple[int, int]:
+        return (self.p, self.p) if self.kind == "window" else (h // self.p, w // self.p)
+
+    def partition(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW → [B, G, T, C]; window: P × P patches; grid: (H/P) × (W/P) patches, then patches and positions
+        swapped (each of the (H/P)·(W/P) groups holds P × P tokens, one per patch)."""
+        b, c, h, w = x.shape
+        ph, pw = self.patch(h, w)
+        x = x.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, ph * pw, c)
+        return x.swapaxes(-2, -3) if self.kind == "grid" else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        ph, pw = self.patch(h, w)
+        x = self.partition(x)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        if self.kind == "grid":
+            x = x.swapaxes(-2, -3)
+        return x.reshape(b, h // ph, w // pw, ph, pw, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+
+class MaxViTTV(nn.Module):
+    """torchvision-style MaxViT: NCHW stream, one stage of (depthwise conv, window layer, grid layer) per dim."""
+
+    def __init__(self, img: tuple[int, int] = (32, 64), patch: int = 4, dim: int = 16, heads: int = 2, p: int = 4,
+                 depth: int = 2, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, patch, patch)
+        res = (img[0] // patch, img[1] // patch)
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Conv2d(dim, dim, 3, 1, 1, groups=dim), PartitionLayerTV(dim, heads, p, res, "window"),
+                       PartitionLayerTV(dim, heads, p, res, "grid")]
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(x)).mean((2, 3)))

@@ -120,6 +120,42 @@ def test_partition_matches_the_modules_token_map(wexport):
         np.testing.assert_array_equal(part.tokmap, ref)
 
 
+def test_torchvision_maxvit_einsum_and_partitioned_stream(wexport):
+    """torchvision's spelling: the NCHW stream itself is partitioned to [B, G, T, C] (grid: from the window layout
+    of the layer before, axes swapped), residuals run in that layout, q·kᵀ and ·v are 5-D ``Einsum`` ops."""
+    module, args, path = wexport("maxvit_tv")
+    model = load_model(path)
+    blocks = find_attention_blocks(model)
+    assert len(blocks) == 4  # before: 0 (the Einsum core was not matched)
+    assert all(any(n.op_type == "Einsum" for n in b.nodes) for b in blocks)
+    assert [b.partition for b in blocks] == ["window", "grid", "window", "grid"]
+    assert [b.window for b in blocks] == [(4, 4)] * 4 and [b.tokens_per_window for b in blocks] == [16] * 4
+    assert [b.windows for b in blocks] == [8] * 4 and [b.spatial for b in blocks] == [(8, 16)] * 4
+    assert [b.dilation for b in blocks] == [(1, 1), (2, 4)] * 2
+    assert all(b.heads == 2 and b.head_dim == 8 and b.rel_pos_bias for b in blocks)
+    for b in blocks:  # the residual runs on the partitioned stream, which the LayerNorm before the qkv reads
+        assert b.residual_add is not None and b.residual_in is b.partition_nodes[-1].outputs[0]
+    layers = [m for m in module.layers if isinstance(m, wm.PartitionLayerTV)]
+    from graphprune.analysis import _windows
+
+    known: dict = {}
+    for b, layer in zip(blocks, layers):  # token maps against the module's own partition of an index image
+        h, w = layer.res
+        ref = layer.partition(torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w))
+        src = b.residual_in
+        part = _windows.describe(src, b.tokens, known)
+        known[id(src)] = (part.tokmap.reshape(-1), part.spatial)
+        np.testing.assert_array_equal(part.tokmap, ref.reshape(-1, b.tokens).long().numpy())
+    result = get_pass("token_drop")({"keep_ratio": 0.5, "layers": [1, 2]})(model)
+    assert not result.modified and [s.reason for s in result.skipped] == [
+        "block 1: grid attention (4×4 groups, dilation 2×4); token dropping across windows is not supported",
+        "block 2: windowed attention (4×4 windows); token dropping across windows is not supported"]
+    result = get_pass("sparse_attention")({"pattern": "sliding_window", "window": 64})(model)
+    assert not result.modified and len(result.skipped) == 4 and all("not 4-D" in s.reason for s in result.skipped)
+    base = run(load_model(path), _feeds(args))[0]
+    np.testing.assert_allclose(run(model, _feeds(args))[0], base, atol=1e-6)
+
+
 def test_plain_vit_has_no_partition(export):
     for b in find_attention_blocks(load_model(export("vit_tiny", 18))):
         assert b.partition is None and b.window is None and not b.shifted and not b.rel_pos_bias
@@ -159,9 +195,12 @@ def test_token_drop_refuses_windowed_blocks(wexport, name, cfg):
     result = get_pass("token_drop")(cfg)(model)
     assert not result.modified and not result.rewritten
     assert result.skipped
+    blocks = find_attention_blocks(model)
     for s in result.skipped:
-        assert "token dropping across windows is not supported" in s.reason
-        assert ("windowed attention (4×4 windows)" in s.reason or "shifted windowed attention (4×4 windows)" in s.reason)
+        assert s.reason.endswith("; token dropping across windows is not supported")
+        if s.reason.startswith("block "):
+            i = int(s.reason.split()[1].rstrip(":"))
+            assert s.reason.startswith(f"block {i}: {blocks[i].partition_summary()};")
     assert _proto_bytes(model) == before
 
 

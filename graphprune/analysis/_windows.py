@@ -17,7 +17,8 @@ itself when it is 4-D, else the first 4-D view in the chain) each window is chec
   3. anything else that still moves tokens (overlaps, missing tokens, other steps): ``other``.
 The reverse is checked the same way: from the output projection to the value entering the residual ``Add``, an
 index array of the windows must land every token back where it came from; otherwise the kind is ``other``.
-A chain of reshapes only that leaves the token order as it is (``[B·N, C]`` for a Gemm) is no partition.
+One window holding every token in order (an NCHW → ``[B, L, C]`` layout change, ``[B·N, C]`` for a Gemm) is no
+partition; nor is a map that a single window covers.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def is_move(node: ir.Node | None) -> bool:
         return const_value(node.inputs[1]) is not None
     if node.op_type == "Pad":
         pads = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        return pads is not None and not np.any(pads) and node.attributes.get_str("mode", "constant") == "constant"
+        return pads is not None and not np.any(pads) and node.attributes.get_string("mode", "constant") == "constant"
     return True
 
 
@@ -222,51 +223,99 @@ def _steps(a: np.ndarray, mod: int) -> int | None:
     return int(d[0]) if d.size == 1 else None
 
 
-def describe(p: ir.Value, tokens: int | None) -> Partition | None:
-    """The partition from the stream to projection input ``p`` (attention over ``tokens`` queries), or None."""
+_TOKENWISE = frozenset({"Add", "Sub", "Mul", "Div", "LayerNormalization", "Relu", "Erf", "Gelu", "Sigmoid", "Tanh",
+                        "Identity", "Dropout"})
+
+
+def _known_layout(v: ir.Value, known: dict | None) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """The layout of ``v`` when it is (token-wise ops away from) a partitioned stream described before: (image
+    token of each of ``v``'s tokens, H × W map). Residual Adds and norms in window layout keep the layout."""
+    if not known:
+        return None
+    stack, seen = [(v, 0)], set()
+    while stack:
+        x, depth = stack.pop()
+        if id(x) in known:
+            return known[id(x)]
+        prod = x.producer()
+        if id(x) in seen or depth > 24 or prod is None or prod.domain != "" or prod.op_type not in _TOKENWISE:
+            continue
+        seen.add(id(x))
+        for inp in prod.inputs:
+            if inp is not None and const_value(inp) is None and inp.shape is not None and x.shape is not None \
+                    and list(inp.shape) == list(x.shape):
+                stack.append((inp, depth + 1))
+    return None
+
+
+def describe(p: ir.Value, tokens: int | None, known: dict | None = None) -> Partition | None:
+    """The partition from the stream to ``p`` (the projection input, or the partitioned stream itself when the
+    residual runs in window layout), attention over ``tokens`` queries; None when tokens are not rearranged.
+
+    ``known``: id of an already partitioned stream value → (image token of each of its tokens, H × W), so a grid
+    partition taken from a window layout (torchvision MaxViT) is described on the image."""
     found = back_chain(p)
     if found is None:
         return None
     src, nodes = found
     reorders = any(n.op_type in _REORDER for n in nodes)
     shape = _static(src)
+    c = p.shape[-1] if p.shape is not None and len(p.shape) else None
     other = Partition("other", src, nodes)
-    if shape is None or len(shape) not in (3, 4) or not tokens:
+    if shape is None or len(shape) not in (3, 4) or not tokens or not isinstance(c, int):
         other.reason = "the stream shape or the attention length is unknown"
         return other if reorders else None
     if any(not isinstance(d, int) for d in list(src.shape)[1:]):  # only the batch may be symbolic
         other.reason = "the token map is dynamic"
         return other if reorders else None
+    shape = (1, *shape[1:])
     size = int(np.prod(shape))
     if size > _MAX_ELEMENTS:
         other.reason = f"the stream has {size} elements; not simulated"
         return other
-    env = simulate(nodes, src, np.arange(size, dtype=np.int64).reshape(shape))
-    y = env.get(id(p)) if env is not None else None
-    c = shape[-1]
+    base = _known_layout(src, known)
     length = size // c
-    if y is None or y.shape[-1] != c or not (y % c == np.arange(c)).all() or y.size % (c * tokens):
+    layouts = (["last"] if shape[-1] == c else []) + (["first"] if base is None and len(shape) == 4 and shape[1] == c else [])
+    y, nchw = None, False
+    for layout in layouts:  # channels last ([B, L, C], [B, H, W, C]) or first (NCHW: element (ch, r, col) is token r·W + col)
+        nchw = layout == "first"
+        arr = np.arange(size, dtype=np.int64).reshape(shape)
+        if nchw:
+            arr = arr.reshape(1, shape[2], shape[3], c).transpose(0, 3, 1, 2)
+        env = simulate(nodes, src, arr)
+        y = env.get(id(p)) if env is not None else None
+        if y is not None and y.shape[-1] == c and (y % c == np.arange(c)).all() and not y.size % (c * tokens):
+            break
+        y = None
+    if y is None:
         other.reason = "the partition could not be followed"
         return other
     tok = (y // c)[..., 0].reshape(-1, tokens)
     if tok.size != length or not np.array_equal(np.sort(tok.ravel()), np.arange(length)):
         other.reason = "windows do not cover every token once"
         return other
-    if tok.shape[0] == 1 and np.array_equal(tok[0], np.arange(length)) and not reorders:
-        return None  # reshapes only, token order kept
-    hm, wm = _spatial(src, nodes, env, length)
+    if base is not None:
+        tok, (hm, wm) = base[0][tok], base[1]
+    else:
+        hm, wm = (shape[2], shape[3]) if nchw else _spatial(src, nodes, env, length)
+    if tok.shape[0] == 1 and np.array_equal(tok[0], np.arange(length)):
+        return None  # one window in token order: a layout change (NCHW → [B, L, C], [B·N, C]), no partition
+    return _classify(Partition("other", src, nodes, windows=tok.shape[0], tokens_per_window=tokens,
+                               spatial=(hm, wm), tokmap=tok, channels=c))
+
+
+def _classify(part: Partition) -> Partition:
+    """window / grid / other from the token map (see the module docstring)."""
+    tok, tokens = part.tokmap, part.tokens_per_window
+    hm, wm = part.spatial
     r, col = tok // wm, tok % wm
     first_row = np.nonzero(r[0] != r[0, 0])[0]
     ww = int(first_row[0]) if first_row.size else tokens
     wh = tokens // ww
-    part = Partition("other", src, nodes, window=(wh, ww), windows=tok.shape[0], tokens_per_window=tokens,
-                     spatial=(hm, wm), tokmap=tok, channels=c)
-    if wh * ww != tokens:
-        part.reason = "windows are not rectangular"
-        return part
-    r3, c3 = r.reshape(-1, wh, ww), col.reshape(-1, wh, ww)
-    if not ((r3 == r3[:, :, :1]).all() and (c3 == c3[:, :1, :]).all()):
-        part.reason = "windows are not rectangular"
+    part.window = (wh, ww)
+    r3, c3 = r.reshape(-1, wh, ww) if wh * ww == tokens else r, col.reshape(-1, wh, ww) if wh * ww == tokens else col
+    if wh * ww != tokens or not ((r3 == r3[:, :, :1]).all() and (c3 == c3[:, :1, :]).all()):
+        part.window, part.reason = None, "windows are not rectangular"
         return part
     sr, sc = _steps(r3[:, :, 0], hm), _steps(c3[:, 0, :], wm)
     if sr == 1 and sc == 1:

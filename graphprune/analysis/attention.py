@@ -8,9 +8,36 @@ Spellings matched (op-type strings live here, not in passes):
   2. The standard ``Attention`` op (opset ≥ 23), 4-D [B, H, N, D] inputs, or 3-D with ``q_num_heads``.
   3. ``com.microsoft`` ``Attention`` (packed QKV projection inside) and ``MultiHeadAttention`` ([B, N, C] inputs).
 
+  In spelling 1 both products may be ``Einsum`` ops (``…id,…jd->…ij`` and ``…ij,…jd->…id``, the 5-D
+  ``[B, G, H, T, D]`` core torchvision's MaxViT exports; ``k`` is then the einsum's input itself), and the logits
+  may also get Swin's shifted-window mask over a 5-D view,
+  ``Reshape(Add(Reshape(s → [B, nW, H, T, T]), m) → [B·nW, H, T, T])`` with ``m`` from constants
+  (``window_mask``; the three nodes are part of ``nodes``).
+
 Besides the core, each record carries the residual stream the block lives on when the graph shows it:
 the value entering the qkv projection (``attn_input``), the output projection, the residual ``Add`` and, for a
-post-norm block, the ``LayerNormalization`` right after it (``post_norm``).
+post-norm block, the ``LayerNormalization`` right after it (``post_norm``). Between the output projection and the
+residual ``Add`` the walk passes data-movement ops (a window reverse), a bias ``Add``, inference ``Dropout`` and a
+layer-scale ``Mul`` by a ``[C]`` constant (DINOv2 / CaiT; ``layer_scale``).
+
+Window / grid attention (``analysis._windows``: how it is recognised): when data-movement ops between the stream
+and the qkv projection rearrange tokens, the record says how:
+  * ``partition``: ``"window"`` (Swin, MaxViT block attention), ``"grid"`` (MaxViT grid attention), ``"other"``
+    (tokens rearranged in a way not described; ``partition_note`` says what did not match), ``None`` (none);
+  * ``window`` (rows, cols of a window / grid group), ``tokens_per_window`` (= ``tokens``, the core's query
+    length), ``windows`` per image, ``dilation`` (step between a window's tokens on the map: (1, 1) for windows),
+    ``shifted`` / ``shift`` (window starts offset, a rolled map), ``spatial`` (the H × W token map);
+  * ``rel_pos_bias``: the logits get a constant per-head ``[.., H, T, T]`` bias (``mask`` holds it);
+  * ``partition_input`` (the stream value, ``[B, L, C]`` or ``[B, H, W, C]``), ``partition_nodes`` (stream →
+    projection input) and ``reverse_nodes`` (output projection → residual Add; checked to put every token back,
+    else the partition is ``"other"``).
+When the stream itself is partitioned (torchvision MaxViT: the residual Adds run on ``[B, G, T, C]`` and the
+reverse follows the MLP), the chain is taken from the LayerNorm's input, ``residual_in`` is the partitioned stream,
+``reverse_nodes`` stays empty (not checked; ``partition_note`` says so), and a grid taken from the previous layer's
+window layout is described on the image through that layer's token map. A core over a rank-5 q that matches none
+of this is ``"other"``.
+Passes that cannot handle windows refuse a block whose ``partition`` is set (``partition_summary()`` is the
+text for the reason).
 """
 
 from __future__ import annotations
@@ -70,7 +97,7 @@ class AttentionBlock:
     partition_input: ir.Value | None = None  # stream-side value the partition starts from ([B, L, C] or [B, H, W, C])
     partition_nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # stream → projection input
     reverse_nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # output projection → residual Add
-    partition_note: str | None = None  # for "other": what did not match
+    partition_note: str | None = None  # for "other": what did not match; else a note (e.g. reverse not checked)
 
     @property
     def residual_out(self) -> ir.Value | None:
@@ -198,7 +225,7 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
         # The branch that leads back to a MatMul (possibly via a scalar Mul/Div) is the q·kᵀ side.
         for i in (0, 1):
             inner, _ = _strip_scale(add.inputs[i])
-            if _producer(inner, "MatMul") is not None:
+            if _producer(inner, "MatMul") is not None or _einsum(inner, "qk") is not None:
                 mask, cur = add.inputs[1 - i], add.inputs[i]
                 core.append(add)
                 break
@@ -209,7 +236,7 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
     if inner is not cur:
         core.append(cur.producer())
         scale *= factor
-    qk = _producer(inner, "MatMul")
+    qk = _producer(inner, "MatMul") or _einsum(inner, "qk")
     if qk is None:
         return None
     core.append(qk)
@@ -217,7 +244,9 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
     kt, fk = _strip_scale(qk.inputs[1])
     scale *= fq * fk
     pv, guards = _single_user(sm.outputs[0])
-    if pv is None or pv.op_type != "MatMul" or pv.inputs[0] is not (guards[-1].outputs[0] if guards else sm.outputs[0]):
+    if pv is None or pv.op_type != qk.op_type or pv.inputs[0] is not (guards[-1].outputs[0] if guards else sm.outputs[0]):
+        return None
+    if pv.op_type == "Einsum" and _einsum(pv.outputs[0], "pv") is None:
         return None
     core += guards + [pv]
     v = pv.inputs[1]
@@ -231,10 +260,10 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
         kind="matmul_softmax",
         nodes=list(reversed(core[: len(core) - len(guards) - 1])) + guards + [pv],
         q=q,
-        k=_untranspose_k(kt),
+        k=kt if qk.op_type == "Einsum" else _untranspose_k(kt),  # einsum takes k itself
         v=v,
         output=out,
-        k_transposed=kt,
+        k_transposed=None if qk.op_type == "Einsum" else kt,
         probs=sm.outputs[0],
         logits=logits,
         mask=mask,
@@ -245,6 +274,27 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
         tokens=dim(q, -2),
         window_mask=win[1] if win is not None else None,
     )
+
+
+def _einsum(value: ir.Value, role: str) -> ir.Node | None:
+    """The ``Einsum`` producing ``value`` when it is q·kᵀ (``role`` "qk": ``…id,…jd->…ij``) or probs·v ("pv":
+    ``…ij,…jd->…id``) with the same batch letters everywhere (torchvision MaxViT: ``BGHID,BGHJD->BGHIJ``)."""
+    node = _producer(value, "Einsum")
+    eq = node.attributes.get_string("equation", "").replace(" ", "") if node is not None else ""
+    if "->" not in eq or eq.count(",") != 1 or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    a, b = lhs.split(",")
+    if not (len(a) == len(b) == len(out) >= 3) or not a[:-2] == b[:-2] == out[:-2]:
+        return None
+    i, x = a[-2:]
+    if role == "qk":
+        j, d = b[-2:]
+        ok = d == x and out[-2:] == i + j
+    else:
+        j, d = b[-2:]
+        ok = j == x and out[-2:] == i + d
+    return node if ok and len(set(a[-2:] + b[-2:])) == 3 else None
 
 
 def _window_mask(logits: ir.Value) -> tuple[ir.Value, ir.Value, list[ir.Node]] | None:
@@ -371,7 +421,7 @@ def _post_norm(add: ir.Node) -> ir.Node | None:
     return None
 
 
-def _attach_stream(blk: AttentionBlock) -> None:
+def _attach_stream(blk: AttentionBlock, known: dict) -> None:
     """Find the projection input, output projection and residual Add around a core (through a window reverse and
     a layer-scale Mul), and the window partition when there is one."""
     src = blk.q if blk.q is not None else None
@@ -391,7 +441,18 @@ def _attach_stream(blk: AttentionBlock) -> None:
         cur = node.outputs[0]
     else:
         return
-    part = _windows.describe(blk.attn_input, blk.tokens) if blk.attn_input is not None else None
+    part = _windows.describe(blk.attn_input, blk.tokens, known) if blk.attn_input is not None else None
+    norm = blk.attn_input.producer() if blk.attn_input is not None else None
+    stream_level = part is None and norm is not None and norm.op_type == "LayerNormalization"
+    if stream_level:  # torchvision MaxViT: the stream itself is partitioned, the residual runs in window layout
+        part = _windows.describe(norm.inputs[0], blk.tokens, known)
+        if part is not None and part.kind == "other":  # only a described partition counts here (not a layout change)
+            part = None
+        if part is not None:
+            known[id(norm.inputs[0])] = (part.tokmap.reshape(-1), part.spatial)
+            part.reason = "the stream itself is partitioned; the reverse follows the MLP and is not checked"
+    if part is None and blk.q is not None and blk.q.shape is not None and len(blk.q.shape) > 4:
+        part = _windows.Partition("other", blk.attn_input, [], reason="attention over groups of tokens (rank-5 q)")
     region = _windows.forward_region(blk.out_proj.outputs[0])
     if region is None:
         _set_partition(blk, part, [])
@@ -401,7 +462,7 @@ def _attach_stream(blk: AttentionBlock) -> None:
     add = users[0] if len(users) == 1 and users[0].op_type == "Add" and users[0].domain == "" else None
     other = None if add is None else (add.inputs[1] if add.inputs[0] is exit_ else add.inputs[0])
     moves = [n for n in nodes if _windows.is_move(n)]
-    if part is not None and part.kind != "other" and not (add is not None and _windows.reverse_ok(
+    if part is not None and part.kind != "other" and not stream_level and not (add is not None and _windows.reverse_ok(
             part, blk.out_proj.outputs[0], nodes, exit_)):
         part.kind, part.reason = "other", "the window reverse does not put every token back"
     _set_partition(blk, part, moves)
@@ -459,6 +520,7 @@ def find_attention_blocks(model: ir.Model | ir.Graph) -> list[AttentionBlock]:
     """All attention cores of the main graph, in graph order, with stream facts attached."""
     graph = model.graph if isinstance(model, ir.Model) else model
     blocks: list[AttentionBlock] = []
+    known: dict = {}  # partitioned stream values (window layout) → their token map on the image
     for node in graph:
         blk = None
         if node.domain == "" and node.op_type == "Softmax":
@@ -469,7 +531,7 @@ def find_attention_blocks(model: ir.Model | ir.Graph) -> list[AttentionBlock]:
             blk = _match_ms(node)
         if blk is not None:
             blk.index = len(blocks)
-            _attach_stream(blk)
+            _attach_stream(blk, known)
             blocks.append(blk)
     prefix = detect_prefix_tokens(graph)
     for blk in blocks:
