@@ -84,6 +84,17 @@ def test_swin_blocks_found_exactly(wexport):
         assert [n.op_type for n in b.reverse_nodes] == (window + roll + ["Reshape"] if b.shifted else window)
 
 
+def test_one_window_over_the_map_is_a_window_partition(wexport):
+    """A stage whose map one window covers (Swin's rule: window = min side, no shift): the graph still splits the
+    token axis into H × W factors, so the block is a window partition with one window, never plain attention."""
+    _, _, path = wexport("swin", img=(16, 16), depths=(2,), heads=(2,))
+    blocks = find_attention_blocks(load_model(path))
+    assert len(blocks) == 2
+    assert [(b.partition, b.window, b.windows, b.shifted, b.spatial) for b in blocks] == [
+        ("window", (4, 4), 1, False, (4, 4))] * 2
+    assert all(b.residual_add is not None for b in blocks)
+
+
 def _torch_token_map(part, reverse, shape, size):
     """[windows, T] stream token of each (window, position): the module's own partition applied to an index map."""
     h, w = shape

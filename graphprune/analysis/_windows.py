@@ -9,16 +9,22 @@ block and grid partitions. ``torch.roll`` exports as ``Slice``/``Concat`` pairs 
 How it is recognised (nothing about a particular permute is assumed): an index array (flat position in ``S``, with
 symbolic dims — the batch — set to 1) is pushed through those ops in numpy. At ``P`` every element must still hold
 its channel, and the tokens seen by the attention (``T`` = the core's query length) give a token map
-``[windows, T]``: which stream token sits at each (window, position). With the stream's spatial map ``H × W`` (``S``
-itself when it is 4-D, else the first 4-D view in the chain) each window is checked to be a row-major
+``[windows, T]``: which stream token sits at each (window, position). ``S`` may be channels-last or NCHW (tried in
+that order; the channel check decides). With the stream's spatial map ``H × W`` (``S`` itself when it is 4-D, else
+the first ``[B, H, W, C]`` or ``[B, H/a, a, W/b, b, C]`` view of it reached by reshapes; else ``1 × L``) each window
+is checked to be a row-major
 ``wh × ww`` block of tokens with a constant row step ``sr`` and column step ``sc`` (cyclic):
   1. ``sr = sc = 1``: ``window`` partition; ``shift`` is the offset of the window starts (a rolled map);
   2. ``sr·wh = H`` and ``sc·ww = W``: ``grid`` partition (MaxViT), ``dilation = (sr, sc)``;
   3. anything else that still moves tokens (overlaps, missing tokens, other steps): ``other``.
 The reverse is checked the same way: from the output projection to the value entering the residual ``Add``, an
 index array of the windows must land every token back where it came from; otherwise the kind is ``other``.
-One window holding every token in order (an NCHW → ``[B, L, C]`` layout change, ``[B·N, C]`` for a Gemm) is no
-partition; nor is a map that a single window covers.
+``known`` layouts: when ``S`` is (token-wise ops away from) a stream value already partitioned by an earlier block
+(torchvision MaxViT runs its residuals in window layout), the token map is composed with that block's, so it is
+stated on the image. One window holding every token in order with no spatial view in between (an NCHW →
+``[B, L, C]`` layout change, ``[B·N, C]`` for a Gemm) is no partition; one window covering the whole map through a
+``[B, H/a, a, W/b, b, C]`` view (Swin's last stage) is a ``window`` partition with ``windows = 1``: the token count
+is written there as H × W factors.
 """
 
 from __future__ import annotations
@@ -298,8 +304,9 @@ def describe(p: ir.Value, tokens: int | None, known: dict | None = None) -> Part
         tok, (hm, wm) = base[0][tok], base[1]
     else:
         hm, wm = (shape[2], shape[3]) if nchw else _spatial(src, nodes, env, length)
-    if tok.shape[0] == 1 and np.array_equal(tok[0], np.arange(length)):
-        return None  # one window in token order: a layout change (NCHW → [B, L, C], [B·N, C]), no partition
+    split = any(y.ndim >= 5 for n in nodes for o in n.outputs if (y := env.get(id(o))) is not None)
+    if tok.shape[0] == 1 and np.array_equal(tok[0], np.arange(length)) and not split:
+        return None  # one window in token order, no spatial view: a layout change (NCHW → [B, L, C], [B·N, C])
     return _classify(Partition("other", src, nodes, windows=tok.shape[0], tokens_per_window=tokens,
                                spatial=(hm, wm), tokmap=tok, channels=c))
 
@@ -348,18 +355,13 @@ def reverse_ok(part: Partition, v: ir.Value, nodes: list[ir.Node], r: ir.Value) 
         return False
     env = simulate(nodes, v, np.arange(nw * t * c, dtype=np.int64).reshape(dims))
     y = env.get(id(r)) if env is not None else None
-    src = env[id(v)] if env is not None else None
-    if y is None or src is None or y.shape != env_shape(part):
+    shape = _static(part.source)
+    if y is None or shape is None or y.shape != (1, *shape[1:]):
         return False
     if not (y % c == np.arange(c)).all():
         return False
     j = (y // c)[..., 0].reshape(-1)
     return bool(np.array_equal(part.tokmap.reshape(-1)[j], np.arange(j.size)))
-
-
-def env_shape(part: Partition) -> tuple[int, ...]:
-    """The batch-1 shape of the stream value the partition starts from."""
-    return _static(part.source)
 
 
 def forward_region(start: ir.Value) -> tuple[list[ir.Node], ir.Value] | None:
