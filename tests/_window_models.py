@@ -307,9 +307,11 @@ class LayerScaleViT(nn.Module):
 def build(name: str, **kw) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """(module in eval mode, example input) for ``swin``, ``maxvit`` or ``layerscale_vit``."""
     torch.manual_seed(0)
-    cls = {"swin": SwinStyle, "maxvit": MaxViTStyle, "maxvit_tv": MaxViTTV, "layerscale_vit": LayerScaleViT}[name]
+    cls = {"swin": SwinStyle, "maxvit": MaxViTStyle, "maxvit_tv": MaxViTTV, "swin_tv": SwinTV,
+           "layerscale_vit": LayerScaleViT}[name]
     m = cls(**kw).eval()
-    size = {"swin": (64, 128), "maxvit": (32, 64), "maxvit_tv": (32, 64), "layerscale_vit": (32, 32)}[name]
+    size = {"swin": (64, 128), "maxvit": (32, 64), "maxvit_tv": (32, 64), "swin_tv": (48, 64),
+            "layerscale_vit": (32, 32)}[name]
     size = kw.get("img", size) if name != "layerscale_vit" else (kw.get("img", 32),) * 2
     return m, (torch.randn(2, 3, *size),)
 
@@ -385,3 +387,74 @@ class MaxViTTV(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+
+def shifted_window_attention_tv(x: torch.Tensor, attn: WindowAttention, ws: int, shift: int) -> torch.Tensor:
+    """torchvision's ``shifted_window_attention`` spelling on a channels-last ``[B, H, W, C]`` map: pad to a multiple
+    of the window, roll, partition, attention with the relative bias and a shift mask built here in the forward,
+    reverse, roll back, crop."""
+    b, h, w, c = x.shape
+    pad_r, pad_b = (ws - w % ws) % ws, (ws - h % ws) % ws
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, ph, pw, _ = x.shape
+    if shift:
+        x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
+    nw = (ph // ws) * (pw // ws)
+    x = x.view(b, ph // ws, ws, pw // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, ws * ws, c)
+    heads, hd = attn.heads, attn.head_dim
+    q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(b * nw, ws * ws, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    scores = (q * hd**-0.5).matmul(k.transpose(-2, -1)) + attn.bias()
+    if shift:
+        mask = x.new_zeros((ph, pw))
+        slices = ((0, -ws), (-ws, -shift), (-shift, None))
+        cnt = 0
+        for hs in slices:
+            for wsl in slices:
+                mask[hs[0]:hs[1], wsl[0]:wsl[1]] = cnt
+                cnt += 1
+        mask = mask.view(ph // ws, ws, pw // ws, ws).permute(0, 2, 1, 3).reshape(nw, ws * ws)
+        mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+        mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+        scores = scores.view(b, nw, heads, ws * ws, ws * ws) + mask.unsqueeze(1).unsqueeze(0)
+        scores = scores.view(-1, heads, ws * ws, ws * ws)
+    out = (F.softmax(scores, dim=-1).matmul(v)).transpose(1, 2).reshape(b * nw, ws * ws, c)
+    out = F.linear(out, attn.proj.weight, attn.proj.bias)
+    out = out.view(b, ph // ws, pw // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
+    if shift:
+        out = torch.roll(out, shifts=(shift, shift), dims=(1, 2))
+    return out[:, :h, :w, :].contiguous()
+
+
+class SwinBlockTV(nn.Module):
+    def __init__(self, dim: int, heads: int, ws: int, shift: int) -> None:
+        super().__init__()
+        self.ws, self.shift = ws, shift
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, (ws, ws), heads)
+        self.mlp = Mlp(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + shifted_window_attention_tv(self.norm1(x), self.attn, self.ws, self.shift)
+        return x + self.mlp(self.norm2(x))
+
+
+class SwinTV(nn.Module):
+    """torchvision-style Swin: channels-last ``[B, H, W, C]`` stream; one stage of (window, shifted window) blocks on
+    a 12×16 map with window 4 (no padding), then one on a map the window does not divide (10×14: padded)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, ws: int = 4, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.ModuleList([SwinBlockTV(dim, heads, ws, 0), SwinBlockTV(dim, heads, ws, ws // 2)])
+        self.crop = nn.Conv2d(dim, dim, 3)  # 12×16 → 10×14
+        self.blocks2 = nn.ModuleList([SwinBlockTV(dim, heads, ws, 0), SwinBlockTV(dim, heads, ws, ws // 2)])
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).permute(0, 2, 3, 1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.crop(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        for blk in self.blocks2:
+            x = blk(x)
+        return self.head(x.mean((1, 2)))

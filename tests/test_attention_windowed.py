@@ -84,6 +84,27 @@ def test_swin_blocks_found_exactly(wexport):
         assert [n.op_type for n in b.reverse_nodes] == (window + roll + ["Reshape"] if b.shifted else window)
 
 
+def test_torchvision_swin_padded_and_mask_built_in_forward(wexport):
+    """torchvision's ``shifted_window_attention`` spelling: channels-last stream, a Pad to a multiple of the window
+    (zero pads at 12×16, real ones at 10×14), the shift mask computed in the forward, the reverse cropping back."""
+    _, args, path = wexport("swin_tv")
+    model = load_model(path)
+    blocks = find_attention_blocks(model)
+    assert len(blocks) == 4
+    assert [(b.partition, b.window, b.windows, b.shifted, b.spatial, b.padded) for b in blocks] == [
+        ("window", (4, 4), 12, False, (12, 16), False), ("window", (4, 4), 12, True, (12, 16), False),
+        ("window", (4, 4), 12, False, (12, 16), True), ("window", (4, 4), 12, True, (12, 16), True)]
+    assert [b.window_mask is not None for b in blocks] == [False, True, False, True]
+    for b in blocks:
+        assert b.partition_nodes[0].op_type == "Pad" and b.residual_add is not None
+        assert b.partition_input.producer().op_type == "LayerNormalization"
+        assert b.partition_input.producer().inputs[0] is b.residual_in
+    base = run(load_model(path), _feeds(args))[0]
+    result = get_pass("sparse_attention")({"pattern": "sliding_window", "window": 64})(model)
+    assert sorted(r.block for r in result.rewritten) == [0, 2] and [s.where for s in result.skipped] == ["block 1", "block 3"]
+    np.testing.assert_allclose(run(model, _feeds(args))[0], base, atol=2e-5, rtol=1e-5)
+
+
 def test_one_window_over_the_map_is_a_window_partition(wexport):
     """A stage whose map one window covers (Swin's rule: window = min side, no shift): the graph still splits the
     token axis into H × W factors, so the block is a window partition with one window, never plain attention."""

@@ -19,6 +19,8 @@ is checked to be a row-major
   3. anything else that still moves tokens (overlaps, missing tokens, other steps): ``other``.
 The reverse is checked the same way: from the output projection to the value entering the residual ``Add``, an
 index array of the windows must land every token back where it came from; otherwise the kind is ``other``.
+A constant ``Pad`` of a channels-last map right before the chain (torchvision's Swin pads to a multiple of the
+window) is part of the partition: the windows tile the padded map, and the reverse must crop back to it.
 ``known`` layouts: when ``S`` is (token-wise ops away from) a stream value already partitioned by an earlier block
 (torchvision MaxViT runs its residuals in window layout), the token map is composed with that block's, so it is
 stated on the image. One window holding every token in order with no spatial view in between (an NCHW →
@@ -57,6 +59,9 @@ class Partition:
     tokmap: np.ndarray | None = None  # [windows, T] stream token of each (window, position)
     channels: int | None = None
     reason: str | None = None  # why the kind is "other"
+    pad: ir.Node | None = None  # a Pad of the map before the partition (the windows tile the padded map)
+    unpadded: tuple[int, int] | None = None  # the map before that Pad
+    pad_begin: tuple[int, int] = (0, 0)
 
 
 def is_move(node: ir.Node | None) -> bool:
@@ -307,8 +312,28 @@ def describe(p: ir.Value, tokens: int | None, known: dict | None = None) -> Part
     split = any(y.ndim >= 5 for n in nodes for o in n.outputs if (y := env.get(id(o))) is not None)
     if tok.shape[0] == 1 and np.array_equal(tok[0], np.arange(length)) and not split:
         return None  # one window in token order, no spatial view: a layout change (NCHW → [B, L, C], [B·N, C])
-    return _classify(Partition("other", src, nodes, windows=tok.shape[0], tokens_per_window=tokens,
+    part = _classify(Partition("other", src, nodes, windows=tok.shape[0], tokens_per_window=tokens,
                                spatial=(hm, wm), tokmap=tok, channels=c))
+    _padding(part)
+    return part
+
+
+def _padding(part: Partition) -> None:
+    """Record a constant ``Pad`` of a channels-last map right before the partition (torchvision's Swin pads the map
+    to a multiple of the window); the source then becomes the unpadded map."""
+    pad = part.source.producer()
+    if pad is None or pad.domain != "" or pad.op_type != "Pad" or pad.attributes.get_string("mode", "constant") != "constant":
+        return
+    pads, x = _ints(pad.inputs[1]) if len(pad.inputs) > 1 else None, pad.inputs[0]
+    axes = pad.inputs[3] if len(pad.inputs) > 3 else None
+    shape = _static(x)
+    if pads is None or axes is not None or shape is None or len(shape) != 4 or len(pads) != 8:
+        return
+    if pads[0] or pads[3] or pads[4] or pads[7] or min(pads) < 0 or part.spatial != (shape[1] + pads[1] + pads[5],
+                                                                                      shape[2] + pads[2] + pads[6]):
+        return
+    part.pad, part.unpadded, part.pad_begin = pad, (shape[1], shape[2]), (pads[1], pads[2])
+    part.source, part.nodes = x, [pad, *part.nodes]
 
 
 def _classify(part: Partition) -> Partition:
@@ -361,7 +386,11 @@ def reverse_ok(part: Partition, v: ir.Value, nodes: list[ir.Node], r: ir.Value) 
     if not (y % c == np.arange(c)).all():
         return False
     j = (y // c)[..., 0].reshape(-1)
-    return bool(np.array_equal(part.tokmap.reshape(-1)[j], np.arange(j.size)))
+    want = np.arange(j.size)
+    if part.pad is not None:  # stream token (r, c) of the unpadded map sits at (r + top, c + left) of the padded one
+        r, col = np.divmod(want, part.unpadded[1])
+        want = (r + part.pad_begin[0]) * part.spatial[1] + col + part.pad_begin[1]
+    return bool(np.array_equal(part.tokmap.reshape(-1)[j], want))
 
 
 def forward_region(start: ir.Value) -> tuple[list[ir.Node], ir.Value] | None:

@@ -26,7 +26,8 @@ and the qkv projection rearrange tokens, the record says how:
     (tokens rearranged in a way not described; ``partition_note`` says what did not match), ``None`` (none);
   * ``window`` (rows, cols of a window / grid group), ``tokens_per_window`` (= ``tokens``, the core's query
     length), ``windows`` per image, ``dilation`` (step between a window's tokens on the map: (1, 1) for windows),
-    ``shifted`` / ``shift`` (window starts offset, a rolled map), ``spatial`` (the H × W token map);
+    ``shifted`` / ``shift`` (window starts offset, a rolled map), ``spatial`` (the H × W token map), ``padded``
+    (a ``Pad`` to a multiple of the window comes first; ``spatial`` is then the padded map);
   * ``rel_pos_bias``: the logits get a constant per-head ``[.., H, T, T]`` bias (``mask`` holds it);
   * ``partition_input`` (the stream value, ``[B, L, C]`` or ``[B, H, W, C]``), ``partition_nodes`` (stream →
     projection input) and ``reverse_nodes`` (output projection → residual Add; checked to put every token back,
@@ -91,7 +92,8 @@ class AttentionBlock:
     dilation: tuple[int, int] | None = None  # step between a window's tokens on the map: (1, 1), grid (H/gh, W/gw)
     shifted: bool = False  # windows start at an offset (Swin's rolled map)
     shift: tuple[int, int] = (0, 0)  # that offset (rows, cols)
-    spatial: tuple[int, int] | None = None  # the H × W token map the windows tile
+    spatial: tuple[int, int] | None = None  # the H × W token map the windows tile (padded, when ``padded``)
+    padded: bool = False  # the map is padded to a multiple of the window first (a Pad node in partition_nodes)
     rel_pos_bias: bool = False  # the logits get a constant per-head bias [1|·, H, T, T] (relative positions)
     window_mask: ir.Value | None = None  # Swin's shift mask, added over a [B, windows, H, T, T] view of the logits
     partition_input: ir.Value | None = None  # stream-side value the partition starts from ([B, L, C] or [B, H, W, C])
@@ -123,6 +125,7 @@ class AttentionBlock:
             "tokens_per_window": self.tokens_per_window,
             "dilation": list(self.dilation) if self.dilation else None,
             "shifted": self.shifted,
+            "padded": self.padded,
             "rel_pos_bias": self.rel_pos_bias,
             "nodes": [n.name for n in self.nodes],
         }
@@ -318,16 +321,22 @@ def _window_mask(logits: ir.Value) -> tuple[ir.Value, ir.Value, list[ir.Node]] |
     return None
 
 
-def _const_derived(value: ir.Value | None, depth: int = 0) -> bool:
-    """True when ``value`` is a constant or computed from constants only (no graph input)."""
+def _const_derived(value: ir.Value | None, budget: int = 256) -> bool:
+    """True when ``value`` is a constant or computed from constants only (no graph input): a mask or bias built in
+    the forward (torchvision's Swin computes its shift mask there)."""
     if value is None:
         return False
-    if const_value(value) is not None:
-        return True
-    prod = value.producer()
-    if prod is None or depth > 10 or not prod.inputs:
-        return False
-    return all(v is None or _const_derived(v, depth + 1) for v in prod.inputs)
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or const_value(v) is not None:
+            continue
+        seen.add(id(v))
+        prod = v.producer()
+        if prod is None or len(seen) > budget:
+            return False
+        stack.extend(x for x in prod.inputs if x is not None)
+    return True
 
 
 def _match_attention_op(node: ir.Node) -> AttentionBlock:
@@ -487,6 +496,7 @@ def _set_partition(blk: AttentionBlock, part: _windows.Partition | None, reverse
     if part.kind == "other":
         return
     blk.window, blk.windows, blk.tokens_per_window = part.window, part.windows, part.tokens_per_window
+    blk.padded = part.pad is not None
     blk.dilation, blk.shift, blk.spatial = part.dilation, part.shift, part.spatial
     blk.shifted = part.shift != (0, 0)
 
