@@ -12,6 +12,7 @@ Also the shared helpers: ranks, constant ints, and ``const_slot`` (where a shape
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -155,17 +156,24 @@ def _slice(b: Builder, node: ir.Node) -> None:
     b.set_label(node.outputs[0], lab.axis, lab.atoms[s:e])
 
 
+_UNNAMED = itertools.count()
+
+
 def _dims(v: ir.Value) -> list | None:
     return None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape]
 
 
 def _prod(dims: list) -> tuple[int, tuple]:
+    """Product of ``dims``: the static part, and the symbolic factors (a product symbol the exporter writes for
+    merged axes, ``"seq*batch"``, counts as its factors; an unnamed dim never equals another)."""
     p, syms = 1, []
     for d in dims:
         if isinstance(d, int):
             p *= d
+        elif d == "None":
+            syms.append(f"?{next(_UNNAMED)}")
         else:
-            syms.append(d)
+            syms.extend(f.strip() for f in d.split("*"))
     return p, tuple(sorted(syms))
 
 
