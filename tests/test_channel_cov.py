@@ -291,3 +291,16 @@ def test_decoder_30_percent(decoders, name, tmp_path):
     assert got.shape == base.shape == (3, 19, 128)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     assert np.abs(got - base).max() > 1e-3
+
+
+def test_timm_plan_applies_to_the_module(vits, tmp_path):
+    """The plan of the unbind spelling drives ``graphprune.torch.apply_plan`` (FX: forward hard-codes C) to the
+    same function as the pruned ONNX model."""
+    m, path = vits["unbind"]
+    model, plan, _ = _prune(path, tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    pruned = gtorch.apply_plan(m, plan, (x,))
+    got = zoo.run(model, {"x": x.numpy()}, tmp_path, "onnx")[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(pruned(x).numpy(), got, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in m.parameters())

@@ -1,10 +1,15 @@
 """Whole-head channel rule for :mod:`graphprune.analysis.channels`, anchored on :class:`AttentionBlock`.
 
 Pattern (any layout the exporter writes between the projections and the core):
-    root_q/k/v [.., C] --(Reshape | Transpose | Gather | Split | Squeeze | Unsqueeze | Expand | Mul/Div by scalar)*-->
+    root_q/k/v [.., C] --(Reshape | Transpose | Gather | Split | Slice | Squeeze | Unsqueeze | Expand
+                          | Mul/Div by scalar | rotary embedding)*-->
         q [B, H, N, D], k (or kᵀ) [B, Hk, N, D], v [B, Hk, N, D] --core--> out [B, H, N, D]
         --(Transpose | Reshape)*--> merged [.., H·D] --> output projection
-The root values are the outputs of the q/k/v projections (plus bias), labeled on their last axis.
+The root values are the outputs of the q/k/v projections (plus bias), labeled on their last axis. One root may feed
+all three (a fused qkv projection: timm's ``[B, N, 3, H, D]`` view picked apart with Gather or, for ``unbind(0)``,
+Slice + Squeeze; GPT-2's ``c_attn`` split in three). A rotary embedding (``x·cos + rotate_half(x)·sin``, the
+Llama spelling) is one chain step: the index tensor goes through its Slices and Concat exactly, and the step is
+accepted only when its last axis lies within one head and cos/sin do not vary across heads.
 
 How the channel ↔ (head, dim) maps are found: an index tensor (channel + C·position) is pushed through the
 exact chain ops in numpy, with symbolic dims (batch, tokens) set to 1. The result at q/k/v gives, for each
@@ -14,7 +19,8 @@ output to the merged tensor. Nothing about ``[B, N, 3, H, D]`` or ``permute(2, 0
 
 Coupling: each q head h is one class with k/v head ``h·Hk/H`` (grouped-query attention keeps whole kv groups),
 and with the merged channels of head h (the rows of the output projection).
-Rewrites: every static entry of a chain Reshape/Expand target and Split sizes that varies with the channel; the
+Rewrites: every static entry of a chain Reshape/Expand target, Split sizes (explicit ones written for a Split with
+``num_outputs``) and Slice bounds that vary with the channel; the
 ``q_num_heads``/``kv_num_heads`` attributes of a 3-D ``Attention`` op; com.microsoft ``num_heads``.
 Blocked: com.microsoft packed ``Attention``, per-head masks, chains with other ops or other users.
 """
@@ -273,7 +279,10 @@ def _check_rope(chain: list, env: dict, width: int, hm: np.ndarray) -> str | Non
     for step in chain:
         if not isinstance(step, _Rope):
             continue
-        heads = head_of[env[step.inputs[0]] % width]
+        arr = env.get(step.inputs[0])
+        if arr is None:
+            return f"cannot follow channels into rotary embedding {step.name!r}"
+        heads = head_of[arr % width]
         r = heads.ndim
         varies = [ax for ax in range(r) if not (heads == np.take(heads, [0], axis=ax)).all()]
         if r - 1 in varies:

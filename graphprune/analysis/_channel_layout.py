@@ -3,7 +3,8 @@
 Cases
   1. Transpose, Squeeze/Unsqueeze: the channel axis moves.
   2. Reshape/Flatten that keep the channel axis, or merge it with the static axes after it (channel-major:
-     Flatten→Gemm sees channel × spatial blocks); the target entry is rewritten (0 and -1 need nothing).
+     Flatten→Gemm sees channel × spatial blocks); the target entry is rewritten (0 and -1 need nothing). The axes
+     before the channel may merge or split (GPT-2's ``[B, N, C] ↔ [B·N, C]``: a ``seq*batch`` symbol is its factors).
   3. Split / Slice (step 1) on the channel axis with constant sizes / bounds, which are rewritten.
   4. Expand / Tile with channel factor 1 (Expand may also name the channel count, rewritten), Pad without
      channel padding, Resize with channel scale 1.
