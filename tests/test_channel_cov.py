@@ -304,3 +304,47 @@ def test_timm_plan_applies_to_the_module(vits, tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(pruned(x).numpy(), got, atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in m.parameters())
+
+
+class _RopeAttention(nn.Module):
+    """Llama-style rotary attention on separate q/k/v Linears; ``per_head`` gives every head its own rotary
+    factors (cos/sin of shape [1, H, N, D]), which pruning heads would have to slice: such a block must be refused."""
+
+    def __init__(self, per_head: bool) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM, bias=False) for _ in range(4))
+        ang = torch.rand(1, HEADS if per_head else 1, 17, HD)
+        self.register_buffer("cos", ang.cos())
+        self.register_buffer("sin", ang.sin())
+
+    def forward(self, x):
+        B, N, _ = x.shape
+
+        def rope(t):
+            half = torch.cat((-t[..., HD // 2:], t[..., :HD // 2]), dim=-1)
+            return t * self.cos + half * self.sin
+
+        q, k, v = (f(x).view(B, N, HEADS, HD).transpose(1, 2) for f in (self.q, self.k, self.v))
+        o = ((rope(q) @ rope(k).transpose(-2, -1)) * HD ** -0.5).softmax(-1) @ v
+        return x + self.o(o.transpose(1, 2).reshape(B, N, DIM))
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_rotary_factors_across_heads_are_refused(per_head, tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(DIM, DIM), _RopeAttention(per_head), nn.Linear(DIM, 10)).eval()
+    path = gtorch.export(m, (torch.randn(2, 17, DIM),), tmp_path / "rope.onnx")
+    heads = [g for g in analyze_channels(ir.load(path)).groups if g.kind == "heads"
+             or "rotary" in str(g.reason)]
+    assert heads, [g.describe() for g in analyze_channels(ir.load(path)).groups]
+    if per_head:
+        assert not any(g.prunable for g in heads) and "varies across heads" in heads[0].reason, heads[0].describe()
+    else:
+        assert len(heads) == 1 and heads[0].prunable and heads[0].size == HEADS
+        model, plan, _ = _prune(path, tmp_path, ratio=0.5)
+        x = np.random.default_rng(0).standard_normal((3, 17, DIM)).astype(np.float32)
+        feeds = {model.graph.inputs[0].name: x}
+        ref = zoo.run(zoo.masked_copy(ir.load(path), plan), feeds, tmp_path, "masked")[0]
+        out = zoo.run(model, feeds, tmp_path, "rope")[0]
+        np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+        assert np.abs(out - zoo.run(ir.load(path), feeds, tmp_path, "base")[0]).max() > 1e-3
