@@ -1,10 +1,15 @@
 """Whole-head channel rule for :mod:`graphprune.analysis.channels`, anchored on :class:`AttentionBlock`.
 
 Pattern (any layout the exporter writes between the projections and the core):
-    root_q/k/v [.., C] --(Reshape | Transpose | Gather | Split | Squeeze | Unsqueeze | Expand | Mul/Div by scalar)*-->
+    root_q/k/v [.., C] --(Reshape | Transpose | Gather | Split | Slice | Squeeze | Unsqueeze | Expand
+                          | Mul/Div by scalar | rotary embedding)*-->
         q [B, H, N, D], k (or kᵀ) [B, Hk, N, D], v [B, Hk, N, D] --core--> out [B, H, N, D]
         --(Transpose | Reshape)*--> merged [.., H·D] --> output projection
-The root values are the outputs of the q/k/v projections (plus bias), labeled on their last axis.
+The root values are the outputs of the q/k/v projections (plus bias), labeled on their last axis. One root may feed
+all three (a fused qkv projection: timm's ``[B, N, 3, H, D]`` view picked apart with Gather or, for ``unbind(0)``,
+Slice + Squeeze; GPT-2's ``c_attn`` split in three). A rotary embedding (``x·cos + rotate_half(x)·sin``, the
+Llama spelling) is one chain step: the index tensor goes through its Slices and Concat exactly, and the step is
+accepted only when its last axis lies within one head and cos/sin do not vary across heads.
 
 How the channel ↔ (head, dim) maps are found: an index tensor (channel + C·position) is pushed through the
 exact chain ops in numpy, with symbolic dims (batch, tokens) set to 1. The result at q/k/v gives, for each
@@ -14,7 +19,8 @@ output to the merged tensor. Nothing about ``[B, N, 3, H, D]`` or ``permute(2, 0
 
 Coupling: each q head h is one class with k/v head ``h·Hk/H`` (grouped-query attention keeps whole kv groups),
 and with the merged channels of head h (the rows of the output projection).
-Rewrites: every static entry of a chain Reshape/Expand target and Split sizes that varies with the channel; the
+Rewrites: every static entry of a chain Reshape/Expand target, Split sizes (explicit ones written for a Split with
+``num_outputs``) and Slice bounds that vary with the channel; the
 ``q_num_heads``/``kv_num_heads`` attributes of a 3-D ``Attention`` op; com.microsoft ``num_heads``.
 Blocked: com.microsoft packed ``Attention``, per-head masks, chains with other ops or other users.
 """
@@ -31,7 +37,8 @@ from graphprune.analysis._channel_core import Builder, static_shape
 from graphprune.analysis._channel_layout import const_slot
 from graphprune.analysis.attention import AttentionBlock
 
-_CHAIN = {"Reshape", "Transpose", "Gather", "Split", "Squeeze", "Unsqueeze", "Expand", "Mul", "Div", "Identity", "Cast"}
+_CHAIN = {"Reshape", "Transpose", "Gather", "Split", "Slice", "Squeeze", "Unsqueeze", "Expand", "Mul", "Div", "Identity",
+          "Cast"}
 _OUT_CHAIN = {"Transpose", "Reshape"}
 
 
@@ -60,10 +67,91 @@ def _data_input(node: ir.Node) -> ir.Value | None:
     return node.inputs[0]
 
 
+@dataclasses.dataclass
+class _Rope:
+    """A rotary embedding ``y = x·cos + rotate_half(x)·sin`` (``rotate_half(x) = Concat(-x[..., h:], x[..., :h])``
+    on the last axis) in a q/k chain: one chain step from ``x`` to ``y``. It mixes only positions of the last axis,
+    so heads pass through unchanged when the last axis lies within one head and cos/sin do not vary across heads;
+    both are checked on the simulated head map (``_check_rope``)."""
+
+    nodes: list[ir.Node]  # inner nodes, in dependency order
+    inputs: list[ir.Value]  # [x]
+    outputs: list[ir.Value]  # [y]
+    sides: list[ir.Value]  # cos, sin
+    op_type: str = "Rope"
+    domain: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.nodes[-1].name
+
+
+def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
+    p = value.producer() if value is not None else None
+    return p if p is not None and p.op_type == op and p.domain == "" else None
+
+
+def _last_axis_slice(node: ir.Node | None, x: ir.Value) -> tuple[int, int] | None:
+    """(start, end) of a step-1 Slice of ``x`` on its last axis with constant bounds, else ``None``."""
+    if node is None or node.op_type != "Slice" or node.inputs[0] is not x or x.shape is None or len(node.inputs) < 4:
+        return None
+    vals = [const_value(v) if v is not None else None for v in node.inputs[1:5]]
+    if any(v is None or np.asarray(v).size != 1 for v in vals[:3]) or (len(vals) > 3 and vals[3] is not None
+                                                                      and int(np.asarray(vals[3]).ravel()[0]) != 1):
+        return None
+    r = len(x.shape)
+    if int(np.asarray(vals[2]).ravel()[0]) % r != r - 1 or not isinstance(x.shape[r - 1], int):
+        return None
+    n = x.shape[r - 1]
+    s, e = (int(np.asarray(v).ravel()[0]) for v in vals[:2])
+    s, e = (min(max(v + n if v < 0 else v, 0), n) for v in (s, e))
+    return s, e
+
+
+def _rope(value: ir.Value) -> _Rope | None:
+    add = _producer(value, "Add")
+    if add is None:
+        return None
+    muls = [_producer(v, "Mul") for v in add.inputs]
+    if None in muls or muls[0] is muls[1]:
+        return None
+    for direct, rotated in ((muls[0], muls[1]), (muls[1], muls[0])):
+        for xi in (0, 1):
+            x, cos = direct.inputs[xi], direct.inputs[1 - xi]
+            for ri in (0, 1):
+                rot, sin = rotated.inputs[ri], rotated.inputs[1 - ri]
+                cat = _producer(rot, "Concat")
+                if cat is None or len(cat.inputs) != 2 or x.shape is None:
+                    continue
+                r = len(x.shape)
+                neg = _producer(cat.inputs[0], "Neg")
+                if cat.attributes.get_int("axis", 0) % r != r - 1 or neg is None:
+                    continue
+                hi, lo = neg.inputs[0].producer(), cat.inputs[1].producer()
+                b_hi, b_lo = _last_axis_slice(hi, x), _last_axis_slice(lo, x)
+                n = x.shape[r - 1]
+                if b_hi is None or b_lo is None or n % 2 or b_lo != (0, n // 2) or b_hi != (n // 2, n):
+                    continue
+                if any(const_value(v) is None and (v is x or v.producer() in (hi, lo, neg, cat)) for v in (cos, sin)):
+                    continue
+                return _Rope([hi, lo, neg, cat, rotated, direct, add], [x], [value], [cos, sin])
+    return None
+
+
+def _flat(chain: list) -> list[ir.Node]:
+    """Chain steps as graph nodes (a rotary step stands for its inner nodes)."""
+    return [m for n in chain for m in (n.nodes if isinstance(n, _Rope) else [n])]
+
+
 def _walk_back(value: ir.Value) -> tuple[list[ir.Node], ir.Value]:
     chain: list[ir.Node] = []
     cur = value
     while True:
+        rope = _rope(cur)
+        if rope is not None:
+            chain.append(rope)
+            cur = rope.inputs[0]
+            continue
         p = cur.producer()
         if p is None or p.domain != "" or p.op_type not in _CHAIN:
             return list(reversed(chain)), cur
@@ -116,7 +204,7 @@ def claim(b: Builder, blocks: list[AttentionBlock]) -> Claims:
     finishers: dict[ir.Node, _Block] = {}
     for blk in blocks:
         rec = _describe(b, blk)
-        nodes = set(blk.nodes) | set(rec.out_chain) | {n for c in rec.chains for n in c}
+        nodes = set(blk.nodes) | set(rec.out_chain) | {n for c in rec.chains for n in _flat(c)}
         inner = [o for n in nodes for o in n.outputs if o is not rec.merged]
         if any(u not in nodes and u.op_type != "Shape" for o in inner for u, _ in o.uses()):
             rec.reason = rec.reason or "an intermediate attention value has users outside the block"
@@ -166,9 +254,64 @@ def _eval_shape(value: ir.Value, env: dict, depth: int = 0) -> np.ndarray:
     raise ValueError(f"shape computed by {op}")
 
 
+def _run_rope(rope: _Rope, x: np.ndarray, env: dict) -> list[np.ndarray]:
+    """Index arrays through a rotary step: the Slices and the Concat exactly, the products as their x operand."""
+    hi, lo, neg, cat, rotated, direct, add = rope.nodes
+    h = x.shape[-1] // 2
+    env[hi.outputs[0]], env[lo.outputs[0]] = x[..., h:], x[..., :h]
+    env[neg.outputs[0]] = x[..., h:]
+    env[cat.outputs[0]] = np.concatenate([x[..., h:], x[..., :h]], axis=-1)
+    for node, data, arr in ((rotated, cat.outputs[0], env[cat.outputs[0]]), (direct, rope.inputs[0], x)):
+        side = node.inputs[1] if node.inputs[0] is data else node.inputs[0]
+        s = static_shape(side) if const_value(side) is None else list(np.asarray(const_value(side)).shape)
+        if s is None:
+            raise ValueError(f"rotary factor {side.name!r} has an unknown shape")
+        if tuple(np.broadcast_shapes(arr.shape, tuple(s))) != arr.shape:
+            raise ValueError(f"rotary factor {side.name!r} broadcasts the operand")
+        env[node.outputs[0]] = arr
+    return [x]
+
+
+def _check_rope(chain: list, env: dict, width: int, hm: np.ndarray) -> str | None:
+    """A rotary step keeps heads whole: its last axis lies within one head, and cos/sin are constant along every
+    axis on which the head changes (they may vary over tokens and within a head)."""
+    head_of = np.full(width, -1, dtype=np.int64)
+    for h, row in enumerate(hm):
+        head_of[row] = h
+    for step in chain:
+        if not isinstance(step, _Rope):
+            continue
+        arr = env.get(step.inputs[0])
+        if arr is None:
+            return f"cannot follow channels into rotary embedding {step.name!r}"
+        heads = head_of[arr % width]
+        r = heads.ndim
+        varies = [ax for ax in range(r) if not (heads == np.take(heads, [0], axis=ax)).all()]
+        if r - 1 in varies:
+            return f"rotary embedding {step.name!r} mixes positions of several heads"
+        for side in step.sides:
+            c = const_value(side)
+            s = list(np.asarray(c).shape) if c is not None else static_shape(side)
+            off = r - len(s)
+            if any(s[ax - off] > 1 for ax in varies if ax - off >= 0):
+                return f"rotary factor {side.name!r} varies across heads"
+    return None
+
+
 def _run(node: ir.Node, x: np.ndarray, env: dict) -> list[np.ndarray]:
 
     op = node.op_type
+    if isinstance(node, _Rope):
+        return _run_rope(node, x, env)
+    if op == "Slice":
+        vals = [np.asarray(const_value(v)).ravel() if v is not None else None for v in node.inputs[1:5]]
+        starts, ends = vals[0], vals[1]
+        axes = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(starts))
+        steps = vals[3] if len(vals) > 3 and vals[3] is not None else np.ones(len(starts), dtype=np.int64)
+        sl = [slice(None)] * x.ndim
+        for a, st, en, sp in zip(axes, starts, ends, steps, strict=True):
+            sl[int(a) % x.ndim] = slice(int(st), int(en), int(sp))
+        return [x[tuple(sl)]]
     if op == "Reshape":
         try:
             target = _eval_shape(node.inputs[1], env).astype(np.int64).ravel()
@@ -269,7 +412,7 @@ def _runtime_shape(value: ir.Value, allowed: set, forbidden: set[int], depth: in
 
 def _edits(b: Builder, rec: _Block, env: dict, atoms_of, allowed: set, forbidden: set[int]) -> str | None:
     """Count edits for every chain Reshape/Expand/Split entry that varies with the kept heads."""
-    for node in [n for c in rec.chains for n in c] + rec.out_chain:
+    for node in _flat([n for c in rec.chains for n in c]) + rec.out_chain:
         for o in node.outputs:  # new shapes of the intermediate values
             y = env.get(o)
             for ax in range(y.ndim if y is not None else 0):
@@ -302,13 +445,32 @@ def _edits(b: Builder, rec: _Block, env: dict, atoms_of, allowed: set, forbidden
                     return f"{node.op_type} {node.name!r}: target entry {cur} is not the dim {y.shape[p + off]}"
                 b.count_edit(snode, sidx, spos, lines)
         elif node.op_type == "Split":
-            if len(node.inputs) < 2 or node.inputs[1] is None:
-                return f"Split {node.name!r} without sizes"
-            axis = node.attributes.get_int("axis", 0)
-            for k, o in enumerate(node.outputs):
-                y = env.get(o)
-                if y is not None:
-                    b.count_edit(node, 1, k, atoms_of(np.moveaxis(y, axis, 0).reshape(y.shape[axis], -1)))
+            ys = [env.get(o) for o in node.outputs]
+            if any(y is None for y in ys):
+                continue
+            axis = node.attributes.get_int("axis", 0) % ys[0].ndim
+            # without sizes (num_outputs): the rewrite writes explicit ones
+            base = None if len(node.inputs) > 1 and node.inputs[1] is not None else [y.shape[axis] for y in ys]
+            for k, y in enumerate(ys):
+                b.count_edit(node, 1, k, atoms_of(np.moveaxis(y, axis, 0).reshape(y.shape[axis], -1)), base=base)
+        elif node.op_type == "Slice":
+            x = env.get(node.inputs[0])
+            if x is None:
+                continue
+            vals = [np.asarray(const_value(v)).ravel() if v is not None else None for v in node.inputs[1:5]]
+            axes = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(vals[0]))
+            steps = vals[3] if len(vals) > 3 and vals[3] is not None else np.ones(len(axes), dtype=np.int64)
+            for k, a in enumerate(int(a) % x.ndim for a in axes):
+                lines = atoms_of(np.moveaxis(x, a, 0).reshape(x.shape[a], -1))
+                if (lines == lines[:1]).all():
+                    continue  # the same atoms at every position: the bounds never move
+                if int(steps[k]) != 1:
+                    return f"Slice {node.name!r} strides over heads"
+                n = x.shape[a]
+                for idx, bound in ((1, int(vals[0][k])), (2, int(vals[1][k]))):
+                    pos = min(max(bound + n if bound < 0 else bound, 0), n)
+                    if 0 < pos < n:
+                        b.count_edit(node, idx, k, lines[:pos], always=bound < 0)
     return None
 
 
@@ -353,6 +515,9 @@ def apply(b: Builder, rec: _Block) -> None:
         hm = _head_map(env.get(rec.operands[i]), width, rec.k_transposed and i == 1)
         if isinstance(hm, str):
             return fail(hm)
+        err = _check_rope(chain, env, width, hm)
+        if err:
+            return fail(err)
         maps.append(hm)
     qa, ka, va = (lab.atoms[m] for lab, m in zip(labs, maps, strict=True))
     h, hk = qa.shape[0], ka.shape[0]
@@ -403,7 +568,8 @@ def apply(b: Builder, rec: _Block) -> None:
         return lambda arr: a[arr % len(a)]
 
     out_flat = out_atoms.reshape(-1)
-    allowed = set(rec.roots) | {rec.blk.output} | {o for c in rec.chains + [rec.out_chain] for n in c for o in n.outputs}
+    allowed = set(rec.roots) | {rec.blk.output} | {o for c in rec.chains + [rec.out_chain] for n in _flat(c)
+                                                     for o in n.outputs}
     forbidden = {h, h * d, hk, hk * d, 3 * h * d} - {1, d}
     for chain, root in zip(rec.chains, rec.roots, strict=True):
         sub = _Block(rec.blk, rec.operands, rec.k_transposed, [chain], [root], [], None)

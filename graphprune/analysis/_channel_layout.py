@@ -3,7 +3,8 @@
 Cases
   1. Transpose, Squeeze/Unsqueeze: the channel axis moves.
   2. Reshape/Flatten that keep the channel axis, or merge it with the static axes after it (channel-major:
-     Flatten→Gemm sees channel × spatial blocks); the target entry is rewritten (0 and -1 need nothing).
+     Flatten→Gemm sees channel × spatial blocks); the target entry is rewritten (0 and -1 need nothing). The axes
+     before the channel may merge or split (GPT-2's ``[B, N, C] ↔ [B·N, C]``: a ``seq*batch`` symbol is its factors).
   3. Split / Slice (step 1) on the channel axis with constant sizes / bounds, which are rewritten.
   4. Expand / Tile with channel factor 1 (Expand may also name the channel count, rewritten), Pad without
      channel padding, Resize with channel scale 1.
@@ -12,6 +13,7 @@ Also the shared helpers: ranks, constant ints, and ``const_slot`` (where a shape
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -155,17 +157,24 @@ def _slice(b: Builder, node: ir.Node) -> None:
     b.set_label(node.outputs[0], lab.axis, lab.atoms[s:e])
 
 
+_UNNAMED = itertools.count()
+
+
 def _dims(v: ir.Value) -> list | None:
     return None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape]
 
 
 def _prod(dims: list) -> tuple[int, tuple]:
+    """Product of ``dims``: the static part, and the symbolic factors (a product symbol the exporter writes for
+    merged axes, ``"seq*batch"``, counts as its factors; an unnamed dim never equals another)."""
     p, syms = 1, []
     for d in dims:
         if isinstance(d, int):
             p *= d
+        elif d == "None":
+            syms.append(f"?{next(_UNNAMED)}")
         else:
-            syms.append(d)
+            syms.extend(f.strip() for f in d.split("*"))
     return p, tuple(sorted(syms))
 
 
