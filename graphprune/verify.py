@@ -58,7 +58,7 @@ from typing import Literal
 import numpy as np
 import pydantic
 
-from graphprune.backends.onnxruntime import ModelLike, make_session, run
+from graphprune.backends.onnxruntime import ModelLike, make_session, return_freed_memory, run
 from graphprune.errors import ConfigError, ModelLoadError, VerificationError
 
 Kind = Literal["logits", "embedding", "per_token", "other"]
@@ -435,7 +435,7 @@ def compare(
     total = 2 * len(feeds)
 
     try:
-        session = make_session(original)
+        session = make_session(original, arena=False)
     except Exception as e:  # the input model itself: ORT cannot load it (an op or opset it lacks, ...)
         if type(e).__module__.startswith("onnxruntime"):
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -451,6 +451,7 @@ def compare(
         if progress is not None:
             progress(i + 1, total)
     del session  # released before the optimized session exists: never two models in memory
+    return_freed_memory()
 
     accs = []
     for j, name in enumerate(names):
@@ -461,7 +462,7 @@ def compare(
             kind, source = classify_output(name, values), "auto"
         accs.append((_Accumulator(name, kind, _is_float(values[0])), source))
 
-    session = make_session(optimized)
+    session = make_session(optimized, arena=False)
     if len(session.get_outputs()) != len(names):
         raise VerificationError(f"optimized model has {len(session.get_outputs())} outputs, original has {len(names)}")
     for i, feed in enumerate(feeds):
