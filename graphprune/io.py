@@ -30,6 +30,7 @@ from pathlib import Path
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from graphprune._ir import unmap
 from graphprune._validate import problems
 from graphprune.errors import GraphpruneError, ModelLoadError
 
@@ -234,10 +235,7 @@ def release_weights(model: ir.Model) -> None:
     stop counting in this process's memory before ONNX Runtime maps the same weights for its own session. A map
     that a live numpy array still views is left open."""
     for _, tensor in _external_tensors(model):
-        try:
-            tensor.release()
-        except BufferError:  # an array still views the map (held by a caller): it stays mapped, which is correct
-            pass
+        unmap(tensor)
 
 
 def _same_file(a: Path, b: Path) -> bool:

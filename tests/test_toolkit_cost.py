@@ -227,3 +227,26 @@ def test_fp16_model_pruned_and_verified_at_its_dtype(tmp_path):
 
 def test_decoder_config_is_a_dataclass():
     assert dataclasses.asdict(TINY)["kv_heads"] == 2 and TINY.head_dim == 16
+
+
+def test_large_reference_outputs_are_kept_on_disk_with_the_same_figures(decoder, tmp_path, monkeypatch):
+    """Past SPILL_BYTES the original's outputs go to a temporary folder, feed by feed; the figures do not change."""
+    import graphprune.verify as verify
+
+    out = tmp_path / "o.onnx"
+    gp.optimize(decoder, out, gp.Pipeline().add("channel_prune", ratio=0.3), force=True)
+    rng = np.random.default_rng(1)
+    feeds = [{"input_ids": rng.integers(0, TINY.vocab, (1, TINY.seq))} for _ in range(4)]
+    held = verify.compare(decoder, out, feeds).to_dict()
+    folders = []
+    real = verify._References.append
+
+    def spy(self, arrays):
+        real(self, arrays)
+        folders.append(self.folder)
+
+    monkeypatch.setattr(verify, "SPILL_BYTES", 1)
+    monkeypatch.setattr(verify._References, "append", spy)
+    spilled = verify.compare(decoder, out, feeds).to_dict()
+    assert folders and all(folders) and not Path(folders[0]).exists()  # used, then removed
+    assert spilled == held

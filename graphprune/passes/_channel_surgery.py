@@ -22,7 +22,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from graphprune._ir import NameScope, const_value, constant_node, infer_shapes
+from graphprune._ir import NameScope, const_value, constant_node, infer_shapes, unmap
 from graphprune.errors import GraphpruneError
 
 
@@ -137,6 +137,7 @@ def _lazy_slice(source, shape: tuple[int, ...], spec: tuple, name: str) -> ir.La
         new = source.numpy()
         for axis, keep in spec:
             new = np.take(new, np.asarray(keep, dtype=np.int64), axis=axis)
+        unmap(source)
         return ir.Tensor(np.ascontiguousarray(new), dtype=source.dtype, name=name)
 
     return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(dims), name=name)
