@@ -135,8 +135,8 @@ def table(rows: list[dict]) -> str:
         ver = {True: "passed", False: "failed"}.get(r.get("verify_passed"), "—" if r["rc"] == 0 else f"exit {r['rc']}")
         params = f"×{r['params_ratio']:.2f}" if "params_ratio" in r else "—"
         note = r["message"] if r["rc"] != 0 else ""
-        out.append(f"| {r['model']} | {r['weights_mb']:.0f} MB | {r['pipeline']} | {r['wall_s']:.1f} s | "
-                   f"{r['x_ort']:.1f}× | {r['rss_mb']:.0f} MB | {r['x_bytes']:.2f}× | {stages} | {ver} | {params} | "
+        out.append(f"| {r['model']} | {r['weights_mb']:.0f} MiB | {r['pipeline']} | {r['wall_s']:.1f} s | "
+                   f"{r['x_ort']:.1f}× | {r['rss_mb']:.0f} MiB | {r['x_bytes']:.2f}× | {stages} | {ver} | {params} | "
                    f"{note} |")
     return "\n".join(out)
 
