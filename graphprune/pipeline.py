@@ -280,8 +280,12 @@ def optimize(
     and the report says so (``data.source: "synthetic"``, a warning in ``warnings``). ``feeds`` is the older
     form of ``data`` (a list of feed dicts with a leading sample axis).
 
-    Returns the report dict (keys ``data``, ``passes``, ``flops``, ``params``, ``verify``, ``warnings``, and
-    ``latency_ms`` when ``bench``). Nothing is written when verification fails, unless ``force``.
+    Returns the report dict (keys ``data``, ``passes``, ``flops``, ``params``, ``verify``, ``warnings``, ``timings``
+    (seconds per stage: load, passes, save, verify, benchmark, commit), and ``latency_ms`` when ``bench``). Nothing
+    is written when verification fails, unless ``force``.
+
+    Memory: the model is loaded with its weights mapped (``io.load_model``), saved once to the staged output, and
+    its maps closed before verification runs the original and then the staged file, one session at a time.
     """
     from graphprune.analysis.inputs import static_batch
     from graphprune.io import check_output_path, load_model, mapped_from_file, release_weights, stage_model
