@@ -250,3 +250,21 @@ def test_large_reference_outputs_are_kept_on_disk_with_the_same_figures(decoder,
     spilled = verify.compare(decoder, out, feeds).to_dict()
     assert folders and all(folders) and not Path(folders[0]).exists()  # used, then removed
     assert spilled == held
+
+
+def test_the_per_pass_check_reads_no_weights_and_still_rejects_invalid_graphs(decoder):
+    from graphprune.errors import GraphpruneError
+    from graphprune.pipeline import _check
+
+    model = gp.load_model(decoder)
+    v = model.graph.initializers["model.layers.0.mlp.up_proj.weight"]
+
+    def unreadable():
+        raise AssertionError("the checker read a weight")
+
+    v.const_value = ir.LazyTensor(unreadable, dtype=v.const_value.dtype, shape=v.const_value.shape, name=v.name)
+    _check(model, "test")  # valid, and the lazy weight was never evaluated
+    node = next(n for n in model.graph if n.op_type == "Softmax")
+    node.attributes["axis"] = ir.AttrString("axis", "last")  # wrong attribute type
+    with pytest.raises(GraphpruneError, match="'test' produced an invalid model"):
+        _check(model, "test")
