@@ -7,7 +7,8 @@
     ``finfo(dtype).min`` where it is False. A finite minimum, not -inf, so that a fully masked row softmaxes to a
     uniform row instead of NaN (which would leak into every row of the next layer through 0·NaN);
   * ``NameScope``: unique names for values a rewrite adds (initializers included);
-  * ``infer_shapes``: ONNX shape inference written back into the model (it mutates, so it is not in ``analysis``).
+  * ``infer_shapes``: ONNX shape inference written back into the model (it mutates, so it is not in ``analysis``);
+  * ``unmap``: close the memory map of an external tensor after reading it.
 
 Op-type strings do not live here, but for ``Constant`` (how ONNX spells a constant, which ``const_value`` reads):
 matching graph patterns belongs to ``analysis``.
@@ -103,10 +104,20 @@ class NameScope:
         return value
 
 
+def unmap(tensor: ir.TensorProtocol | None) -> None:
+    """Close the memory map of a tensor read from external data (it reopens on the next read), so that pages read
+    once (scored, sliced, written) stop counting in this process. A map an array still views stays open."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass
+
+
 def infer_shapes(model: ir.Model) -> ir.Model:
     """Run ONNX shape inference (with data propagation) in place; a failure leaves shapes as they were."""
     ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
     return model
 
 
-__all__ = ["NameScope", "additive_mask", "const_value", "constant_node", "dim", "infer_shapes", "mask_min", "rank"]
+__all__ = ["NameScope", "additive_mask", "const_value", "constant_node", "dim", "infer_shapes", "mask_min", "rank", "unmap"]

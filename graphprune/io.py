@@ -2,6 +2,12 @@
 
 Loading
   * external weights stay memory-mapped (onnx-ir ``ExternalTensor``), so large models are not copied to RAM;
+  * weights stored inside a large ``.onnx`` file (``raw_data`` of main-graph initializers, file above
+    ``INLINE_MAP_THRESHOLD``) are not parsed into memory either: the file is memory-mapped, its protobuf framing is
+    walked to find each initializer's ``raw_data`` bytes, and the model is parsed from a copy of the framing with
+    those bytes replaced by external-data references into the ``.onnx`` file itself (location = its own name,
+    offset, length). Each such initializer is then an ``ExternalTensor`` over the input file: nothing is read
+    until a pass asks for the values, and nothing is copied when no pass changes them;
   * every external-data location is checked before use: it must be a relative path that resolves (symlinks
     included) inside the model's folder, the file must exist and be long enough for ``offset + length``.
 
@@ -15,6 +21,7 @@ Saving
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
@@ -23,11 +30,16 @@ from pathlib import Path
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from graphprune._ir import unmap
 from graphprune._validate import problems
 from graphprune.errors import GraphpruneError, ModelLoadError
 
 PROTOBUF_LIMIT = 2 * 1024**3
 DEFAULT_EXTERNAL_THRESHOLD = 100 * 1024**2
+#: ``.onnx`` files above this size have their inline weights mapped from the file instead of parsed into memory.
+INLINE_MAP_THRESHOLD = 16 * 1024**2
+#: Inline ``raw_data`` at least this long becomes a reference into the file (smaller tensors are parsed as usual).
+INLINE_MAP_MIN_BYTES = 1024
 
 
 def _external_tensors(model: ir.Model):
@@ -72,7 +84,9 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if path.stat().st_size == 0:
         raise ModelLoadError(f"{path} is empty")
     try:
-        model = ir.load(path)
+        model = _load_mapped(path) if path.stat().st_size > INLINE_MAP_THRESHOLD else None
+        if model is None:
+            model = ir.load(path)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not a valid ONNX model (corrupt or truncated): {str(e).splitlines()[0]}") from e
     if model.ir_version <= 0 or not model.graph.outputs or len(model.graph) == 0:
@@ -83,6 +97,145 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
         raise ModelLoadError(f"{path} is not a valid model: {found[0]}{more}")
     return model
+
+
+# -- inline weights mapped from the .onnx file ------------------------------------------------------------------
+# Protobuf wire format: a field is a varint tag (field number << 3 | wire type) and a value; wire type 2 is a
+# varint length and that many bytes. ModelProto.graph = 7; GraphProto.initializer = 5; TensorProto: raw_data = 9,
+# external_data = 13 (StringStringEntryProto: key = 1, value = 2), data_location = 14 (EXTERNAL = 1).
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _enc_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, start of the field, start of its value, end of the field) over ``buf[start:end]``."""
+    pos = start
+    while pos < end:
+        tag, vpos = _varint(buf, pos)
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, stop = _varint(buf, vpos)
+        elif wire == 1:
+            stop = vpos + 8
+        elif wire == 2:
+            n, vpos = _varint(buf, vpos)
+            stop = vpos + n
+        elif wire == 5:
+            stop = vpos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if stop > end:
+            raise ValueError("truncated field")
+        yield field, wire, pos, vpos, stop
+        pos = stop
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _enc_varint(field << 3 | 2) + _enc_varint(len(payload)) + payload
+
+
+def _external_ref(location: str, offset: int, length: int) -> bytes:
+    entries = b"".join(_len_field(13, _len_field(1, k.encode()) + _len_field(2, v.encode()))
+                       for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))))
+    return entries + _enc_varint(14 << 3 | 0) + _enc_varint(1)
+
+
+def _tensor_framing(buf, start: int, end: int, location: str) -> bytes | None:
+    """An initializer's TensorProto with its large ``raw_data`` replaced by a reference into the file, or
+    ``None`` to keep it as it is."""
+    parts, raw = [], None
+    for field, wire, fstart, vstart, stop in _fields(buf, start, end):
+        if field == 13 or (field == 14 and (wire != 0 or _varint(buf, vstart)[0] != 0)):
+            return None  # already external: leave the tensor alone
+        if field == 14:  # data_location DEFAULT, written out: replaced by EXTERNAL below
+            continue
+        if field == 9 and wire == 2 and stop - vstart >= INLINE_MAP_MIN_BYTES:
+            raw = (vstart, stop - vstart)
+            continue
+        parts.append(bytes(buf[fstart:stop]))
+    if raw is None:
+        return None
+    return b"".join(parts) + _external_ref(location, *raw)
+
+
+def _graph_framing(buf, start: int, end: int, location: str) -> tuple[bytes, int]:
+    parts, mapped = [], 0
+    for field, wire, fstart, vstart, stop in _fields(buf, start, end):
+        framing = _tensor_framing(buf, vstart, stop, location) if field == 5 and wire == 2 else None
+        if framing is None:
+            parts.append(bytes(buf[fstart:stop]))
+        else:
+            parts.append(_len_field(5, framing))
+            mapped += 1
+    return b"".join(parts), mapped
+
+
+def _load_mapped(path: Path) -> ir.Model | None:
+    """``path`` loaded with its inline weights as ``ExternalTensor`` views into the file itself; ``None`` when the
+    file has no inline weights to map (or is not binary protobuf), so that the caller loads it the usual way."""
+    import onnx
+
+    if path.suffix.lower() not in (".onnx", ".pb", ""):
+        return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        buf = memoryview(mm)
+        try:
+            parts, mapped = [], 0
+            for field, wire, fstart, vstart, stop in _fields(buf, 0, len(buf)):
+                if field == 7 and wire == 2:
+                    graph, mapped = _graph_framing(buf, vstart, stop, path.name)
+                    parts.append(_len_field(7, graph))
+                else:
+                    parts.append(bytes(buf[fstart:stop]))
+        except (ValueError, IndexError):
+            return None  # not protobuf framing we can walk: the usual loader says what is wrong
+        finally:
+            buf.release()
+    if not mapped:
+        return None
+    proto = onnx.ModelProto.FromString(b"".join(parts))
+    model = ir.serde.deserialize_model(proto)
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.base_dir = str(path.parent)
+    return model
+
+
+def mapped_from_file(model: ir.Model, path: Path) -> bool:
+    """Whether ``model`` holds initializers mapped from the ``.onnx`` file ``path`` itself (see ``load_model``)."""
+    return any(Path(t.location).name == path.name and Path(t.base_dir).resolve() == path.resolve().parent
+               for _, t in _external_tensors(model))
+
+
+def release_weights(model: ir.Model) -> None:
+    """Close the memory maps of ``model``'s external weights (they reopen on the next read): pages a pass read
+    stop counting in this process's memory before ONNX Runtime maps the same weights for its own session. A map
+    that a live numpy array still views is left open."""
+    for _, tensor in _external_tensors(model):
+        unmap(tensor)
 
 
 def _same_file(a: Path, b: Path) -> bool:

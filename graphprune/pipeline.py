@@ -204,15 +204,22 @@ def _stats(model: ir.Model) -> dict[str, int]:
 
 
 def _check(model: ir.Model, pass_name: str) -> None:
-    """ONNX checker on the graph structure; initializers become typed inputs so no weight bytes are read."""
+    """ONNX checker on the graph structure. The graph is serialised without its initializers (they become typed
+    inputs), so no weight bytes are read or copied: mapped weights stay unread, lazy slices unevaluated."""
+    graph = model.graph
     try:
-        proto = ir.to_proto(model)
-        g = proto.graph
-        inputs = {i.name for i in g.input}
-        for init in g.initializer:
-            if init.name not in inputs:
-                g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        del g.initializer[:]
+        view = ir.GraphView(graph.inputs, graph.outputs, nodes=graph, opset_imports=graph.opset_imports,
+                            name=graph.name)
+        g = ir.to_proto(view)
+        inputs = {v.name for v in graph.inputs}
+        for v in graph.initializers.values():
+            t = v.const_value
+            if v.name not in inputs and t is not None:
+                g.input.append(onnx.helper.make_tensor_value_info(v.name, int(t.dtype), list(t.shape.numpy())))
+        proto = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid(d, v)
+                                                         for d, v in model.opset_imports.items()],
+                                       ir_version=model.ir_version,
+                                       functions=[ir.to_proto(f) for f in model.functions.values()])
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
         raise GraphpruneError(f"pass {pass_name!r} produced an invalid model: {str(e).splitlines()[0]}") from e
@@ -273,14 +280,23 @@ def optimize(
     and the report says so (``data.source: "synthetic"``, a warning in ``warnings``). ``feeds`` is the older
     form of ``data`` (a list of feed dicts with a leading sample axis).
 
-    Returns the report dict (keys ``data``, ``passes``, ``flops``, ``params``, ``verify``, ``warnings``, and
-    ``latency_ms`` when ``bench``). Nothing is written when verification fails, unless ``force``.
+    Returns the report dict (keys ``data``, ``passes``, ``flops``, ``params``, ``verify``, ``warnings``, ``timings``
+    (seconds per stage: load, passes, save, verify, benchmark, commit), and ``latency_ms`` when ``bench``). Nothing
+    is written when verification fails, unless ``force``.
+
+    Memory: the model is loaded with its weights mapped (``io.load_model``), saved once to the staged output, and
+    its maps closed before verification runs the original and then the staged file, one session at a time.
     """
     from graphprune.analysis.inputs import static_batch
-    from graphprune.io import check_output_path, load_model, stage_model
+    from graphprune.io import check_output_path, load_model, mapped_from_file, release_weights, stage_model
 
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     model_path = Path(model_path)
     model = load_model(model_path)
+    # Weights inside a large .onnx were mapped from the file (io.load_model): verification runs a clone of the
+    # model as loaded (its weights the same views into the file), not the file, which ORT would parse into memory.
+    original = model.clone() if mapped_from_file(model, model_path) else model_path
     check_output_path(output, model, inputs=(model_path,))
     context = context or PassContext()
     context.source_path = str(model_path)
@@ -304,7 +320,10 @@ def optimize(
         warnings.append(f"verification used {len(ver)} synthetic inputs generated from the input specs; pass --data "
                         "with real samples to check fidelity")
     _progress(context, "load", 1, 1)
+    timings["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     records = pipeline.run(model, context)
+    timings["passes"] = time.perf_counter() - t0
     for r in records:
         warnings += [f"{r['name']}: {w}" for w in r.get("warnings", [])]
         if not r.get("changed") and r["name"] not in HOUSEKEEPING_PASSES:  # never a silent success
@@ -314,23 +333,35 @@ def optimize(
             warnings.append(f"{r['name']} changed nothing; {why}{more}")
     verify_feeds = ver.batches(batch, exact=fixed is not None)
     # Serialised once: verification and the benchmark run the staged file, which is then renamed into place.
+    t0 = time.perf_counter()
     with stage_model(model, output, inputs=(model_path,)) as staged:
-        report = _verify_bench_report(model_path, output, model, staged.path, records, pipeline, ver, verify_feeds,
-                                      data_info, warnings, force, bench, bench_batch, bench_runs, threads, context)
+        timings["save"] = time.perf_counter() - t0
+        # The pages passes read stop counting here before ORT maps the weights (they reopen if read again).
+        release_weights(model)
+        if isinstance(original, ir.Model):
+            release_weights(original)
+        report = _verify_bench_report(model_path, original, output, model, staged.path, records, pipeline, ver,
+                                      verify_feeds, data_info, warnings, force, bench, bench_batch, bench_runs,
+                                      threads, context, timings)
+        t0 = time.perf_counter()
         staged.commit()
+        timings["commit"] = time.perf_counter() - t0
+    report["timings"] = {k: round(v, 3) for k, v in timings.items()}
     return report
 
 
-def _verify_bench_report(model_path, output, model, staged_path, records, pipeline, ver, verify_feeds, data_info,
-                         warnings, force, bench, bench_batch, bench_runs, threads, context) -> dict:
+def _verify_bench_report(model_path, original, output, model, staged_path, records, pipeline, ver, verify_feeds,
+                         data_info, warnings, force, bench, bench_batch, bench_runs, threads, context, timings) -> dict:
     """Verify the staged output against the original, build the report, benchmark; raise when verification fails."""
     from graphprune.analysis.inputs import example_inputs
     from graphprune.backends.onnxruntime import benchmark
     from graphprune.errors import VerificationError
     from graphprune.verify import compare
 
-    report_verify = compare(model_path, staged_path, verify_feeds, pipeline.verify, real_data=ver.source == "user",
+    t0 = time.perf_counter()
+    report_verify = compare(original, staged_path, verify_feeds, pipeline.verify, real_data=ver.source == "user",
                             progress=lambda d, t: _progress(context, "verify", d, t))
+    timings["verify"] = time.perf_counter() - t0
     if records:  # the pipeline already counted the model before its first and after its last pass
         f0, f1 = records[0]["flops"]["before"], records[-1]["flops"]["after"]
         p0, p1 = records[0]["params"]["before"], records[-1]["params"]["after"]
@@ -363,13 +394,15 @@ def _verify_bench_report(model_path, output, model, staged_path, records, pipeli
             real = ver.batches(bench_batch)
             if real and len(next(iter(real[0].values()))) == bench_batch:
                 bench_feeds, bench_inputs = real[0], "verification samples"
+        t0 = time.perf_counter()
         lat = benchmark(
-            {"before": model_path, "after": staged_path},
+            {"before": original, "after": staged_path},
             bench_feeds,
             runs=bench_runs,
             threads=threads,
             progress=(lambda d, t: _progress(context, "benchmark", d, t)),
         )
+        timings["benchmark"] = time.perf_counter() - t0
         report["latency_ms"] = {
             "before": lat["before"]["median_ms"],
             "after": lat["after"]["median_ms"],

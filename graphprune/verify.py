@@ -1,7 +1,9 @@
 """Task-aware comparison of an original and an optimized model in ONNX Runtime, on verification feeds.
 
-Running: the original runs on every feed first and its outputs are kept (numpy); its session is dropped before
-the optimized session is built, so the two models never hold memory at the same time. Outputs are matched by
+Running: the original runs on every feed first and its outputs are kept (numpy; past ``SPILL_BYTES`` in a temporary
+folder, read back one feed at a time); its session is dropped, and the memory it freed handed back, before the
+optimized session is built, so the two models never hold memory at the same time. Both sessions run without ORT's
+memory arena. Outputs are matched by
 position; a different output count, or a different shape for any output on any feed, is a ``VerificationError``.
 
 Kinds — one per graph output, classified from the original's outputs over all feeds, unless ``verify.outputs``
@@ -58,7 +60,7 @@ from typing import Literal
 import numpy as np
 import pydantic
 
-from graphprune.backends.onnxruntime import ModelLike, make_session, run
+from graphprune.backends.onnxruntime import ModelLike, make_session, return_freed_memory, run
 from graphprune.errors import ConfigError, ModelLoadError, VerificationError
 
 Kind = Literal["logits", "embedding", "per_token", "other"]
@@ -206,19 +208,25 @@ def _is_float(x: np.ndarray) -> bool:
 
 
 def classify_output(name: str, values: Iterable[np.ndarray]) -> str:
-    """The kind of output ``name`` from the original's values on every feed (rules in the module docstring)."""
-    values = [np.asarray(v) for v in values]
-    if not values or not all(_is_float(v) for v in values):
+    """The kind of output ``name`` from the original's values on every feed (rules in the module docstring).
+    ``values`` is iterated once, one array at a time (they may be read back from disk)."""
+    count, floating, ranks, rows, unit, wide = 0, True, set(), 0, True, True
+    for v in values:
+        v = np.asarray(v)
+        count += 1
+        floating = floating and _is_float(v)
+        ranks.add(v.ndim)
+        if floating and v.ndim == 2:
+            rows += v.shape[0]
+            wide = wide and v.shape[1] >= 2
+            unit = unit and bool(np.all(np.abs(np.linalg.norm(v.astype(np.float64), axis=1) - 1) <= _UNIT_NORM_TOL))
+    if not count or not floating:
         return "other"
-    ranks = {v.ndim for v in values}
     lname = name.lower()
     if ranks == {2}:
-        rows = sum(v.shape[0] for v in values)
-        unit = rows > 0 and all(
-            np.all(np.abs(np.linalg.norm(v.astype(np.float64), axis=1) - 1) <= _UNIT_NORM_TOL) for v in values)
-        if unit or any(w in lname for w in _EMBEDDING_WORDS):
+        if (rows > 0 and unit) or any(w in lname for w in _EMBEDDING_WORDS):
             return "embedding"
-        return "logits" if all(v.shape[1] >= 2 for v in values) else "other"
+        return "logits" if wide else "other"
     if ranks == {3}:
         return "logits" if "logit" in lname else "per_token"
     return "other"
@@ -434,8 +442,9 @@ def compare(
         raise VerificationError("no verification feeds: give at least one feed dict")
     total = 2 * len(feeds)
 
+    return_freed_memory()  # what the passes freed, before the first session
     try:
-        session = make_session(original)
+        session = make_session(original, arena=False)
     except Exception as e:  # the input model itself: ORT cannot load it (an op or opset it lacks, ...)
         if type(e).__module__.startswith("onnxruntime"):
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -445,30 +454,36 @@ def compare(
     unknown = sorted(set(t.outputs) - set(names))
     if unknown:
         raise ConfigError(f"verify.outputs: unknown output {unknown[0]!r} (the model's outputs: {', '.join(names)})")
-    reference: list[list[np.ndarray]] = []
-    for i, feed in enumerate(feeds):
-        reference.append([np.asarray(x) for x in run(session, feed)])
-        if progress is not None:
-            progress(i + 1, total)
-    del session  # released before the optimized session exists: never two models in memory
+    reference = _References()
+    try:
+        for i, feed in enumerate(feeds):
+            reference.append([np.asarray(x) for x in run(session, feed)])
+            if progress is not None:
+                progress(i + 1, total)
+        del session  # released before the optimized session exists: never two models in memory
+        return_freed_memory()
+        return _compare_with(reference, optimized, feeds, names, t, progress, total, real_data)
+    finally:
+        reference.close()
 
+
+def _compare_with(reference: _References, optimized, feeds, names, t, progress, total, real_data) -> VerifyReport:
     accs = []
     for j, name in enumerate(names):
-        values = [r[j] for r in reference]
+        values = reference.output(j)
         if name in t.outputs:
             kind, source = t.outputs[name].kind, "config"
         else:
             kind, source = classify_output(name, values), "auto"
-        accs.append((_Accumulator(name, kind, _is_float(values[0])), source))
+        accs.append((_Accumulator(name, kind, _is_float(reference.feed(0)[j])), source))
 
-    session = make_session(optimized)
+    session = make_session(optimized, arena=False)
     if len(session.get_outputs()) != len(names):
         raise VerificationError(f"optimized model has {len(session.get_outputs())} outputs, original has {len(names)}")
     for i, feed in enumerate(feeds):
         outs = run(session, feed)
-        for (acc, _), a, b in zip(accs, reference[i], outs):
+        for (acc, _), a, b in zip(accs, reference.feed(i), outs):
             acc.add(a, np.asarray(b))
-        reference[i] = []
         if progress is not None:
             progress(len(feeds) + i + 1, total)
     del session
@@ -480,6 +495,53 @@ def compare(
         _check(out, t.for_output(acc.kind, acc.floating, real_data))
         outputs.append(out)
     return _report(outputs, [acc.floating for acc, _ in accs])
+
+
+#: The original's outputs beyond this many bytes are kept on disk, one file per feed, and read back one feed at a
+#: time (a decoder's logits are seq × vocab floats per sample: 16 MiB at 128 × 32000).
+SPILL_BYTES = 64 * 1024**2
+
+
+class _References:
+    """The original's outputs per feed: in memory, or, past :data:`SPILL_BYTES`, in a temporary folder."""
+
+    def __init__(self, spill_bytes: int | None = None) -> None:
+        self.spill_bytes = SPILL_BYTES if spill_bytes is None else spill_bytes
+        self.items: list[list[np.ndarray] | str] = []
+        self.held = 0
+        self.folder: str | None = None
+
+    def append(self, arrays: list[np.ndarray]) -> None:
+        size = sum(a.nbytes for a in arrays)
+        if self.held + size <= self.spill_bytes:
+            self.items.append(arrays)
+            self.held += size
+            return
+        import tempfile
+
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="graphprune-verify-")
+        path = f"{self.folder}/{len(self.items)}.npz"
+        np.savez(path, *arrays)
+        self.items.append(path)
+
+    def feed(self, i: int) -> list[np.ndarray]:
+        item = self.items[i]
+        if isinstance(item, str):
+            with np.load(item, allow_pickle=False) as z:
+                return [z[f"arr_{k}"] for k in range(len(z.files))]
+        return item
+
+    def output(self, j: int):
+        """Output ``j`` on every feed, read as it is iterated."""
+        return (self.feed(i)[j] for i in range(len(self.items)))
+
+    def close(self) -> None:
+        if self.folder is not None:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 def _report(outputs: list[OutputReport], floating: list[bool]) -> VerifyReport:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from graphprune._ir import unmap
 from graphprune.analysis.channels import ChannelAnalysis, Member
 from graphprune.errors import ConfigError
 
@@ -43,9 +44,13 @@ class Importance:
 
 
 def _slice_norms(m: Member, p: float) -> np.ndarray:
-    w = np.asarray(m.value.const_value.numpy(), dtype=np.float64)
+    tensor = m.value.const_value
+    w = np.asarray(tensor.numpy(), dtype=np.float64)
     w = np.moveaxis(w, m.axis, 0).reshape(w.shape[m.axis], -1)
-    return np.abs(w).sum(axis=1) if p == 1 else np.sqrt((w * w).sum(axis=1))
+    norms = np.abs(w).sum(axis=1) if p == 1 else np.sqrt((w * w).sum(axis=1))
+    del w
+    unmap(tensor)  # scoring every weight of a large model leaves none of its pages counted
+    return norms
 
 
 def _per_root(analysis: ChannelAnalysis, members: list[Member], values) -> np.ndarray:

@@ -22,7 +22,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from graphprune._ir import NameScope, const_value, constant_node, infer_shapes
+from graphprune._ir import NameScope, const_value, constant_node, infer_shapes, unmap
 from graphprune.errors import GraphpruneError
 
 
@@ -75,16 +75,15 @@ def apply_plan(model: ir.Model, plan: dict) -> dict:
         arr = const_value(value)
         whole_users = [(u, i) for u, i in value.uses() if not any((u, i) in uses for uses in specs.values())]
         in_place = value.is_initializer() and len(specs) == 1 and not whole_users
+        source = ir.convenience.get_const_tensor(value)
         for k, (spec, uses) in enumerate(specs.items()):
-            new = arr
-            for axis, keep in spec:
-                new = np.take(new, np.asarray(keep, dtype=np.int64), axis=axis)
-            new = np.ascontiguousarray(new)
+            new = _lazy_slice(source, arr.shape, spec, value.name if in_place else names.fresh(f"{value.name}.pruned{k}"))
             if in_place:
-                value.const_value = ir.tensor(new, name=value.name)
+                value.const_value = new
                 value.shape = ir.Shape(new.shape)
                 continue
-            nv = names.initializer(f"{value.name}.pruned{k}", new)
+            nv = ir.Value(name=new.name, shape=ir.Shape(new.shape), type=ir.TensorType(new.dtype), const_value=new)
+            graph.register_initializer(nv)
             copies += 1
             for node, idx in uses:
                 _set_input(node, idx, nv)
@@ -125,6 +124,23 @@ def apply_plan(model: ir.Model, plan: dict) -> dict:
     _set_shapes(model, plan.get("value_shapes", []))
     return {"slices": len(plan.get("slices", [])), "copies": copies, "shape_edits": len(plan.get("shape_edits", [])),
             "gather_edits": len(plan.get("gather_edits", []))}
+
+
+def _lazy_slice(source, shape: tuple[int, ...], spec: tuple, name: str) -> ir.LazyTensor:
+    """The kept slices of ``source`` as a tensor computed when read (``cache=False``): a memory-mapped weight is
+    read, sliced and written one tensor at a time when the model is saved, instead of every slice being held."""
+    dims = list(shape)
+    for axis, keep in spec:
+        dims[axis] = len(keep)
+
+    def compute() -> ir.Tensor:
+        new = source.numpy()
+        for axis, keep in spec:
+            new = np.take(new, np.asarray(keep, dtype=np.int64), axis=axis)
+        unmap(source)
+        return ir.Tensor(np.ascontiguousarray(new), dtype=source.dtype, name=name)
+
+    return ir.LazyTensor(compute, dtype=source.dtype, shape=ir.Shape(dims), name=name)
 
 
 def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
