@@ -115,7 +115,8 @@ class _Retarget:
                 node.replace_input_with(i, clone.outputs[0])
 
 
-def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, model_dims: Iterable[int] = ()) -> _Retarget:
+def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, model_dims: Iterable[int] = (),
+                  exclude: set[int] = frozenset()) -> _Retarget:
     """Collect the constant rewrites downstream of ``start`` (raises before anything is changed).
 
     ``model_dims`` (heads, head_dim, ...) join the weight dimensions as values the token count must not equal
@@ -127,7 +128,8 @@ def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, mode
     found = token_sites(start)
     rt.weight_dims = found.weight_dims | {int(d) for d in model_dims if d}
     for site in found.sites:
-        rt.site(site)
+        if id(site.node) not in exclude:  # e.g. past the point where ``restore`` brings the full count back
+            rt.site(site)
     return rt
 
 

@@ -1,0 +1,185 @@
+"""``token_drop`` on dynamic-sequence exports (transformers BERT) and ``restore`` for per-token outputs.
+
+References: the same weights exported with a static sequence length (the static path, checked against torch in
+``test_token_drop.py``), the unoptimized model (keep 1.0), and a torch reference of ``restore`` built from the
+transformers model's own attention probabilities and hidden states.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from graphprune.backends.onnxruntime import run
+from graphprune.ops import token_select
+from graphprune.passes import get_pass
+
+transformers = pytest.importorskip("transformers")
+TokenDrop = get_pass("token_drop")
+NAMES = ["input_ids", "attention_mask"]
+
+
+class _MeanPool(torch.nn.Module):
+    """Sentence-embedding head (mean over the unmasked tokens), as sentence-transformers encoders have."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, ids, mask):
+        h = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+class _Hidden(torch.nn.Module):
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, ids, mask):
+        return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=200, max_position_embeddings=128)
+    return transformers.BertModel(cfg).eval()
+
+
+def _export(module, path, n: int, dynamic: bool):
+    from graphprune.torch import export
+
+    ids = torch.randint(0, 200, (2, n), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, n, dtype=torch.int64)
+    export(module, (ids, mask), path, input_names=NAMES, output_names=["out"],
+           dynamic_axes={0: "batch", 1: "sequence"} if dynamic else None)
+    return path
+
+
+@pytest.fixture(scope="module")
+def berts(tmp_path_factory):
+    """Paths of one tiny BERT exported four ways: mean-pooled dynamic / static (23 tokens), per-token dynamic."""
+    folder = tmp_path_factory.mktemp("dyn")
+    bert = _bert()
+    return {
+        "bert": bert,
+        "pool": _export(_MeanPool(bert).eval(), folder / "pool.onnx", 16, True),
+        "pool23": _export(_MeanPool(bert).eval(), folder / "pool23.onnx", 23, False),
+        "hidden": _export(_Hidden(bert).eval(), folder / "hidden.onnx", 16, True),
+    }
+
+
+def _feeds(batch: int, n: int, seed: int = 0, pad: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 200, (batch, n)).astype(np.int64)
+    mask = np.ones((batch, n), np.int64)
+    if pad and batch > 1:
+        mask[1, max(1, n // 2):] = 0  # a padded row: the mask must follow the kept tokens
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _apply(path, cfg):
+    model = ir.load(str(path))
+    result = TokenDrop(cfg)(model)
+    return model, result
+
+
+def _flops(model):
+    from graphprune.backends.onnxruntime import count_flops
+
+    return count_flops(model, dims={"sequence": 32}).flops
+
+
+def test_dynamic_bert_is_rewritten_and_equals_the_static_export(berts):
+    """Dynamic N: every default layer is reduced (k from the runtime N); at N = 23 the result equals the static
+    export of the same weights through the static path; several lengths and batches run."""
+    dyn, res = _apply(berts["pool"], {"keep_ratio": 0.7})
+    assert [r.layer for r in res.rewritten] == [1, 2, 3] and not res.skipped
+    assert [r.tokens_before for r in res.rewritten] == ["N", "N1", "N2"]
+    assert res.info["tokens"] == "dynamic (sequence)" and res.info["restore"] is False
+    assert all("no CLS token" in r.scores for r in res.rewritten)  # BERT has no prepended CLS: column-mean scores
+    static, sres = _apply(berts["pool23"], {"keep_ratio": 0.7})
+    assert [r.tokens_after for r in sres.rewritten] == [17, 12, 9]  # ceil(0.7·23), ceil(0.7·17), ceil(0.7·12)
+    feeds = _feeds(3, 23)
+    np.testing.assert_allclose(run(dyn, feeds)[0], run(static, feeds)[0], atol=1e-5)
+    assert _flops(dyn) < 0.8 * _flops(ir.load(str(berts["pool"])))
+    for batch, n in ((1, 5), (2, 17), (3, 40)):
+        out = run(dyn, _feeds(batch, n, seed=n))[0]
+        assert out.shape == (batch, 64) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("restore", [False, True])
+def test_keep_one_is_the_identity_at_every_length(berts, restore):
+    """keep 1.0 keeps every token in order: the rewired counts, gathered masks and (with restore) the scatter
+    back must reproduce the original at any N."""
+    base = ir.load(str(berts["hidden"]))
+    model, res = _apply(berts["hidden"], {"keep_ratio": 1.0, "layers": [1, 2], "restore": restore})
+    assert len(res.rewritten) == 2
+    for batch, n in ((1, 7), (2, 16), (2, 33)):
+        feeds = _feeds(batch, n, seed=n)
+        np.testing.assert_allclose(run(model, feeds)[0], run(base, feeds)[0], atol=1e-5)
+
+
+def test_restore_is_the_default_for_per_token_outputs(berts):
+    model, res = _apply(berts["hidden"], {"keep_ratio": 0.5})
+    assert res.info["restore"] is True and res.info["restored_outputs"] == ["out"]
+    assert str(model.graph.outputs[0].shape[1]) == "sequence"
+    for n in (9, 30):
+        assert run(model, _feeds(2, n))[0].shape == (2, n, 64)
+    kept, res = _apply(berts["hidden"], {"keep_ratio": 0.5, "restore": False})
+    assert res.info["per_token_outputs"] == ["out"]
+    n = 30
+    k1 = token_select.kept_count(n, 0, keep_ratio=0.5)
+    k3 = token_select.kept_count(token_select.kept_count(k1, 0, keep_ratio=0.5), 0, keep_ratio=0.5)
+    assert run(kept, _feeds(2, n))[0].shape == (2, k3, 64)
+
+
+@torch.no_grad()
+def test_restore_matches_a_torch_reference(berts):
+    """Reduce at the last block only: the kept tokens go through its MLP (per token, so they equal the original
+    output there) and the dropped ones come back with the value they had when dropped (the block's attention
+    output, after its LayerNorm); the kept set is the column-mean top half of that block's attention."""
+    bert, n = berts["bert"], 21
+    model, res = _apply(berts["hidden"], {"keep_ratio": 0.5, "layers": [3]})
+    assert res.info["restore"] is True
+    feeds = _feeds(2, n, pad=False)
+    got = run(model, feeds)[0]
+    ids, mask = (torch.from_numpy(feeds[k]) for k in NAMES)
+    captured = {}
+
+    def keep(module, args, output):
+        captured["a"] = output[0] if isinstance(output, tuple) else output
+
+    hook = bert.encoder.layer[3].attention.register_forward_hook(keep)
+    bert.set_attn_implementation("eager")  # the exports used the default (sdpa); eager returns the probabilities
+    try:
+        out = bert(input_ids=ids, attention_mask=mask, output_attentions=True)
+    finally:
+        hook.remove()
+        bert.set_attn_implementation("sdpa")
+    scores = out.attentions[3].mean(dim=(1, 2))  # [B, N]: attention each token receives
+    k = token_select.kept_count(n, 0, keep_ratio=0.5)
+    kept = torch.topk(scores, k, dim=1).indices
+    want = captured["a"].clone()
+    rows = torch.arange(2)[:, None]
+    want[rows, kept] = out.last_hidden_state[rows, kept]
+    np.testing.assert_allclose(got, want.numpy(), atol=2e-5)
+    assert not np.allclose(got, out.last_hidden_state.numpy(), atol=1e-3)  # the dropped tokens did skip the MLP
+
+
+def test_tome_restore_is_refused_with_the_reason(berts):
+    model, res = _apply(berts["hidden"], {"method": "tome", "r": 2})
+    assert not res.modified and "unmerge" in res.skipped[0].reason
+
+
+def test_tome_on_a_dynamic_export_matches_the_static_one(berts):
+    dyn, res = _apply(berts["pool"], {"method": "tome", "r": 3})
+    static, _ = _apply(berts["pool23"], {"method": "tome", "r": 3})
+    assert len(res.rewritten) == 4, res.skipped
+    feeds = _feeds(2, 23)
+    np.testing.assert_allclose(run(dyn, feeds)[0], run(static, feeds)[0], atol=1e-5)
+    assert run(dyn, _feeds(2, 40))[0].shape == (2, 64)
