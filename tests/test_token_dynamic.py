@@ -183,3 +183,90 @@ def test_tome_on_a_dynamic_export_matches_the_static_one(berts):
     feeds = _feeds(2, 23)
     np.testing.assert_allclose(run(dyn, feeds)[0], run(static, feeds)[0], atol=1e-5)
     assert run(dyn, _feeds(2, 40))[0].shape == (2, 64)
+
+
+# ----------------------------------------------------------------- long single block, spatial-reduction attention
+
+class _SRAttention(torch.nn.Module):
+    """PVT/SegFormer-style attention: keys and values from the stream laid out as an H×W grid and reduced by a
+    strided conv (``sr`` > 1), or from the stream itself (``sr`` = 1)."""
+
+    def __init__(self, c: int, heads: int, sr: int):
+        super().__init__()
+        self.heads, self.d, self.sr = heads, c // heads, sr
+        self.q, self.kv, self.proj = torch.nn.Linear(c, c), torch.nn.Linear(c, 2 * c), torch.nn.Linear(c, c)
+        if sr > 1:
+            self.conv, self.norm = torch.nn.Conv2d(c, c, sr, sr), torch.nn.LayerNorm(c)
+
+    def probs(self, x, grid: int):
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.heads, self.d).permute(0, 2, 1, 3)
+        y = x
+        if self.sr > 1:
+            y = self.norm(self.conv(x.permute(0, 2, 1).reshape(b, c, grid, grid)).reshape(b, c, -1).permute(0, 2, 1))
+        k, v = self.kv(y).reshape(b, -1, 2, self.heads, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        return (q @ k.transpose(-2, -1) * self.d ** -0.5).softmax(-1), v
+
+    def forward(self, x, grid: int):
+        p, v = self.probs(x, grid)
+        b, n, c = x.shape
+        return self.proj((p @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class _SREncoder(torch.nn.Module):
+    def __init__(self, depth: int, sr: int, image: int, c: int = 32, patch: int = 4):
+        super().__init__()
+        self.grid = image // patch
+        self.embed = torch.nn.Conv2d(3, c, patch, patch)
+        self.n1 = torch.nn.ModuleList(torch.nn.LayerNorm(c) for _ in range(depth))
+        self.attn = torch.nn.ModuleList(_SRAttention(c, 2, sr) for _ in range(depth))
+        self.n2 = torch.nn.ModuleList(torch.nn.LayerNorm(c) for _ in range(depth))
+        self.mlp = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(c, 2 * c), torch.nn.GELU(),
+                                                           torch.nn.Linear(2 * c, c)) for _ in range(depth))
+        self.head = torch.nn.Linear(c, 10)
+
+    def forward(self, x, keep: float | None = None):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        for i in range(len(self.attn)):
+            p, _ = self.attn[i].probs(self.n1[i](x), self.grid)
+            x = x + self.attn[i](self.n1[i](x), self.grid)
+            if keep is not None and i == 0:  # the pass at layers [0]: column-mean scores (no CLS token)
+                k = token_select.kept_count(x.shape[1], 0, keep_ratio=keep)
+                idx = torch.topk(p.mean(dim=(1, 2)), k, dim=1).indices.sort(dim=1).values
+                x = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2]))
+            x = x + self.mlp[i](self.n2[i](x))
+        return self.head(x.mean(1))
+
+
+def _export_static(module, x, path):
+    from graphprune.torch import export
+
+    export(module.eval(), (x,), path, input_names=["x"], output_names=["y"])
+    return path
+
+
+@torch.no_grad()
+def test_long_single_block_encoder_matches_torch(tmp_path):
+    """4096 tokens, one block: the default layers select nothing (a skip with the reason); layers [0] rewrites
+    and equals the torch forward with the same selection."""
+    torch.manual_seed(0)
+    enc = _SREncoder(depth=1, sr=1, image=256).eval()
+    x = torch.randn(2, 3, 256, 256)
+    path = _export_static(enc, x, tmp_path / "long.onnx")
+    model, res = _apply(path, {"keep_ratio": 0.7})
+    assert not res.modified and "no layer selected" in res.skipped[0].reason
+    model, res = _apply(path, {"keep_ratio": 0.7, "layers": [0]})
+    assert [(r.tokens_before, r.tokens_after) for r in res.rewritten] == [(4096, 2868)]
+    np.testing.assert_allclose(run(model, {"x": x.numpy()})[0], enc(x, keep=0.7).numpy(), atol=2e-5)
+
+
+def test_spatial_reduction_attention_is_refused_with_reasons(tmp_path):
+    """SegFormer-style blocks: the block 0 keys are a reduced sequence (its columns score no token) and every later
+    block lays the tokens out as a grid for the reducing conv: each is a skip naming why, never an error."""
+    torch.manual_seed(0)
+    enc = _SREncoder(depth=4, sr=4, image=64).eval()
+    path = _export_static(enc, torch.randn(2, 3, 64, 64), tmp_path / "sr.onnx")
+    for cfg in ({"keep_ratio": 0.7}, {"keep_ratio": 0.7, "layers": [0]}, {"method": "tome", "r": 4}):
+        model, res = _apply(path, cfg)
+        assert not res.modified and res.skipped
+        assert all("grid" in s.reason or "another sequence" in s.reason for s in res.skipped), res.skipped
