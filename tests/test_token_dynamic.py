@@ -171,9 +171,53 @@ def test_restore_matches_a_torch_reference(berts):
     assert not np.allclose(got, out.last_hidden_state.numpy(), atol=1e-3)  # the dropped tokens did skip the MLP
 
 
-def test_tome_restore_is_refused_with_the_reason(berts):
-    model, res = _apply(berts["hidden"], {"method": "tome", "r": 2})
-    assert not res.modified and "unmerge" in res.skipped[0].reason
+def test_tome_restore_at_r0_is_the_identity(berts):
+    base = ir.load(str(berts["hidden"]))
+    model, res = _apply(berts["hidden"], {"method": "tome", "r": 0})
+    assert res.info["restore"] is True and len(res.rewritten) == 4
+    for n in (6, 19):
+        feeds = _feeds(2, n, seed=n)
+        np.testing.assert_allclose(run(model, feeds)[0], run(base, feeds)[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_tome_unmerge_matches_a_reference(berts):
+    """ToMe at the last block with restore: each input token gets the final value of the token it merged into.
+    Reference: the op's numpy definition on the block's attention output and head-mean keys, then the block's
+    MLP in torch, then the copy back to the sources."""
+    from graphprune.ops import token_merge
+
+    bert, n, r = berts["bert"], 15, 5
+    model, res = _apply(berts["hidden"], {"method": "tome", "r": r, "layers": [3]})
+    assert res.info["restore"] is True and "one-hot" in res.rewritten[0].note
+    feeds = _feeds(2, n, pad=False)
+    got = run(model, feeds)[0]
+    assert got.shape == (2, n, 64)
+    layer, captured = bert.encoder.layer[3], {}
+
+    def keep(name):
+        def hook(module, args, output):
+            captured[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    hooks = [layer.attention.register_forward_hook(keep("a")),
+             layer.attention.self.key.register_forward_hook(keep("k"))]
+    try:
+        bert(**{"input_ids": torch.from_numpy(feeds["input_ids"]), "attention_mask": torch.from_numpy(feeds["attention_mask"])})
+    finally:
+        for h in hooks:
+            h.remove()
+    a = captured["a"].numpy()
+    metric = captured["k"].reshape(2, n, 4, 16).mean(2).numpy()
+    y, _, _ = token_merge.reference(a, metric, r=r, protect=0)
+    members, _, _ = token_merge.reference(np.broadcast_to(np.eye(n, dtype=np.float32), (2, n, n)).copy(), metric,
+                                          r=r, protect=0)
+    yt = torch.from_numpy(y)
+    final = layer.output(layer.intermediate(yt), yt).numpy()  # [B, n - r, C]
+    src = members.argmax(1)  # [B, n]: the output token holding each input token
+    want = np.take_along_axis(final, src[:, :, None], axis=1)
+    assert len(np.unique(src[0])) == n - r
+    np.testing.assert_allclose(got, want, atol=2e-5)
 
 
 def test_tome_on_a_dynamic_export_matches_the_static_one(berts):

@@ -29,18 +29,28 @@ def _rows(t: Body, x: ir.Value, rows: tuple[int, int], axis: int) -> ir.Value:
     return t.op("Slice", [x, t.ints(start), t.ints(INT64_MAX if stop == 0 else stop), t.ints(axis)])
 
 
+def _known(d) -> str | None:
+    """A dim as comparable text: an int, or a named symbolic dim; ``None`` when unknown."""
+    if isinstance(d, int):
+        return str(d)
+    return d.value if isinstance(d, ir.SymbolicDim) and d.value else None
+
+
 def _check_keys(blk: AttentionBlock, q: ir.Value | None, k: ir.Value | None) -> None:
     """The keys must be the stream's tokens: with reduced K/V (PVT/SegFormer spatial reduction) or cross-attention
     the key axis indexes another sequence, so attention columns (or keys) do not score the stream tokens."""
-    nq = q.shape[-2] if q is not None and q.shape is not None and len(q.shape) >= 2 else None
-    nk = k.shape[-2] if k is not None and k.shape is not None and len(k.shape) >= 2 else None
-    if nq is not None and nk is not None and str(nq) != str(nk):
+    nq = _known(q.shape[-2]) if q is not None and q.shape is not None and len(q.shape) >= 2 else None
+    nk = _known(k.shape[-2]) if k is not None and k.shape is not None and len(k.shape) >= 2 else None
+    if nq is not None and nk is not None and nq != nk:
         raise Skip(f"block {blk.index}: keys come from another sequence than the queries ({nq} queries, {nk} keys: "
                    "reduced K/V or cross-attention); attention scores do not rank the stream tokens")
 
 
 def _check_probs(blk: AttentionBlock, p: ir.Value) -> None:
-    if p.shape is not None and len(p.shape) >= 2 and str(p.shape[-1]) != str(p.shape[-2]):
+    if p.shape is None or len(p.shape) < 2:
+        return
+    nq, nk = _known(p.shape[-2]), _known(p.shape[-1])
+    if nq is not None and nk is not None and nq != nk:
         raise Skip(f"block {blk.index}: keys come from another sequence than the queries ({p.shape[-2]} queries, "
                    f"{p.shape[-1]} keys: reduced K/V or cross-attention); attention scores do not rank the stream "
                    "tokens")

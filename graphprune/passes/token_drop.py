@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 import pydantic
 
@@ -222,9 +223,6 @@ class TokenDropPass(GraphPass):
             per_token = _per_token_outputs(model, n_cur, dyn)
             restore = cfg.restore if cfg.restore is not None else bool(per_token)
             end = _stream_end(blocks[-1]) if restore else None
-            if restore and cfg.method == "tome":
-                raise Skip("restore: putting merged tokens back (unmerge) is not supported for method 'tome'; "
-                           "use a selection method, or restore: false (per-token outputs then carry the merged tokens)")
         except Skip as e:
             result.skipped.append(e.record("model"))
             return result
@@ -236,15 +234,18 @@ class TokenDropPass(GraphPass):
         size: ir.Value | None = None
         bias_sites: dict[int, tuple[ir.Node, int]] = {}  # block -> (node, input) holding its log-size bias
         mask_map: dict[int, ir.Value] = {}  # id(original mask) -> its gathered replacement so far
-        levels: list[tuple[ir.Value, ir.Value, bool]] = []  # (stream before, kept indices, fused token) per reduction
-        env = _Env(n_cur, dyn, after_end, mask_map, data)
+        # per reduction, for restore: ("select", stream before, kept indices, fused token) or ("merge", membership)
+        levels: list[tuple] = []
+        env = _Env(n_cur, dyn, after_end, mask_map, data, restore=restore)
         with self.context.task("token_drop", len(layers)) as step:
             for j, layer in enumerate(layers):
                 blk = blocks[layer]
                 try:
                     if cfg.method == "tome":
-                        n_new, size, note = self._merge(model, blocks, blk, env, size, protect, bias_sites)
+                        n_new, size, note, level = self._merge(model, blocks, blk, env, size, protect, bias_sites)
                         label = None
+                        if level is not None:
+                            levels.append(level)
                     else:
                         n_new, note, label, level = self._select(model, blocks, blk, env, ratios[j], protect)
                         levels.append(level)
@@ -362,9 +363,9 @@ class TokenDropPass(GraphPass):
         if env.dyn is None:
             self._gather_masks(model.graph, masked, node, node.outputs[1], env.mask_map)
         add_node_function(model, node)
-        return n_new, note, label, (stream, node.outputs[1], cfg.fuse_rest and cfg.method != "diversity")
+        return n_new, note, label, ("select", stream, node.outputs[1], cfg.fuse_rest and cfg.method != "diversity")
 
-    def _merge(self, model, blocks, blk, env: _Env, size, protect, bias_sites) -> tuple[int | None, ir.Value, str | None]:
+    def _merge(self, model, blocks, blk, env: _Env, size, protect, bias_sites):
         cfg = self.config
         stream, anchor = _stream_point(blocks, blk, cfg.placement)
         masked = self._later_masks(blocks, blk, env.dyn is not None)
@@ -395,7 +396,23 @@ class TokenDropPass(GraphPass):
         bias.name = f"token_merge_{blk.index}_logsize"
         idx = node.outputs[2]
         idx.name, idx.type = f"token_merge_{blk.index}_indices", ir.TensorType(ir.DataType.INT64)
-        self._commit(model, stream, [*t.nodes, node, *t2.nodes], node.outputs[0], anchor, plan, env, idx, node)
+        extra, level, note = [], None, None
+        if env.restore:  # unmerge needs which output token each input went to: the same merge of one-hot positions
+            t3 = Body(stream.dtype or ir.DataType.FLOAT)
+            n = t3.op("Shape", [stream], {"start": 1, "end": 2})
+            eye = t3.one_hot(t3.op("Range", [t3.const(0, np.int64), t3.scalar(n), t3.const(1, np.int64)]),
+                             t3.scalar(n), [0.0, 1.0], axis=-1)  # [N, N]
+            eye = t3.op("Expand", [eye, t3.op("Concat", [t3.op("Shape", [stream], {"start": 0, "end": 1}), n, n],
+                                                {"axis": 0})])
+            member = token_merge.make_node(eye, metric, size, r=r, protect=protect, dims=dims,
+                                           name=f"token_merge_{blk.index}_sources")
+            member.outputs[0].name = f"token_merge_{blk.index}_members"
+            for o, nm in zip(member.outputs[1:], ("sizes", "ids")):
+                o.name = f"token_merge_{blk.index}_members_{nm}"
+            extra = [*t3.nodes, member]
+            level = ("merge", member.outputs[0])
+            note = "restore: the merge is repeated on one-hot positions to unmerge (an extra N² tensor)"
+        self._commit(model, stream, [*t.nodes, node, *t2.nodes, *extra], node.outputs[0], anchor, plan, env, idx, node)
         if env.dyn is None:
             self._gather_masks(model.graph, masked, node, idx, env.mask_map)
         for other in later:  # a later merge's sizes supersede this one's
@@ -405,7 +422,9 @@ class TokenDropPass(GraphPass):
             else:
                 bias_sites[other.index] = _add_logit_bias(model.graph, other, bias)
         add_node_function(model, node)
-        return n_new, s_out, None
+        if level is not None:
+            add_node_function(model, member)
+        return n_new, s_out, note, level
 
     @staticmethod
     def _commit(model, stream, nodes, reduced, anchor, plan, env: _Env, idx: ir.Value, node: ir.Node) -> None:
@@ -429,6 +448,7 @@ class _Env:
     mask_map: dict[int, ir.Value]
     data: DynamicTokens  # per-token tensors computed upstream (the dynamic tracker, or a static one)
     label: str = "N"
+    restore: bool = False
 
 
 def _per_token_outputs(model: ir.Model, n: int | None, dyn: DynamicTokens | None) -> list[str]:
@@ -462,13 +482,21 @@ def _stream_end(blk: AttentionBlock) -> ir.Value:
     return end
 
 
-def _restore(graph: ir.Graph, end: ir.Value, levels: list[tuple[ir.Value, ir.Value, bool]]) -> None:
-    """Put the dropped tokens back at ``end``: innermost reduction first, each level's kept tokens are scattered
-    into the stream it reduced (dropped tokens keep the value they had when dropped)."""
+def _restore(graph: ir.Graph, end: ir.Value, levels: list[tuple]) -> None:
+    """Put the tokens back at ``end``, innermost reduction first: a selection scatters its kept tokens into the
+    stream it reduced (dropped tokens keep the value they had when dropped); a merge copies each merged token
+    back to every input token it absorbed (ToMe's unmerge; ``members [B, N_out, N]`` is the merge of one-hot
+    positions: row j is non-zero at the inputs of output j)."""
     uses = list(end.uses())  # before the restore nodes read it
     t = Body()
     y = end
-    for full, idx, fused in reversed(levels):
+    for level in reversed(levels):
+        if level[0] == "merge":
+            src = t.op("ArgMax", [level[1]], {"axis": 1, "keepdims": 0})  # [B, N]: the output holding each input
+            target = t.op("Concat", [t.op("Shape", [src]), t.op("Shape", [y], {"start": 2, "end": 3})], {"axis": 0})
+            y = t.op("GatherElements", [y, t.op("Expand", [t.op("Unsqueeze", [src, t.ints(2)]), target])], {"axis": 1})
+            continue
+        _, full, idx, fused = level
         if fused:  # the fused rest token has no position: it is dropped at the restore
             y = t.op("Slice", [y, t.ints(0), t.ints(-1), t.ints(1)])
         ix = t.op("Expand", [t.op("Unsqueeze", [idx, t.ints(2)]), t.op("Shape", [y])])
