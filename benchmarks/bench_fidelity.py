@@ -58,6 +58,7 @@ ROWS: dict[str, tuple[dict, bool] | tuple[str, dict, bool]] = {
     "tokens 0.7, synthetic": ("token_drop", {"keep_ratio": 0.7}, False),
     "tokens 0.7, real": ("token_drop", {"keep_ratio": 0.7}, True),
     "tokens 0.5, real": ("token_drop", {"keep_ratio": 0.5}, True),
+    "tokens ToMe r=8, real": ("token_drop", {"method": "tome", "r": 8}, True),
     "tokens ToMe r=16, real": ("token_drop", {"method": "tome", "r": 16}, True),
 }
 

@@ -117,11 +117,25 @@ def attention_graph(t: Body, blk: AttentionBlock, iterations: int) -> tuple[ir.V
     return t.op("Squeeze", [s, t.ints(1)]), note
 
 
+def _keys(t: Body, blk: AttentionBlock) -> ir.Value | None:
+    """[B, H, N, D] keys: the block's, or the transposed keys ``[B, H, D, N]`` its QKᵀ MatMul reads (an eager BERT
+    export transposes the keys straight from ``[B, N, H, D]``, so no ``[B, H, N, D]`` value exists)."""
+    if blk.k is not None:
+        return blk.k
+    for node in blk.nodes:
+        if node.op_type == "MatMul" and node.domain == "" and node.inputs[0] is blk.q and blk.q is not None:
+            kt = node.inputs[1]  # the layout (BHND) was established on the original shapes, which a pass clears
+            if kt is not None and (kt.shape is None or len(kt.shape) == 4):
+                return t.op("Transpose", [kt], {"perm": [0, 1, 3, 2]})
+    return None
+
+
 def key_metric(t: Body, blk: AttentionBlock) -> ir.Value:
     """[B, N, D] head-mean keys (ToMe's metric)."""
-    if blk.k is None or blk.layout != "BHND":
+    k = _keys(t, blk) if blk.layout == "BHND" else None
+    if k is None:
         raise Skip(f"block {blk.index}: keys [B,H,N,D] not recoverable for ToMe similarity")
     if blk.probs is not None:
         _check_probs(blk, blk.probs)
     _check_keys(blk, blk.q, blk.k)
-    return t.op("ReduceMean", [blk.k, t.ints(1)], {"keepdims": 0})
+    return t.op("ReduceMean", [k, t.ints(1)], {"keepdims": 0})
