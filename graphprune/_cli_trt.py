@@ -40,7 +40,9 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
 
         Checks: no op name collides with a standard ONNX op; attributes are TensorRT plugin field types; every
         output dim is an integer shape expression of the input dims; TopK K <= 3840 in bodies that may be
-        inlined. A TokenSelect keep_ratio on a static N becomes the explicit k. The function bodies stay unless
+        inlined. A TokenSelect keep_ratio on a static N becomes the explicit k. Absent optional inputs are filled
+        (plugins take every input: TokenMerge size -> ones, SparseAttention bias/layout -> unused placeholders).
+        The function bodies stay unless
         --strip-bodies, so ONNX Runtime still runs the output with the same numbers.
         """
         from graphprune.backends.tensorrt import lower
@@ -54,14 +56,14 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         for note in report.notes:
             err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
         if as_json:
-            print(json.dumps({"plugins": report.plugins, "explicit_k": report.explicit_k,
+            print(json.dumps({"plugins": report.plugins, "explicit_k": report.explicit_k, "filled": report.filled,
                               "stripped_bodies": report.stripped_bodies, "shapes": report.shapes,
                               "notes": report.notes}, indent=2))
             return
         plugins = ", ".join(f"{op} ×{n}" for op, n in sorted(report.plugins.items())) or "none"
         out.print(f"wrote {escape(str(output))}: plugins {plugins}"
                   + (f"; {report.stripped_bodies} bodies stripped" if strip_bodies else ""), highlight=False)
-        for line in report.explicit_k:
+        for line in report.explicit_k + report.filled:
             out.print(f"  {escape(line)}", highlight=False)
 
     @app.command("build")
@@ -71,7 +73,7 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         backend: Annotated[str, typer.Option("--backend", help="Target: tensorrt.")] = "tensorrt",
         fp16: Annotated[bool, typer.Option("--fp16", help="Convert the model to float16 first (networks are strongly typed: precision comes from the ONNX).")] = False,
         shapes: Annotated[list[str] | None, typer.Option("--shapes", help="Optimization profile of an input: name:min/opt/max, shapes as AxBxC (repeat per input). Default: the model's static dims, batch 1/1/8.")] = None,
-        aot: Annotated[bool, typer.Option("--aot", help="Ahead-of-time plugins (PTX in the engine, no Python at run time): not implemented yet, refused with a message.")] = False,
+        aot: Annotated[bool, typer.Option("--aot", help="Ahead-of-time plugins (PTX in the engine, no Python at run time): every op but the routed SparseAttention patterns (block_topk, block_layout), which are refused with a message; TokenMerge and DiversitySelect need a static N. Never run with TensorRT.")] = False,
         timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file, read and updated (default: OUT with suffix .timing.cache).")] = None,
         verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the engine on generated inputs (the profile's opt shapes) against ONNX Runtime and benchmark both, interleaved.")] = True,
     ) -> None:

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from graphprune import kernels  # noqa: E402
-from graphprune.ops import SparseAttention, TokenSelect  # noqa: E402
+from graphprune.ops import DiversitySelect, SparseAttention, TokenMerge, TokenSelect  # noqa: E402
 
 pytestmark = pytest.mark.kernels
 CUDA = os.environ.get("GRAPHPRUNE_KERNELS_CUDA") == "1"
@@ -75,6 +75,34 @@ def test_sparse_attention(attrs, n, dtype, bias):
     np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), atol=TOL[dtype] * 4, rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype,bias", [(np.float32, "none"), (np.float32, "full"), (np.float16, "key")],
+                         ids=["fp32-none", "fp32-full", "fp16-key"])
+@pytest.mark.parametrize("n", [24, 29])
+@pytest.mark.parametrize("attrs", [a for a in SPARSE if a["pattern"] in ("sliding_window", "neighborhood_2d")],
+                         ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items() if k != "grid"))
+def test_sparse_attention_table_free(attrs, n, dtype, bias):
+    """The static patterns without a host table (each query tile's KV span computed in the kernel: the AOT path)."""
+    from graphprune.kernels.sparse_attention import sparse_attention_table_free
+
+    rng = np.random.default_rng(n + 1)
+    attrs = dict(attrs)
+    if attrs["pattern"] == "neighborhood_2d":
+        attrs["grid"] = _grid(n, attrs["num_global"])
+    q, k, v = (rng.standard_normal((2, 2, n, 16)).astype(dtype) for _ in range(3))
+    b = None
+    if bias == "key":
+        b = np.zeros((2, 1, 1, n), dtype=dtype)
+        b[1, ..., n - 5:] = -np.inf
+    elif bias == "full":
+        b = rng.standard_normal((1, 2, n, n)).astype(dtype)
+    if b is not None:
+        attrs["bias"] = bias
+    ref = SparseAttention.reference(q, k, v, b, **attrs)[0]
+    got = sparse_attention_table_free(_t(q), _t(k), _t(v), None if b is None else _t(b), **attrs).cpu().numpy()
+    assert got.dtype == dtype and not np.isnan(got).any()
+    np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
 def test_sparse_attention_full_bias():
     from graphprune.kernels.sparse_attention import sparse_attention
 
@@ -111,6 +139,126 @@ def test_token_select(attrs, n, dtype):
     s = rng.random((2, n)).astype(dtype)  # attention scores: positive
     s[0, 3] = s[0, 4]  # a tie: the lower index wins
     ry, ri = TokenSelect.reference(x, s, **attrs)
+    y, i = token_select(_t(x), _t(s), **attrs)
+    np.testing.assert_array_equal(i.cpu().numpy(), ri)
+    np.testing.assert_allclose(y.cpu().numpy().astype(np.float64), ry.astype(np.float64), atol=TOL[dtype] * 4,
+                               rtol=TOL[dtype])
+
+
+MERGE = [dict(r=5), dict(r=8, protect=1), dict(r=40, protect=2), dict(r=0, protect=1), dict(r=3, protect=3)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n", [24, 37])
+@pytest.mark.parametrize("sized", [False, True], ids=["nosize", "size"])
+@pytest.mark.parametrize("attrs", MERGE, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
+def test_token_merge(attrs, n, sized, dtype):
+    """Indices exactly, values and sizes to a tolerance, against the reference run on the same (upcast) inputs.
+    N = 37 with protect 2 gives an odd candidate count (|A| = |B| + 1); r = 40 is clamped to |A|."""
+    from graphprune.kernels.token_merge import token_merge
+
+    rng = np.random.default_rng(n + 7 * attrs["r"])
+    x = rng.standard_normal((2, n, 40)).astype(dtype)
+    metric = rng.standard_normal((2, n, 24)).astype(dtype)
+    metric[1, 6] = metric[1, 4]  # a B token equal to an A token: cosine 1, the highest, merges first
+    size = (rng.integers(1, 5, (2, n, 1))).astype(dtype) if sized else None
+    ry, rs, ri = TokenMerge.reference(x, metric, size, **attrs)
+    y, s, i = token_merge(_t(x), _t(metric), None if size is None else _t(size), **attrs)
+    assert y.dtype == s.dtype == _t(x).dtype and i.dtype == torch.int64
+    np.testing.assert_array_equal(i.cpu().numpy(), ri)
+    np.testing.assert_allclose(y.cpu().numpy().astype(np.float64), ry.astype(np.float64), atol=TOL[dtype] * 4,
+                               rtol=TOL[dtype])
+    np.testing.assert_allclose(s.cpu().numpy().astype(np.float64), rs.astype(np.float64), rtol=TOL[dtype])
+    if attrs["r"]:
+        assert not np.array_equal(ri[0], np.arange(n)[: ri.shape[1]])  # tokens really merged
+
+
+def test_token_merge_ties_go_to_the_first():
+    """Two A tokens with the same best similarity (to the same B token): the lower index merges when r = 1;
+    an A token equally similar to two B tokens merges into the first."""
+    from graphprune.kernels.token_merge import token_merge
+
+    rng = np.random.default_rng(3)
+    n = 12
+    x = rng.standard_normal((1, n, 16)).astype(np.float32)
+    metric = rng.standard_normal((1, n, 16)).astype(np.float32)
+    metric[0, 2] = metric[0, 6] = metric[0, 5]  # A 1 and A 3 both match B 2 with cosine 1
+    metric[0, 9] = metric[0, 5]  # and B 4 is equal too: the first B (2) wins
+    for r in (1, 2):
+        ry, rs, ri = TokenMerge.reference(x, metric, r=r)
+        y, s, i = token_merge(_t(x), _t(metric), r=r)
+        np.testing.assert_array_equal(i.cpu().numpy(), ri)
+        np.testing.assert_allclose(y.cpu().numpy(), ry, atol=1e-6)
+        np.testing.assert_allclose(s.cpu().numpy(), rs, atol=0)
+    assert 2 not in ri[0] or 6 not in ri[0]  # r = 2: both tied A tokens merged
+
+
+DIVERSE = [dict(k=5), dict(k=8, protect=1, keep_order=0), dict(k=12, protect=2), dict(k=1, protect=1),
+           dict(k=20, keep_order=0)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n", [24, 45])
+@pytest.mark.parametrize("attrs", DIVERSE, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
+def test_diversity_select(attrs, n, dtype):
+    """N = 45 gives two 32-token tiles for the first pick's tiled max-min; indices exactly, rows exactly (copies)."""
+    from graphprune.kernels.diversity_select import diversity_select
+
+    rng = np.random.default_rng(n + attrs["k"])
+    x = rng.standard_normal((2, n, 40)).astype(dtype)
+    ry, ri = DiversitySelect.reference(x, **attrs)
+    y, i = diversity_select(_t(x), **attrs)
+    np.testing.assert_array_equal(i.cpu().numpy(), ri)
+    np.testing.assert_array_equal(y.cpu().numpy(), ry)
+
+
+def test_diversity_select_ties_go_to_the_lower_index():
+    """Scaled one-hot rows have exact cosines (0 or 1) in any precision, so the max-min distances tie exactly:
+    duplicates are at distance 0, the rest at 1; the first pick and every greedy pick take the lower index."""
+    from graphprune.kernels.diversity_select import diversity_select
+
+    axes = [i // 2 for i in range(32)] + list(range(40, 48))  # pairs of duplicates, then 8 unique rows (tile 2)
+    axes[5] = 60  # rows 4 and 5 unique too: the tie for the first pick spans both 32-row tiles
+    x = np.zeros((1, len(axes), 64), np.float32)
+    x[0, np.arange(len(axes)), axes] = 2.0
+    for k in (1, 4, 12):
+        ry, ri = DiversitySelect.reference(x, k=k, keep_order=0)
+        y, i = diversity_select(_t(x), k=k, keep_order=0)
+        np.testing.assert_array_equal(i.cpu().numpy(), ri)
+        np.testing.assert_array_equal(y.cpu().numpy(), ry)
+    assert ri[0, :3].tolist() == [4, 0, 2]  # first: the lowest row without a duplicate; then the lowest rows
+
+
+def test_merge_and_diversity_limits_are_refused():
+    from graphprune.kernels.diversity_select import MAX_M, diversity_select
+    from graphprune.kernels.token_merge import MAX_SIDE, supported
+
+    assert supported(2 * MAX_SIDE, dict(r=4)) and not supported(2 * MAX_SIDE + 1, dict(r=4))
+    with pytest.raises(ValueError, match="k <= N - protect"):
+        diversity_select(torch.zeros((1, MAX_M + 2, 4), device=DEVICE), k=2, protect=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("attrs", [dict(k=9, protect=1), dict(k=9, keep_order=0, fuse_rest=1),
+                                   dict(keep_ratio=0.6, protect=2, fuse_rest=1), dict(k=70)],
+                         ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
+def test_token_select_threshold_ties_signs_and_zeros(attrs, dtype):
+    """The radix-select threshold: negative scores, +0 and -0 (equal), many ties exactly at the threshold (the
+    lower indices are kept), a huge and a tiny magnitude, N = 70 (five 16-token tiles); k = 70 keeps everything."""
+    from graphprune.kernels.token_select import token_select
+
+    rng = np.random.default_rng(11)
+    n = 70
+    x = rng.standard_normal((2, n, 24)).astype(dtype)
+    s = rng.choice(np.array([-3.0, -0.5, 0.0, 0.25, 1.5], dtype), size=(2, n))  # few distinct values: ties
+    s[0, 10:14] = -0.0
+    s[1, :5] = rng.standard_normal(5).astype(dtype) * 1000
+    s[1, 5] = np.finfo(dtype).tiny
+    if attrs.get("fuse_rest"):  # the fused token is a weighted mean: signed weights summing near 0 blow it up
+        s = np.abs(s)
+        s[0, 10:14] = -0.0
+    ry, ri = TokenSelect.reference(x, s, **attrs)
+    assert np.isfinite(ry).all()
     y, i = token_select(_t(x), _t(s), **attrs)
     np.testing.assert_array_equal(i.cpu().numpy(), ri)
     np.testing.assert_allclose(y.cpu().numpy().astype(np.float64), ry.astype(np.float64), atol=TOL[dtype] * 4,

@@ -14,7 +14,7 @@ from graphprune.backends import tensorrt as trtb
 from graphprune.backends.onnxruntime import run
 from graphprune.cli import main
 from graphprune.io import load_model, save_model
-from graphprune.ops import DOMAIN, REGISTRY, TokenSelect, add_node_function
+from graphprune.ops import DOMAIN, REGISTRY, SparseAttention, TokenMerge, TokenSelect, add_node_function
 from graphprune.passes import get_pass
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -63,6 +63,7 @@ def test_lower_marks_plugins_and_ort_still_matches(export, tmp_path, kind, capsy
         assert n.attributes["plugin_namespace"].value == "graphprune"
         assert "." not in n.attributes["plugin_namespace"].value
         assert n.attributes["plugin_version"].value == "1"
+        assert len(n.inputs) == len(REGISTRY[n.op_type].inputs) and all(i is not None for i in n.inputs)
         for attr in n.attributes.values():
             assert attr.type in (ir.AttributeType.INT, ir.AttributeType.FLOAT, ir.AttributeType.STRING,
                                  ir.AttributeType.INTS, ir.AttributeType.FLOATS)
@@ -189,3 +190,79 @@ def test_fp16_conversion_points_nodes_at_float16_bodies():
     assert y.dtype == np.float16 and len(half.functions) == 1
     np.testing.assert_array_equal(idx, ri)
     np.testing.assert_allclose(y.astype(np.float32), ry.astype(np.float32), atol=1e-3)
+
+
+def _merge_model(n=17, sized=False):
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", n, 8]))
+    m = ir.Value(name="m", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", n, 4]))
+    ins = [x, m]
+    if sized:
+        ins.append(ir.Value(name="s", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", n, 1])))
+    node = TokenMerge.make_node(*ins, r=4, protect=1, name="merge")
+    model = ir.Model(ir.Graph(ins, list(node.outputs), nodes=[node], opset_imports={"": 18}), ir_version=10)
+    add_node_function(model, node)
+    return model, node
+
+
+def test_absent_size_becomes_ones_for_the_plugin():
+    model, node = _merge_model()
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 17, 8)).astype(np.float32),
+             "m": rng.standard_normal((2, 17, 4)).astype(np.float32)}
+    before = run(model, feeds)
+    report = trtb.lower(model)
+    assert len(node.inputs) == 3 and node.inputs[2].producer().op_type == "CastLike"
+    assert report.filled == ["merge: size absent -> ones"]
+    assert len(model.functions) == 1  # the body for (x, metric, size); the old one is gone
+    after = run(model, feeds)
+    ref = TokenMerge.reference(feeds["x"], feeds["m"], r=4, protect=1)
+    for a, b, r in zip(after, before, ref):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, r, atol=1e-6)
+    model, node = _merge_model(sized=True)
+    assert not trtb.lower(model).filled and node.inputs[2].name == "s"
+
+
+def test_absent_bias_and_layout_become_placeholders():
+    q, k, v = (ir.Value(name=c, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 2, 32, 16])) for c in "qkv")
+    node = SparseAttention.make_node(q, k, v, pattern="sliding_window", window=8, num_global=1, name="attn")
+    model = ir.Model(ir.Graph([q, k, v], list(node.outputs), nodes=[node], opset_imports={"": 18}), ir_version=10)
+    add_node_function(model, node)
+    rng = np.random.default_rng(1)
+    feeds = {c: rng.standard_normal((1, 2, 32, 16)).astype(np.float32) for c in "qkv"}
+    before = run(model, feeds)[0]
+    report = trtb.lower(model)
+    assert [i.shape.dims for i in node.inputs[3:]] == [(1, 1, 1, 1), (1, 1, 1)]
+    assert node.inputs[3].dtype == ir.DataType.FLOAT and node.inputs[4].dtype == ir.DataType.INT64
+    assert len(report.filled) == 2
+    np.testing.assert_array_equal(run(model, feeds)[0], before)
+    np.testing.assert_allclose(before, SparseAttention.reference(feeds["q"], feeds["k"], feeds["v"], pattern="sliding_window",
+                                                                 window=8, num_global=1)[0], atol=1e-5)
+
+
+def test_optional_input_without_a_rule_is_refused(monkeypatch):
+    from graphprune.backends import plugins
+
+    monkeypatch.setattr(plugins, "OPTIONAL_INPUTS", {})
+    model, _ = _merge_model()
+    with pytest.raises(trtb.LoweringError, match="merge: optional input size of TokenMerge is absent"):
+        trtb.lower(model)
+
+
+def test_aot_check_before_tensorrt():
+    """--aot's static check on the lowered model: a TokenMerge at a dynamic N is refused with the node named; at a
+    static N it passes (as does a TokenSelect at any N)."""
+    model, _ = _merge_model()
+    trtb.lower(model)
+    trtb.check_aot(model)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", "N", 8]))
+    m = ir.Value(name="m", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["B", "N", 4]))
+    node = TokenMerge.make_node(x, m, r=4, name="merge_dyn")
+    dyn = ir.Model(ir.Graph([x, m], list(node.outputs), nodes=[node], opset_imports={"": 18}), ir_version=10)
+    add_node_function(dyn, node)
+    trtb.lower(dyn)
+    with pytest.raises(trtb.GraphpruneError, match="^merge_dyn: --aot: TokenMerge needs a static token count"):
+        trtb.check_aot(dyn)
+    sel, _ = _token_select_model("N")
+    trtb.lower(sel)
+    trtb.check_aot(sel)

@@ -7,7 +7,13 @@
      :mod:`graphprune.backends.plugins`) instead of inlining the model-local function body;
   2. a ``TokenSelect`` whose ``keep_ratio`` meets a static ``N`` gets the explicit count ``k`` (the same
      integer the shape rule gives); with a dynamic ``N`` the ratio stays, read as an exact fraction;
-  3. the function bodies stay, so ONNX Runtime still runs the file and gives the same numbers;
+  3. every node passes every input of its op: a plugin has a fixed input list, one per op (see
+     :mod:`graphprune.backends.plugins`), so an absent optional input is filled by the plugin module's rule
+     (``OPTIONAL_INPUTS``): TokenMerge ``size`` becomes ones ``[B, N, 1]`` built from ``x`` (the op's default,
+     same numbers), SparseAttention ``attn_bias`` / ``layout`` become one-element placeholders the body and the
+     plugin ignore; a ``layout`` that is not int64 is cast to it. The node's body is re-registered for the
+     present inputs. An optional input without a rule is refused by name;
+  4. the function bodies stay, so ONNX Runtime still runs the file and gives the same numbers;
      ``strip_bodies`` removes them (a file for TensorRT < 10.7, which would otherwise always inline them).
 
 Static checks (each failure is one :class:`~graphprune.errors.GraphpruneError` line):
@@ -67,6 +73,7 @@ class LowerReport:
 
     plugins: dict[str, int] = dataclasses.field(default_factory=dict)  # op type -> nodes
     explicit_k: list[str] = dataclasses.field(default_factory=list)
+    filled: list[str] = dataclasses.field(default_factory=list)  # optional inputs given for the plugin
     stripped_bodies: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
     shapes: dict[str, list[list[str]]] = dataclasses.field(default_factory=dict)  # node -> output dims
@@ -140,6 +147,72 @@ def output_expressions(node: ir.Node) -> list[tuple]:
         raise LoweringError(f"{_name(node)}: output dim depends on {e.args[0]}, which no input dim gives") from None
 
 
+def _fill_optional_inputs(model: ir.Model, node: ir.Node, report: LowerReport, scopes: dict) -> None:
+    """Give ``node`` every input of its op (the plugin's fixed input list); see the module docstring, step 3."""
+    from graphprune._ir import NameScope
+    from graphprune.backends.plugins import fill_rule
+
+    opdef = op_def(node)
+    changed = False
+    graph = node.graph
+    scope = scopes.setdefault(id(graph), NameScope(graph))
+    stem = node.name or node.op_type
+    for i, port in enumerate(opdef.inputs):
+        present = i < len(node.inputs) and node.inputs[i] is not None
+        if present and port.dtype == "any" and node.inputs[i].dtype not in (None, ir.DataType.INT64):
+            cast = ir.node("Cast", [node.inputs[i]], attributes={"to": ir.DataType.INT64},
+                           name=scope.fresh(f"{stem}_{port.name}_int64"))
+            graph.insert_before(node, cast)
+            cast.outputs[0].name = cast.name
+            cast.outputs[0].dtype = ir.DataType.INT64
+            cast.outputs[0].shape = node.inputs[i].shape
+            node.replace_input_with(i, cast.outputs[0])
+            changed = True
+        if present or not port.optional:
+            continue
+        rule = fill_rule(node.op_type, port.name)
+        if rule is None:
+            raise LoweringError(f"{_name(node)}: optional input {port.name} of {node.op_type} is absent and the "
+                                f"TensorRT plugin has no rule to fill it (plugins take every input)")
+        x = node.inputs[0]
+        kind, rank = rule
+        if kind == "ones_tokens":  # ones [B, N, 1] in x's type: Shape(x)[0:2] ++ [1] -> ConstantOfShape -> CastLike
+            base = f"{stem}_{port.name}"
+            shape = ir.node("Shape", [x], attributes={"start": 0, "end": 2}, name=scope.fresh(f"{base}_shape"))
+            one = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([1], np.int64))},
+                          name=scope.fresh(f"{base}_1"))
+            full = ir.node("Concat", [shape.outputs[0], one.outputs[0]], attributes={"axis": 0},
+                           name=scope.fresh(f"{base}_dims"))
+            ones = ir.node("ConstantOfShape", [full.outputs[0]],
+                           attributes={"value": ir.tensor(np.array([1.0], np.float32))}, name=scope.fresh(f"{base}_f32"))
+            like = ir.node("CastLike", [ones.outputs[0], x], name=scope.fresh(base))
+            new = [shape, one, full, ones, like]
+            value = like.outputs[0]
+            value.dtype = x.dtype
+            value.shape = ir.Shape([x.shape[0], x.shape[1], 1]) if x.shape is not None and len(x.shape) == 3 else None
+        else:  # placeholder: one element, unused
+            if port.dtype == "any":
+                dtype = np.dtype(np.int64)
+            else:
+                dtype = np.dtype(x.dtype.numpy() if x.dtype is not None else np.float32)
+            const = ir.node("Constant", [], attributes={"value": ir.tensor(np.zeros((1,) * rank, dtype))},
+                            name=scope.fresh(f"{stem}_{port.name}_placeholder"))
+            new = [const]
+            value = const.outputs[0]
+            value.dtype = ir.DataType.from_numpy(dtype)
+            value.shape = ir.Shape([1] * rank)
+        for n in new:
+            n.outputs[0].name = n.name
+            graph.insert_before(node, n)
+        if len(node.inputs) <= i:
+            node.resize_inputs(i + 1)
+        node.replace_input_with(i, value)
+        report.filled.append(f"{_name(node)}: {port.name} absent -> {'ones' if kind == 'ones_tokens' else 'unused placeholder'}")
+        changed = True
+    if changed:
+        add_node_function(model, node)  # the body for the present inputs (same numbers)
+
+
 def _make_ratio_explicit(model: ir.Model, node: ir.Node, report: LowerReport) -> None:
     """TokenSelect with ``k = 0`` and a static N: write the kept count as ``k`` (same value as the shape rule)."""
     if node.op_type != "TokenSelect":
@@ -190,6 +263,7 @@ def check_topk(model: ir.Model, report: LowerReport) -> None:
 def lower(model: ir.Model, strip_bodies: bool = False) -> LowerReport:
     """Make ``model`` (in memory, changed in place) ready for TensorRT's ONNX parser; see the module docstring."""
     report = LowerReport()
+    scopes: dict = {}
     nodes = _graphprune_nodes(model)
     check_op_names(sorted({n.op_type for n in nodes} | set(REGISTRY)))
     if "." in PLUGIN_NAMESPACE or PLUGIN_NAMESPACE in ("", "trt", "tensorrt", "std"):
@@ -200,6 +274,7 @@ def lower(model: ir.Model, strip_bodies: bool = False) -> LowerReport:
         _check_attributes(node)
         try:
             _make_ratio_explicit(model, node, report)
+            _fill_optional_inputs(model, node, report, scopes)
         except (ConfigError, ValueError) as e:
             raise LoweringError(f"{_name(node)}: {e}") from None
         node.attributes["plugin_namespace"] = ir.AttrString("plugin_namespace", PLUGIN_NAMESPACE)
@@ -217,6 +292,21 @@ def lower(model: ir.Model, strip_bodies: bool = False) -> LowerReport:
         check_topk(model, report)
     _drop_unused_functions(model)
     return report
+
+
+def check_aot(model: ir.Model) -> None:
+    """Before TensorRT: every ``ai.graphprune`` node of the lowered ``model`` has an AOT kernel plan at its static
+    dims (:func:`graphprune.backends.plugins.aot_plan`), else one line naming the node and the reason."""
+    from graphprune.backends import plugins
+
+    for node in _graphprune_nodes(model):
+        dims = [[d if isinstance(d, int) else None for d in v.shape] if v is not None and v.shape is not None
+                else [None] * 4 for v in node.inputs]
+        float32 = node.inputs[0].dtype != ir.DataType.FLOAT16
+        try:
+            plugins.aot_plan(node.op_type, dims, op_def(node).attrs_of(node), float32)
+        except GraphpruneError as e:
+            raise GraphpruneError(f"{_name(node)}: {e}") from None
 
 
 def _drop_unused_functions(model: ir.Model) -> None:
@@ -364,12 +454,16 @@ def build(model_path: str | os.PathLike, plan_path: str | os.PathLike, *, fp16: 
     trt = require_tensorrt()
     from graphprune.backends import plugins
 
-    plugins.register_all(aot=aot)
     model = load_model(model_path)
     out = check_output_path(plan_path, model, (Path(model_path),))
+    if aot and (why := plugins.aot_refusal([(n.op_type, op_def(n).attrs_of(n)) for n in _graphprune_nodes(model)])):
+        raise GraphpruneError(why)
+    plugins.register_all(aot=aot)
     if fp16:
         model = to_fp16(model)
     report = lower(model, strip_bodies=strip_bodies)
+    if aot:
+        check_aot(model)
     profile = profile_shapes(model, shapes)
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)

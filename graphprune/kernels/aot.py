@@ -14,11 +14,47 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
-_MODULES = ("graphprune.kernels.sparse_attention", "graphprune.kernels.token_select")
+_MODULES = ("graphprune.kernels.sparse_attention", "graphprune.kernels.token_select", "graphprune.kernels.token_merge",
+            "graphprune.kernels.diversity_select")
 _PTR = {"float32": "*fp32", "float16": "*fp16"}
+
+
+_PARAM = re.compile(r"^\s*\.param\s.*?(\S+?),?\s*$")
+
+
+def entry_params(ptx: str, name: str) -> list[str]:
+    """The parameter names of PTX entry ``name``, in order."""
+    head = ptx[ptx.index(f".entry {name}("):]
+    head = head[: head.index(")")]
+    return [m.group(1) for line in head.splitlines()[1:] if (m := _PARAM.match(line))]
+
+
+def strip_unused_params(ptx: str, name: str) -> str:
+    """Drop trailing entry parameters the kernel body never reads.
+
+    Triton appends two pointers (global and profile scratch) to every kernel's parameters. TensorRT's AOT launch
+    passes exactly the plugin's inputs, the extra int32 scalars and the outputs, so an entry that declares more
+    parameters than that would read past the argument array. The kernels here use no scratch (checked from the
+    metadata), so the trailing pointers are unread and can go.
+    """
+    params = entry_params(ptx, name)
+    start = ptx.index(f".entry {name}(")
+    close = ptx.index(")", start)
+    body = ptx[close:]
+    keep = len(params)
+    while keep > len(params) - 2 and f"[{params[keep - 1]}]" not in body:  # at most Triton's two scratch pointers
+        keep -= 1
+    if keep == len(params):
+        return ptx
+    lines = ptx[start:close].splitlines()
+    decl = [line for line in lines[1:] if _PARAM.match(line)]
+    kept = [line.rstrip().rstrip(",") for line in decl[:keep]]
+    new_head = "\n".join([lines[0]] + [line + ("," if i < keep - 1 else "") for i, line in enumerate(kept)]) + "\n"
+    return ptx[:start] + new_head + ptx[close:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +108,10 @@ def compile_ptx(kernel: str, pointers: dict[str, str], constexprs: dict, floats:
     fn = JITFunction(sources()[kernel])
     src = ASTSource(fn, signature(fn, pointers, floats, constexprs), constexprs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    return Compiled(k.metadata.name, arch, k.asm["ptx"], k.metadata.num_warps, k.metadata.shared)
+    ptx = k.asm["ptx"]
+    if not getattr(k.metadata, "global_scratch_size", 0) and not getattr(k.metadata, "profile_scratch_size", 0):
+        ptx = strip_unused_params(ptx, k.metadata.name)
+    return Compiled(k.metadata.name, arch, ptx, k.metadata.num_warps, k.metadata.shared)
 
 
 def sparse_attention_ptx(dtype: str = "float16", pattern: str = "sliding_window", causal: bool = False,
@@ -90,17 +129,48 @@ def sparse_attention_ptx(dtype: str = "float16", pattern: str = "sliding_window"
         floats=("scale",), arch=arch)
 
 
-def token_select_ptx(dtype: str = "float16", arch: int = 90) -> list[Compiled]:
-    """The four TokenSelect kernels for one dtype."""
+def sparse_attention_static_ptx(dtype: str = "float16", arch: int = 90, head_dim: int = 64, n: int | None = None,
+                                bias_shape: tuple | None = None, block: int = 64, **attrs) -> Compiled:
+    """The table-free SparseAttention kernel (sliding window, 2-D neighborhood) in TensorRT's AOT argument order,
+    for one dtype, attribute set, head size and bias shape."""
+    from graphprune.kernels import sparse_attention as sa
+
     t = _PTR[dtype]
-    return [
-        compile_ptx("token_select_rank", {"S": t, "R": "*i32"}, dict(BLOCK=128), arch=arch),
-        compile_ptx("token_select_kept_before", {"R": "*i32", "C": "*i32"}, dict(BLOCK=128), arch=arch),
-        compile_ptx("token_select_gather", {"X": t, "R": "*i32", "C": "*i32", "Y": t, "Idx": "*i64"},
-                    dict(KEEP_ORDER=True, BLOCK=128, BLOCK_C=64), arch=arch),
-        compile_ptx("token_select_fuse_rest", {"X": t, "S": t, "R": "*i32", "Y": t}, dict(BLOCK=128, BLOCK_C=64),
-                    arch=arch),
-    ]
+    const = sa.static_constexprs(attrs, n, head_dim, head_dim, bias_shape, block)
+    return compile_ptx("sparse_attention_static", {"Q": t, "K": t, "V": t, "Bias": t, "Layout": "*i64", "Out": t},
+                       const, arch=arch)
+
+
+def token_select_ptx(dtype: str = "float16", arch: int = 90, **attrs) -> Compiled:
+    """The TokenSelect kernel for one dtype and attribute set (any N)."""
+    from graphprune.kernels import token_select as ts
+
+    t = _PTR[dtype]
+    return compile_ptx("token_select", {"X": t, "S": t, "Y": t, "Idx": "*i64"}, ts.constexprs(attrs or {"k": 1}),
+                       arch=arch)
+
+
+def token_merge_ptx(dtype: str = "float16", n: int = 197, channels: int = 384, metric_dim: int = 64,
+                    has_size: bool = True, arch: int = 90, **attrs) -> Compiled:
+    """The TokenMerge kernel for one dtype, attribute set and size presence; ``n`` is the largest token count it
+    will see (it bounds the register blocks; any smaller N runs too)."""
+    from graphprune.kernels import token_merge as tm
+
+    t = _PTR[dtype]
+    return compile_ptx("token_merge", {"X": t, "Metric": t, "Size": t, "Y": t, "SizeOut": t, "Idx": "*i64"},
+                       dict(HAS_SIZE=has_size, **tm.constexprs(n, channels, metric_dim, attrs)), arch=arch,
+                       num_warps=tm.num_warps(n, attrs))
+
+
+def diversity_select_ptx(dtype: str = "float16", n: int = 197, channels: int = 384, arch: int = 90,
+                         **attrs) -> Compiled:
+    """The DiversitySelect kernel for one dtype and attribute set; ``n`` is the largest token count it will see."""
+    from graphprune.kernels import diversity_select as ds
+
+    t = _PTR[dtype]
+    k = ds.constexprs(n, channels, attrs)
+    return compile_ptx("diversity_select", {"X": t, "Y": t, "Idx": "*i64"}, k, arch=arch,
+                       num_warps=8 if k["BLOCK_M"] >= 512 else 4)
 
 
 if __name__ == "__main__":  # the child process of compile_ptx under the interpreter

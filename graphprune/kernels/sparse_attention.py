@@ -37,6 +37,7 @@ def _sparse_attention_fwd(
     H, N, D, DV, scale, W, G, GH, GW, KS, DIL, RB, NBR, T,
     MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TABLE: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -52,8 +53,39 @@ def _sparse_attention_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     i = offs_m[:, None]
-    for t in range(0, T):
-        kt = tl.load(Table + b * stb + h * sth + pid_m * stq + t)
+    if TABLE:
+        n_iter = T
+        gt = 0
+        start_t = 0
+    else:  # static patterns: the tile's key span from each row's interval (as key_intervals), global tiles first
+        n_kt = tl.cdiv(N, BLOCK_N)
+        rows = offs_m
+        if MODE == 1:
+            if CAUSAL:
+                lo_r = tl.maximum(rows - W + 1, 0)
+                hi_r = rows + 1
+            else:
+                lo_r = tl.minimum(tl.maximum(rows - W // 2, 0), tl.maximum(N - W, 0))
+                hi_r = tl.minimum(lo_r + W, N)
+        else:
+            qr = tl.maximum(rows - G, 0) // GW
+            sub = (GH - qr % DIL + DIL - 1) // DIL
+            ka = tl.minimum(sub * 0 + KS, sub)
+            st = tl.minimum(tl.maximum(qr // DIL - KS // 2, 0), sub - ka)
+            lo_r = G + (st * DIL + qr % DIL) * GW
+            hi_r = G + ((st + ka - 1) * DIL + qr % DIL + 1) * GW
+        lo_k = tl.min(tl.where(row_ok, lo_r, N), 0)
+        hi_k = tl.max(tl.where(row_ok, hi_r, 0), 0)
+        has_global = pid_m * BLOCK_M < G  # global query rows see every key: the whole row of tiles
+        gt = tl.where(has_global, 0, tl.cdiv(G, BLOCK_N))
+        start_t = tl.where(has_global, 0, tl.maximum(lo_k // BLOCK_N, gt))
+        end_t = tl.where(has_global, n_kt, tl.cdiv(hi_k, BLOCK_N))
+        n_iter = gt + tl.maximum(end_t - start_t, 0)
+    for t in range(0, n_iter):
+        if TABLE:
+            kt = tl.load(Table + b * stb + h * sth + pid_m * stq + t)
+        else:
+            kt = tl.where(t < gt, t, t - gt + start_t)
         if kt >= 0:
             offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = offs_n < N
@@ -109,8 +141,35 @@ def _sparse_attention_fwd(
 
 
 sparse_attention_fwd = triton.jit(_sparse_attention_fwd)
-#: The plain function, for ahead-of-time compilation (``graphprune.kernels.aot``).
-SOURCES = {"sparse_attention_fwd": _sparse_attention_fwd}
+
+
+def _sparse_attention_static(Q, K, V, Bias, Layout, H, N, D, DV, Out,
+                             SCALE: tl.constexpr, W: tl.constexpr, G: tl.constexpr, GH: tl.constexpr,
+                             GW: tl.constexpr, KS: tl.constexpr, DIL: tl.constexpr,
+                             MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_B: tl.constexpr,
+                             BIAS_H: tl.constexpr, BIAS_FULL: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_DV: tl.constexpr):
+    """The static patterns (sliding window, 2-D neighborhood) in TensorRT's AOT argument order: the plugin's
+    inputs (``Layout`` unused), the int32 dims, the output; contiguous tensors, a bias ``[B|1, H|1, 1|N, N]``."""
+    sbk = 1
+    sbq = N if BIAS_FULL else 0
+    sbh = (N * N if BIAS_FULL else N) if BIAS_H else 0
+    sbb = (H * (N * N if BIAS_FULL else N) if BIAS_H else (N * N if BIAS_FULL else N)) if BIAS_B else 0
+    sparse_attention_fwd(
+        Q, K, V, Bias, Layout, Layout, Out,
+        H * N * D, N * D, D, 1, H * N * D, N * D, D, 1, H * N * DV, N * DV, DV, 1, H * N * DV, N * DV, DV, 1,
+        sbb, sbh, sbq, sbk, 0, 0, 0, 0, 0,
+        H, N, D, DV, SCALE, W, G, GH, GW, KS, DIL, 1, 1, 0,
+        MODE=MODE, CAUSAL=CAUSAL, HAS_BIAS=HAS_BIAS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV, TABLE=False)
+
+
+sparse_attention_static = triton.jit(_sparse_attention_static)
+#: The plain functions, for ahead-of-time compilation (``graphprune.kernels.aot``).
+SOURCES = {"sparse_attention_fwd": _sparse_attention_fwd, "sparse_attention_static": _sparse_attention_static}
+#: Patterns the table-free kernel (and so TensorRT's AOT path) takes.
+STATIC_PATTERNS = ("sliding_window", "neighborhood_2d")
 
 
 def _pow2(x: int, lo: int = 16) -> int:
@@ -222,6 +281,42 @@ def sparse_attention(q, k, v, attn_bias=None, layout=None, block_m: int = 16, bl
         MODE=mode, CAUSAL=bool(a["causal"]), HAS_BIAS=attn_bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
     )
+    return out
+
+
+def static_constexprs(attrs: dict, n: int | None, d: int, dv: int, bias_shape: tuple | None,
+                      block: int = 16) -> dict:
+    """Compile-time constants of the table-free kernel (``sliding_window``, ``neighborhood_2d``) for one attribute
+    set, head sizes and bias shape (``None``: no bias); ``n`` checks the attributes against a static N (``None``
+    for a dynamic one, sliding window only)."""
+    a = SparseAttention.normalize(**attrs)
+    if a["pattern"] not in STATIC_PATTERNS:
+        raise ValueError(f"the table-free SparseAttention kernel takes {' and '.join(STATIC_PATTERNS)}, "
+                         f"not {a['pattern']}")
+    if n is not None:
+        a = _at_length(a, n, d)
+    elif a["pattern"] != "sliding_window":
+        raise ValueError(f"SparseAttention {a['pattern']} needs a static sequence length")
+    gh, gw = a["grid"] if a["grid"] else (1, 1)
+    full = bias_shape is not None and bias_shape[2] != 1
+    return dict(SCALE=float(a["scale"] or 1.0 / math.sqrt(d)), W=a["window"] or 1, G=a["num_global"] or 0, GH=gh,
+                GW=gw, KS=a["kernel"] or 1, DIL=a["dilation"] or 1, MODE=MODES[a["pattern"]], CAUSAL=bool(a["causal"]),
+                HAS_BIAS=bias_shape is not None, BIAS_B=bias_shape is not None and bias_shape[0] != 1,
+                BIAS_H=bias_shape is not None and bias_shape[1] != 1, BIAS_FULL=full, BLOCK_M=block, BLOCK_N=block,
+                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv))
+
+
+def sparse_attention_table_free(q, k, v, attn_bias=None, block: int = 16, **attrs):
+    """The static patterns with :data:`sparse_attention_static` (no host table: what TensorRT's AOT path runs)."""
+    import torch
+
+    bsz, heads, n, d = q.shape
+    dv = v.shape[3]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bias = attn_bias.contiguous() if attn_bias is not None else q
+    out = torch.empty((bsz, heads, n, dv), dtype=q.dtype, device=q.device)
+    const = static_constexprs(attrs, n, d, dv, None if attn_bias is None else tuple(attn_bias.shape), block)
+    sparse_attention_static[(-(-n // block), bsz * heads)](q, k, v, bias, q, heads, n, d, dv, out, **const)
     return out
 
 

@@ -1,16 +1,27 @@
-"""Triton kernels for ``TokenSelect``: rank, order, gather, and the fused rest token.
+"""Triton kernel for ``TokenSelect``: selection, order, gather and the fused rest token in one launch.
 
-Selection without a sort: a token's **rank** among the ``M = N - protect`` candidates is the number of tokens
-with a higher score, plus those with an equal score and a lower index (ONNX ``TopK`` / stable ``argsort``
-order). A token is kept when ``rank < k``; its output row is ``protect + rank`` (score order) or ``protect +``
-the number of kept tokens before it (``keep_order``). Kernels:
+Selection without a sort. Scores become order-preserving int32 keys (the float's bits, the magnitude bits flipped
+for negatives, ``-0`` read as ``+0``), and every program finds the **threshold** key ``t``, the ``k``-th largest,
+by a radix select: 4 rounds of 8 bits, each counting, among the keys that match the bits found so far, those whose
+next byte is ``>= d`` for every ``d`` (``[32, 256]`` compares per step, ``O(4·256·M)``, no scratch). A
+candidate is kept when its key is above ``t``, or equal to it and among the first ``k - #{key > t}`` such ties by
+index: exactly the ``k`` first tokens of the stable descending order (ONNX ``TopK``, ties to the lower index).
 
-  1. ``rank``: one program per (candidate tile, batch) loops over all candidates: ``O(M²)`` compares, no sort;
-  2. ``kept_before``: the same loop counting kept tokens with a lower index (``keep_order``);
-  3. ``gather``: every input row that survives is copied to its output row, its index written;
-  4. ``fuse_rest``: the score-weighted mean of the dropped rows (fp32 accumulation), EViT's fused token.
+Grid ``(cdiv(N, BLOCK), B)``; program ``(tile, b)`` takes ``BLOCK`` tokens of row ``b``:
 
-``k`` comes from the op definition's shape rule (``TokenSelect.kept``); semantics are ``TokenSelect.compute``.
+  1. the threshold (above), recomputed by every program;
+  2. for its tokens, one pass over the candidates (``[BLOCK, BLOCK]`` compares per step, ``O(BLOCK·M)``) counting,
+     per token, the candidates before it that are above ``t`` and those equal to ``t`` (which tells whether it is
+     kept and, with ``keep_order``, its output row: ``protect +`` the kept tokens before it), and its rank in the
+     descending order (its output row without ``keep_order``);
+  3. every kept token (and the ``protect`` prefix) is copied to its row, its index written;
+  4. ``fuse_rest``: program ``(0, b)`` also writes the score-weighted mean of the dropped rows (fp32 accumulation;
+     zero when nothing is dropped), EViT's fused token, walking the candidates in order with a running tie count.
+
+``k`` follows the runtime ``N`` as the op's shape rule does (``TokenSelect.kept``: an explicit ``k``, or
+``ceil(M·num/den)`` for the ratio ``num/den``), from compile-time ``K``, ``NUM``, ``DEN``. Arguments: the input
+pointers, ``N, C`` (int32), the output pointers; tensors contiguous. One launch, no scratch memory and no host
+table: TensorRT's ahead-of-time plugin path can launch it. Semantics are ``TokenSelect.compute``.
 """
 
 from __future__ import annotations
@@ -19,115 +30,134 @@ import triton
 import triton.language as tl
 
 from graphprune.ops import TokenSelect
+from graphprune.ops.token_select import ratio_fraction
 
 
-def _rank(S, R, sb, sn, M, P, BLOCK: tl.constexpr):
+def _token_select(X, S, N, C, Y, Idx,
+                  P: tl.constexpr, K: tl.constexpr, NUM: tl.constexpr, DEN: tl.constexpr,
+                  KEEP_ORDER: tl.constexpr, FUSE_REST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                  SEL: tl.constexpr):
     pid = tl.program_id(0)
-    b = tl.program_id(1)
-    offs_j = pid * BLOCK + tl.arange(0, BLOCK)
-    ok_j = offs_j < M
-    s_j = tl.load(S + b * sb + (P + offs_j) * sn, mask=ok_j, other=0.0).to(tl.float32)
-    cnt = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, M, BLOCK):
-        offs_i = start + tl.arange(0, BLOCK)
-        ok_i = offs_i < M
-        s_i = tl.load(S + b * sb + (P + offs_i) * sn, mask=ok_i, other=0.0).to(tl.float32)
-        before = (s_i[:, None] > s_j[None, :]) | ((s_i[:, None] == s_j[None, :]) & (offs_i[:, None] < offs_j[None, :]))
-        cnt += tl.sum((before & ok_i[:, None]).to(tl.int32), 0)
-    tl.store(R + b * M + offs_j, cnt, mask=ok_j)
-
-
-def _kept_before(R, C, M, KEEP, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    offs_j = pid * BLOCK + tl.arange(0, BLOCK)
-    ok_j = offs_j < M
-    cnt = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, M, BLOCK):
-        offs_i = start + tl.arange(0, BLOCK)
-        r_i = tl.load(R + b * M + offs_i, mask=offs_i < M, other=KEEP)
-        kept = (r_i < KEEP)[:, None] & (offs_i[:, None] < offs_j[None, :])
-        cnt += tl.sum(kept.to(tl.int32), 0)
-    tl.store(C + b * M + offs_j, cnt, mask=ok_j)
-
-
-def _gather(X, R, C, Y, Idx, sxb, sxn, sxc, syb, syn, syc, sib, N, M, P, CH, KEEP,
-            KEEP_ORDER: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    t = pid * BLOCK + tl.arange(0, BLOCK)
-    ok = t < N
-    cand = tl.maximum(t - P, 0)
-    r = tl.load(R + b * M + cand, mask=ok & (t >= P), other=0)
-    if KEEP_ORDER:
-        pos = tl.load(C + b * M + cand, mask=ok & (t >= P), other=0)
+    b = tl.program_id(1).to(tl.int64)
+    m = N - P
+    if K > 0:
+        kk = tl.minimum(m, K)
     else:
-        pos = r
-    dest = tl.where(t < P, t, P + pos)
-    keep = ok & ((t < P) | (r < KEEP))
-    tl.store(Idx + b * sib + dest, t.to(tl.int64), mask=keep)
-    for c0 in range(0, CH, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        m2 = keep[:, None] & (offs_c < CH)[None, :]
-        x = tl.load(X + b * sxb + t[:, None] * sxn + offs_c[None, :] * sxc, mask=m2, other=0.0)
-        tl.store(Y + b * syb + dest[:, None] * syn + offs_c[None, :] * syc, x, mask=m2)
+        kk = tl.maximum(1, tl.minimum(m, (m * NUM + DEN - 1) // DEN))
+    n_keep = P + kk
+    n_out = n_keep + FUSE_REST
+    sbase = S + b * N + P
+    # 1. threshold key t, the kk-th largest: radix select on the key + 2^31 (unsigned), 8 bits a round
+    prefix = tl.zeros([], tl.int64)
+    rem = kk  # rank of t among the keys that match the prefix so far
+    digits = tl.arange(0, 256)
+    for r in range(4):
+        shift = 24 - 8 * r
+        ge = tl.zeros([256], tl.int32)  # ge[d]: matching keys whose digit is >= d
+        for i0 in range(0, m, SEL):
+            oi = i0 + tl.arange(0, SEL)
+            s = tl.load(sbase + oi, mask=oi < m, other=0.0).to(tl.float32)
+            bits = tl.where(s == 0.0, 0, s.to(tl.int32, bitcast=True))
+            u = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+            match = (oi < m) & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
+            digit = ((u >> shift) & 255).to(tl.int32)
+            ge += tl.sum(((digit[:, None] >= digits[None, :]) & match[:, None]).to(tl.int32), 0)
+        d = tl.sum((ge >= rem).to(tl.int32), 0) - 1  # the largest digit with ge[d] >= rem (ge falls with d)
+        above = tl.sum(tl.where(digits == d + 1, ge, 0), 0)
+        rem = rem - above
+        prefix = prefix | (d.to(tl.int64) << shift)
+    t = prefix - 2147483648
+    # 2. per token of this tile: candidates before it above / at t, and its descending rank
+    tok = pid * BLOCK + tl.arange(0, BLOCK)
+    oj = tok - P
+    ok_j = (oj >= 0) & (oj < m)
+    s_j = tl.load(sbase + oj, mask=ok_j, other=0.0).to(tl.float32)
+    bits_j = tl.where(s_j == 0.0, 0, s_j.to(tl.int32, bitcast=True))
+    key_j = tl.where(bits_j < 0, bits_j ^ 0x7FFFFFFF, bits_j).to(tl.int64)
+    gt_before = tl.zeros([BLOCK], tl.int32)
+    eq_before = tl.zeros([BLOCK], tl.int32)
+    gt_all = tl.zeros([], tl.int32)
+    rank = tl.zeros([BLOCK], tl.int32)
+    for i0 in range(0, m, BLOCK):
+        oi = i0 + tl.arange(0, BLOCK)
+        ok_i = oi < m
+        s = tl.load(sbase + oi, mask=ok_i, other=0.0).to(tl.float32)
+        bits = tl.where(s == 0.0, 0, s.to(tl.int32, bitcast=True))
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        earlier = ok_i[:, None] & (oi[:, None] < oj[None, :])
+        gt_before += tl.sum((earlier & (key[:, None] > t)).to(tl.int32), 0)
+        eq_before += tl.sum((earlier & (key[:, None] == t)).to(tl.int32), 0)
+        gt_all += tl.sum((ok_i & (key > t)).to(tl.int32), 0)
+        if not KEEP_ORDER:
+            ahead = (key[:, None] > key_j[None, :]) | ((key[:, None] == key_j[None, :]) & (oi[:, None] < oj[None, :]))
+            rank += tl.sum((ahead & ok_i[:, None]).to(tl.int32), 0)
+    need = kk - gt_all  # ties at t that are kept, by index
+    kept = ok_j & ((key_j > t) | ((key_j == t) & (eq_before < need)))
+    if KEEP_ORDER:
+        pos = gt_before + tl.minimum(eq_before, need)
+    else:
+        pos = rank
+    pre = (tok < P) & (tok < N)
+    row = tl.where(pre, tok, P + pos)
+    write = pre | kept
+    # 3. gather
+    tl.store(Idx + b * n_keep + row, tok.to(tl.int64), mask=write)
+    for c0 in range(0, C, BLOCK_C):
+        oc = c0 + tl.arange(0, BLOCK_C)
+        m2 = write[:, None] & (oc < C)[None, :]
+        xr = tl.load(X + b * N * C + tok[:, None] * C + oc[None, :], mask=m2, other=0.0)
+        tl.store(Y + b * n_out * C + row[:, None] * C + oc[None, :], xr, mask=m2)
+    # 4. the fused rest token
+    if FUSE_REST:
+        if pid == 0:
+            for c0 in range(0, C, BLOCK_C):
+                oc = c0 + tl.arange(0, BLOCK_C)
+                ok_c = oc < C
+                num = tl.zeros([BLOCK_C], tl.float32)
+                den = tl.zeros([], tl.float32)
+                ties = tl.zeros([], tl.int32)
+                for i0 in range(0, m, BLOCK):
+                    oi = i0 + tl.arange(0, BLOCK)
+                    ok_i = oi < m
+                    s = tl.load(sbase + oi, mask=ok_i, other=0.0).to(tl.float32)
+                    bits = tl.where(s == 0.0, 0, s.to(tl.int32, bitcast=True))
+                    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+                    eq = (ok_i & (key == t)).to(tl.int32)
+                    tie_rank = ties + tl.cumsum(eq, 0) - eq
+                    keep_i = (key > t) | ((key == t) & (tie_rank < need))
+                    w = tl.where(ok_i & ~keep_i, s, 0.0)
+                    xr = tl.load(X + b * N * C + (P + oi)[:, None] * C + oc[None, :],
+                                 mask=ok_i[:, None] & ok_c[None, :], other=0.0).to(tl.float32)
+                    num += tl.sum(w[:, None] * xr, 0)
+                    den += tl.sum(w, 0)
+                    ties += tl.sum(eq, 0)
+                rest = num / tl.maximum(den, 1e-12)
+                tl.store(Y + b * n_out * C + n_keep * C + oc, rest.to(Y.dtype.element_ty), mask=ok_c)
 
 
-def _fuse_rest(X, S, R, Y, sxb, sxn, sxc, sb, sn, syb, syn, syc, M, P, CH, KEEP, OUT_ROW,
-               BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(0)
-    pc = tl.program_id(1)
-    offs_c = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok_c = offs_c < CH
-    num = tl.zeros([BLOCK_C], tl.float32)
-    den = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, M, BLOCK):
-        j = start + tl.arange(0, BLOCK)
-        ok = j < M
-        r = tl.load(R + b * M + j, mask=ok, other=0)
-        s = tl.load(S + b * sb + (P + j) * sn, mask=ok, other=0.0).to(tl.float32)
-        w = tl.where(ok & (r >= KEEP), s, 0.0)
-        x = tl.load(X + b * sxb + (P + j)[:, None] * sxn + offs_c[None, :] * sxc, mask=ok[:, None] & ok_c[None, :],
-                    other=0.0).to(tl.float32)
-        num += tl.sum(w[:, None] * x, 0)
-        den += w
-    total = tl.maximum(tl.sum(den, 0), 1e-12)
-    tl.store(Y + b * syb + OUT_ROW * syn + offs_c * syc, (num / total).to(Y.dtype.element_ty), mask=ok_c)
+token_select_kernel = triton.jit(_token_select)
+#: The plain function, for ahead-of-time compilation (``graphprune.kernels.aot``).
+SOURCES = {"token_select": _token_select}
 
 
-rank_kernel = triton.jit(_rank)
-kept_before_kernel = triton.jit(_kept_before)
-gather_kernel = triton.jit(_gather)
-fuse_rest_kernel = triton.jit(_fuse_rest)
-SOURCES = {"token_select_rank": _rank, "token_select_kept_before": _kept_before, "token_select_gather": _gather,
-           "token_select_fuse_rest": _fuse_rest}
+def constexprs(attrs: dict, block: int = 128, block_c: int = 64) -> dict:
+    """The kernel's compile-time constants for one attribute set (any N)."""
+    a = TokenSelect.normalize(**attrs)
+    num, den = ratio_fraction(a["keep_ratio"]) if not a["k"] else (1, 1)
+    return dict(P=a["protect"], K=a["k"], NUM=num, DEN=den, KEEP_ORDER=bool(a["keep_order"]),
+                FUSE_REST=bool(a["fuse_rest"]), BLOCK=block, BLOCK_C=block_c, SEL=32)
 
 
 def token_select(x, scores, block: int = 16, block_c: int = 32, **attrs):
-    """``TokenSelect`` on torch tensors with the Triton kernels; returns ``(y, indices)``."""
+    """``TokenSelect`` on torch tensors with the Triton kernel; returns ``(y, indices)``."""
     import torch
 
     a = TokenSelect.normalize(**attrs)
     bsz, n, ch = x.shape
     p = a["protect"]
-    m = n - p
     keep = TokenSelect.kept(n, a).static
-    n_out = p + keep + a["fuse_rest"]
-    dev = x.device
-    rank = torch.empty((bsz, m), dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(m, block), bsz)
-    rank_kernel[grid](scores, rank, scores.stride(0), scores.stride(1), m, p, BLOCK=block)
-    before = rank
-    if a["keep_order"]:
-        before = torch.empty_like(rank)
-        kept_before_kernel[grid](rank, before, m, keep, BLOCK=block)
-    y = torch.empty((bsz, n_out, ch), dtype=x.dtype, device=dev)
-    idx = torch.empty((bsz, p + keep), dtype=torch.int64, device=dev)
-    gather_kernel[(triton.cdiv(n, block), bsz)](
-        x, rank, before, y, idx, *x.stride(), *y.stride(), idx.stride(0), n, m, p, ch, keep,
-        KEEP_ORDER=bool(a["keep_order"]), BLOCK=block, BLOCK_C=block_c)
-    if a["fuse_rest"]:
-        fuse_rest_kernel[(bsz, triton.cdiv(ch, block_c))](
-            x, scores, rank, y, *x.stride(), scores.stride(0), scores.stride(1), *y.stride(), m, p, ch, keep,
-            p + keep, BLOCK=block, BLOCK_C=block_c)
+    x, scores = x.contiguous(), scores.contiguous()
+    y = torch.empty((bsz, p + keep + a["fuse_rest"], ch), dtype=x.dtype, device=x.device)
+    idx = torch.empty((bsz, p + keep), dtype=torch.int64, device=x.device)
+    token_select_kernel[(triton.cdiv(n, block), bsz)](x, scores, n, ch, y, idx, **constexprs(a, block, block_c))
     return y, idx
