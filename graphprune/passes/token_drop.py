@@ -212,10 +212,11 @@ class TokenDropPass(GraphPass):
                                           "block(s) and the default layers (¼, ½, ¾ of the depth) never take block 0; "
                                           "set layers"))
             return result
-        n_cur: int | None = blocks[0].tokens
+        n_cur: int | None = blocks[layers[0]].tokens
         dyn: DynamicTokens | None = None
         try:
             first = _stream_point(blocks, blocks[layers[0]], cfg.placement)[0]
+            _check_batch_axis(first)
             if n_cur is None:
                 dyn = DynamicTokens(model, first)
             data = DynamicTokens(model, first, static=n_cur, model_dims=_model_dims(blocks) | weight_dims(model.graph)) \
@@ -241,6 +242,9 @@ class TokenDropPass(GraphPass):
             for j, layer in enumerate(layers):
                 blk = blocks[layer]
                 try:
+                    if blk.tokens != blocks[layers[0]].tokens:  # a hierarchical model's later stage
+                        raise Skip(f"block {layer} is on another token stream ({blk.tokens} tokens; block "
+                                   f"{layers[0]}, the first reduced, has {blocks[layers[0]].tokens})")
                     if cfg.method == "tome":
                         n_new, size, note, level = self._merge(model, blocks, blk, env, size, protect, bias_sites)
                         label = None
@@ -461,6 +465,15 @@ def _per_token_outputs(model: ir.Model, n: int | None, dyn: DynamicTokens | None
         if (n is not None and d == n) or (dyn is not None and isinstance(d, ir.SymbolicDim) and d.value == dyn.symbol):
             out.append(o.name)
     return out
+
+
+def _check_batch_axis(stream: ir.Value) -> None:
+    """The stream's leading axis must be the batch itself: a folded one (``4*batch``: MobileViT unfolds an image
+    into one short sequence per patch position) means the tokens are pixels of patches folded back afterwards."""
+    d = stream.shape[0] if stream.shape is not None and len(stream.shape) == 3 else None
+    if isinstance(d, ir.SymbolicDim) and d.value and not d.value.isidentifier():
+        raise Skip(f"the token stream's batch axis is {d.value!r}: sequences are folded from an image (one per "
+                   "patch position) and folded back after the blocks; dropping tokens would break the fold")
 
 
 def _stream_end(blk: AttentionBlock) -> ir.Value:
