@@ -238,6 +238,17 @@ def _summary(rep: dict) -> None:
         out.print(f"latency {lat['before']:.2f} ms → {lat['after']:.2f} ms (median, batch {lat['batch']}): {lat['speedup']:.2f}× speedup")
 
 
+def _fmt_window(b: dict) -> str:
+    """``-``; ``4×4/32`` (window rows×cols / windows per image, ``s`` appended when shifted); ``g4×4/8`` (grid groups);
+    ``other`` (tokens rearranged otherwise)."""
+    if b.get("partition") is None:
+        return "-"
+    if b["window"] is None:
+        return b["partition"]
+    size = f"{b['window'][0]}×{b['window'][1]}/{b['windows']}"
+    return ("g" if b["partition"] == "grid" else "") + size + ("s" if b["shifted"] else "")
+
+
 @app.command()
 def inspect(
     model: Annotated[Path, typer.Argument(help="ONNX model.")],
@@ -257,11 +268,14 @@ def inspect(
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
             out.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']} {v['shape']}")
-    t = Table(title=f"attention blocks: {len(info['attention_blocks'])}", title_justify="left")
-    for col in ("index", "kind", "heads", "head_dim", "tokens", "prefix", "probs", "mask"):
+    windowed = any(b.get("partition") for b in info["attention_blocks"])
+    t = Table(title=f"attention blocks: {len(info['attention_blocks'])}", title_justify="left",
+              caption="window: rows×cols/windows per image (g: grid groups, s: shifted)" if windowed else None)
+    for col in ("index", "kind", "heads", "head_dim", "tokens", "prefix", "probs", "mask", "window"):
         t.add_column(col)
     for b in info["attention_blocks"]:
-        t.add_row(*(str(b[k]) for k in ("index", "kind", "heads", "head_dim", "tokens", "prefix_tokens", "has_probs", "has_mask")))
+        t.add_row(*(str(b[k]) for k in ("index", "kind", "heads", "head_dim", "tokens", "prefix_tokens", "has_probs", "has_mask")),
+                  _fmt_window(b))
     out.print(t)
     groups = info.get("channel_groups")
     if groups is not None:

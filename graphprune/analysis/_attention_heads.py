@@ -90,7 +90,9 @@ def _describe(b: Builder, blk: AttentionBlock) -> _Block:
     if blk.kind == "ms_attention":
         return _Block(blk, [], False, [], [], [], None, "com.microsoft packed Attention: heads are not separable")
     if blk.kind == "matmul_softmax":
-        qk = next(n for n in blk.nodes if n.op_type == "MatMul")
+        qk = next(n for n in blk.nodes if n.op_type in ("MatMul", "Einsum"))
+        if qk.op_type == "Einsum":  # torchvision MaxViT's 5-D einsum core
+            return _Block(blk, [], False, [], [], [], None, "the attention core is an Einsum; heads are not followed")
         pv = blk.nodes[-1]
         operands, kt = [qk.inputs[0], qk.inputs[1], pv.inputs[1]], True
     else:

@@ -8,9 +8,37 @@ Spellings matched (op-type strings live here, not in passes):
   2. The standard ``Attention`` op (opset ≥ 23), 4-D [B, H, N, D] inputs, or 3-D with ``q_num_heads``.
   3. ``com.microsoft`` ``Attention`` (packed QKV projection inside) and ``MultiHeadAttention`` ([B, N, C] inputs).
 
+  In spelling 1 both products may be ``Einsum`` ops (``…id,…jd->…ij`` and ``…ij,…jd->…id``, the 5-D
+  ``[B, G, H, T, D]`` core torchvision's MaxViT exports; ``k`` is then the einsum's input itself), and the logits
+  may also get Swin's shifted-window mask over a 5-D view,
+  ``Reshape(Add(Reshape(s → [B, nW, H, T, T]), m) → [B·nW, H, T, T])`` with ``m`` from constants
+  (``window_mask``; the three nodes are part of ``nodes``).
+
 Besides the core, each record carries the residual stream the block lives on when the graph shows it:
 the value entering the qkv projection (``attn_input``), the output projection, the residual ``Add`` and, for a
-post-norm block, the ``LayerNormalization`` right after it (``post_norm``).
+post-norm block, the ``LayerNormalization`` right after it (``post_norm``). Between the output projection and the
+residual ``Add`` the walk passes data-movement ops (a window reverse), a bias ``Add``, inference ``Dropout`` and a
+layer-scale ``Mul`` by a ``[C]`` constant (DINOv2 / CaiT; ``layer_scale``).
+
+Window / grid attention (``analysis._windows``: how it is recognised): when data-movement ops between the stream
+and the qkv projection rearrange tokens, the record says how:
+  * ``partition``: ``"window"`` (Swin, MaxViT block attention), ``"grid"`` (MaxViT grid attention), ``"other"``
+    (tokens rearranged in a way not described; ``partition_note`` says what did not match), ``None`` (none);
+  * ``window`` (rows, cols of a window / grid group), ``tokens_per_window`` (= ``tokens``, the core's query
+    length), ``windows`` per image, ``dilation`` (step between a window's tokens on the map: (1, 1) for windows),
+    ``shifted`` / ``shift`` (window starts offset, a rolled map), ``spatial`` (the H × W token map), ``padded``
+    (a ``Pad`` to a multiple of the window comes first; ``spatial`` is then the padded map);
+  * ``rel_pos_bias``: the logits get a constant per-head ``[.., H, T, T]`` bias (``mask`` holds it);
+  * ``partition_input`` (the stream value, ``[B, L, C]`` or ``[B, H, W, C]``), ``partition_nodes`` (stream →
+    projection input) and ``reverse_nodes`` (output projection → residual Add; checked to put every token back,
+    else the partition is ``"other"``).
+When the stream itself is partitioned (torchvision MaxViT: the residual Adds run on ``[B, G, T, C]`` and the
+reverse follows the MLP), the chain is taken from the LayerNorm's input, ``residual_in`` is the partitioned stream,
+``reverse_nodes`` stays empty (not checked; ``partition_note`` says so), and a grid taken from the previous layer's
+window layout is described on the image through that layer's token map. A core over a rank-5 q that matches none
+of this is ``"other"``.
+Passes that cannot handle windows refuse a block whose ``partition`` is set (``partition_summary()`` is the
+text for the reason).
 """
 
 from __future__ import annotations
@@ -21,6 +49,7 @@ import math
 import onnx_ir as ir
 
 from graphprune._ir import const_value, dim
+from graphprune.analysis import _windows
 
 MS = "com.microsoft"
 
@@ -54,6 +83,23 @@ class AttentionBlock:
     residual_add: ir.Node | None = None  # the Add that puts the block's output back on the stream
     residual_in: ir.Value | None = None  # the stream value the residual Add adds to
     post_norm: ir.Node | None = None  # a standard LayerNormalization that is the residual Add's only user (post-norm)
+    layer_scale: ir.Node | None = None  # per-channel Mul (γ [C]) between the output projection and the residual Add
+    # -- window / grid attention (Swin, MaxViT): the core sees [B·windows, H, T, D]; ``tokens`` is T
+    partition: str | None = None  # "window" | "grid" | "other" (tokens rearranged in a way not described); None: none
+    window: tuple[int, int] | None = None  # rows × cols of tokens in one window (grid: one group)
+    windows: int | None = None  # windows (grid: groups) per image
+    tokens_per_window: int | None = None  # = window[0] · window[1] = T
+    dilation: tuple[int, int] | None = None  # step between a window's tokens on the map: (1, 1), grid (H/gh, W/gw)
+    shifted: bool = False  # windows start at an offset (Swin's rolled map)
+    shift: tuple[int, int] = (0, 0)  # that offset (rows, cols)
+    spatial: tuple[int, int] | None = None  # the H × W token map the windows tile (padded, when ``padded``)
+    padded: bool = False  # the map is padded to a multiple of the window first (a Pad node in partition_nodes)
+    rel_pos_bias: bool = False  # the logits get a constant per-head bias [1|·, H, T, T] (relative positions)
+    window_mask: ir.Value | None = None  # Swin's shift mask, added over a [B, windows, H, T, T] view of the logits
+    partition_input: ir.Value | None = None  # stream-side value the partition starts from ([B, L, C] or [B, H, W, C])
+    partition_nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # stream → projection input
+    reverse_nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # output projection → residual Add
+    partition_note: str | None = None  # for "other": what did not match; else a note (e.g. reverse not checked)
 
     @property
     def residual_out(self) -> ir.Value | None:
@@ -72,8 +118,28 @@ class AttentionBlock:
             "has_probs": self.probs is not None,
             "has_mask": self.mask is not None,
             "causal": self.causal,
+            "layer_scale": self.layer_scale is not None,
+            "partition": self.partition,
+            "window": list(self.window) if self.window else None,
+            "windows": self.windows,
+            "tokens_per_window": self.tokens_per_window,
+            "dilation": list(self.dilation) if self.dilation else None,
+            "shifted": self.shifted,
+            "padded": self.padded,
+            "rel_pos_bias": self.rel_pos_bias,
             "nodes": [n.name for n in self.nodes],
         }
+
+    def partition_summary(self) -> str | None:
+        """``windowed attention (7×7 windows)``, ``grid attention (7×7 groups, dilation 8×8)``, or None."""
+        if self.partition is None:
+            return None
+        if self.partition == "other" or self.window is None:
+            return f"tokens are rearranged before the attention ({self.partition_note or 'not a window partition'})"
+        size = f"{self.window[0]}×{self.window[1]}"
+        if self.partition == "grid":
+            return f"grid attention ({size} groups, dilation {self.dilation[0]}×{self.dilation[1]})"
+        return f"{'shifted ' if self.shifted else ''}windowed attention ({size} windows)"
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -153,12 +219,16 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
     core = [sm]
     mask = None
     cur = logits
+    win = _window_mask(cur)
+    if win is not None:
+        cur, window_mask, win_nodes = win
+        core += win_nodes
     add = _producer(cur, "Add")
     if add is not None:
         # The branch that leads back to a MatMul (possibly via a scalar Mul/Div) is the q·kᵀ side.
         for i in (0, 1):
             inner, _ = _strip_scale(add.inputs[i])
-            if _producer(inner, "MatMul") is not None:
+            if _producer(inner, "MatMul") is not None or _einsum(inner, "qk") is not None:
                 mask, cur = add.inputs[1 - i], add.inputs[i]
                 core.append(add)
                 break
@@ -169,7 +239,7 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
     if inner is not cur:
         core.append(cur.producer())
         scale *= factor
-    qk = _producer(inner, "MatMul")
+    qk = _producer(inner, "MatMul") or _einsum(inner, "qk")
     if qk is None:
         return None
     core.append(qk)
@@ -177,7 +247,9 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
     kt, fk = _strip_scale(qk.inputs[1])
     scale *= fq * fk
     pv, guards = _single_user(sm.outputs[0])
-    if pv is None or pv.op_type != "MatMul" or pv.inputs[0] is not (guards[-1].outputs[0] if guards else sm.outputs[0]):
+    if pv is None or pv.op_type != qk.op_type or pv.inputs[0] is not (guards[-1].outputs[0] if guards else sm.outputs[0]):
+        return None
+    if pv.op_type == "Einsum" and _einsum(pv.outputs[0], "pv") is None:
         return None
     core += guards + [pv]
     v = pv.inputs[1]
@@ -191,10 +263,10 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
         kind="matmul_softmax",
         nodes=list(reversed(core[: len(core) - len(guards) - 1])) + guards + [pv],
         q=q,
-        k=_untranspose_k(kt),
+        k=kt if qk.op_type == "Einsum" else _untranspose_k(kt),  # einsum takes k itself
         v=v,
         output=out,
-        k_transposed=kt,
+        k_transposed=None if qk.op_type == "Einsum" else kt,
         probs=sm.outputs[0],
         logits=logits,
         mask=mask,
@@ -203,7 +275,68 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
         kv_heads=kv_heads,
         head_dim=head_dim,
         tokens=dim(q, -2),
+        window_mask=win[1] if win is not None else None,
     )
+
+
+def _einsum(value: ir.Value, role: str) -> ir.Node | None:
+    """The ``Einsum`` producing ``value`` when it is q·kᵀ (``role`` "qk": ``…id,…jd->…ij``) or probs·v ("pv":
+    ``…ij,…jd->…id``) with the same batch letters everywhere (torchvision MaxViT: ``BGHID,BGHJD->BGHIJ``)."""
+    node = _producer(value, "Einsum")
+    eq = node.attributes.get_string("equation", "").replace(" ", "") if node is not None else ""
+    if "->" not in eq or eq.count(",") != 1 or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    a, b = lhs.split(",")
+    if not (len(a) == len(b) == len(out) >= 3) or not a[:-2] == b[:-2] == out[:-2]:
+        return None
+    i, x = a[-2:]
+    if role == "qk":
+        j, d = b[-2:]
+        ok = d == x and out[-2:] == i + j
+    else:
+        j, d = b[-2:]
+        ok = j == x and out[-2:] == i + d
+    return node if ok and len(set(a[-2:] + b[-2:])) == 3 else None
+
+
+def _window_mask(logits: ir.Value) -> tuple[ir.Value, ir.Value, list[ir.Node]] | None:
+    """Swin's shifted-window mask: ``Reshape(Add(Reshape(x → [B, nW, H, T, T]), m) → [B·nW, H, T, T])`` with ``m``
+    computed from constants → (x, m, [outer Reshape, Add, inner Reshape])."""
+    outer = _producer(logits, "Reshape")
+    add = _producer(outer.inputs[0], "Add") if outer is not None else None
+    if add is None:
+        return None
+    for i in (0, 1):
+        inner = _producer(add.inputs[i], "Reshape")
+        m = add.inputs[1 - i]
+        if inner is None or not _const_derived(m):
+            continue
+        x, view = inner.inputs[0], inner.outputs[0]
+        shapes = [v.shape for v in (x, view, logits)]
+        if any(sh is None for sh in shapes) or len(shapes[0]) != 4 or len(shapes[1]) != 5 or len(shapes[2]) != 4:
+            continue
+        if list(shapes[0])[1:] == list(shapes[1])[2:] == list(shapes[2])[1:]:
+            return x, m, [outer, add, inner]
+    return None
+
+
+def _const_derived(value: ir.Value | None, budget: int = 256) -> bool:
+    """True when ``value`` is a constant or computed from constants only (no graph input): a mask or bias built in
+    the forward (torchvision's Swin computes its shift mask there)."""
+    if value is None:
+        return False
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen or const_value(v) is not None:
+            continue
+        seen.add(id(v))
+        prod = v.producer()
+        if prod is None or len(seen) > budget:
+            return False
+        stack.extend(x for x in prod.inputs if x is not None)
+    return True
 
 
 def _match_attention_op(node: ir.Node) -> AttentionBlock:
@@ -297,28 +430,75 @@ def _post_norm(add: ir.Node) -> ir.Node | None:
     return None
 
 
-def _attach_stream(blk: AttentionBlock) -> None:
-    """Find the projection input, output projection and residual Add around a core."""
+def _attach_stream(blk: AttentionBlock, known: dict) -> None:
+    """Find the projection input, output projection and residual Add around a core (through a window reverse and
+    a layer-scale Mul), and the window partition when there is one."""
     src = blk.q if blk.q is not None else None
     if blk.attn_input is None and src is not None:
         blk.attn_input = _projection_input(src)
     cur = blk.output
-    for _ in range(6):
+    for _ in range(6):  # core output → (Transpose | Reshape)* → output projection
         users = [u for u, _ in cur.uses()]
         if len(users) != 1:
             return
         node = users[0]
-        if node.op_type in ("MatMul", "Gemm") and _is_weight(node.inputs[1]) and blk.out_proj is None:
+        if node.op_type in ("MatMul", "Gemm") and _is_weight(node.inputs[1]):
             blk.out_proj = node
-        elif node.op_type == "Add" and blk.out_proj is not None:
-            other = node.inputs[1] if node.inputs[0] is cur else node.inputs[0]
-            if const_value(other) is None:
-                blk.residual_add, blk.residual_in = node, other
-                blk.post_norm = _post_norm(node)
-                return
-        elif node.op_type not in ("Transpose", "Reshape", "Add"):
+            break
+        if node.op_type not in ("Transpose", "Reshape", "Add"):
             return
         cur = node.outputs[0]
+    else:
+        return
+    part = _windows.describe(blk.attn_input, blk.tokens, known) if blk.attn_input is not None else None
+    norm = blk.attn_input.producer() if blk.attn_input is not None else None
+    stream_level = part is None and norm is not None and norm.op_type == "LayerNormalization"
+    if stream_level:  # torchvision MaxViT: the stream itself is partitioned, the residual runs in window layout
+        part = _windows.describe(norm.inputs[0], blk.tokens, known)
+        if part is not None and part.kind == "other":  # only a described partition counts here (not a layout change)
+            part = None
+        if part is not None:
+            known[id(norm.inputs[0])] = (part.tokmap.reshape(-1), part.spatial)
+            part.reason = "the stream itself is partitioned; the reverse follows the MLP and is not checked"
+    if part is None and blk.q is not None and blk.q.shape is not None and len(blk.q.shape) > 4:
+        part = _windows.Partition("other", blk.attn_input, [], reason="attention over groups of tokens (rank-5 q)")
+    region = _windows.forward_region(blk.out_proj.outputs[0])
+    if region is None:
+        _set_partition(blk, part, [])
+        return
+    nodes, exit_ = region
+    users = [u for u, _ in exit_.uses() if u.op_type != "Shape"]
+    add = users[0] if len(users) == 1 and users[0].op_type == "Add" and users[0].domain == "" else None
+    other = None if add is None else (add.inputs[1] if add.inputs[0] is exit_ else add.inputs[0])
+    moves = [n for n in nodes if _windows.is_move(n)]
+    if part is not None and part.kind != "other" and not stream_level and not (add is not None and _windows.reverse_ok(
+            part, blk.out_proj.outputs[0], nodes, exit_)):
+        part.kind, part.reason = "other", "the window reverse does not put every token back"
+    _set_partition(blk, part, moves)
+    if add is None or other is None or const_value(other) is not None:
+        return
+    blk.residual_add, blk.residual_in = add, other
+    blk.layer_scale = next((n for n in nodes if n.op_type == "Mul" and any(
+        (c := const_value(v)) is not None and c.size > 1 for v in n.inputs)), None)
+    blk.post_norm = _post_norm(add)
+
+
+def _set_partition(blk: AttentionBlock, part: _windows.Partition | None, reverse: list[ir.Node]) -> None:
+    if blk.mask is not None and _const_derived(blk.mask) and blk.mask.shape is not None and len(blk.mask.shape) >= 3:
+        h = blk.mask.shape[-3]
+        blk.rel_pos_bias = isinstance(h, int) and h > 1 and h == blk.heads
+    if part is None:
+        if blk.window_mask is not None:
+            blk.partition, blk.partition_note = "other", "a window mask without a window partition"
+        return
+    blk.partition, blk.partition_input, blk.partition_nodes = part.kind, part.source, part.nodes
+    blk.reverse_nodes, blk.partition_note = reverse, part.reason
+    if part.kind == "other":
+        return
+    blk.window, blk.windows, blk.tokens_per_window = part.window, part.windows, part.tokens_per_window
+    blk.padded = part.pad is not None
+    blk.dilation, blk.shift, blk.spatial = part.dilation, part.shift, part.spatial
+    blk.shifted = part.shift != (0, 0)
 
 
 def detect_prefix_tokens(graph: ir.Graph) -> int:
@@ -350,6 +530,7 @@ def find_attention_blocks(model: ir.Model | ir.Graph) -> list[AttentionBlock]:
     """All attention cores of the main graph, in graph order, with stream facts attached."""
     graph = model.graph if isinstance(model, ir.Model) else model
     blocks: list[AttentionBlock] = []
+    known: dict = {}  # partitioned stream values (window layout) → their token map on the image
     for node in graph:
         blk = None
         if node.domain == "" and node.op_type == "Softmax":
@@ -360,7 +541,7 @@ def find_attention_blocks(model: ir.Model | ir.Graph) -> list[AttentionBlock]:
             blk = _match_ms(node)
         if blk is not None:
             blk.index = len(blocks)
-            _attach_stream(blk)
+            _attach_stream(blk, known)
             blocks.append(blk)
     prefix = detect_prefix_tokens(graph)
     for blk in blocks:

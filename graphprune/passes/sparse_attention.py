@@ -251,6 +251,9 @@ class _Rewriter:
             raise Skip(f"{blk.kind} (com.microsoft fused attention) is not rewritten; export without ORT fusion")
         if blk.layout != "BHND" or q is None or v is None or q.shape is None or len(q.shape) != 4:
             raise Skip("attention inputs are not 4-D [B, H, N, D]")
+        if blk.window_mask is not None:  # the replacement would drop it
+            raise Skip(f"{blk.partition_summary()}: the shift mask is added over a [B, windows, H, T, T] view of the "
+                       "scores; not supported")
         if q.dtype not in FLOAT_TYPES:
             raise Skip(f"attention runs in {q.dtype}; float32, float16 and bfloat16 are supported")
         n = _length(blk)

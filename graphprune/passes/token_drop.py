@@ -132,6 +132,10 @@ class TokenReduction(Rewrite):
 
 def _stream_point(blocks: list[AttentionBlock], blk: AttentionBlock, placement: str) -> tuple[ir.Value, ir.Node]:
     """(stream value to reduce, node after which to insert)."""
+    win = next((b for b in [blk, *blocks] if b.partition is not None), None)  # windows: counts are per window
+    if win is not None:
+        where = "" if win is blk else f" in block {win.index}"
+        raise Skip(f"block {blk.index}: {win.partition_summary()}{where}; token dropping across windows is not supported")
     if blk.residual_add is None:
         raise Skip(f"block {blk.index}: no residual Add found after the attention output")
     if placement == "block":
