@@ -43,6 +43,18 @@ class _Hidden(torch.nn.Module):
         return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
+class _Unpadded(torch.nn.Module):
+    """No attention mask input (unpadded batches): the case ToMe supports. ``pool``: mean over the tokens."""
+
+    def __init__(self, bert, pool: bool):
+        super().__init__()
+        self.bert, self.pool = bert, pool
+
+    def forward(self, ids):
+        h = self.bert(input_ids=ids).last_hidden_state
+        return h.mean(1) if self.pool else h
+
+
 def _bert():
     torch.manual_seed(0)
     cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
@@ -50,12 +62,12 @@ def _bert():
     return transformers.BertModel(cfg).eval()
 
 
-def _export(module, path, n: int, dynamic: bool):
+def _export(module, path, n: int, dynamic: bool, mask: bool = True):
     from graphprune.torch import export
 
     ids = torch.randint(0, 200, (2, n), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, n, dtype=torch.int64)
-    export(module, (ids, mask), path, input_names=NAMES, output_names=["out"],
+    args = (ids, torch.ones(2, n, dtype=torch.int64)) if mask else (ids,)
+    export(module, args, path, input_names=NAMES[:len(args)], output_names=["out"],
            dynamic_axes={0: "batch", 1: "sequence"} if dynamic else None)
     return path
 
@@ -70,6 +82,9 @@ def berts(tmp_path_factory):
         "pool": _export(_MeanPool(bert).eval(), folder / "pool.onnx", 16, True),
         "pool23": _export(_MeanPool(bert).eval(), folder / "pool23.onnx", 23, False),
         "hidden": _export(_Hidden(bert).eval(), folder / "hidden.onnx", 16, True),
+        "u_pool": _export(_Unpadded(bert, True).eval(), folder / "u_pool.onnx", 16, True, mask=False),
+        "u_pool23": _export(_Unpadded(bert, True).eval(), folder / "u_pool23.onnx", 23, False, mask=False),
+        "u_hidden": _export(_Unpadded(bert, False).eval(), folder / "u_hidden.onnx", 16, True, mask=False),
     }
 
 
@@ -171,12 +186,22 @@ def test_restore_matches_a_torch_reference(berts):
     assert not np.allclose(got, out.last_hidden_state.numpy(), atol=1e-3)  # the dropped tokens did skip the MLP
 
 
+def _ids(feeds):
+    return {"input_ids": feeds["input_ids"]}
+
+
+def test_tome_is_refused_on_padded_inputs(berts):
+    """With an attention mask from the inputs, ToMe would merge real tokens into padding: a skip with the reason."""
+    model, res = _apply(berts["pool"], {"method": "tome", "r": 3})
+    assert not res.modified and "padding" in res.skipped[0].reason and res.skipped[0].where == "model"
+
+
 def test_tome_restore_at_r0_is_the_identity(berts):
-    base = ir.load(str(berts["hidden"]))
-    model, res = _apply(berts["hidden"], {"method": "tome", "r": 0})
+    base = ir.load(str(berts["u_hidden"]))
+    model, res = _apply(berts["u_hidden"], {"method": "tome", "r": 0})
     assert res.info["restore"] is True and len(res.rewritten) == 4
     for n in (6, 19):
-        feeds = _feeds(2, n, seed=n)
+        feeds = _ids(_feeds(2, n, seed=n))
         np.testing.assert_allclose(run(model, feeds)[0], run(base, feeds)[0], atol=1e-5)
 
 
@@ -188,10 +213,10 @@ def test_tome_unmerge_matches_a_reference(berts):
     from graphprune.ops import token_merge
 
     bert, n, r = berts["bert"], 15, 5
-    model, res = _apply(berts["hidden"], {"method": "tome", "r": r, "layers": [3]})
+    model, res = _apply(berts["u_hidden"], {"method": "tome", "r": r, "layers": [3]})
     assert res.info["restore"] is True and "one-hot" in res.rewritten[0].note
     feeds = _feeds(2, n, pad=False)
-    got = run(model, feeds)[0]
+    got = run(model, _ids(feeds))[0]
     assert got.shape == (2, n, 64)
     layer, captured = bert.encoder.layer[3], {}
 
@@ -203,7 +228,7 @@ def test_tome_unmerge_matches_a_reference(berts):
     hooks = [layer.attention.register_forward_hook(keep("a")),
              layer.attention.self.key.register_forward_hook(keep("k"))]
     try:
-        bert(**{"input_ids": torch.from_numpy(feeds["input_ids"]), "attention_mask": torch.from_numpy(feeds["attention_mask"])})
+        bert(input_ids=torch.from_numpy(feeds["input_ids"]))
     finally:
         for h in hooks:
             h.remove()
@@ -221,12 +246,13 @@ def test_tome_unmerge_matches_a_reference(berts):
 
 
 def test_tome_on_a_dynamic_export_matches_the_static_one(berts):
-    dyn, res = _apply(berts["pool"], {"method": "tome", "r": 3})
-    static, _ = _apply(berts["pool23"], {"method": "tome", "r": 3})
+    dyn, res = _apply(berts["u_pool"], {"method": "tome", "r": 3})
+    static, _ = _apply(berts["u_pool23"], {"method": "tome", "r": 3})
     assert len(res.rewritten) == 4, res.skipped
-    feeds = _feeds(2, 23)
+    feeds = _ids(_feeds(2, 23))
     np.testing.assert_allclose(run(dyn, feeds)[0], run(static, feeds)[0], atol=1e-5)
-    assert run(dyn, _feeds(2, 40))[0].shape == (2, 64)
+    for n in (3, 5, 40):  # 3 and 5: r clamps to 0 once fewer than two tokens are left
+        assert run(dyn, _ids(_feeds(2, n, seed=n)))[0].shape == (2, 64)
 
 
 # ----------------------------------------------------------------- long single block, spatial-reduction attention

@@ -221,6 +221,8 @@ class TokenDropPass(GraphPass):
         try:
             first = _stream_point(blocks, blocks[layers[0]], cfg.placement)[0]
             _check_batch_axis(first)
+            if cfg.method == "tome":
+                _refuse_padding(model, blocks)
             if n_cur is None:
                 dyn = DynamicTokens(model, first)
             data = DynamicTokens(model, first, static=n_cur, model_dims=_model_dims(blocks) | weight_dims(model.graph)) \
@@ -469,6 +471,30 @@ def _per_token_outputs(model: ir.Model, n: int | None, dyn: DynamicTokens | None
         if (n is not None and d == n) or (dyn is not None and isinstance(d, ir.SymbolicDim) and d.value == dyn.symbol):
             out.append(o.name)
     return out
+
+
+def _refuse_padding(model: ir.Model, blocks: list[AttentionBlock]) -> None:
+    """ToMe matches tokens by key similarity alone: with a padding mask read from the inputs, real tokens merge
+    into padding (whose representative is masked) and vanish from the pooled output."""
+    for b in blocks:
+        if b.mask is not None and _reads_input(b.mask, model.graph.inputs):
+            raise Skip(f"the attention mask (block {b.index}) comes from the model's inputs (padding): ToMe would merge "
+                       "real tokens into padded ones; use a selection method (cls_attention) for padded batches")
+
+
+def _reads_input(v: ir.Value, inputs, depth: int = 32) -> bool:
+    """Is ``v`` computed from the data of a graph input (not just its shape)?"""
+    stack, seen = [(v, 0)], set()
+    while stack:
+        x, d = stack.pop()
+        if any(x is i for i in inputs):
+            return True
+        p = x.producer()
+        if p is None or id(p) in seen or d >= depth or (p.op_type == "Shape" and p.domain == ""):
+            continue
+        seen.add(id(p))
+        stack.extend((i, d + 1) for i in p.inputs if i is not None)
+    return False
 
 
 def _check_batch_axis(stream: ir.Value) -> None:
