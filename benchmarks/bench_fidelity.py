@@ -21,8 +21,9 @@ Usage::
     python -m benchmarks.minilm prepare
     python -m benchmarks.bench_fidelity [--rows NAME ...] [--runs 15] [--json OUT.json]
 
-Token reduction is not in the table: ``token_drop`` skips exports with a dynamic sequence length (the coverage
-issue). Nothing here is a test: the README keeps the latest table.
+The ``tokens`` rows run ``token_drop`` on the same dynamic-sequence export (the kept count follows the runtime N;
+MiniLM has no prepended CLS token, so the scores are the column-mean attention). Nothing here is a test: the
+README keeps the latest table.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ import numpy as np
 
 from benchmarks import minilm
 
-ROWS: dict[str, tuple[dict, bool]] = {
-    # name: (channel_prune options, real data?)
+ROWS: dict[str, tuple[dict, bool] | tuple[str, dict, bool]] = {
+    # name: (channel_prune options, real data?) or (pass, options, real data?)
     "channels 20%, synthetic": ({"ratio": 0.2}, False),
     "channels 20%, real": ({"ratio": 0.2}, True),
     "channels 30%, synthetic": ({"ratio": 0.3}, False),
@@ -53,6 +54,12 @@ ROWS: dict[str, tuple[dict, bool]] = {
     "channels 30%, real, obs": ({"ratio": 0.3, "importance": "obs"}, True),
     "channels 30%, real, obs, score-ranked": ({"ratio": 0.3, "importance": "obs", "allocate": "score"}, True),
     "channels 30%, real, sequential refit": ({"ratio": 0.3, "refit": "sequential"}, True),
+    # token_drop on the dynamic-sequence export (k from the runtime N; no CLS token: column-mean attention scores)
+    "tokens 0.7, synthetic": ("token_drop", {"keep_ratio": 0.7}, False),
+    "tokens 0.7, real": ("token_drop", {"keep_ratio": 0.7}, True),
+    "tokens 0.5, real": ("token_drop", {"keep_ratio": 0.5}, True),
+    "tokens ToMe r=8, real": ("token_drop", {"method": "tome", "r": 8}, True),
+    "tokens ToMe r=16, real": ("token_drop", {"method": "tome", "r": 16}, True),
 }
 
 
@@ -67,14 +74,15 @@ def mrr(model, tok, pairs) -> float:
     return float(np.mean(1.0 / (1.0 + rank)))
 
 
-def run_row(name: str, options: dict, real: bool, folder: Path, out_dir: Path, baseline: dict, runs: int) -> dict:
+def run_row(name: str, options: dict, real: bool, folder: Path, out_dir: Path, baseline: dict, runs: int,
+            pass_name: str = "channel_prune") -> dict:
     import graphprune as gp
     from graphprune.backends.onnxruntime import benchmark
     from graphprune.pipeline import DataConfig
 
     src, tok = folder / "minilm.onnx", folder / "tokenizer.json"
     data = DataConfig(path=str(folder / "calibration.txt"), tokenizer=str(tok), max_length=256) if real else None
-    pipe = gp.Pipeline(data=data).add("channel_prune", **options).add("cleanup")
+    pipe = gp.Pipeline(data=data).add(pass_name, **options).add("cleanup")
     out = out_dir / (name.replace(" ", "_").replace(",", "").replace("%", "").replace("+", "_").replace("(", "")
                      .replace(")", "") + ".onnx")
     t0 = time.perf_counter()
@@ -143,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
     results = []
     for name in names:
-        options, real = ROWS[name]
-        results.append(run_row(name, options, real, folder, out_dir, baseline, args.runs))
+        pass_name, options, real = ROWS[name] if len(ROWS[name]) == 3 else ("channel_prune", *ROWS[name])
+        results.append(run_row(name, options, real, folder, out_dir, baseline, args.runs, pass_name))
         r = results[-1]
         print(f"{name}: retained {r['retained']['docstring']:.3f}/{r['retained']['body']:.3f} b8 {r['speedup_b8']:.2f}x "
               f"verify {r['verify']} ({r['optimize_s']} s)", file=sys.stderr, flush=True)

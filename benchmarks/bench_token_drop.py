@@ -4,8 +4,13 @@ For each method at three levels: FLOPs ratio (``count_flops``, optimized / origi
 (median over repetitions of the per-repetition median ratio, base and optimized runs interleaved in one
 process, spinning off), and speedup efficiency = measured speedup / FLOPs-predicted speedup.
 
+``--restore``: the cost of ``restore`` instead, on the same ViT returning its 197 per-token features: keep 0.7 at
+the same layers with ``restore: true`` (output [B, 197, 384], dropped tokens put back) and ``restore: false``
+(output [B, 128, 384]), each against the original.
+
 Run under the shared benchmark lock:
     flock /tmp/gp_bench.lock python -m benchmarks.bench_token_drop
+    flock /tmp/gp_bench.lock python -m benchmarks.bench_token_drop --restore
 """
 
 from __future__ import annotations
@@ -41,13 +46,36 @@ def _examples():
     return models
 
 
-def export_deit(opset: int) -> Path:
-    path = OUT / f"deit_s_op{opset}.onnx"
+def export_deit(opset: int, pool: str = "cls") -> Path:
+    path = OUT / f"deit_s_op{opset}{'' if pool == 'cls' else '_' + pool}.onnx"
     if not path.exists():
         ex = _examples()
-        model, args = ex.build("vit", **({"sdpa": True} if opset >= 23 else {}))
+        model, args = ex.build("vit", pool=pool, **({"sdpa": True} if opset >= 23 else {}))
         ex.export_model(model, args, path, opset=opset)
     return path
+
+
+def restore_cost(feeds: dict, reps: int, runs: int) -> None:
+    """Latency of keep 0.7 with and without ``restore`` on the per-token ViT, each against the original."""
+    path = export_deit(18, pool="tokens")
+    base = ir.load(str(path))
+    base_flops = count_flops(base, batch=feeds["x"].shape[0]).flops
+    base_sess = make_session(path)
+    rows = []
+    for restore in (False, True):
+        model = ir.load(str(path))
+        get_pass("token_drop")({"keep_ratio": 0.7, "layers": LAYERS, "restore": restore})(model)
+        fr = count_flops(model, batch=feeds["x"].shape[0]).flops / base_flops
+        lat, base_ms = measure(base_sess, model, feeds, reps, runs)
+        shape = make_session(model).run(None, feeds)[0].shape
+        rows.append((restore, shape, fr, lat, base_ms))
+        print(f"restore {restore}: output {shape} FLOPs {fr:.3f} latency {lat:.3f} speedup {1 / lat:.2f}x", flush=True)
+    print(f"\nDeiT-S-shaped ViT, per-token output, keep 0.7 at layers {LAYERS}, batch {feeds['x'].shape[0]}, ORT CPU; "
+          f"reps {reps} x runs {runs}")
+    print("| restore | output | FLOPs ratio | latency ratio | speedup |\n|---|---|---|---|---|")
+    for restore, shape, fr, lat, _ in rows:
+        print(f"| {str(restore).lower()} | {list(shape)} | {fr:.3f} | {lat:.3f} | {1 / lat:.2f}× |")
+    print(f"\nrestore costs {rows[1][3] / rows[0][3] - 1:+.1%} latency (restore / no restore)")
 
 
 def measure(base_sess, opt_model: ir.Model, feeds: dict, reps: int, runs: int) -> tuple[float, float]:
@@ -68,9 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--opsets", default="18,23", help="18: MatMul/Softmax attention; 23: fused Attention op")
     p.add_argument("--quick", action="store_true", help="only cls_attention keep 0.7 (the efficiency target)")
     p.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
+    p.add_argument("--restore", action="store_true", help="measure what restore costs on a per-token output instead")
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     feeds = {"x": np.random.default_rng(0).standard_normal((a.batch, 3, 224, 224)).astype(np.float32)}
+    if a.restore:
+        restore_cost(feeds, a.reps, a.runs)
+        return
     rows = []
     for opset in [int(o) for o in a.opsets.split(",")]:
         path = export_deit(opset)

@@ -95,6 +95,8 @@ class ViT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)
+        if self.pool == "tokens":  # per-token features (a dense-prediction backbone's output)
+            return x
         x = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(dim=1)
         return self.head(x)
 

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from graphprune._cli_deploy import register as _register_deploy
 from graphprune._cli_trt import register as _register_trt
-from graphprune.errors import ConfigError, GraphpruneError
+from graphprune.errors import ConfigError, GraphpruneError, InternalError
 
 app = typer.Typer(
     name="graphprune",
@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         message = lines[0] if lines else repr(e)
         if len(message) > 300:
             message = message[:297] + "..."
-        err.print(f"[red]internal error:[/] {type(e).__name__}: {escape(message)} (run with --debug for the traceback)",
+        kind = "" if isinstance(e, InternalError) else f"{type(e).__name__}: "
+        err.print(f"[red]internal error:[/] {kind}{escape(message)} (run with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         sys.exit(1)
 

@@ -1,4 +1,5 @@
-"""Exceptions. ``GraphpruneError`` and its subclasses are errors a user can cause: the CLI prints one line, exit 2."""
+"""Exceptions. ``GraphpruneError`` and its subclasses are errors a user can cause: the CLI prints one line, exit 2.
+``InternalError`` is a bug (a pass that raised, or produced an invalid model): one line, exit 1."""
 
 from __future__ import annotations
 
@@ -22,3 +23,8 @@ class VerificationError(GraphpruneError):
 class DataError(GraphpruneError):
     """User data (``--data``: npz, image folder, text + tokenizer, feed dicts) is missing, malformed or does not fit
     the model; the message names the file, the input or the numbers."""
+
+
+class InternalError(Exception):
+    """A bug, not the user's doing: a pass raised an unexpected exception or produced an invalid model. The message
+    names the pass and what ran before it; the CLI prints it with exit code 1 (traceback with ``--debug``)."""

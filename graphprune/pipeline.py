@@ -17,7 +17,8 @@ YAML schema (unknown keys are errors; the error names the key)::
       outputs: {sentence_embedding: {kind: embedding}}
 
 After each pass the pipeline counts nodes, FLOPs and params, runs the ONNX checker and records the time; an
-exception inside a pass is re-raised naming the pass and the passes that ran before it.
+exception inside a pass (a bug) is re-raised as ``InternalError`` (CLI exit 1) naming the pass and the passes that
+ran before it; a ``GraphpruneError`` of the pass (the user's doing) passes through (exit 2).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import pydantic
 import yaml
 
 from graphprune.backends.onnxruntime import count_flops
-from graphprune.errors import ConfigError, GraphpruneError
+from graphprune.errors import ConfigError, GraphpruneError, InternalError
 from graphprune.passes import get_pass
 from graphprune.passes.base import GraphPass, PassConfig, PassContext
 from graphprune.verify import VerifyThresholds
@@ -172,7 +173,7 @@ class Pipeline:
                 raise
             except Exception as e:  # a bug or unsupported graph: name the pass and what ran before
                 ran = [s.name for s in self.steps[:i]]
-                raise GraphpruneError(
+                raise InternalError(
                     f"pass {step.name!r} failed after {ran or 'no passes'}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 ) from e
             seconds = time.perf_counter() - t0
@@ -222,7 +223,7 @@ def _check(model: ir.Model, pass_name: str) -> None:
                                        functions=[ir.to_proto(f) for f in model.functions.values()])
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as e:
-        raise GraphpruneError(f"pass {pass_name!r} produced an invalid model: {str(e).splitlines()[0]}") from e
+        raise InternalError(f"pass {pass_name!r} produced an invalid model: {str(e).splitlines()[0]}") from e
 
 
 def resolve_data(

@@ -209,3 +209,29 @@ def test_failed_verification_leaves_no_staged_files(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     gp.optimize(src, tmp_path / "o.onnx", gp.Pipeline().add("cleanup"), force=True)  # --force writes anyway
     assert (tmp_path / "o.onnx").exists()
+
+
+def test_a_pass_that_raises_is_an_internal_error_exit_1(tmp_path, capsys, monkeypatch):
+    """A bug inside a pass is exit code 1 with the pass named and the exception's message, one line; a user
+    error raised by a pass stays exit code 2."""
+    from graphprune.errors import ConfigError
+    from graphprune.passes import get_pass
+
+    cls = get_pass("cleanup")
+
+    def boom(self, model):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(cls, "call", boom)
+    src = linear_model(tmp_path / "m.onnx")
+    code, _, err = cli(["optimize", src, "-o", tmp_path / "o.onnx"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "internal error: pass 'cleanup' failed after no passes: IndexError: list index out of range" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+    def user(self, model):
+        raise ConfigError("cleanup: bad key 'x'")
+
+    monkeypatch.setattr(cls, "call", user)
+    code, _, err = cli(["optimize", src, "-o", tmp_path / "o.onnx"], capsys)
+    assert code == 2 and err.strip() == "error: cleanup: bad key 'x'", err

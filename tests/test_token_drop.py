@@ -109,7 +109,8 @@ def test_identity_hf_vit(hf_export):
     path = hf_export("vit", 18, layers=3)
     x = _images(2)
     base = run(ir.load(str(path)), {"pixel_values": x})
-    for cfg in ({"keep_ratio": 1.0, "layers": [0, 1, 2]}, {"method": "tome", "r": 0}):
+    # last_hidden_state is per-token: selection restores it by default; ToMe (no unmerge) carries merged tokens
+    for cfg in ({"keep_ratio": 1.0, "layers": [0, 1, 2]}, {"method": "tome", "r": 0, "restore": False}):
         model, result = _apply(path, cfg)
         assert len(result.rewritten) == 3 and not result.skipped, result.skipped
         out = run(model, {"pixel_values": x})
@@ -181,7 +182,7 @@ def test_bert_post_norm_padding_mask_gathered(examples, tmp_path):
     model, result = _apply(path, {"keep_ratio": 1.0, "layers": [0, 1, 2], "protect": 1})
     assert len(result.rewritten) == 3
     np.testing.assert_allclose(run(model, feeds)[0], base, atol=1e-5)
-    cfg = {"keep_ratio": 0.5, "layers": [1], "protect": 1}
+    cfg = {"keep_ratio": 0.5, "layers": [1], "protect": 1, "restore": False}  # the reduced per-token output
     model, result = _apply(path, cfg)
     out = run(model, feeds)[0]
     with torch.no_grad():  # reference: block 1 keeps the CLS-attention top half, later masks follow the tokens
@@ -325,7 +326,7 @@ def test_result_passes_onnx_checker(request, opset, cfg):
     onnx.checker.check_model(proto, full_check=True)
 
 
-@pytest.mark.parametrize("cfg", [{"keep_ratio": 0.5, "layers": [0, 1]}, {"method": "tome", "r": 3},
+@pytest.mark.parametrize("cfg", [{"keep_ratio": 0.5, "layers": [0, 1]}, {"method": "tome", "r": 3, "restore": False},
                                  {"method": "attention_graph", "keep_ratio": 0.6, "layers": [1]},
                                  {"method": "diversity", "keep_ratio": 0.5, "layers": [0]}], ids=str)
 def test_hf_vit_opset23_matches_opset18(hf_export, cfg):

@@ -107,3 +107,21 @@ def test_diversity_select_reference_semantics():
 
 def test_flops_rules_registered():
     assert {"TokenSelect", "TokenMerge", "DiversitySelect", "SparseAttention"} <= set(REGISTRY)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("n,protect", [(1, 0), (2, 1), (4, 4), (5, 4), (3, 1), (9, 1)])
+def test_token_merge_short_sequences_match_the_reference(n, protect, static):
+    """Fewer than two tokens after the prefix (a short runtime sequence after earlier merges): the op passes the
+    tokens through (r clamps to 0) in the body as in the definition, static or dynamic N."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((2, n, 4)).astype(np.float32)
+    m = rng.standard_normal((2, n, 3)).astype(np.float32)
+    got = run_single(lambda a, b: token_merge.make_node(a, b, r=3, protect=protect), {"x": x, "metric": m}, 3,
+                     static=static)
+    want = token_merge.reference(x, m, r=3, protect=protect)
+    assert got[0].shape == (2, n - token_merge.merged_count(n, protect, 3), 4)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    if n - protect < 2:
+        np.testing.assert_array_equal(got[0], x)

@@ -3,7 +3,7 @@
 Semantics (``TokenMerge.compute`` is the definition), for ``x [B, N, C]``, ``metric [B, N, D]``, ``size [B, N, 1]``:
   1. the first ``protect`` tokens pass through unchanged (never merged), first;
   2. the other ``M = N - protect`` tokens alternate into set A (even offsets, ``ceil(M/2)`` tokens) and set B
-     (odd offsets, ``floor(M/2)``); ``r`` is clamped to ``|A|``; ``M >= 2``;
+     (odd offsets, ``floor(M/2)``); ``r`` is clamped to ``|A|``, and to 0 when ``M < 2`` (identity);
   3. cosine similarity of A to B on ``metric``; each A token's best B match (``ArgMax``, first on ties) and
      its similarity; the ``r`` A tokens with the highest similarity (``TopK`` order) merge into their match;
   4. a merged B token is the size-weighted mean ``(x_b·s_b + Σ x_a·s_a) / (s_b + Σ s_a)``, its size the sum;
@@ -47,8 +47,10 @@ class TokenMerge(OpDef):
 
     @classmethod
     def merged(cls, n, a: dict) -> Dim:
-        """Tokens removed for ``n`` input tokens."""
-        return dmin(a["r"], cdiv(Dim.of(n) - a["protect"], 2))
+        """Tokens removed for ``n`` input tokens: ``r`` clamped to ``|A|``, and 0 when set B is empty (fewer than
+        two tokens after the prefix: a short runtime sequence passes through unchanged)."""
+        m = Dim.of(n) - a["protect"]
+        return dmin(dmin(a["r"], cdiv(m, 2)), (m // 2) * a["r"])
 
     @classmethod
     def shape(cls, a: dict) -> list[tuple]:
@@ -57,7 +59,7 @@ class TokenMerge(OpDef):
 
     @classmethod
     def constraints(cls, a: dict):
-        return [(Dim.of("N"), Dim.of(a["protect"] + 2), "needs two tokens after the protected prefix")]
+        return [(Dim.of("N"), Dim.of(a["protect"]), "needs at least the protected prefix")]
 
     @classmethod
     def flops(cls, shapes, a: dict) -> int:
@@ -78,6 +80,8 @@ class TokenMerge(OpDef):
             size = xp.ones((b, n, 1), dtype=x.dtype)
         r = cls.merged(n, a).static
         nb = (n - p) // 2
+        if nb == 0:  # fewer than two tokens after the prefix: nothing to merge into
+            return x, size, xp.broadcast_to(xp.arange(n, dtype=xp.int64)[None, :], (b, n))
         rest, srest = xp.astype(x[:, p:], f64), xp.astype(size[:, p:], f64)
         mr = xp.astype(metric[:, p:], f64)
         mr = mr / xp.sqrt(xp.sum(mr * mr, axis=-1, keepdims=True))
@@ -131,6 +135,9 @@ class TokenMerge(OpDef):
         xa, xb = every_other(rest, 0), every_other(rest, 1)
         ma, mb = every_other(mrest, 0), every_other(mrest, 1)
         sim = t.op("MatMul", [ma, t.op("Transpose", [mb], {"perm": [0, 2, 1]})])
+        if not isinstance(nb, int) or nb == 0:  # set B may be empty at run time: a floor column (cosine ≥ -1) keeps
+            floor = t.op("Add", [t.op("Mul", [t.slice(ma, 0, 1, 2), t.lit(0.0, sim)]), t.lit(-3.0, sim)])
+            sim = t.op("Concat", [sim, floor], {"axis": 2})  # ReduceMax/ArgMax defined; never chosen (r is 0 then)
         best = t.op("ReduceMax", [sim, t.ints(2)], {"keepdims": 0})
         match = t.op("ArgMax", [sim], {"axis": 2, "keepdims": 0})
         _, order = t.op_multi_out("TopK", [t.rank(best), t.value(na)], {"axis": 1, "largest": 1, "sorted": 1}, num_outputs=2)
@@ -142,7 +149,11 @@ class TokenMerge(OpDef):
         def rows(v, idx):  # v[b, idx[b, j], :]
             return t.op("GatherND", [v, t.op("Unsqueeze", [idx, t.ints(2)])], {"batch_dims": 1})
 
-        hot = t.one_hot(dst, t.scalar(nb), [0.0, 1.0], axis=1)  # [B, |B|, r]
+        if isinstance(nb, int) and nb > 0:
+            hot = t.one_hot(dst, t.scalar(nb), [0.0, 1.0], axis=1)  # [B, |B|, r]
+        else:  # OneHot needs depth ≥ 1: build max(|B|, 1) rows, keep |B| (r is 0 when B is empty)
+            depth = t.op("Max", [t.value(nb), t.ints(1)])
+            hot = t.slice(t.one_hot(dst, t.scalar(depth), [0.0, 1.0], axis=1), 0, t.value(nb), 1)
         b_new = t.op("Add", [xb, t.op("MatMul", [hot, rows(xa, src)])])
         parts = [rows(xa, unm), b_new]
         if p:
@@ -154,7 +165,8 @@ class TokenMerge(OpDef):
         else:
             b_pos = t.op("Range", [t.const(0, np.int64), t.scalar(nb), t.const(1, np.int64)])
             b_pos = t.op("Add", [t.op("Mul", [b_pos, t.ints(2)]), t.ints(1 + p)])
-        zero = t.op("Mul", [t.slice(match, 0, 1, 1), t.const(0, np.int64)])  # [B, 1]
+        first = t.op("ArgMax", [t.slice(x, 0, 1, 1)], {"axis": 2, "keepdims": 0})  # [B, 1] (N ≥ 1, set A may be empty)
+        zero = t.op("Mul", [first, t.const(0, np.int64)])  # [B, 1]
         b_pos = t.op("Add", [zero, t.op("Unsqueeze", [b_pos, t.ints(0)])])  # [B, |B|] by broadcasting
         ids = [t.op("Add", [t.op("Mul", [unm, t.ints(2)]), t.ints(p)]), b_pos]
         if p:

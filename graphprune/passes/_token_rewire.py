@@ -115,7 +115,8 @@ class _Retarget:
                 node.replace_input_with(i, clone.outputs[0])
 
 
-def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, model_dims: Iterable[int] = ()) -> _Retarget:
+def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, model_dims: Iterable[int] = (),
+                  exclude: set[int] = frozenset()) -> _Retarget:
     """Collect the constant rewrites downstream of ``start`` (raises before anything is changed).
 
     ``model_dims`` (heads, head_dim, ...) join the weight dimensions as values the token count must not equal
@@ -126,9 +127,28 @@ def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, mode
         return rt
     found = token_sites(start)
     rt.weight_dims = found.weight_dims | {int(d) for d in model_dims if d}
+    for node in found.nodes:
+        if id(node) not in exclude:
+            _check_spatial(node, n_old)
     for site in found.sites:
-        rt.site(site)
+        if id(site.node) not in exclude:  # e.g. past the point where ``restore`` brings the full count back
+            rt.site(site)
     return rt
+
+
+def _check_spatial(node: ir.Node, n: int) -> None:
+    """Refuse a ``Reshape`` that splits the token axis into a grid (``[B, C, N] → [B, C, H, W]`` with H·W = N,
+    as a spatial-reduction attention or a conv between blocks does): dropped tokens leave no grid."""
+    if node.op_type != "Reshape" or node.domain != "":
+        return
+    x, y = node.inputs[0], node.outputs[0]
+    if x is None or x.shape is None or y.shape is None or n not in list(x.shape) or n in list(y.shape):
+        return
+    dims = [d if isinstance(d, int) else None for d in y.shape]
+    for i in range(1, len(dims) - 1):
+        if dims[i] and dims[i + 1] and dims[i] > 1 and dims[i + 1] > 1 and dims[i] * dims[i + 1] == n:
+            raise Skip(f"Reshape {node.name}: lays the {n} tokens out as a {dims[i]}×{dims[i + 1]} grid (a spatial "
+                       "op reads them: conv, spatial-reduction attention); dropped tokens leave no grid")
 
 
 def clear_shapes(start: ir.Value) -> None:

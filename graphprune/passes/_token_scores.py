@@ -29,6 +29,33 @@ def _rows(t: Body, x: ir.Value, rows: tuple[int, int], axis: int) -> ir.Value:
     return t.op("Slice", [x, t.ints(start), t.ints(INT64_MAX if stop == 0 else stop), t.ints(axis)])
 
 
+def _known(d) -> str | None:
+    """A dim as comparable text: an int, or a named symbolic dim; ``None`` when unknown."""
+    if isinstance(d, int):
+        return str(d)
+    return d.value if isinstance(d, ir.SymbolicDim) and d.value else None
+
+
+def _check_keys(blk: AttentionBlock, q: ir.Value | None, k: ir.Value | None) -> None:
+    """The keys must be the stream's tokens: with reduced K/V (PVT/SegFormer spatial reduction) or cross-attention
+    the key axis indexes another sequence, so attention columns (or keys) do not score the stream tokens."""
+    nq = _known(q.shape[-2]) if q is not None and q.shape is not None and len(q.shape) >= 2 else None
+    nk = _known(k.shape[-2]) if k is not None and k.shape is not None and len(k.shape) >= 2 else None
+    if nq is not None and nk is not None and nq != nk:
+        raise Skip(f"block {blk.index}: keys come from another sequence than the queries ({nq} queries, {nk} keys: "
+                   "reduced K/V or cross-attention); attention scores do not rank the stream tokens")
+
+
+def _check_probs(blk: AttentionBlock, p: ir.Value) -> None:
+    if p.shape is None or len(p.shape) < 2:
+        return
+    nq, nk = _known(p.shape[-2]), _known(p.shape[-1])
+    if nq is not None and nk is not None and nq != nk:
+        raise Skip(f"block {blk.index}: keys come from another sequence than the queries ({p.shape[-2]} queries, "
+                   f"{p.shape[-1]} keys: reduced K/V or cross-attention); attention scores do not rank the stream "
+                   "tokens")
+
+
 def _check_fused(blk: AttentionBlock) -> None:
     if blk.layout != "BHND" or blk.q is None or blk.k is None:
         raise Skip(f"block {blk.index}: fused attention in {blk.layout} layout; q/k [B,H,N,D] needed to recompute scores")
@@ -41,6 +68,7 @@ def _check_fused(blk: AttentionBlock) -> None:
 def _recompute_probs(t: Body, blk: AttentionBlock, rows: tuple[int, int] | None) -> ir.Value:
     """softmax(q[rows] kᵀ · scale + mask[rows]) → [B, H, R, N] for a fused block."""
     _check_fused(blk)
+    _check_keys(blk, blk.q, blk.k)
     q = _rows(t, blk.q, rows, 2) if rows is not None else blk.q
     kt = t.op("Transpose", [blk.k], {"perm": [0, 1, 3, 2]})
     scale = t.op("CastLike", [t.const(np.float32(blk.scale)), q])  # the model's dtype (fp16 exports)
@@ -65,6 +93,7 @@ def cls_attention(t: Body, blk: AttentionBlock, rows: tuple[int, int]) -> tuple[
     """[B, N] scores; the second item is a note for the report (recomputed from q, k) or None."""
     note = None
     if blk.probs is not None:
+        _check_probs(blk, blk.probs)
         p = _rows(t, blk.probs, rows, 2)
     else:
         p = _recompute_probs(t, blk, rows)
@@ -76,6 +105,7 @@ def attention_graph(t: Body, blk: AttentionBlock, iterations: int) -> tuple[ir.V
     """[B, N] Zero-TPrune-style power-iteration importance."""
     note = None
     if blk.probs is not None:
+        _check_probs(blk, blk.probs)
         p = blk.probs
     else:
         p = _recompute_probs(t, blk, None)
@@ -87,8 +117,25 @@ def attention_graph(t: Body, blk: AttentionBlock, iterations: int) -> tuple[ir.V
     return t.op("Squeeze", [s, t.ints(1)]), note
 
 
+def _keys(t: Body, blk: AttentionBlock) -> ir.Value | None:
+    """[B, H, N, D] keys: the block's, or the transposed keys ``[B, H, D, N]`` its QKᵀ MatMul reads (an eager BERT
+    export transposes the keys straight from ``[B, N, H, D]``, so no ``[B, H, N, D]`` value exists)."""
+    if blk.k is not None:
+        return blk.k
+    for node in blk.nodes:
+        if node.op_type == "MatMul" and node.domain == "" and node.inputs[0] is blk.q and blk.q is not None:
+            kt = node.inputs[1]  # the layout (BHND) was established on the original shapes, which a pass clears
+            if kt is not None and (kt.shape is None or len(kt.shape) == 4):
+                return t.op("Transpose", [kt], {"perm": [0, 1, 3, 2]})
+    return None
+
+
 def key_metric(t: Body, blk: AttentionBlock) -> ir.Value:
     """[B, N, D] head-mean keys (ToMe's metric)."""
-    if blk.k is None or blk.layout != "BHND":
+    k = _keys(t, blk) if blk.layout == "BHND" else None
+    if k is None:
         raise Skip(f"block {blk.index}: keys [B,H,N,D] not recoverable for ToMe similarity")
-    return t.op("ReduceMean", [blk.k, t.ints(1)], {"keepdims": 0})
+    if blk.probs is not None:
+        _check_probs(blk, blk.probs)
+    _check_keys(blk, blk.q, blk.k)
+    return t.op("ReduceMean", [k, t.ints(1)], {"keepdims": 0})

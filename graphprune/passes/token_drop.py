@@ -37,11 +37,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 import pydantic
 
-from graphprune._ir import additive_mask, infer_shapes
+from graphprune._ir import additive_mask, const_value, infer_shapes
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
+from graphprune.analysis.tokens import downstream_nodes, weight_dims
 from graphprune.errors import ConfigError
 from graphprune.ops import add_node_function, diversity_select, token_merge, token_select
 from graphprune.ops._base import Body
@@ -49,6 +51,7 @@ from graphprune.passes import _token_rewire as rewire
 from graphprune.passes import _token_schedule as sched
 from graphprune.passes import _token_scores as scores
 from graphprune.passes import register
+from graphprune.passes._token_dynamic import DynamicTokens
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skip, Skipped
 
 
@@ -65,8 +68,9 @@ class TokenDropConfig(PassConfig):
     keep_order: bool = True
     fuse_rest: bool = False
     placement: Literal["mlp", "block"] = "mlp"
-    query: Literal["cls", "last"] | tuple[int, int] = "cls"
+    query: Literal["auto", "cls", "last", "mean"] | tuple[int, int] = "auto"
     iterations: int = 3
+    restore: bool | None = None
 
     @pydantic.field_validator("keep_ratio")
     @classmethod
@@ -119,10 +123,11 @@ class TokenReduction(Rewrite):
     """One block whose stream was reduced: token counts before and after, and a note (e.g. scores recomputed)."""
 
     layer: int
-    tokens_before: int
-    tokens_after: int
+    tokens_before: int | str
+    tokens_after: int | str
     method: str
     note: str | None = None
+    scores: str | None = None
 
 
 def _stream_point(blocks: list[AttentionBlock], blk: AttentionBlock, placement: str) -> tuple[ir.Value, ir.Node]:
@@ -206,52 +211,90 @@ class TokenDropPass(GraphPass):
         blocks, protect, layers, ratios, info = decided
         info.update(method=cfg.method, protect=protect, layers=layers)
         result = GraphResult(model, False, info=info)
-        n_cur = blocks[0].tokens
-        if n_cur is None:
-            result.skipped.append(Skipped("model", "token count is not static; cannot retarget reshapes"))
-            return result
         if not layers:
             result.skipped.append(Skipped("model", f"no layer selected: the model has {len(blocks)} attention "
                                           "block(s) and the default layers (¼, ½, ¾ of the depth) never take block 0; "
                                           "set layers"))
             return result
+        n_cur: int | None = blocks[layers[0]].tokens
+        dyn: DynamicTokens | None = None
+        try:
+            first = _stream_point(blocks, blocks[layers[0]], cfg.placement)[0]
+            _check_batch_axis(first)
+            if cfg.method == "tome":
+                _refuse_padding(model, blocks)
+            if n_cur is None:
+                dyn = DynamicTokens(model, first)
+            data = DynamicTokens(model, first, static=n_cur, model_dims=_model_dims(blocks) | weight_dims(model.graph)) \
+                if n_cur is not None else dyn
+            per_token = _per_token_outputs(model, n_cur, dyn)
+            restore = cfg.restore if cfg.restore is not None else bool(per_token)
+            end = _stream_end(blocks[-1]) if restore else None
+        except Skip as e:
+            result.skipped.append(e.record("model"))
+            return result
+        info["restore"] = restore
+        if dyn is not None:
+            info["tokens"] = f"dynamic ({dyn.symbol})"
+        after_end = {id(n) for n in downstream_nodes(end)} if end is not None else set()
         out_shapes = {o: o.shape for o in model.graph.outputs}
-        per_token = [o.name for o in model.graph.outputs if o.shape is not None and len(o.shape) == 3
-                     and o.shape[1] == n_cur]
         size: ir.Value | None = None
         bias_sites: dict[int, tuple[ir.Node, int]] = {}  # block -> (node, input) holding its log-size bias
         mask_map: dict[int, ir.Value] = {}  # id(original mask) -> its gathered replacement so far
+        # per reduction, for restore: ("select", stream before, kept indices, fused token) or ("merge", membership)
+        levels: list[tuple] = []
+        env = _Env(n_cur, dyn, after_end, mask_map, data, restore=restore)
         with self.context.task("token_drop", len(layers)) as step:
             for j, layer in enumerate(layers):
                 blk = blocks[layer]
                 try:
+                    if blk.tokens != blocks[layers[0]].tokens:  # a hierarchical model's later stage
+                        raise Skip(f"block {layer} is on another token stream ({blk.tokens} tokens; block "
+                                   f"{layers[0]}, the first reduced, has {blocks[layers[0]].tokens})")
                     if cfg.method == "tome":
-                        n_new, size, note = self._merge(model, blocks, blk, n_cur, size, protect, bias_sites, mask_map)
+                        n_new, size, note, level = self._merge(model, blocks, blk, env, size, protect, bias_sites)
+                        label = None
+                        if level is not None:
+                            levels.append(level)
                     else:
-                        n_new, note = self._select(model, blocks, blk, n_cur, ratios[j], protect, mask_map)
+                        n_new, note, label, level = self._select(model, blocks, blk, env, ratios[j], protect)
+                        levels.append(level)
                 except Skip as e:
                     result.skipped.append(e.record(f"block {layer}"))
                     step(1)
                     continue
-                result.rewritten.append(TokenReduction(layer, n_cur, n_new, cfg.method, note or None))
+                if env.n is not None:
+                    before, after = env.n, n_new
+                else:  # dynamic: the counts are expressions of the runtime N
+                    before, after = env.label, f"N{len(result.rewritten) + 1}"
+                    rule = (f"{protect} + max(1, ceil({ratios[j]:g}·({before} − {protect})))" if cfg.method != "tome"
+                            else f"{before} − min({cfg.r}, ceil(({before} − {protect})/2))")
+                    note = "; ".join(x for x in (f"{after} = {rule}", note) if x)
+                    env.label = after
+                result.rewritten.append(TokenReduction(layer, before, after, cfg.method, note or None, label))
                 result.modified = True
-                n_cur = n_new
+                env.n = n_new
                 step(1)
         if result.modified:
+            if restore:
+                _restore(model.graph, end, levels)
+                info["restored_outputs"] = per_token
             model.graph.sort()
             infer_shapes(model)
             for out, shape in out_shapes.items():  # keep the declared output shapes (symbolic batch names)
                 if shape is not None:
                     dims = list(shape)
-                    if out.name in per_token:
-                        dims[1] = n_cur
+                    if out.name in per_token and not restore:
+                        dims[1] = env.n if env.n is not None else f"{dyn.symbol}_kept"
                     out.shape = ir.Shape(dims)
-            if per_token:  # per-token outputs now carry the reduced tokens: reported, part of the contract
+            if per_token and not restore:  # per-token outputs now carry the reduced tokens: reported, part of the contract
                 info["per_token_outputs"] = per_token
         return result
 
-    def _later_masks(self, blocks: list[AttentionBlock], blk: AttentionBlock) -> list[AttentionBlock]:
-        """Later blocks whose attention mask spans the tokens (they need it gathered); refuses what cannot be."""
+    def _later_masks(self, blocks: list[AttentionBlock], blk: AttentionBlock, dynamic: bool = False) -> list[AttentionBlock]:
+        """Later blocks whose attention mask spans the tokens (they need it gathered); refuses what cannot be.
+        ``dynamic``: the masks are gathered with the other per-token tensors (``DynamicTokens``); only the
+        ``fuse_rest`` refusal applies."""
         out = []
         for other in blocks[blk.index + 1:]:
             m = other.mask
@@ -259,18 +302,12 @@ class TokenDropPass(GraphPass):
                 continue
             if self.config.fuse_rest and self.config.method != "tome":
                 raise Skip(f"block {other.index} has a per-token attention mask; the fused rest token has none")
+            if dynamic:
+                continue
             if m.shape is None or len(m.shape) != 4:
                 raise Skip(f"block {other.index}: attention mask is not a [B,H,Nq,Nk] tensor")
             out.append(other)
         return out
-
-    def _rows(self, n: int) -> tuple[int, int]:
-        q = self.config.query
-        if q == "cls":
-            return (0, 1)
-        if q == "last":
-            return (n - 1, n)
-        return (int(q[0]), int(q[1]))
 
     @staticmethod
     def _gather_masks(graph: ir.Graph, masked: list[AttentionBlock], node: ir.Node, idx: ir.Value, mask_map: dict) -> None:
@@ -291,54 +328,75 @@ class TokenDropPass(GraphPass):
                         n.replace_input_with(i, new)
             mask_map[id(other.mask)] = new
 
-    def _select(self, model, blocks, blk, n_cur, ratio, protect, mask_map) -> tuple[int, str | None]:
+    def _retarget(self, model, blocks, blk, stream, env: _Env, n_new: int | None):
+        """What the reduction at ``stream`` rewrites downstream (raises Skip before anything changes)."""
+        if env.dyn is not None:
+            return env.dyn.plan(stream, exclude=env.after_end)
+        masks = tuple(env.mask_map.get(id(b.mask), b.mask) for b in blocks[blk.index + 1:] if b.mask is not None)
+        return (rewire.plan_retarget(model.graph, stream, env.n, n_new, _model_dims(blocks), exclude=env.after_end),
+                env.data.plan(stream, exclude=env.after_end, masks=masks))
+
+    def _select(self, model, blocks, blk, env: _Env, ratio, protect):
         cfg = self.config
         stream, anchor = _stream_point(blocks, blk, cfg.placement)
-        masked = self._later_masks(blocks, blk)
-        k = token_select.kept_count(n_cur, protect, keep_ratio=ratio)
-        n_new = protect + k + int(cfg.fuse_rest)
-        plan = rewire.plan_retarget(model.graph, stream, n_cur, n_new, _model_dims(blocks))
+        masked = self._later_masks(blocks, blk, env.dyn is not None)
+        if env.n is not None:
+            k = token_select.kept_count(env.n, protect, keep_ratio=ratio)
+            n_new = protect + k + int(cfg.fuse_rest)
+            kw: dict = dict(k=k, protect=protect, keep_order=cfg.keep_order)
+        else:  # the op computes k from the runtime N (exact rational keep_ratio)
+            n_new, kw = None, dict(k=0, keep_ratio=ratio, protect=protect, keep_order=cfg.keep_order)
+        plan = self._retarget(model, blocks, blk, stream, env, n_new)
+        dims = {"N": env.n} if env.n is not None else None
+        label = None
         if cfg.method == "diversity":
-            kw = dict(k=k, protect=protect, keep_order=cfg.keep_order)
-            node = diversity_select.make_node(stream, name=f"diversity_select_{blk.index}", dims={"N": n_cur}, **kw)
+            node = diversity_select.make_node(stream, name=f"diversity_select_{blk.index}", dims=dims, **kw)
             t, note = Body(), None
+            label = "diversity of the stream tokens (DivPrune)"
         else:
             t = Body()
             try:
                 if cfg.method == "attention_graph":
                     score, note = scores.attention_graph(t, blk, cfg.iterations)
+                    label = f"attention graph, {cfg.iterations} power iterations (Zero-TPrune)"
                 else:
-                    score, note = scores.cls_attention(t, blk, self._rows(n_cur))
+                    rows, label = score_rows(cfg.query, protect)
+                    score, note = scores.cls_attention(t, blk, rows)
             except Skip:
                 rewire.detach(t.nodes)
                 raise
-            kw = dict(k=k, protect=protect, keep_order=cfg.keep_order, fuse_rest=cfg.fuse_rest)
-            node = token_select.make_node(stream, score, name=f"token_select_{blk.index}", dims={"N": n_cur}, **kw)
+            node = token_select.make_node(stream, score, name=f"token_select_{blk.index}", dims=dims,
+                                          fuse_rest=cfg.fuse_rest, **kw)
         _name_outputs(node, f"token_select_{blk.index}", stream)
         node.outputs[1].type = ir.TensorType(ir.DataType.INT64)
-        self._commit(model, stream, [*t.nodes, node], node.outputs[0], anchor, plan)
-        self._gather_masks(model.graph, masked, node, node.outputs[1], mask_map)
+        self._commit(model, stream, [*t.nodes, node], node.outputs[0], anchor, plan, env, node.outputs[1], node)
+        if env.dyn is None:
+            self._gather_masks(model.graph, masked, node, node.outputs[1], env.mask_map)
         add_node_function(model, node)
-        return n_new, note
+        return n_new, note, label, ("select", stream, node.outputs[1], cfg.fuse_rest and cfg.method != "diversity")
 
-    def _merge(self, model, blocks, blk, n_cur, size, protect, bias_sites, mask_map) -> tuple[int, ir.Value, str | None]:
+    def _merge(self, model, blocks, blk, env: _Env, size, protect, bias_sites):
         cfg = self.config
         stream, anchor = _stream_point(blocks, blk, cfg.placement)
-        masked = self._later_masks(blocks, blk)
+        masked = self._later_masks(blocks, blk, env.dyn is not None)
         later = blocks[blk.index + 1:]
         for other in later:
             _check_logit_bias(other)
-        r = token_merge.merged_count(n_cur, protect, cfg.r)
-        n_new = n_cur - r
-        plan = rewire.plan_retarget(model.graph, stream, n_cur, n_new, _model_dims(blocks))
+        if env.n is not None:
+            r = token_merge.merged_count(env.n, protect, cfg.r)
+            n_new = env.n - r
+        else:
+            r, n_new = cfg.r, None  # clamped by the op to the runtime size of set A
+        plan = self._retarget(model, blocks, blk, stream, env, n_new)
         t = Body()
         try:
             metric = scores.key_metric(t, blk)
         except Skip:
             rewire.detach(t.nodes)
             raise
-        node = token_merge.make_node(stream, metric, size, r=r, protect=protect, dims={"N": n_cur},
-                                 name=f"token_merge_{blk.index}")
+        dims = {"N": env.n} if env.n is not None else None
+        node = token_merge.make_node(stream, metric, size, r=r, protect=protect, dims=dims,
+                                     name=f"token_merge_{blk.index}")
         _name_outputs(node, f"token_merge_{blk.index}", stream)
         s_out = node.outputs[1]
         s_out.type = stream.type
@@ -346,10 +404,27 @@ class TokenDropPass(GraphPass):
         t2 = Body()
         bias = t2.op("Unsqueeze", [t2.op("Log", [t2.op("Transpose", [s_out], {"perm": [0, 2, 1]})]), t2.ints(1)])
         bias.name = f"token_merge_{blk.index}_logsize"
-        self._commit(model, stream, [*t.nodes, node, *t2.nodes], node.outputs[0], anchor, plan)
         idx = node.outputs[2]
         idx.name, idx.type = f"token_merge_{blk.index}_indices", ir.TensorType(ir.DataType.INT64)
-        self._gather_masks(model.graph, masked, node, idx, mask_map)
+        extra, level, note = [], None, None
+        if env.restore:  # unmerge needs which output token each input went to: the same merge of one-hot positions
+            t3 = Body(stream.dtype or ir.DataType.FLOAT)
+            n = t3.op("Shape", [stream], {"start": 1, "end": 2})
+            eye = t3.one_hot(t3.op("Range", [t3.const(0, np.int64), t3.scalar(n), t3.const(1, np.int64)]),
+                             t3.scalar(n), [0.0, 1.0], axis=-1)  # [N, N]
+            eye = t3.op("Expand", [eye, t3.op("Concat", [t3.op("Shape", [stream], {"start": 0, "end": 1}), n, n],
+                                                {"axis": 0})])
+            member = token_merge.make_node(eye, metric, size, r=r, protect=protect, dims=dims,
+                                           name=f"token_merge_{blk.index}_sources")
+            member.outputs[0].name = f"token_merge_{blk.index}_members"
+            for o, nm in zip(member.outputs[1:], ("sizes", "ids")):
+                o.name = f"token_merge_{blk.index}_members_{nm}"
+            extra = [*t3.nodes, member]
+            level = ("merge", member.outputs[0])
+            note = "restore: the merge is repeated on one-hot positions to unmerge (an extra N² tensor)"
+        self._commit(model, stream, [*t.nodes, node, *t2.nodes, *extra], node.outputs[0], anchor, plan, env, idx, node)
+        if env.dyn is None:
+            self._gather_masks(model.graph, masked, node, idx, env.mask_map)
         for other in later:  # a later merge's sizes supersede this one's
             if other.index in bias_sites:
                 site, i = bias_sites[other.index]
@@ -357,13 +432,140 @@ class TokenDropPass(GraphPass):
             else:
                 bias_sites[other.index] = _add_logit_bias(model.graph, other, bias)
         add_node_function(model, node)
-        return n_new, s_out, None
+        if level is not None:
+            add_node_function(model, member)
+        return n_new, s_out, note, level
 
     @staticmethod
-    def _commit(model, stream, nodes, reduced, anchor, plan) -> None:
+    def _commit(model, stream, nodes, reduced, anchor, plan, env: _Env, idx: ir.Value, node: ir.Node) -> None:
         rewire.splice(model.graph, stream, nodes, reduced, anchor)
-        plan.apply()
+        if env.dyn is not None:
+            env.dyn.apply(plan, reduced, idx, node)
+        else:
+            plan[0].apply()
+            env.data.apply(plan[1], reduced, idx, node)
         rewire.clear_shapes(reduced)
+
+
+@dataclasses.dataclass
+class _Env:
+    """Where a run stands: the static token count (``None`` when dynamic, then ``dyn`` tracks it and ``label``
+    names it), the nodes past the restore point (never retargeted), the static path's gathered masks."""
+
+    n: int | None
+    dyn: DynamicTokens | None
+    after_end: set[int]
+    mask_map: dict[int, ir.Value]
+    data: DynamicTokens  # per-token tensors computed upstream (the dynamic tracker, or a static one)
+    label: str = "N"
+    restore: bool = False
+
+
+def _per_token_outputs(model: ir.Model, n: int | None, dyn: DynamicTokens | None) -> list[str]:
+    """Graph outputs with a token axis ``[B, N, ...]`` (static ``n``, or the dynamic token symbol)."""
+    out = []
+    for o in model.graph.outputs:
+        if o.shape is None or len(o.shape) < 3:
+            continue
+        d = o.shape[1]
+        if (n is not None and d == n) or (dyn is not None and isinstance(d, ir.SymbolicDim) and d.value == dyn.symbol):
+            out.append(o.name)
+    return out
+
+
+def _refuse_padding(model: ir.Model, blocks: list[AttentionBlock]) -> None:
+    """ToMe matches tokens by key similarity alone: with a padding mask read from the inputs, real tokens merge
+    into padding (whose representative is masked) and vanish from the pooled output."""
+    for b in blocks:
+        if b.mask is not None and _reads_input(b.mask, model.graph.inputs):
+            raise Skip(f"the attention mask (block {b.index}) comes from the model's inputs (padding): ToMe would merge "
+                       "real tokens into padded ones; use a selection method (cls_attention) for padded batches")
+
+
+def _reads_input(v: ir.Value, inputs, depth: int = 32) -> bool:
+    """Is ``v`` computed from the data of a graph input (not just its shape)?"""
+    stack, seen = [(v, 0)], set()
+    while stack:
+        x, d = stack.pop()
+        if any(x is i for i in inputs):
+            return True
+        p = x.producer()
+        if p is None or id(p) in seen or d >= depth or (p.op_type == "Shape" and p.domain == ""):
+            continue
+        seen.add(id(p))
+        stack.extend((i, d + 1) for i in p.inputs if i is not None)
+    return False
+
+
+def _check_batch_axis(stream: ir.Value) -> None:
+    """The stream's leading axis must be the batch itself: a folded one (``4*batch``: MobileViT unfolds an image
+    into one short sequence per patch position) means the tokens are pixels of patches folded back afterwards."""
+    d = stream.shape[0] if stream.shape is not None and len(stream.shape) == 3 else None
+    if isinstance(d, ir.SymbolicDim) and d.value and not d.value.isidentifier():
+        raise Skip(f"the token stream's batch axis is {d.value!r}: sequences are folded from an image (one per "
+                   "patch position) and folded back after the blocks; dropping tokens would break the fold")
+
+
+def _stream_end(blk: AttentionBlock) -> ir.Value:
+    """The residual stream after the last block's MLP (where ``restore`` puts the dropped tokens back): the MLP's
+    residual ``Add`` (of the stream after attention and the MLP's output), or the LayerNorm on it (post-norm)."""
+    if blk.residual_add is None:
+        raise Skip(f"restore: block {blk.index} has no residual Add after the attention; cannot find the end of the "
+                   "residual stream")
+    s = blk.post_norm.outputs[0] if blk.post_norm is not None else blk.residual_add.outputs[0]
+    adds = [u for u, _ in s.uses() if u.op_type == "Add" and u.domain == "" and all(const_value(x) is None for x in u.inputs)]
+    if len(adds) != 1:
+        raise Skip(f"restore: block {blk.index}: no single MLP residual Add after the attention; cannot find the end "
+                   "of the residual stream")
+    end = adds[0].outputs[0]
+    if blk.post_norm is not None:
+        users = end.uses()
+        if len(users) == 1 and users[0][0].op_type == blk.post_norm.op_type:
+            end = users[0][0].outputs[0]
+    return end
+
+
+def _restore(graph: ir.Graph, end: ir.Value, levels: list[tuple]) -> None:
+    """Put the tokens back at ``end``, innermost reduction first: a selection scatters its kept tokens into the
+    stream it reduced (dropped tokens keep the value they had when dropped); a merge copies each merged token
+    back to every input token it absorbed (ToMe's unmerge; ``members [B, N_out, N]`` is the merge of one-hot
+    positions: row j is non-zero at the inputs of output j)."""
+    uses = list(end.uses())  # before the restore nodes read it
+    t = Body()
+    y = end
+    for level in reversed(levels):
+        if level[0] == "merge":
+            src = t.op("ArgMax", [level[1]], {"axis": 1, "keepdims": 0})  # [B, N]: the output holding each input
+            target = t.op("Concat", [t.op("Shape", [src]), t.op("Shape", [y], {"start": 2, "end": 3})], {"axis": 0})
+            y = t.op("GatherElements", [y, t.op("Expand", [t.op("Unsqueeze", [src, t.ints(2)]), target])], {"axis": 1})
+            continue
+        _, full, idx, fused = level
+        if fused:  # the fused rest token has no position: it is dropped at the restore
+            y = t.op("Slice", [y, t.ints(0), t.ints(-1), t.ints(1)])
+        ix = t.op("Expand", [t.op("Unsqueeze", [idx, t.ints(2)]), t.op("Shape", [y])])
+        y = t.op("ScatterElements", [full, ix, y], {"axis": 1})
+    y.name = f"{end.name or 'stream'}_restored"
+    graph.insert_after(end.producer(), list(t.nodes))
+    for user, i in uses:
+        user.replace_input_with(i, y)
+    for j, out in enumerate(graph.outputs):
+        if out is end:
+            graph.outputs[j] = y
+
+
+def score_rows(query, protect: int) -> tuple[tuple[int, int], str]:
+    """The query rows ``[start, stop)`` whose attention scores the tokens (``start`` -1: the last row; ``stop`` 0:
+    to the end) and what the report calls them. ``auto``: the CLS row when the model has a prefix token, else
+    the column mean (the attention each token receives). Shared with the torch FX pass."""
+    q = "cls" if query == "auto" and protect > 0 else "mean" if query == "auto" else query
+    if q == "cls":
+        return (0, 1), "CLS row of the attention"
+    if q == "last":
+        return (-1, 0), "last query row of the attention (FastV)"
+    if q == "mean":
+        why = " (no CLS token found)" if query == "auto" else ""
+        return (0, 0), f"column mean of the attention: attention each token receives{why}"
+    return (int(q[0]), int(q[1])), f"query rows [{int(q[0])}, {int(q[1])}) of the attention"
 
 
 def _model_dims(blocks: list[AttentionBlock]) -> set[int]:
@@ -418,4 +620,4 @@ def _add_logit_bias(graph: ir.Graph, blk: AttentionBlock, bias: ir.Value) -> tup
 stream_point = _stream_point
 """Public name of the stream-point rule (where a block's reduction goes), shared with the torch FX pass."""
 
-__all__ = ["TokenDropConfig", "TokenDropPass", "stream_point"]
+__all__ = ["TokenDropConfig", "TokenDropPass", "score_rows", "stream_point"]

@@ -56,9 +56,12 @@ def _schedule(model, config: dict):
     return cfg, decided
 
 
-def _rows(cfg, n: int) -> tuple[int, int]:
-    q = cfg.query
-    return (0, 1) if q == "cls" else (n - 1, n) if q == "last" else (int(q[0]), int(q[1]))
+def _rows(cfg, protect: int, n: int) -> tuple[int, int]:
+    """The ONNX pass's score rows (``score_rows``) as concrete ``[r0, r1)`` for ``n`` tokens."""
+    from graphprune.passes.token_drop import score_rows
+
+    (r0, r1), _ = score_rows(cfg.query, protect)
+    return (n + r0 if r0 < 0 else r0), (n if r1 == 0 else r1)
 
 
 def token_drop(module: nn.Module, example_inputs: tuple, *, dynamic_axes: dict[int, str] | None = None,
@@ -103,7 +106,7 @@ def token_drop(module: nn.Module, example_inputs: tuple, *, dynamic_axes: dict[i
         k = kept_count(n_cur, protect, keep_ratio=ratio)
         x, probs = nodes[stream.name], nodes[blk.probs.name]
         users = list(x.users)
-        r0, r1 = _rows(cfg, n_cur)
+        r0, r1 = _rows(cfg, protect, n_cur)
         with gm.graph.inserting_after(x):
             rows = gm.graph.call_function(aten.slice.Tensor, (probs, 2, r0, r1))
         with gm.graph.inserting_after(rows):
