@@ -287,8 +287,8 @@ def _layout(rng, n, attrs):
     return layout, attrs
 
 
-@pytest.mark.parametrize("dtype,bias", [(np.float32, "none"), (np.float32, "full"), (np.float16, "key")],
-                         ids=["fp32-none", "fp32-full", "fp16-key"])
+@pytest.mark.parametrize("dtype,bias", [(np.float32, "none"), (np.float32, "full"), (np.float16, "key"),
+                                        (np.float16, "full")], ids=["fp32-none", "fp32-full", "fp16-key", "fp16-full"])
 @pytest.mark.parametrize("n", [24, 29])
 @pytest.mark.parametrize("attrs", ROUTED, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
 def test_sparse_attention_routed_table_free(attrs, n, dtype, bias):

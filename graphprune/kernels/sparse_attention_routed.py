@@ -13,8 +13,9 @@ tile ``BLOCK`` = the next power of two >= 16, masked). Nothing is built on the h
     with no sort: a new block (always the highest index so far) replaces the worst slot (lowest score, on equal
     scores the highest index) only when its score is strictly greater, which is exactly the op's order (score
     descending, ties to the lower block). Cost: every program reads all of K once for the routing
-    (O(N·D), as a dense pass over K without the V reads, the exponentials or the matrix products), then only
-    its ``k`` key blocks for the attention;
+    (O(N·D), as a dense pass over K without the V reads, the exponentials or the matrix products; with a full
+    bias also its block's bias rows), then only its ``k`` key blocks for the attention: the routing reads
+    N / (2·topk·block) times what the attention reads;
   * ``block_layout``: the program reads its row ``layout[h|0, q block, :]`` and attends to the key blocks > 0.
 
 Then the flash-style online softmax (running max, sum, fp32 accumulator) over only those key blocks; a query block
