@@ -172,6 +172,8 @@ def test_aot_refusal_takes_every_op_and_pattern():
     assert plugins.aot_refusal(ok) is None
     why = plugins.aot_refusal(ok + [("Fancy", {})])
     assert why.startswith("--aot: Fancy has no one-launch kernel") and "\n" not in why
+    with pytest.raises(GraphpruneError, match="^--aot: Fancy has no one-launch kernel"):
+        plugins.aot_plan("Fancy", [[1, 2, 3]], {}, True)
 
 
 def test_aot_plan_needs_a_static_token_count():

@@ -365,7 +365,7 @@ def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) 
         k = ds.constexprs(n, c, attrs)
         return dict(kernel="diversity_select", pointers={"X": t, "Y": t, "Idx": "*i64"}, constexprs=k,
                     num_warps=8 if k["BLOCK_M"] >= 512 else 4, scalars=[(0, 1), (0, 2)], grid=[(((0, 0),), 1)])
-    raise GraphpruneError(aot_refusal([op]) or f"--aot: {op} has no one-launch kernel")
+    raise GraphpruneError(aot_refusal([(op, {})]) or f"--aot: {op} has no one-launch kernel")
 
 
 def _routed_plan(attrs: dict, dims: list, bias: tuple | None, t: str) -> dict:
