@@ -104,7 +104,7 @@ def _sparse_attention_routed(Q, K, V, Bias, Layout, H, N, D, DV, Out,
                 else:
                     t = tl.load(bp + cols, mask=col_ok, other=float("-inf"))
                     tmax = tl.max(t.to(tl.float32), 0)
-                score = score + tl.maximum(tmax.to(tl.float64), -1e30)
+                score = score + tl.maximum(tmax.to(tl.float64), tl.full([], -1e30, tl.float64))  # exact in fp64
             if KEEP_FIRST:
                 score = tl.where(r == 0, float("inf"), score)
             if KEEP_DIAG:
