@@ -73,7 +73,7 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         backend: Annotated[str, typer.Option("--backend", help="Target: tensorrt.")] = "tensorrt",
         fp16: Annotated[bool, typer.Option("--fp16", help="Convert the model to float16 first (networks are strongly typed: precision comes from the ONNX).")] = False,
         shapes: Annotated[list[str] | None, typer.Option("--shapes", help="Optimization profile of an input: name:min/opt/max, shapes as AxBxC (repeat per input). Default: the model's static dims, batch 1/1/8.")] = None,
-        aot: Annotated[bool, typer.Option("--aot", help="Ahead-of-time plugins (PTX in the engine, no Python at run time): every op but the routed SparseAttention patterns (block_topk, block_layout), which are refused with a message; TokenMerge and DiversitySelect need a static N. Never run with TensorRT.")] = False,
+        aot: Annotated[bool, typer.Option("--aot", help="Ahead-of-time plugins (PTX in the engine, no Python at run time): every op and SparseAttention pattern (block_topk routes in the kernel); TokenMerge and DiversitySelect need a static N. Never run with TensorRT.")] = False,
         timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file, read and updated (default: OUT with suffix .timing.cache).")] = None,
         verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Run the engine on generated inputs (the profile's opt shapes) against ONNX Runtime and benchmark both, interleaved.")] = True,
     ) -> None:

@@ -263,3 +263,126 @@ def test_token_select_threshold_ties_signs_and_zeros(attrs, dtype):
     np.testing.assert_array_equal(i.cpu().numpy(), ri)
     np.testing.assert_allclose(y.cpu().numpy().astype(np.float64), ry.astype(np.float64), atol=TOL[dtype] * 4,
                                rtol=TOL[dtype])
+
+
+ROUTED = [
+    dict(pattern="block_topk", block_size=8, topk=2, num_global=1),
+    dict(pattern="block_topk", block_size=5, topk=3, keep_first=0),  # block not a power of two; diagonal kept
+    dict(pattern="block_topk", block_size=8, topk=2, keep_first=0, keep_diagonal=0, num_global=10),  # 2 global blocks
+    dict(pattern="block_layout", block_size=8, num_global=1),  # one layout per head
+    dict(pattern="block_layout", block_size=6, layout_heads=1),  # one layout for every head
+]
+
+
+def _layout(rng, n, attrs):
+    """A random 0/1 layout [H|1, nb, nb] (diagonal on, one empty-but-diagonal row pattern) and the op's topk."""
+    attrs = dict(attrs)
+    heads = attrs.pop("layout_heads", 2)
+    nb = -(-n // attrs["block_size"])
+    layout = (rng.random((heads, nb, nb)) < 0.4).astype(np.int64)
+    layout[:, np.arange(nb), np.arange(nb)] = 1
+    layout[0, 1] = 0
+    layout[0, 1, nb - 1] = 3  # > 0 counts as on, like the op
+    attrs["topk"] = int(layout.sum(-1).max())
+    return layout, attrs
+
+
+@pytest.mark.parametrize("dtype,bias", [(np.float32, "none"), (np.float32, "full"), (np.float16, "key"),
+                                        (np.float16, "full")], ids=["fp32-none", "fp32-full", "fp16-key", "fp16-full"])
+@pytest.mark.parametrize("n", [24, 29])
+@pytest.mark.parametrize("attrs", ROUTED, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
+def test_sparse_attention_routed_table_free(attrs, n, dtype, bias):
+    """The routed patterns without host routing or a table (block_topk routes itself in the kernel, block_layout
+    reads its layout row: the AOT path), batch 2, against the op's reference."""
+    from graphprune.kernels.sparse_attention import sparse_attention_table_free
+
+    rng = np.random.default_rng(n + 3)
+    layout = None
+    if attrs["pattern"] == "block_layout":
+        layout, attrs = _layout(rng, n, attrs)
+    q, k, v = (rng.standard_normal((2, 2, n, 16)).astype(dtype) for _ in range(3))
+    b = None
+    if bias == "key":
+        b = np.zeros((2, 1, 1, n), dtype=dtype)
+        b[1, ..., n - 9:] = -np.inf  # padding: the last key block(s) of the second sequence fully masked
+    elif bias == "full":
+        b = rng.standard_normal((1, 2, n, n)).astype(dtype) * 2
+    attrs = dict(attrs, bias=bias)
+    ref = SparseAttention.reference(q, k, v, b, layout, **attrs)[0]
+    got = sparse_attention_table_free(_t(q), _t(k), _t(v), None if b is None else _t(b),
+                                      None if layout is None else _t(layout), **attrs).cpu().numpy()
+    assert got.dtype == dtype and not np.isnan(got).any()
+    np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
+def _tied_keys(dtype, n=32, b=8):
+    """K blocks 1 and 3 identical and far ahead of the others along axis 0 (Q's means point there too): their
+    routing scores tie exactly; V differs everywhere, so picking block 3 instead of 1 changes the output."""
+    rng = np.random.default_rng(5)
+    q = (rng.standard_normal((2, 2, n, 16)) * 0.1).astype(dtype)
+    q[..., 0] += 1.0
+    k = (rng.standard_normal((2, 2, n, 16)) * 0.1).astype(dtype)
+    k[:, :, 3 * b:4 * b] = k[:, :, b:2 * b]
+    k[:, :, b:2 * b, 0] += 3.0
+    k[:, :, 3 * b:4 * b, 0] += 3.0
+    v = rng.standard_normal((2, 2, n, 16)).astype(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("attrs,picked", [
+    (dict(topk=1, keep_first=0, keep_diagonal=0), [{1}] * 4),  # the tie: block 1, not 3
+    (dict(topk=2, keep_first=0, keep_diagonal=1), [{0, 1}, {1, 3}, {1, 2}, {1, 3}]),  # the diagonal counts towards k
+    (dict(topk=2, keep_first=1, keep_diagonal=0, num_global=3), [{0, 1}] * 4),
+], ids=["tie", "diagonal-then-tie", "first-then-tie-globals"])
+def test_sparse_attention_routed_exact_ties(attrs, picked, dtype):
+    """Exact routing ties go to the lower block in the kernel's own routing, as in the op (stable order)."""
+    from array_api_compat import numpy as npx
+
+    from graphprune.kernels.sparse_attention_routed import sparse_attention_routed_table_free
+    from graphprune.ops.sparse_attention import _at_length, routed_blocks
+
+    q, k, v = _tied_keys(dtype)
+    attrs = dict(pattern="block_topk", block_size=8, **attrs)
+    chosen, _ = routed_blocks(npx, _at_length(SparseAttention.normalize(**attrs), 32, 16), q, k, None, None)
+    for per_head in chosen.reshape(-1, 4, 4):  # the tie was there, and the op broke it towards the lower block
+        assert [set(np.flatnonzero(row).tolist()) for row in per_head] == picked
+    ref = SparseAttention.reference(q, k, v, **attrs)[0]
+    for dynamic in (False, True):
+        got = sparse_attention_routed_table_free(_t(q), _t(k), _t(v), dynamic=dynamic, **attrs).cpu().numpy()
+        np.testing.assert_allclose(got.astype(np.float64), ref.astype(np.float64), atol=TOL[dtype] * 4,
+                                   rtol=TOL[dtype])
+
+
+def test_sparse_attention_routed_fully_masked_blocks_tie_last():
+    """A sequence whose keys are all masked: every block scores the bias floor, so all tie and the lowest k blocks
+    are read; each row then averages V over them (no NaN). The other sequence masks blocks 0 and 2 only: they rank
+    after every unmasked block."""
+    from graphprune.kernels.sparse_attention_routed import sparse_attention_routed_table_free
+
+    rng = np.random.default_rng(8)
+    n = 40
+    q, k, v = (rng.standard_normal((2, 1, n, 16)).astype(np.float32) for _ in range(3))
+    b = np.zeros((2, 1, 1, n), np.float32)
+    b[0, ..., :8] = b[0, ..., 16:24] = -np.inf
+    b[1] = -np.inf
+    attrs = dict(pattern="block_topk", block_size=8, topk=3, keep_first=0, keep_diagonal=0, bias="key")
+    ref = SparseAttention.reference(q, k, v, b, **attrs)[0]
+    got = sparse_attention_routed_table_free(_t(q), _t(k), _t(v), _t(b), **attrs).cpu().numpy()
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got[1, 0], np.broadcast_to(v[1, 0, :24].mean(0), (n, 16)), atol=1e-5)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [20, 45])
+def test_sparse_attention_routed_dynamic_block(n):
+    """Compiled for a dynamic N (block_size 32 as the constant): the kernel takes min(block_size, N) at run time,
+    N = 20 is one block shorter than block_size, N = 45 leaves a 13-token last block."""
+    from graphprune.kernels.sparse_attention_routed import sparse_attention_routed_table_free
+
+    rng = np.random.default_rng(n)
+    q, k, v = (rng.standard_normal((1, 2, n, 16)).astype(np.float32) for _ in range(3))
+    attrs = dict(pattern="block_topk", block_size=32, topk=1, keep_first=0, keep_diagonal=0)
+    ref = SparseAttention.reference(q, k, v, **attrs)[0]
+    got = sparse_attention_routed_table_free(_t(q), _t(k), _t(v), dynamic=True, **attrs).cpu().numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)

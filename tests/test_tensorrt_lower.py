@@ -266,3 +266,21 @@ def test_aot_check_before_tensorrt():
     sel, _ = _token_select_model("N")
     trtb.lower(sel)
     trtb.check_aot(sel)
+
+
+def test_aot_check_takes_the_routed_patterns(export, tmp_path):
+    """--aot's static check on a lowered sparse_attention block_topk model: no refusal, and every node is planned
+    on the routed table-free kernel at its static dims (one program per 16-token routing block)."""
+    from graphprune.backends import plugins
+
+    kind = (("pattern", "block_topk"), ("block_size", 16), ("topk", 2))
+    model = load_model(_optimized(export, tmp_path, kind))
+    trtb.lower(model)
+    nodes = [n for n in model.graph.all_nodes() if n.op_type == "SparseAttention"]
+    assert nodes and plugins.aot_refusal([(n.op_type, SparseAttention.attrs_of(n)) for n in nodes]) is None
+    trtb.check_aot(model)
+    for n in nodes:
+        dims = [list(v.shape) for v in n.inputs]
+        plan = plugins.aot_plan("SparseAttention", dims, SparseAttention.attrs_of(n), True)
+        assert plan["kernel"] == "sparse_attention_routed" and plan["constexprs"]["ROUTE"] == 0
+        assert plan["constexprs"]["BS"] == min(16, dims[0][2]) and plan["scalars"] == [(0, 1), (0, 2), (0, 3), (2, 3)]

@@ -109,6 +109,31 @@ def test_aot_ptx_merge_and_diversity(arch):
         assert "ret;" in k.ptx and k.num_warps in (4, 8)
 
 
+@pytest.mark.kernels
+@pytest.mark.parametrize("arch", [80, 90])
+def test_aot_ptx_routed(arch):
+    """The routed kernel (block_topk routing in the kernel, block_layout) compiles for sm_80 / sm_90 with exactly
+    TensorRT's AOT parameters: Q K V Bias Layout, H N D DV, Out (Triton's unread scratch pointers dropped)."""
+    pytest.importorskip("triton")
+    from graphprune.kernels import aot
+
+    topk = aot.sparse_attention_routed_ptx("float16", arch=arch, head_dim=64, n=None, bias_shape=(8, 1, 1, 1),
+                                           pattern="block_topk", block_size=64, topk=8, num_global=1)
+    lay = aot.sparse_attention_routed_ptx("float32", arch=arch, head_dim=64, n=1024, layout_heads=12,
+                                          pattern="block_layout", block_size=64, topk=4)
+    big = aot.sparse_attention_routed_ptx("float16", arch=arch, head_dim=128, n=4096, pattern="block_topk",
+                                          block_size=128, topk=4)
+    for k in (topk, lay, big):
+        assert k.name == "_sparse_attention_routed" and k.arch == arch
+        assert f".target sm_{arch}" in k.ptx and f".visible .entry {k.name}(" in k.ptx
+        head = k.ptx[k.ptx.index(f".entry {k.name}("):]
+        head = head[: head.index(")")]
+        assert [p.split()[1] for p in head.splitlines()[1:]] == [".u64"] * 5 + [".u32"] * 4 + [".u64"]
+        assert "ret;" in k.ptx
+    assert ".f64" in topk.ptx and ".f64" not in lay.ptx  # block_topk routes in float64; block_layout reads a row
+    assert (topk.num_warps, big.num_warps) == (4, 8)
+
+
 def test_strip_unused_params_keeps_read_ones():
     from graphprune.kernels import aot
 
@@ -132,17 +157,23 @@ def test_used_inputs_drop_only_the_placeholders():
     assert plugins.used_inputs("TokenMerge", ["x", "m", "s"], TokenMerge.normalize(r=2)) == ["x", "m", "s"]
 
 
-def test_aot_refusal_names_the_multi_launch_ops():
+def test_aot_refusal_takes_every_op_and_pattern():
     pytest.importorskip("triton")
     from graphprune.kernels.sparse_attention import STATIC_PATTERNS
+    from graphprune.kernels.sparse_attention_routed import ROUTED_PATTERNS
+    from graphprune.ops.sparse_attention import PATTERNS
 
-    assert plugins.AOT_PATTERNS == STATIC_PATTERNS
-    sw = SparseAttention.normalize(pattern="sliding_window", window=8)
-    topk = SparseAttention.normalize(pattern="block_topk", block_size=8, topk=2)
-    ok = [("TokenMerge", {}), ("DiversitySelect", {}), ("TokenSelect", {}), ("SparseAttention", sw)]
+    assert plugins.AOT_STATIC_PATTERNS == STATIC_PATTERNS and plugins.AOT_ROUTED_PATTERNS == ROUTED_PATTERNS
+    assert set(plugins.AOT_PATTERNS) == set(PATTERNS)
+    sparse = [SparseAttention.normalize(pattern="sliding_window", window=8),
+              SparseAttention.normalize(pattern="block_topk", block_size=8, topk=2),
+              SparseAttention.normalize(pattern="block_layout", block_size=8, topk=2)]
+    ok = [("TokenMerge", {}), ("DiversitySelect", {}), ("TokenSelect", {})] + [("SparseAttention", a) for a in sparse]
     assert plugins.aot_refusal(ok) is None
-    why = plugins.aot_refusal(ok + [("SparseAttention", topk)])
-    assert why.startswith("--aot: SparseAttention block_topk has no one-launch kernel") and "\n" not in why
+    why = plugins.aot_refusal(ok + [("Fancy", {})])
+    assert why.startswith("--aot: Fancy has no one-launch kernel") and "\n" not in why
+    with pytest.raises(GraphpruneError, match="^--aot: Fancy has no one-launch kernel"):
+        plugins.aot_plan("Fancy", [[1, 2, 3]], {}, True)
 
 
 def test_aot_plan_needs_a_static_token_count():
@@ -153,8 +184,21 @@ def test_aot_plan_needs_a_static_token_count():
         plugins.aot_plan("TokenMerge", [[None, 1200, 64], [None, 1200, 32], [None, 1200, 1]],
                          TokenMerge.normalize(r=4), True)
     topk = SparseAttention.normalize(pattern="block_topk", block_size=8, topk=2)
-    with pytest.raises(GraphpruneError, match="block_topk has no one-launch kernel"):
-        plugins.aot_plan("SparseAttention", [[None, 2, 20, 8]] * 3 + [[1] * 4, [1] * 3], topk, True)
+    plan = plugins.aot_plan("SparseAttention", [[None, 2, None, 8]] * 3 + [[1] * 4, [1] * 3], topk, True)
+    assert plan["kernel"] == "sparse_attention_routed" and plan["grid"] == [(((0, 2),), 8), (((0, 0), (0, 1)), 1)]
+    assert plan["constexprs"]["BS"] == 8 and plan["constexprs"]["KK"] == 2  # any N: the block resolved in-kernel
+    with pytest.raises(GraphpruneError, match=r"block_size 256 > 128"):
+        plugins.aot_plan("SparseAttention", [[None, 2, 1024, 8]] * 3 + [[1] * 4, [1] * 3],
+                         SparseAttention.normalize(pattern="block_topk", block_size=256, topk=2), True)
+    lay = SparseAttention.normalize(pattern="block_layout", block_size=8, topk=2)
+    with pytest.raises(GraphpruneError, match="block_layout needs a static sequence length"):
+        plugins.aot_plan("SparseAttention", [[None, 2, None, 8]] * 3 + [[1] * 4, [1, 3, 3]], lay, True)
+    with pytest.raises(GraphpruneError, match=r"layout dims \[1, 3, 3\] do not match the 4 blocks of 8 tokens"):
+        plugins.aot_plan("SparseAttention", [[None, 2, 29, 8]] * 3 + [[1] * 4, [1, 3, 3]], lay, True)
+    with pytest.raises(GraphpruneError, match="layout has 3 heads, Q has 2"):
+        plugins.aot_plan("SparseAttention", [[None, 2, 29, 8]] * 3 + [[1] * 4, [3, 4, 4]], lay, True)
+    with pytest.raises(GraphpruneError, match="block_layout needs a layout with static dims"):
+        plugins.aot_plan("SparseAttention", [[None, 2, 29, 8]] * 3 + [[1] * 4, [None, 4, 4]], lay, True)
     hood = SparseAttention.normalize(pattern="neighborhood_2d", grid=[4, 5], kernel=3)
     with pytest.raises(GraphpruneError, match="neighborhood_2d needs a static sequence length"):
         plugins.aot_plan("SparseAttention", [[None, 2, None, 8]] * 3 + [[1] * 4, [1] * 3], hood, True)
@@ -167,10 +211,12 @@ def test_aot_plan_needs_a_static_token_count():
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("op", ["TokenMerge", "DiversitySelect", "TokenSelect", "window", "neighborhood"])
+@pytest.mark.parametrize("op", ["TokenMerge", "DiversitySelect", "TokenSelect", "window", "neighborhood", "block_topk",
+                                "block_topk_dynamic", "block_layout"])
 def test_aot_plan_launch_matches_the_reference(op):
-    """TensorRT's AOT launch, simulated in the interpreter: the plan's kernel with its constexprs, grid (B,) and
-    arguments in TensorRT's order (input pointers, the plan's int32 dims, output pointers) gives the reference."""
+    """TensorRT's AOT launch, simulated in the interpreter: the plan's kernel with its constexprs, grid and
+    arguments in TensorRT's order (input pointers, the plan's int32 dims, output pointers) gives the reference.
+    ``block_topk_dynamic`` is planned with N unknown at build time (as TensorRT's shape expressions give it)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("triton")
     import numpy as np
@@ -185,6 +231,7 @@ def test_aot_plan_launch_matches_the_reference(op):
 
     rng = np.random.default_rng(0)
     n, c = 29, 24
+    plan = None
     x = rng.standard_normal((3, n, c)).astype(np.float32)
     if op == "TokenMerge":
         attrs = TokenMerge.normalize(r=6, protect=1)
@@ -201,6 +248,30 @@ def test_aot_plan_launch_matches_the_reference(op):
         scores = rng.random((3, n)).astype(np.float32)
         inputs, ref = [x, scores], TokenSelect.reference(x, scores, **attrs)
         kernel = ts.token_select_kernel
+    elif op.startswith("block_"):  # the routed patterns: key bias (topk), a per-head layout and a global (layout)
+        from graphprune.kernels import sparse_attention_routed as sr
+
+        q, k, v = (rng.standard_normal((2, 2, 45, 16)).astype(np.float32) for _ in range(3))
+        layout = np.zeros((1, 1, 1), np.int64)
+        if op == "block_layout":
+            attrs = SparseAttention.normalize(pattern="block_layout", block_size=8, topk=3, num_global=2)
+            layout = (rng.random((2, 6, 6)) < 0.4).astype(np.int64)
+            layout[:, np.arange(6), np.arange(6)] = 1
+            bias = np.zeros((1, 1, 1, 1), np.float32)
+            ref = SparseAttention.reference(q, k, v, None, layout, **attrs)
+        else:
+            attrs = SparseAttention.normalize(pattern="block_topk", block_size=8, topk=2, num_global=1, bias="key")
+            bias = np.zeros((2, 1, 1, 45), np.float32)
+            bias[1, ..., 30:] = -np.inf
+            ref = SparseAttention.reference(q, k, v, bias, **attrs)
+        inputs = [q, k, v, bias, layout]
+        kernel = sr.sparse_attention_routed
+        if op == "block_topk_dynamic":
+            dims = [list(a.shape) for a in inputs]
+            for i in range(3):
+                dims[i][2] = None
+            plan = plugins.aot_plan("SparseAttention", dims, attrs, True)
+        op = "SparseAttention"
     else:  # SparseAttention, with the placeholders the lowering adds (window) or a key bias (neighborhood)
         from graphprune.kernels import sparse_attention as sa
 
@@ -218,7 +289,8 @@ def test_aot_plan_launch_matches_the_reference(op):
         ref = SparseAttention.reference(q, k, v, ref_bias, **attrs)
         kernel = sa.sparse_attention_static
         op = "SparseAttention"
-    plan = plugins.aot_plan(op, [list(a.shape) for a in inputs], attrs, True)
+    if plan is None:
+        plan = plugins.aot_plan(op, [list(a.shape) for a in inputs], attrs, True)
     assert list(plan["pointers"])[: len(inputs)] == [p for p in kernel.arg_names[: len(inputs)]]
     scalars = [inputs[i].shape[axis] for i, axis in plan["scalars"]]
     outs = [torch.empty(r.shape, dtype=torch.from_numpy(r).dtype) for r in ref]

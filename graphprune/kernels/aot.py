@@ -18,7 +18,8 @@ import re
 import subprocess
 import sys
 
-_MODULES = ("graphprune.kernels.sparse_attention", "graphprune.kernels.token_select", "graphprune.kernels.token_merge",
+_MODULES = ("graphprune.kernels.sparse_attention", "graphprune.kernels.sparse_attention_routed",
+            "graphprune.kernels.token_select", "graphprune.kernels.token_merge",
             "graphprune.kernels.diversity_select")
 _PTR = {"float32": "*fp32", "float16": "*fp16"}
 
@@ -139,6 +140,19 @@ def sparse_attention_static_ptx(dtype: str = "float16", arch: int = 90, head_dim
     const = sa.static_constexprs(attrs, n, head_dim, head_dim, bias_shape, block)
     return compile_ptx("sparse_attention_static", {"Q": t, "K": t, "V": t, "Bias": t, "Layout": "*i64", "Out": t},
                        const, arch=arch)
+
+
+def sparse_attention_routed_ptx(dtype: str = "float16", arch: int = 90, head_dim: int = 64, n: int | None = None,
+                                bias_shape: tuple | None = None, layout_heads: int = 1, **attrs) -> Compiled:
+    """The table-free routed SparseAttention kernel (``block_topk`` with its routing in the kernel,
+    ``block_layout`` reading its layout row) in TensorRT's AOT argument order, for one dtype, attribute set, head
+    size, bias shape and layout head count; ``n`` None compiles for a dynamic N (``block_topk``)."""
+    from graphprune.kernels import sparse_attention_routed as sr
+
+    t = _PTR[dtype]
+    const = sr.routed_constexprs(attrs, n, head_dim, head_dim, bias_shape, layout_heads)
+    return compile_ptx("sparse_attention_routed", {"Q": t, "K": t, "V": t, "Bias": t, "Layout": "*i64", "Out": t},
+                       const, arch=arch, num_warps=sr.num_warps(const))
 
 
 def token_select_ptx(dtype: str = "float16", arch: int = 90, **attrs) -> Compiled:

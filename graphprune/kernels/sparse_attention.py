@@ -12,7 +12,9 @@ allowed set is a mask computed from the pattern (``MODE``):
   2. ``neighborhood_2d``: the k × k (dilated) neighborhood on the token grid plus the global prefix.
 
 The tile table is a superset built on the host from each query's key interval (O(N)), so the cost follows the
-pattern. The semantics are :meth:`SparseAttention.compute`; tests compare against ``SparseAttention.reference``.
+pattern. TensorRT's AOT path has no host step, so it runs table-free kernels instead: ``sparse_attention_static``
+below (each query tile's KV span computed in the kernel) and, for the routed patterns,
+:mod:`graphprune.kernels.sparse_attention_routed` (routing or layout row read in the kernel). The semantics are :meth:`SparseAttention.compute`; tests compare against ``SparseAttention.reference``.
 Bias (``key`` or ``full``) is added floored at -1e30, so fully masked rows average V over their allowed keys.
 """
 
@@ -168,7 +170,7 @@ def _sparse_attention_static(Q, K, V, Bias, Layout, H, N, D, DV, Out,
 sparse_attention_static = triton.jit(_sparse_attention_static)
 #: The plain functions, for ahead-of-time compilation (``graphprune.kernels.aot``).
 SOURCES = {"sparse_attention_fwd": _sparse_attention_fwd, "sparse_attention_static": _sparse_attention_static}
-#: Patterns the table-free kernel (and so TensorRT's AOT path) takes.
+#: Patterns of the table-free ``sparse_attention_static`` (the routed ones have ``sparse_attention_routed``).
 STATIC_PATTERNS = ("sliding_window", "neighborhood_2d")
 
 
@@ -306,9 +308,16 @@ def static_constexprs(attrs: dict, n: int | None, d: int, dv: int, bias_shape: t
                 BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv))
 
 
-def sparse_attention_table_free(q, k, v, attn_bias=None, block: int = 16, **attrs):
-    """The static patterns with :data:`sparse_attention_static` (no host table: what TensorRT's AOT path runs)."""
+def sparse_attention_table_free(q, k, v, attn_bias=None, layout=None, block: int = 16, **attrs):
+    """Any pattern without a host table (what TensorRT's AOT path runs): the static patterns with
+    :data:`sparse_attention_static` (``block``-token tiles), the routed ones with
+    :func:`graphprune.kernels.sparse_attention_routed.sparse_attention_routed_table_free`."""
     import torch
+
+    if attrs.get("pattern") in ("block_topk", "block_layout"):
+        from graphprune.kernels.sparse_attention_routed import sparse_attention_routed_table_free
+
+        return sparse_attention_routed_table_free(q, k, v, attn_bias, layout, **attrs)
 
     bsz, heads, n, d = q.shape
     dv = v.shape[3]

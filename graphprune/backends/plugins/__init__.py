@@ -18,11 +18,11 @@ For each op in ``graphprune.ops.REGISTRY``, :func:`plugin_specs` derives from ``
   * the ``aot_impl`` returns ``(kernel name, PTX, KernelLaunchParams, SymIntExprs)``: the op's one-launch kernel
     compiled by :func:`graphprune.kernels.aot.compile_ptx` for the build GPU, specialised to the node's
     attributes and dtype (TensorRT does not serialise attributes with an AOT plugin: they are compiled in),
-    its grid, and the int32 dims the kernel reads. TokenMerge, DiversitySelect, TokenSelect and SparseAttention's
-    static patterns (sliding window, 2-D neighborhood: the table-free kernel computes each query tile's KV span)
-    have such kernels; the routed patterns (``block_topk``, ``block_layout``) take the routing and a host-built
-    tile table, which TensorRT's AOT launch (one kernel, tensors and int32 scalars) cannot give, so ``--aot``
-    refuses a model holding them (:func:`aot_refusal`).
+    its grid, and the int32 dims the kernel reads. Every op has such a kernel: TokenMerge, DiversitySelect,
+    TokenSelect, and SparseAttention in two table-free kernels, one for the static patterns (sliding window, 2-D
+    neighborhood: each query tile's KV span computed in the kernel) and one for the routed patterns
+    (``block_topk``: each query block routes itself in the kernel; ``block_layout``: each query block reads its
+    layout row). :func:`aot_refusal` names any op without one (none today).
 
 **Optional inputs.** A plugin has a fixed list of inputs, and a Python plugin cannot be registered twice under one
 name (``plugin_version`` is always 1), so there is one plugin per op taking every port. The lowering
@@ -52,12 +52,14 @@ KERNELS = {"SparseAttention": ("graphprune.kernels.sparse_attention", "sparse_at
            "TokenSelect": ("graphprune.kernels.token_select", "token_select", None),
            "TokenMerge": ("graphprune.kernels.token_merge", "token_merge", "supported"),
            "DiversitySelect": ("graphprune.kernels.diversity_select", "diversity_select", "supported")}
-#: Ops whose whole computation is one kernel launch, hence an ``@trtp.aot_impl`` (SparseAttention: the static
-#: patterns only, see :func:`aot_refusal`).
+#: Ops whose whole computation is one kernel launch, hence an ``@trtp.aot_impl``.
 AOT_KERNELS = ("DiversitySelect", "SparseAttention", "TokenMerge", "TokenSelect")
-#: SparseAttention patterns of the table-free kernel (``graphprune.kernels.sparse_attention.STATIC_PATTERNS``;
-#: spelled here so that the check needs no triton).
-AOT_PATTERNS = ("sliding_window", "neighborhood_2d")
+#: SparseAttention patterns of the table-free kernels: ``graphprune.kernels.sparse_attention.STATIC_PATTERNS``
+#: (``sparse_attention_static``) then ``graphprune.kernels.sparse_attention_routed.ROUTED_PATTERNS``
+#: (``sparse_attention_routed``); spelled here so that the check needs no triton.
+AOT_STATIC_PATTERNS = ("sliding_window", "neighborhood_2d")
+AOT_ROUTED_PATTERNS = ("block_topk", "block_layout")
+AOT_PATTERNS = AOT_STATIC_PATTERNS + AOT_ROUTED_PATTERNS
 #: How the lowering fills an absent optional input: ``("ones_tokens", 3)`` (ones [B, N, 1] like input 0, the op's
 #: default) or ``("placeholder", rank)`` (a one-element tensor of that rank, unused under the condition in
 #: :func:`used_inputs`).
@@ -132,8 +134,8 @@ def used_inputs(op: str, tensors: list, attrs: dict) -> list:
 
 def aot_refusal(nodes) -> str | None:
     """Why ``--aot`` cannot build a model holding ``nodes`` (``(op type, normalized attributes)`` pairs), one line,
-    or ``None``: SparseAttention's routed patterns (``block_topk``, ``block_layout``) need the routing and a
-    host-built tile table, which TensorRT's AOT launch (one kernel, tensors and int32 scalars) cannot pass."""
+    or ``None``: an op (or SparseAttention pattern) without a one-launch kernel. Every op and pattern has one
+    today; shape limits are :func:`aot_plan`'s."""
     bad = set()
     for op, attrs in nodes:
         if op not in AOT_KERNELS:
@@ -142,9 +144,8 @@ def aot_refusal(nodes) -> str | None:
             bad.add(f"SparseAttention {attrs['pattern']}")
     if not bad:
         return None
-    return (f"--aot: {', '.join(sorted(bad))} {'has' if len(bad) == 1 else 'have'} no one-launch kernel (the "
-            f"routed patterns need the routing and a host-built tile table, which TensorRT's AOT launch cannot "
-            f"pass); build without --aot")
+    return (f"--aot: {', '.join(sorted(bad))} {'has' if len(bad) == 1 else 'have'} no one-launch kernel "
+            f"(TensorRT's AOT launch is one kernel taking tensors and int32 dims); build without --aot")
 
 
 def _require():
@@ -312,7 +313,8 @@ def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) 
     ``num_warps``, ``scalars`` (the input dim ``(input, axis)`` behind each int32 argument, in order) and ``grid``
     (``(factors, divisor)`` per grid dim: ``cdiv`` of the product of the ``(input, axis)`` factors). TokenMerge
     and DiversitySelect need a static token count (it sizes their register blocks), SparseAttention static head
-    sizes; TokenSelect and a sliding window take any N. Pure (no TensorRT), tested here."""
+    sizes (the routed patterns also a routing block <= 128 and, for ``block_layout``, static layout dims);
+    TokenSelect, a sliding window and ``block_topk`` take any N. Pure (no TensorRT), tested here."""
     t = "*fp32" if float32 else "*fp16"
     x = dims[0]
     n = x[1]
@@ -331,6 +333,8 @@ def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) 
         if d is None or dv is None:
             raise GraphpruneError("--aot: SparseAttention needs static head sizes (they size the kernel's blocks)")
         bias = None if attrs["bias"] == "none" else tuple(1 if e == 1 else 2 for e in dims[3])  # 2: "not 1"
+        if attrs["pattern"] in AOT_ROUTED_PATTERNS:
+            return _routed_plan(attrs, dims, bias, t)
         try:
             const = sa.static_constexprs(attrs, x[2], d, dv, bias, 64)
         except ValueError as e:
@@ -361,7 +365,37 @@ def aot_plan(op: str, dims: list[list[int | None]], attrs: dict, float32: bool) 
         k = ds.constexprs(n, c, attrs)
         return dict(kernel="diversity_select", pointers={"X": t, "Y": t, "Idx": "*i64"}, constexprs=k,
                     num_warps=8 if k["BLOCK_M"] >= 512 else 4, scalars=[(0, 1), (0, 2)], grid=[(((0, 0),), 1)])
-    raise GraphpruneError(aot_refusal([op]) or f"--aot: {op} has no one-launch kernel")
+    raise GraphpruneError(aot_refusal([(op, {})]) or f"--aot: {op} has no one-launch kernel")
+
+
+def _routed_plan(attrs: dict, dims: list, bias: tuple | None, t: str) -> dict:
+    """:func:`aot_plan` for SparseAttention ``block_topk`` / ``block_layout``: one program per routing block
+    (``cdiv(N, block)``) × B·H, the same five inputs and int32 dims (H, N, D, DV) as the static kernel."""
+    from graphprune.kernels import sparse_attention_routed as sr
+
+    x, n = dims[0], dims[0][2]
+    lay = dims[4] if len(dims) > 4 else [1, 1, 1]
+    heads = 1
+    if attrs["pattern"] == "block_layout":
+        if any(e is None for e in lay):
+            raise GraphpruneError("--aot: SparseAttention block_layout needs a layout with static dims")
+        heads = lay[0]
+        if heads != 1 and x[1] is not None and heads != x[1]:
+            raise GraphpruneError(f"--aot: SparseAttention block_layout layout has {heads} heads, Q has {x[1]}")
+        if n is not None:
+            b = max(1, min(attrs["block_size"] or 64, n))
+            nb = -(-n // b)
+            if list(lay[1:]) != [nb, nb]:
+                raise GraphpruneError(f"--aot: SparseAttention block_layout layout dims {list(lay)} do not match "
+                                      f"the {nb} blocks of {b} tokens at N = {n}")
+    try:
+        const = sr.routed_constexprs(attrs, n, x[3], dims[2][3], bias, heads)
+    except ValueError as e:
+        raise GraphpruneError(f"--aot: {e}") from None
+    return dict(kernel="sparse_attention_routed",
+                pointers={"Q": t, "K": t, "V": t, "Bias": t, "Layout": "*i64", "Out": t}, constexprs=const,
+                num_warps=sr.num_warps(const), scalars=[(0, 1), (0, 2), (0, 3), (2, 3)],
+                grid=[(((0, 2),), const["BS"]), (((0, 0), (0, 1)), 1)])
 
 
 def _register_aot(trt, trtp, spec: PluginSpec) -> None:
