@@ -228,16 +228,26 @@ class TokenDropPass(GraphPass):
             data = DynamicTokens(model, first, static=n_cur, model_dims=_model_dims(blocks) | weight_dims(model.graph)) \
                 if n_cur is not None else dyn
             per_token = _per_token_outputs(model, n_cur, dyn)
-            restore = cfg.restore if cfg.restore is not None else bool(per_token)
+            reads = _positional_reads(first)
+            restore = cfg.restore if cfg.restore is not None else bool(per_token or reads)
             end = _stream_end(blocks[-1]) if restore else None
+            if reads:
+                past = {id(n) for n in downstream_nodes(end)} if end is not None else set()
+                inside = [n for n in reads if id(n) not in past]
+                if inside:
+                    raise Skip(f"{inside[0].op_type} {inside[0].name} reads token positions computed from the inputs "
+                               "(e.g. the EOS token's index)" + ("" if restore else "; restore: true puts the tokens "
+                                                                 "back before it"))
         except Skip as e:
             result.skipped.append(e.record("model"))
             return result
         info["restore"] = restore
+        if reads and restore:
+            info["positional_reads"] = [n.name for n in reads]  # why restore is on without a per-token output
         if dyn is not None:
             info["tokens"] = f"dynamic ({dyn.symbol})"
         after_end = {id(n) for n in downstream_nodes(end)} if end is not None else set()
-        out_shapes = {o: o.shape for o in model.graph.outputs}
+        out_shapes = [o.shape for o in model.graph.outputs]  # by position: restore may replace an output value
         size: ir.Value | None = None
         bias_sites: dict[int, tuple[ir.Node, int]] = {}  # block -> (node, input) holding its log-size bias
         mask_map: dict[int, ir.Value] = {}  # id(original mask) -> its gathered replacement so far
@@ -281,7 +291,7 @@ class TokenDropPass(GraphPass):
                 info["restored_outputs"] = per_token
             model.graph.sort()
             infer_shapes(model)
-            for out, shape in out_shapes.items():  # keep the declared output shapes (symbolic batch names)
+            for out, shape in zip(model.graph.outputs, out_shapes):  # keep the declared output shapes (batch names)
                 if shape is not None:
                     dims = list(shape)
                     if out.name in per_token and not restore:
@@ -473,6 +483,28 @@ def _per_token_outputs(model: ir.Model, n: int | None, dyn: DynamicTokens | None
     return out
 
 
+def _positional_reads(stream: ir.Value) -> list[ir.Node]:
+    """Gathers downstream of ``stream`` that read token rows at positions computed before it (CLIP's text pooling
+    takes the row at ``input_ids.argmax(-1)``): positions in the full sequence, wrong once tokens are dropped."""
+    nodes = downstream_nodes(stream)
+    down = {id(n) for n in nodes}
+    out = []
+    for n in nodes:
+        if n.domain != "" or n.op_type not in ("Gather", "GatherND", "GatherElements") or len(n.inputs) < 2:
+            continue
+        data, idx = n.inputs[0], n.inputs[1]
+        prod = idx.producer() if idx is not None else None
+        data_prod = data.producer() if data is not None else None
+        if (idx is None or const_value(idx) is not None or (prod is not None and id(prod) in down)
+                or data_prod is None or id(data_prod) not in down or data.dtype not in _FLOATS):
+            continue
+        out.append(n)
+    return out
+
+
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
 def _refuse_padding(model: ir.Model, blocks: list[AttentionBlock]) -> None:
     """ToMe matches tokens by key similarity alone: with a padding mask read from the inputs, real tokens merge
     into padding (whose representative is masked) and vanish from the pooled output."""
@@ -544,13 +576,19 @@ def _restore(graph: ir.Graph, end: ir.Value, levels: list[tuple]) -> None:
             y = t.op("Slice", [y, t.ints(0), t.ints(-1), t.ints(1)])
         ix = t.op("Expand", [t.op("Unsqueeze", [idx, t.ints(2)]), t.op("Shape", [y])])
         y = t.op("ScatterElements", [full, ix, y], {"axis": 1})
-    y.name = f"{end.name or 'stream'}_restored"
     graph.insert_after(end.producer(), list(t.nodes))
     for user, i in uses:
         user.replace_input_with(i, y)
+    is_output = False
     for j, out in enumerate(graph.outputs):
         if out is end:
             graph.outputs[j] = y
+            is_output = True
+    if is_output:  # the graph output keeps its name
+        name, end.name = end.name, f"{end.name}_reduced"
+        y.name = name
+    else:
+        y.name = f"{end.name or 'stream'}_restored"
 
 
 def score_rows(query, protect: int) -> tuple[tuple[int, int], str]:
