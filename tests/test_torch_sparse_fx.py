@@ -28,18 +28,22 @@ def _ort(path, args):
     return s.run(None, {i.name: a.numpy() for i, a in zip(s.get_inputs(), args)})[0]
 
 
-def _check_against_onnx_pass(m, args, config, tmp_path, n_nodes):
+def _check_against_onnx_pass(m, args, config, tmp_path, n_nodes, bias=None):
     gm = gt.sparse_attention(m, args, **config)
     src = gt.export(m, args, tmp_path / "src.onnx")
     report = gp.optimize(src, tmp_path / "sa.onnx", gp.Pipeline().add("sparse_attention", **config), force=True)
     rewritten = report["passes"][0]["rewritten"]
     meta = gm.meta["graphprune_sparse_attention"]
     assert meta["blocks"] == sorted({r["block"] for r in rewritten})
+    if bias is not None:
+        assert [a[0]["bias"] for a in meta["attrs"]] == bias == [r["mask"] for r in rewritten]
     ref = _ort(tmp_path / "sa.onnx", args)
     with torch.no_grad():
         got = gm(*args).numpy()
         dense = m(*args).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    for s_ in meta["skipped"]:
+        assert s_ in [f"{r['where']}: {r['reason']}" for r in report["passes"][0]["skipped"]]
     assert np.abs(dense - ref).max() > 1e-3  # the pattern really changed the attention
     p = gt.export(gm, args, tmp_path / "fx.onnx")
     ops = [n.op_type for n in ir.load(str(p)).graph if n.domain == "ai.graphprune"]
@@ -57,6 +61,31 @@ def _check_against_onnx_pass(m, args, config, tmp_path, n_nodes):
 def test_fx_sparse_attention_equals_onnx_pass(examples, tmp_path, sdpa, config, n_nodes):
     m, args = _vit(examples, sdpa)
     _check_against_onnx_pass(m, args, config, tmp_path, n_nodes)
+
+
+def test_fx_bool_key_mask_and_block_layout(examples, tmp_path):
+    """An SDPA block with a bool keep-mask (made an additive bias inside the SDPA translation in ONNX) and a
+    MatMul/Softmax block without one; block_layout from a .npy file (a buffer in the GraphModule)."""
+
+    class TwoBlocks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = examples.Block(32, 4, sdpa=True), examples.Block(32, 4)
+
+        def forward(self, x, keep):
+            return self.b(self.a(x, keep[:, None, None, :]))
+
+    torch.manual_seed(0)
+    m = TwoBlocks().eval()
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[1, 12:] = False
+    args = (torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2)), keep)
+    layout = np.eye(4, dtype=bool) | (np.random.default_rng(0).random((4, 4)) > 0.5)
+    np.save(tmp_path / "layout.npy", layout)
+    gm = _check_against_onnx_pass(m, args, {"pattern": "block_layout", "block_size": 4,
+                                            "layout": str(tmp_path / "layout.npy")}, tmp_path, 2, ["key", "none"])
+    bufs = dict(gm.named_buffers())
+    assert np.array_equal(bufs["graphprune_sparse_layout_0_0"].numpy(), layout[None].astype(np.float32))
 
 
 def test_fx_attributes_are_the_onnx_plan(examples):
