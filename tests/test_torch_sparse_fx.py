@@ -163,3 +163,34 @@ def test_fx_sparse_attention_config_errors(examples):
         gt.sparse_attention(m, args, pattern="sliding_window", window=0)
     with pytest.raises(ConfigError, match="layers"):
         gt.sparse_attention(m, args, layers=[9])
+
+
+def test_fx_dynamic_sequence_matches_mistral():
+    """A dynamic-sequence export (seq_len 0 in the plan): the FX module runs at any N and equals transformers'
+    Mistral (Llama with a causal sliding window) on the same weights."""
+    transformers = pytest.importorskip("transformers")
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    shape = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    m = Logits(transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).eval())
+    gm = gt.sparse_attention(m, (torch.randint(0, 128, (2, 24)),), dynamic_axes={0: "batch", 1: "seq"},
+                             pattern="sliding_window", window=6, causal=True)
+    assert [a[0]["seq_len"] for a in gm.meta["graphprune_sparse_attention"]["attrs"]] == [0, 0]
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(
+        **shape, sliding_window=6, attn_implementation="eager")).eval()
+    mistral.load_state_dict(m.lm.state_dict())
+    for n in (24, 37):
+        ids = torch.randint(0, 128, (3, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            want, got, dense = mistral(input_ids=ids, use_cache=False).logits, gm(ids), m(ids)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert (dense - want).abs().max() > 1e-3  # the window matters at these lengths
