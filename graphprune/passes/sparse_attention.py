@@ -18,6 +18,10 @@ key: value...}]`` splits the heads (the groups must cover every head once) into 
 whose outputs are concatenated back in head order. Unset ``num_global`` defaults to the block's prefix tokens
 (CLS; every pattern), unset ``causal`` to the block's own causality, unset ``grid`` to a square grid of the non-prefix tokens.
 
+Decision and edit are apart: ``plan(model, config)`` (pure; ``plan_block`` per block) says which blocks get which
+nodes with which attributes (defaults resolved against N) or why a block is skipped; the pass then only edits. The
+torch.fx pass ``graphprune.torch.sparse_attention`` places ``torch.ops.graphprune.sparse_attention`` from the same plan.
+
 Skipped with a reason (never silently): com.microsoft fused ops, 3-D ``Attention`` inputs, K/V with other heads or
 another length than Q (GQA, cross attention), a dynamic sequence length, non-float attention, probabilities used
 outside the core, ``Attention`` with past KV / extra outputs / softcap.
@@ -135,6 +139,192 @@ class SparseRewrite(Rewrite):
     node: str
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+    """One SparseAttention node to place: the heads it covers and its attributes."""
+
+    group: HeadGroup | None  # the ``head_groups`` entry, or None: one node for every head
+    heads: list[int]
+    attrs: dict[str, Any]  # the node's full attribute set (``op.normalize``: defaults and N-dependent sizes resolved)
+    layout: np.ndarray | None  # block_layout: the [H|1, nb, nb] 0/1 layout input
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """The decision for one attention block: which nodes replace its core (``plan_block``)."""
+
+    block: AttentionBlock
+    mask_shape: list | None  # the mask as a rank-4 bias shape (leading 1s added); None without a mask
+    groups: list[GroupPlan]  # in ``head_groups`` order; outputs are concatenated back in head order
+
+    @property
+    def bias(self) -> str:
+        """The op's ``bias`` kind: none | key | full."""
+        return self.groups[0].attrs["bias"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePlan:
+    """What the pass will do on a model (``plan``): the blocks found, the planned ones, the skipped ones."""
+
+    blocks: list[AttentionBlock]
+    planned: list[BlockPlan]
+    skipped: list[Skipped]
+
+
+def model_opset(model: ir.Model) -> int:
+    return model.graph.opset_imports.get("", model.opset_imports.get("", 18))
+
+
+def plan(model: ir.Model, config: SparseAttentionConfig) -> SparsePlan:
+    """The pass's decision on ``model``, without editing it: the attention blocks, and for each selected one either
+    its :class:`BlockPlan` or the reason it is skipped. Shared by this pass and the torch.fx pass
+    (``graphprune.torch.sparse_attention``), so both place the same nodes with the same attributes.
+
+    Raises:
+        ConfigError: ``layers`` / ``per_layer`` out of range, ``head_groups`` not covering the heads, a
+            pattern parameter the block cannot take (a non-square grid, a bad layout file, ...).
+    """
+    blocks = find_attention_blocks(model)
+    if config.layers is not None:
+        bad = [i for i in config.layers if not 0 <= i < len(blocks)]
+        if bad:
+            raise ConfigError(f"layers: {bad} out of range; the model has {len(blocks)} attention blocks")
+    bad = [i for i in config.per_layer if not 0 <= i < len(blocks)]
+    if bad:
+        raise ConfigError(f"per_layer: {bad} out of range; the model has {len(blocks)} attention blocks")
+    opset = model_opset(model)
+    planned, skipped = [], []
+    for blk in blocks:
+        if config.layers is not None and blk.index not in config.layers:
+            continue
+        try:
+            planned.append(plan_block(blk, config, opset))
+        except Skip as e:
+            skipped.append(e.record(f"block {blk.index}"))
+    if not blocks:
+        skipped.append(Skipped("graph", "no attention blocks found"))
+    return SparsePlan(blocks, planned, skipped)
+
+
+def plan_block(blk: AttentionBlock, config: SparseAttentionConfig, opset: int) -> BlockPlan:
+    """One block's decision (pure): the checks, the mask's bias kind, and per head group the op attributes.
+
+    Raises:
+        Skip: the block cannot be rewritten (the reason names what is missing).
+        ConfigError: the configuration does not fit this block.
+    """
+    n, heads = _check(blk, opset)
+    shape4 = None
+    if blk.mask is not None:
+        shape = blk.mask.shape
+        if shape is None or not 1 <= len(shape) <= 4:
+            raise Skip(f"mask {blk.mask.name!r} has an unknown shape")
+        shape4 = [1] * (4 - len(shape)) + list(shape)
+        if shape4[3] != n or shape4[2] not in (1, n) or not isinstance(shape4[1], int):
+            raise Skip(f"mask {blk.mask.name!r} of shape {list(shape)} is not [B|1, H|1, 1|{n}, {n}]")
+        if blk.mask.dtype not in (blk.q.dtype, ir.DataType.BOOL):
+            raise Skip(f"mask {blk.mask.name!r} has dtype {blk.mask.dtype}, not the attention's "
+                       f"{blk.q.dtype} or bool")
+    bkind = "none" if shape4 is None else ("key" if shape4[2] == 1 else "full")
+    groups = config.head_groups
+    if groups is not None:
+        covered = sorted(h for g in groups for h in g.heads)
+        if covered != list(range(heads)):
+            raise ConfigError(f"head_groups: heads {covered} must cover 0..{heads - 1} once (block {blk.index})")
+    parts = [_group_plan(blk, config, g, g.heads if g else list(range(heads)), bkind) for g in (groups or [None])]
+    if isinstance(n, int) and all(_saves_nothing(p.attrs, blk) for p in parts):
+        raise Skip(f"the pattern reaches every key at {n} tokens ({parts[0].attrs['pattern']}); nothing to save")
+    return BlockPlan(blk, shape4, parts)
+
+
+def _saves_nothing(attrs: dict, blk: AttentionBlock) -> bool:
+    """Does the pattern execute at least the dense core's FLOPs (a window as long as the sequence)?"""
+    d = blk.head_dim if isinstance(blk.head_dim, int) else 64
+    executed, dense = op.attention_flops(attrs, 1, 1, d, d)
+    return executed >= dense
+
+
+def _params_for(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadGroup | None) -> dict[str, Any]:
+    merged = config.set_values()
+    if blk.index in config.per_layer:
+        merged |= config.per_layer[blk.index].set_values()
+    if group is not None:
+        merged |= group.set_values()
+    return merged
+
+
+def _check(blk: AttentionBlock, opset: int) -> tuple[int, int]:
+    q, v = blk.q, blk.v
+    if opset < 18:
+        raise Skip(f"the model imports opset {opset}; the SparseAttention body needs >= 18")
+    if blk.kind not in ("matmul_softmax", "attention_op"):
+        raise Skip(f"{blk.kind} (com.microsoft fused attention) is not rewritten; export without ORT fusion")
+    if blk.layout != "BHND" or q is None or v is None or q.shape is None or len(q.shape) != 4:
+        raise Skip("attention inputs are not 4-D [B, H, N, D]")
+    if blk.window_mask is not None:  # the replacement would drop it
+        raise Skip(f"{blk.partition_summary()}: the shift mask is added over a [B, windows, H, T, T] view of the "
+                   "scores; not supported")
+    if q.dtype not in FLOAT_TYPES:
+        raise Skip(f"attention runs in {q.dtype}; float32, float16 and bfloat16 are supported")
+    n = _length(blk)
+    if not isinstance(n, int) and not (isinstance(n, ir.SymbolicDim) and n.value):
+        raise Skip("the sequence length is unknown (neither static nor a named dim)")
+    heads = blk.heads
+    if not isinstance(heads, int) or blk.kv_heads != heads or not isinstance(blk.head_dim, int):
+        raise Skip(f"K/V heads ({blk.kv_heads}) differ from Q heads ({heads}) or are dynamic (GQA/MQA)")
+    if v.shape is None or v.shape[-2] != n:
+        raise Skip("keys have another length than queries (cross attention or KV cache)")
+    if blk.kind == "attention_op":
+        node = blk.nodes[0]
+        if len(node.inputs) > 4 or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
+            raise Skip("Attention with past KV inputs or extra outputs")
+        if node.attributes.get_float("softcap", 0.0) or node.attributes.get_int("qk_matmul_output_mode", 0):
+            raise Skip("Attention with softcap / qk output mode")
+    else:
+        core = set(blk.nodes)
+        for nd in blk.nodes[:-1]:
+            for out in nd.outputs:
+                if out.is_graph_output() or any(u not in core for u, _ in out.uses()):
+                    raise Skip(f"{out.name!r} (scores/probabilities) is used outside the attention core")
+    return n, heads
+
+
+def _group_plan(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadGroup | None, head_ids: list[int],
+                bkind: str) -> GroupPlan:
+    """The node for one head group: pattern keys merged (block, per-layer, group), defaults taken from the block
+    (``num_global``: prefix tokens, ``causal``, a square ``grid``), then ``op.normalize`` at the block's N."""
+    params = _params_for(blk, config, group)
+    pattern = params.pop("pattern", config.pattern)
+    n = _length(blk)
+    if not isinstance(n, int) and pattern not in op.DYNAMIC_PATTERNS:
+        raise Skip(f"the sequence length is dynamic; {pattern} is defined for one N "
+                   f"({' and '.join(op.DYNAMIC_PATTERNS)} run at any N)")
+    params.setdefault("num_global", blk.prefix_tokens)
+    if pattern == "sliding_window":
+        params.setdefault("causal", blk.causal)
+    elif blk.causal:
+        raise Skip(f"the block is causal; {pattern} is not (use sliding_window with causal: true)")
+    if pattern == "neighborhood_2d" and "grid" not in params:
+        side = math.isqrt(n - params["num_global"])
+        if side * side != n - params["num_global"]:
+            raise ConfigError(f"grid: {n} tokens minus {params['num_global']} prefix is not a square; set grid: [h, w]")
+        params["grid"] = [side, side]
+    layout_path = params.pop("layout", None)
+    lay = None
+    if pattern == "block_layout":
+        if layout_path is None:
+            raise ConfigError("layout: block_layout needs a layout file (.npy)")
+        nb = -(-n // min(params.get("block_size") or 64, n))
+        lay = _load_layout(layout_path, blk.heads, nb)
+        if lay.shape[0] != 1:
+            lay = lay[head_ids]
+        params["topk"] = int(lay.sum(-1).max())
+    params = {k: v for k, v in params.items() if k in op.PATTERN_KEYS[pattern]}  # other patterns' keys do not apply
+    scale = blk.scale if blk.scale else 1.0 / math.sqrt(blk.head_dim)
+    return GroupPlan(group, head_ids, op.normalize(pattern, n if isinstance(n, int) else 0, scale, bkind, **params), lay)
+
+
 class _Rewriter:
     """Per-call state: the model, conversions of shared masks, the report."""
 
@@ -143,17 +333,8 @@ class _Rewriter:
         self.mask_cache: dict[int, ir.Value] = {}
         self.rewritten: list[SparseRewrite] = []
         self.flops = [0, 0]  # executed, dense
-        self.opset = model.graph.opset_imports.get("", model.opset_imports.get("", 18))
+        self.opset = model_opset(model)
         self.names = NameScope(model.graph)
-
-    def params_for(self, blk: AttentionBlock, group: HeadGroup | None) -> dict[str, Any]:
-        cfg = self.config
-        merged = cfg.set_values()
-        if blk.index in cfg.per_layer:
-            merged |= cfg.per_layer[blk.index].set_values()
-        if group is not None:
-            merged |= group.set_values()
-        return merged
 
     # -- graph edits --------------------------------------------------------------------------------------------
     def _insert(self, anchor: ir.Node, node: ir.Node) -> ir.Value:
@@ -186,28 +367,11 @@ class _Rewriter:
         self.mask_cache[id(mask)] = cur
         return cur
 
-    def rewrite(self, blk: AttentionBlock) -> ir.Value:
-        """Check the block, plan every head group, then edit; return the new [B, H, N, Dv] output."""
-        n, heads = self._check(blk)
-        shape4 = None
-        if blk.mask is not None:
-            shape = blk.mask.shape
-            if shape is None or not 1 <= len(shape) <= 4:
-                raise Skip(f"mask {blk.mask.name!r} has an unknown shape")
-            shape4 = [1] * (4 - len(shape)) + list(shape)
-            if shape4[3] != n or shape4[2] not in (1, n) or not isinstance(shape4[1], int):
-                raise Skip(f"mask {blk.mask.name!r} of shape {list(shape)} is not [B|1, H|1, 1|{n}, {n}]")
-            if blk.mask.dtype not in (blk.q.dtype, ir.DataType.BOOL):
-                raise Skip(f"mask {blk.mask.name!r} has dtype {blk.mask.dtype}, not the attention's "
-                           f"{blk.q.dtype} or bool")
-        bkind = "none" if shape4 is None else ("key" if shape4[2] == 1 else "full")
-        groups = self.config.head_groups
-        if groups is not None:
-            covered = sorted(h for g in groups for h in g.heads)
-            if covered != list(range(heads)):
-                raise ConfigError(f"head_groups: heads {covered} must cover 0..{heads - 1} once (block {blk.index})")
-        plans = [self._spec(blk, g, g.heads if g else list(range(heads)), bkind) for g in (groups or [None])]
-        # -- edits start here: nothing below skips
+    def rewrite(self, bp: BlockPlan) -> ir.Value:
+        """Edit one planned block (``plan_block``: nothing here skips); return the new [B, H, N, Dv] output."""
+        blk, shape4, groups = bp.block, bp.mask_shape, self.config.head_groups
+        heads = blk.heads
+        plans = [(g.group, g.heads, g.attrs, g.layout) for g in bp.groups]
         anchor = blk.nodes[-1]
         bias = self.bias_for(blk, shape4)
         q, k, v = blk.q, blk.k, blk.v
@@ -218,8 +382,8 @@ class _Rewriter:
         if groups is None:
             return self._sparse(blk, anchor, q, k, v, bias, *plans[0])
         outs = []
-        for plan in plans:
-            head_ids = plan[1]
+        for part in plans:
+            head_ids = part[1]
             idx = ir.node("Constant", [], {"value": ir.tensor(np.array(head_ids, dtype=np.int64))})
             sub, parts = [idx], []
             for x in (q, k, v) + ((bias,) if bias is not None and shape4[1] == heads else ()):
@@ -231,7 +395,7 @@ class _Rewriter:
                 parts.append(gat.outputs[0])
             self.graph.insert_after(anchor, sub)
             gb = parts[3] if len(parts) == 4 else bias
-            outs.append(self._sparse(blk, sub[-1], parts[0], parts[1], parts[2], gb, *plan))
+            outs.append(self._sparse(blk, sub[-1], parts[0], parts[1], parts[2], gb, *part))
             anchor = outs[-1].producer()
         cat = ir.node("Concat", outs, {"axis": 1})
         result = self._insert(anchor, cat)
@@ -242,73 +406,6 @@ class _Rewriter:
             self.graph.insert_after(cat, [inv, back])
             result = back.outputs[0]
         return result
-
-    def _check(self, blk: AttentionBlock) -> tuple[int, int]:
-        q, v = blk.q, blk.v
-        if self.opset < 18:
-            raise Skip(f"the model imports opset {self.opset}; the SparseAttention body needs >= 18")
-        if blk.kind not in ("matmul_softmax", "attention_op"):
-            raise Skip(f"{blk.kind} (com.microsoft fused attention) is not rewritten; export without ORT fusion")
-        if blk.layout != "BHND" or q is None or v is None or q.shape is None or len(q.shape) != 4:
-            raise Skip("attention inputs are not 4-D [B, H, N, D]")
-        if blk.window_mask is not None:  # the replacement would drop it
-            raise Skip(f"{blk.partition_summary()}: the shift mask is added over a [B, windows, H, T, T] view of the "
-                       "scores; not supported")
-        if q.dtype not in FLOAT_TYPES:
-            raise Skip(f"attention runs in {q.dtype}; float32, float16 and bfloat16 are supported")
-        n = _length(blk)
-        if not isinstance(n, int) and not (isinstance(n, ir.SymbolicDim) and n.value):
-            raise Skip("the sequence length is unknown (neither static nor a named dim)")
-        heads = blk.heads
-        if not isinstance(heads, int) or blk.kv_heads != heads or not isinstance(blk.head_dim, int):
-            raise Skip(f"K/V heads ({blk.kv_heads}) differ from Q heads ({heads}) or are dynamic (GQA/MQA)")
-        if v.shape is None or v.shape[-2] != n:
-            raise Skip("keys have another length than queries (cross attention or KV cache)")
-        if blk.kind == "attention_op":
-            node = blk.nodes[0]
-            if len(node.inputs) > 4 or any(o.uses() or o.is_graph_output() for o in node.outputs[1:]):
-                raise Skip("Attention with past KV inputs or extra outputs")
-            if node.attributes.get_float("softcap", 0.0) or node.attributes.get_int("qk_matmul_output_mode", 0):
-                raise Skip("Attention with softcap / qk output mode")
-        else:
-            core = set(blk.nodes)
-            for nd in blk.nodes[:-1]:
-                for out in nd.outputs:
-                    if out.is_graph_output() or any(u not in core for u, _ in out.uses()):
-                        raise Skip(f"{out.name!r} (scores/probabilities) is used outside the attention core")
-        return n, heads
-
-    def _spec(self, blk: AttentionBlock, group: HeadGroup | None, head_ids: list[int], bkind: str):
-        """(group, head ids, normalized op attributes, layout array or None) for one head group."""
-        params = self.params_for(blk, group)
-        pattern = params.pop("pattern", self.config.pattern)
-        n = _length(blk)
-        if not isinstance(n, int) and pattern not in op.DYNAMIC_PATTERNS:
-            raise Skip(f"the sequence length is dynamic; {pattern} is defined for one N "
-                       f"({' and '.join(op.DYNAMIC_PATTERNS)} run at any N)")
-        params.setdefault("num_global", blk.prefix_tokens)
-        if pattern == "sliding_window":
-            params.setdefault("causal", blk.causal)
-        elif blk.causal:
-            raise Skip(f"the block is causal; {pattern} is not (use sliding_window with causal: true)")
-        if pattern == "neighborhood_2d" and "grid" not in params:
-            side = math.isqrt(n - params["num_global"])
-            if side * side != n - params["num_global"]:
-                raise ConfigError(f"grid: {n} tokens minus {params['num_global']} prefix is not a square; set grid: [h, w]")
-            params["grid"] = [side, side]
-        layout_path = params.pop("layout", None)
-        lay = None
-        if pattern == "block_layout":
-            if layout_path is None:
-                raise ConfigError("layout: block_layout needs a layout file (.npy)")
-            nb = -(-n // min(params.get("block_size") or 64, n))
-            lay = _load_layout(layout_path, blk.heads, nb)
-            if lay.shape[0] != 1:
-                lay = lay[head_ids]
-            params["topk"] = int(lay.sum(-1).max())
-        params = {k: v for k, v in params.items() if k in op.PATTERN_KEYS[pattern]}  # other patterns' keys do not apply
-        scale = blk.scale if blk.scale else 1.0 / math.sqrt(blk.head_dim)
-        return group, head_ids, op.normalize(pattern, n if isinstance(n, int) else 0, scale, bkind, **params), lay
 
     def _sparse(self, blk, anchor, q, k, v, bias, group, head_ids, attrs, lay) -> ir.Value:
         layout_val = None
@@ -379,34 +476,17 @@ class SparseAttentionPass(GraphPass):
     summary = "replace attention cores with SparseAttention (window, 2-D neighborhood, block top-k, block layout)"
 
     def call(self, model: ir.Model) -> GraphResult:
-        cfg = self.config
-        blocks = find_attention_blocks(model)
-        if cfg.layers is not None:
-            bad = [i for i in cfg.layers if not 0 <= i < len(blocks)]
-            if bad:
-                raise ConfigError(f"layers: {bad} out of range; the model has {len(blocks)} attention blocks")
-        bad = [i for i in cfg.per_layer if not 0 <= i < len(blocks)]
-        if bad:
-            raise ConfigError(f"per_layer: {bad} out of range; the model has {len(blocks)} attention blocks")
-        rw = _Rewriter(model, cfg)
-        skipped = []
-        selected = [b for b in blocks if cfg.layers is None or b.index in cfg.layers]
-        with self.context.task("sparse_attention", len(selected)) as step:
-            for blk in selected:
-                try:
-                    out = rw.rewrite(blk)
-                except Skip as e:
-                    skipped.append(e.record(f"block {blk.index}"))
-                    step()
-                    continue
-                rw.replace(blk, out)
+        decided = plan(model, self.config)  # every check and ConfigError before the first edit
+        rw = _Rewriter(model, self.config)
+        with self.context.task("sparse_attention", len(decided.planned)) as step:
+            for bp in decided.planned:
+                rw.replace(bp.block, rw.rewrite(bp))
                 step()
-        if not blocks:
-            skipped.append(Skipped("graph", "no attention blocks found"))
-        info = {"blocks_found": len(blocks), "blocks_replaced": len({r.block for r in rw.rewritten})}
+        info = {"blocks_found": len(decided.blocks), "blocks_replaced": len({r.block for r in rw.rewritten})}
         if rw.flops[0]:
             info["attention_flops_ratio"] = round(rw.flops[1] / rw.flops[0], 3)
-        return GraphResult(model, bool(rw.rewritten), rewritten=rw.rewritten, skipped=skipped, info=info)
+        return GraphResult(model, bool(rw.rewritten), rewritten=rw.rewritten, skipped=decided.skipped, info=info)
 
 
-__all__ = ["SparseAttentionConfig", "SparseAttentionPass", "SparseRewrite"]
+__all__ = ["BlockPlan", "GroupPlan", "SparseAttentionConfig", "SparseAttentionPass", "SparsePlan", "SparseRewrite", "plan",
+           "plan_block"]

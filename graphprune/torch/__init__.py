@@ -9,7 +9,7 @@ fake kernel, autograd, ONNX translation); a module that calls them exports to th
 their bodies.
 
 Beyond export: ``optimize`` (a module through a pipeline, verified against the module), ``apply_plan`` (the channel
-plan back onto the module), ``save_pruned`` / ``load_pruned``, and the FX pass ``token_drop``.
+plan back onto the module), ``save_pruned`` / ``load_pruned``, and the FX passes ``token_drop`` and ``sparse_attention``.
 """
 
 from __future__ import annotations
@@ -144,7 +144,8 @@ def _attach_bodies(model) -> None:
 
 from graphprune.torch._apply import apply_plan, count_parameters, load_pruned, save_pruned  # noqa: E402
 from graphprune.torch._optimize import TorchResult, optimize  # noqa: E402
+from graphprune.torch._sparse_fx import sparse_attention  # noqa: E402
 from graphprune.torch._token_fx import token_drop  # noqa: E402
 
 __all__ = ["AXIS_RANGE", "BATCH_RANGE", "TorchResult", "apply_plan", "count_parameters", "export", "export_program",
-           "load_pruned", "optimize", "save_pruned", "token_drop"]
+           "load_pruned", "optimize", "save_pruned", "sparse_attention", "token_drop"]

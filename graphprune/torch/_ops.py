@@ -30,6 +30,8 @@ def _kernel(spec: type[OpDef]):
 
     def kernel(*args, **kwargs):
         inputs = list(args[:n_in]) + [kwargs.pop(p.name, None) for p in spec.inputs[len(args):]]
+        # compute reshapes with the array API, which views: a strided input (q from a permuted qkv) is copied first
+        inputs = [x.contiguous() if isinstance(x, torch.Tensor) else x for x in inputs]
         a = spec.normalize(**kwargs)
         outs = spec.compute(_xp, *inputs, **a)
         ins = {x.data_ptr() for x in inputs if isinstance(x, torch.Tensor)}
@@ -66,7 +68,7 @@ def _autograd(spec: type[OpDef]):
         ctx.kwargs = dict(keyword_only_inputs)
 
     def backward(ctx, *grads):
-        inputs = [x.detach().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+        inputs = [x.detach().contiguous().requires_grad_(x.is_floating_point()) if isinstance(x, torch.Tensor) else x
                   for x in ctx.inputs]
         kw = dict(ctx.kwargs)
         with torch.enable_grad():
