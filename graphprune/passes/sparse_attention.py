@@ -233,8 +233,10 @@ def plan_block(blk: AttentionBlock, config: SparseAttentionConfig, opset: int) -
         if covered != list(range(heads)):
             raise ConfigError(f"head_groups: heads {covered} must cover 0..{heads - 1} once (block {blk.index})")
     parts = [_group_plan(blk, config, g, g.heads if g else list(range(heads)), bkind) for g in (groups or [None])]
-    if isinstance(n, int) and all(_saves_nothing(p.attrs, blk) for p in parts):
-        raise Skip(f"the pattern reaches every key at {n} tokens ({parts[0].attrs['pattern']}); nothing to save")
+    explicit = any({"window", "kernel", "topk", "layout"} & set(_params_for(blk, config, g)) for g in (groups or [None]))
+    if isinstance(n, int) and not explicit and all(_saves_nothing(p.attrs, blk) for p in parts):
+        raise Skip(f"the default {parts[0].attrs['pattern']} reaches every key at {n} tokens; nothing to save (set "
+                   "window / kernel / topk to rewrite anyway)")
     return BlockPlan(blk, shape4, parts)
 
 
