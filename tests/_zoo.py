@@ -613,7 +613,7 @@ ZOO: list[ZooModel] = [
     # DeBERTa's disentangled attention (content + c2p + p2c score terms) is not matched by the attention finder: the
     # block count is not asserted (inspect finds 0; the passes then refuse with "no attention blocks")
     ZooModel("deberta_v2", build=_text("DebertaV2Model", "DebertaV2Config", "last_hidden_state", max_relative_positions=16,
-                                        position_buckets=8), blocks=None, **_hf_text),
+                                        position_buckets=8), blocks=None, attention=False, **_hf_text),
     ZooModel("t5_encoder", build=_t5_encoder, blocks=2, **_hf_text),
     ZooModel("bart_encoder", build=_bart_encoder, blocks=2, **_hf_text),
     ZooModel("clip_text", build=_clip_text, blocks=2, **(_hf_text | {"output_names": ("pooler_output",)})),

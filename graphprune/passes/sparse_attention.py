@@ -234,6 +234,9 @@ def plan_block(blk: AttentionBlock, config: SparseAttentionConfig, opset: int) -
             raise ConfigError(f"head_groups: heads {covered} must cover 0..{heads - 1} once (block {blk.index})")
     parts = [_group_plan(blk, config, g, g.heads if g else list(range(heads)), bkind) for g in (groups or [None])]
     explicit = any({"window", "kernel", "topk", "layout"} & set(_params_for(blk, config, g)) for g in (groups or [None]))
+    if not isinstance(n, int) and not explicit:
+        raise Skip(f"the sequence length is dynamic ({n}): set window / kernel / topk for the lengths you run (the "
+                   f"default {parts[0].attrs['pattern']} saves nothing below its reach)")
     if isinstance(n, int) and not explicit and all(_saves_nothing(p.attrs, blk) for p in parts):
         raise Skip(f"the default {parts[0].attrs['pattern']} reaches every key at {n} tokens; nothing to save (set "
                    "window / kernel / topk to rewrite anyway)")
