@@ -219,6 +219,13 @@ class TokenDropPass(GraphPass):
         n_cur: int | None = blocks[layers[0]].tokens
         dyn: DynamicTokens | None = None
         try:
+            if any(b.partition is not None for b in blocks):  # windowed models: each layer says why
+                for layer in layers:
+                    try:
+                        _stream_point(blocks, blocks[layer], cfg.placement)
+                    except Skip as e:
+                        result.skipped.append(e.record(f"block {layer}"))
+                return result
             first = _stream_point(blocks, blocks[layers[0]], cfg.placement)[0]
             _check_batch_axis(first)
             if cfg.method == "tome":
@@ -258,7 +265,7 @@ class TokenDropPass(GraphPass):
             for j, layer in enumerate(layers):
                 blk = blocks[layer]
                 try:
-                    if blk.tokens != blocks[layers[0]].tokens:  # a hierarchical model's later stage
+                    if blk.tokens != blocks[layers[0]].tokens and blk.partition is None:  # a later stage
                         raise Skip(f"block {layer} is on another token stream ({blk.tokens} tokens; block "
                                    f"{layers[0]}, the first reduced, has {blocks[layers[0]].tokens})")
                     if cfg.method == "tome":
