@@ -166,3 +166,49 @@ def token_sites(start: ir.Value) -> TokenSites:
 
 __all__ = ["ConcatShape", "ShapeConstant", "Site", "SizeConstant", "TokenSites", "UpstreamShape", "downstream_nodes",
            "token_sites", "weight_dims"]
+
+
+# -- op facts the token passes consume (op types are matched here, not in passes/) ------------------------------
+#: Shape arithmetic that carries the token count from a ``Shape`` to a downstream reader (cloned by the dynamic
+#: token rewrite when the count changes).
+SHAPE_OPS = frozenset({"Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Cast", "Add", "Sub", "Mul", "Div",
+                       "Reshape", "Identity", "Max", "Min", "Neg", "Abs", "Equal", "Where", "Mod", "ReduceProd",
+                       "ReduceSum", "Flatten"})
+_GATHERS = frozenset({"Gather", "GatherND", "GatherElements"})
+
+
+def _std(node: ir.Node | None, *types: str) -> bool:
+    return node is not None and node.domain == "" and node.op_type in types
+
+
+def is_shape(node: ir.Node | None) -> bool:
+    """A standard ``Shape`` node (its output follows the tensor it reads at run time)."""
+    return _std(node, "Shape")
+
+
+def is_shape_arith(node: ir.Node | None) -> bool:
+    """A standard op of :data:`SHAPE_OPS`: shape arithmetic the dynamic token rewrite can clone."""
+    return node is not None and node.domain == "" and node.op_type in SHAPE_OPS
+
+
+def is_reshape(node: ir.Node | None) -> bool:
+    return _std(node, "Reshape")
+
+
+def is_matmul(node: ir.Node | None) -> bool:
+    return _std(node, "MatMul")
+
+
+def is_gather(node: ir.Node | None) -> bool:
+    """A standard gather (``Gather`` / ``GatherND`` / ``GatherElements``) with its data and index inputs."""
+    return node is not None and node.domain == "" and node.op_type in _GATHERS and len(node.inputs) >= 2
+
+
+def is_stream_add(node: ir.Node | None) -> bool:
+    """A standard ``Add`` of two computed tensors (no constant input): a residual connection, not a bias."""
+    return _std(node, "Add") and all(const_value(x) is None for x in node.inputs)
+
+
+def same_op(a: ir.Node | None, b: ir.Node | None) -> bool:
+    """``a`` and ``b`` are the same operator (type and domain)."""
+    return a is not None and b is not None and (a.domain, a.op_type) == (b.domain, b.op_type)

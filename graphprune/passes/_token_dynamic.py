@@ -28,14 +28,9 @@ import dataclasses
 import onnx_ir as ir
 
 from graphprune._ir import NameScope, const_value
-from graphprune.analysis.tokens import downstream_nodes
+from graphprune.analysis.tokens import downstream_nodes, is_shape, is_shape_arith
 from graphprune.ops._base import Body
 from graphprune.passes.base import Skip
-
-#: Shape arithmetic cloned when it carries the token count to a downstream reader.
-SHAPE_OPS = frozenset({"Concat", "Unsqueeze", "Squeeze", "Gather", "Slice", "Cast", "Add", "Sub", "Mul", "Div",
-                       "Reshape", "Identity", "Max", "Min", "Neg", "Abs", "Equal", "Where", "Mod", "ReduceProd",
-                       "ReduceSum", "Flatten"})
 
 
 @dataclasses.dataclass
@@ -105,13 +100,13 @@ class DynamicTokens:
         if prod is None or const_value(v) is not None or depth > 64:
             memo[id(v)] = False
             return False
-        if prod.op_type == "Shape" and prod.domain == "":
+        if is_shape(prod):
             start, end = _shape_range(prod)
             memo[id(v)] = any(start <= a < end for a in self.token_axes(prod.inputs[0]))
             return memo[id(v)]
         deps = [self._depends(i, memo, depth + 1) for i in prod.inputs if i is not None and self._is_shape_value(i)]
         hit = any(deps)
-        if hit and (prod.domain != "" or prod.op_type not in SHAPE_OPS):
+        if hit and not is_shape_arith(prod):
             raise Skip(f"{prod.op_type} {prod.name}: computes a shape from the token count before the stream; "
                        "not recomputed for the reduced tokens")
         memo[id(v)] = hit
@@ -182,7 +177,7 @@ class DynamicTokens:
             prod = v.producer()
             if prod is None or const_value(v) is not None:
                 return v
-            if prod.op_type == "Shape" and prod.domain == "":
+            if is_shape(prod):
                 out = self._shape_of(t, prod, count)
             else:
                 memo: dict[int, bool] = {}

@@ -25,7 +25,15 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import NameScope
-from graphprune.analysis.tokens import ConcatShape, ShapeConstant, Site, SizeConstant, downstream_nodes, token_sites
+from graphprune.analysis.tokens import (
+    ConcatShape,
+    ShapeConstant,
+    Site,
+    SizeConstant,
+    downstream_nodes,
+    is_reshape,
+    token_sites,
+)
 from graphprune.passes.base import Skip
 
 
@@ -139,7 +147,7 @@ def plan_retarget(graph: ir.Graph, start: ir.Value, n_old: int, n_new: int, mode
 def _check_spatial(node: ir.Node, n: int) -> None:
     """Refuse a ``Reshape`` that splits the token axis into a grid (``[B, C, N] → [B, C, H, W]`` with H·W = N,
     as a spatial-reduction attention or a conv between blocks does): dropped tokens leave no grid."""
-    if node.op_type != "Reshape" or node.domain != "":
+    if not is_reshape(node):
         return
     x, y = node.inputs[0], node.outputs[0]
     if x is None or x.shape is None or y.shape is None or n not in list(x.shape) or n in list(y.shape):

@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from graphprune._ir import additive_mask
 from graphprune.analysis.attention import AttentionBlock
+from graphprune.analysis.tokens import is_matmul
 from graphprune.ops._base import INT64_MAX, Body
 from graphprune.passes.base import Skip
 
@@ -123,7 +124,7 @@ def _keys(t: Body, blk: AttentionBlock) -> ir.Value | None:
     if blk.k is not None:
         return blk.k
     for node in blk.nodes:
-        if node.op_type == "MatMul" and node.domain == "" and node.inputs[0] is blk.q and blk.q is not None:
+        if is_matmul(node) and node.inputs[0] is blk.q and blk.q is not None:
             kt = node.inputs[1]  # the layout (BHND) was established on the original shapes, which a pass clears
             if kt is not None and (kt.shape is None or len(kt.shape) == 4):
                 return t.op("Transpose", [kt], {"perm": [0, 1, 3, 2]})

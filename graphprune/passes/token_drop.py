@@ -43,7 +43,7 @@ import pydantic
 
 from graphprune._ir import additive_mask, const_value, infer_shapes
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
-from graphprune.analysis.tokens import downstream_nodes, weight_dims
+from graphprune.analysis.tokens import downstream_nodes, is_gather, is_shape, is_stream_add, same_op, weight_dims
 from graphprune.errors import ConfigError
 from graphprune.ops import add_node_function, diversity_select, token_merge, token_select
 from graphprune.ops._base import Body
@@ -497,7 +497,7 @@ def _positional_reads(stream: ir.Value) -> list[ir.Node]:
     down = {id(n) for n in nodes}
     out = []
     for n in nodes:
-        if n.domain != "" or n.op_type not in ("Gather", "GatherND", "GatherElements") or len(n.inputs) < 2:
+        if not is_gather(n):
             continue
         data, idx = n.inputs[0], n.inputs[1]
         prod = idx.producer() if idx is not None else None
@@ -529,7 +529,7 @@ def _reads_input(v: ir.Value, inputs, depth: int = 32) -> bool:
         if any(x is i for i in inputs):
             return True
         p = x.producer()
-        if p is None or id(p) in seen or d >= depth or (p.op_type == "Shape" and p.domain == ""):
+        if p is None or id(p) in seen or d >= depth or is_shape(p):
             continue
         seen.add(id(p))
         stack.extend((i, d + 1) for i in p.inputs if i is not None)
@@ -552,14 +552,14 @@ def _stream_end(blk: AttentionBlock) -> ir.Value:
         raise Skip(f"restore: block {blk.index} has no residual Add after the attention; cannot find the end of the "
                    "residual stream")
     s = blk.post_norm.outputs[0] if blk.post_norm is not None else blk.residual_add.outputs[0]
-    adds = [u for u, _ in s.uses() if u.op_type == "Add" and u.domain == "" and all(const_value(x) is None for x in u.inputs)]
+    adds = [u for u, _ in s.uses() if is_stream_add(u)]
     if len(adds) != 1:
         raise Skip(f"restore: block {blk.index}: no single MLP residual Add after the attention; cannot find the end "
                    "of the residual stream")
     end = adds[0].outputs[0]
     if blk.post_norm is not None:
         users = end.uses()
-        if len(users) == 1 and users[0][0].op_type == blk.post_norm.op_type:
+        if len(users) == 1 and same_op(users[0][0], blk.post_norm):
             end = users[0][0].outputs[0]
     return end
 
