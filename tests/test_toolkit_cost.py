@@ -271,3 +271,20 @@ def test_the_per_pass_check_reads_no_weights_and_still_rejects_invalid_graphs(de
     node.attributes["axis"] = ir.AttrString("axis", "last")  # wrong attribute type
     with pytest.raises(InternalError, match="'test' produced an invalid model"):  # a pass bug: exit 1
         _check(model, "test")
+
+
+def test_count_lines_are_reduced_to_distinct_atoms_without_changing_any_count():
+    """The analysis stores each count line as its distinct atoms; which rows keep an atom is unchanged."""
+    from graphprune.analysis._channel_core import distinct_rows
+
+    rng = np.random.default_rng(5)
+    for shape, atoms in (((7, 300), 4), ((5, 1), 9), ((3, 64), 200), ((12, 197 * 3), 12)):
+        lines = rng.integers(0, atoms, shape)
+        small = distinct_rows(lines)
+        assert small.shape[0] == lines.shape[0] and small.shape[1] <= lines.shape[1]
+        assert [set(r) for r in small.tolist()] == [set(r) for r in lines.tolist()]
+        for _ in range(20):
+            kept = rng.random(atoms) < 0.5
+            np.testing.assert_array_equal(kept[small].any(axis=1), kept[lines].any(axis=1))
+    heads = np.repeat(np.arange(12), 64)[:, None] + np.zeros((1, 197), np.int64)  # one atom per row, 197 times
+    assert distinct_rows(heads).shape == (768, 1)

@@ -418,7 +418,7 @@ def _edits(b: Builder, rec: _Block, env: dict, atoms_of, allowed: set, forbidden
             for ax in range(y.ndim if y is not None else 0):
                 lines = atoms_of(np.moveaxis(y, ax, 0).reshape(y.shape[ax], -1))
                 if not (lines == lines[:1]).all():
-                    b.shape_lines.append((o, ax, lines))
+                    b.shape_line(o, ax, lines)
         if node.op_type in ("Reshape", "Expand"):
             y = env.get(node.outputs[0])
             length = node.inputs[1].shape[0] if node.inputs[1].shape is not None and len(node.inputs[1].shape) == 1 else None
@@ -584,7 +584,7 @@ def apply(b: Builder, rec: _Block) -> None:
     for node in rec.blk.nodes:
         for o in node.outputs:
             if o.shape is not None and len(o.shape) == 4 and o.shape[1] == h:
-                b.shape_lines.append((o, 1, qa[:, :1]))
+                b.shape_line(o, 1, qa[:, :1])
 
 
 def _core_cost(b: Builder, rec: _Block, head_atoms: np.ndarray, h: int, d: int) -> None:

@@ -201,7 +201,7 @@ def _const_member(b: Builder, node: ir.Node, index: int, axis_from_end: int, ato
             else:
                 _shape_edit(b, p, 1, len(shp) - axis_from_end, len(atoms), atoms)
         b.member(p, 0, src.ndim - axis_from_end, atoms, "param")
-        b.shape_lines.append((v, rank(v) - axis_from_end, atoms[:, None]))
+        b.shape_line(v, rank(v) - axis_from_end, atoms[:, None])
         return None
     return f"{v.name!r} ({p.op_type if p else 'graph input'}) carries untracked channels"
 

@@ -165,7 +165,7 @@ def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), 
         if any(v is not None and (v in b.derived or v in b.labels) for v in node.inputs):
             b.derived.update(node.outputs)
     for value, lab in b.labels.items():  # every other op on channels scales with its output's kept fraction
-        b.shape_lines.append((value, lab.axis, lab.atoms[:, None]))
+        b.shape_line(value, lab.axis, lab.atoms[:, None])
         prod = value.producer()
         if prod is not None and prod.outputs[0] is value:
             b.cost(prod, 0, None, lab.atoms)
