@@ -412,11 +412,20 @@ def _runtime_shape(value: ir.Value, allowed: set, forbidden: set[int], depth: in
 
 def _edits(b: Builder, rec: _Block, env: dict, atoms_of, allowed: set, forbidden: set[int]) -> str | None:
     """Count edits for every chain Reshape/Expand/Split entry that varies with the kept heads."""
+    atoms: dict[int, tuple] = {}  # id(simulated array) -> (array, its atoms), computed once per value
+
+    def lines_of(y: np.ndarray, ax: int) -> np.ndarray:
+        a = atoms.get(id(y), (None, None))[1]
+        if a is None:
+            a = atoms_of(y)
+            atoms[id(y)] = (y, a)  # y kept referenced, so its id is not reused
+        return np.moveaxis(a, ax, 0).reshape(y.shape[ax], -1)
+
     for node in _flat([n for c in rec.chains for n in c]) + rec.out_chain:
         for o in node.outputs:  # new shapes of the intermediate values
             y = env.get(o)
             for ax in range(y.ndim if y is not None else 0):
-                lines = atoms_of(np.moveaxis(y, ax, 0).reshape(y.shape[ax], -1))
+                lines = lines_of(y, ax)
                 if not (lines == lines[:1]).all():
                     b.shape_line(o, ax, lines)
         if node.op_type in ("Reshape", "Expand"):
@@ -428,7 +437,7 @@ def _edits(b: Builder, rec: _Block, env: dict, atoms_of, allowed: set, forbidden
             for p in range(length):
                 if p + off < 0:
                     continue
-                lines = atoms_of(np.moveaxis(y, p + off, 0).reshape(y.shape[p + off], -1))
+                lines = lines_of(y, p + off)
                 if (lines == lines[:1]).all():
                     continue
                 slot = const_slot(node, 1, p)
@@ -452,7 +461,7 @@ def _edits(b: Builder, rec: _Block, env: dict, atoms_of, allowed: set, forbidden
             # without sizes (num_outputs): the rewrite writes explicit ones
             base = None if len(node.inputs) > 1 and node.inputs[1] is not None else [y.shape[axis] for y in ys]
             for k, y in enumerate(ys):
-                b.count_edit(node, 1, k, atoms_of(np.moveaxis(y, axis, 0).reshape(y.shape[axis], -1)), base=base)
+                b.count_edit(node, 1, k, lines_of(y, axis), base=base)
         elif node.op_type == "Slice":
             x = env.get(node.inputs[0])
             if x is None:
@@ -461,7 +470,7 @@ def _edits(b: Builder, rec: _Block, env: dict, atoms_of, allowed: set, forbidden
             axes = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(vals[0]))
             steps = vals[3] if len(vals) > 3 and vals[3] is not None else np.ones(len(axes), dtype=np.int64)
             for k, a in enumerate(int(a) % x.ndim for a in axes):
-                lines = atoms_of(np.moveaxis(x, a, 0).reshape(x.shape[a], -1))
+                lines = lines_of(x, a)
                 if (lines == lines[:1]).all():
                     continue  # the same atoms at every position: the bounds never move
                 if int(steps[k]) != 1:

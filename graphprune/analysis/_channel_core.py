@@ -180,6 +180,8 @@ def distinct_rows(lines: np.ndarray) -> np.ndarray:
     lines = np.asarray(lines, dtype=np.int64)
     if lines.ndim != 2 or lines.shape[1] <= 1:
         return lines
+    if (lines.min(axis=1) == lines.max(axis=1)).all():  # one atom per row (a channel repeated over tokens)
+        return lines[:, :1].copy()
     srt = np.sort(lines, axis=1)
     new = np.ones(srt.shape, dtype=bool)
     new[:, 1:] = srt[:, 1:] != srt[:, :-1]
