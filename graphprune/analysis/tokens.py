@@ -164,10 +164,6 @@ def token_sites(start: ir.Value) -> TokenSites:
     return TokenSites(nodes, sites, weight_dims(nodes))
 
 
-__all__ = ["ConcatShape", "ShapeConstant", "Site", "SizeConstant", "TokenSites", "UpstreamShape", "downstream_nodes",
-           "token_sites", "weight_dims"]
-
-
 # -- op facts the token passes consume (op types are matched here, not in passes/) ------------------------------
 #: Shape arithmetic that carries the token count from a ``Shape`` to a downstream reader (cloned by the dynamic
 #: token rewrite when the count changes).
@@ -188,7 +184,7 @@ def is_shape(node: ir.Node | None) -> bool:
 
 def is_shape_arith(node: ir.Node | None) -> bool:
     """A standard op of :data:`SHAPE_OPS`: shape arithmetic the dynamic token rewrite can clone."""
-    return node is not None and node.domain == "" and node.op_type in SHAPE_OPS
+    return _std(node, *SHAPE_OPS)
 
 
 def is_reshape(node: ir.Node | None) -> bool:
@@ -201,7 +197,7 @@ def is_matmul(node: ir.Node | None) -> bool:
 
 def is_gather(node: ir.Node | None) -> bool:
     """A standard gather (``Gather`` / ``GatherND`` / ``GatherElements``) with its data and index inputs."""
-    return node is not None and node.domain == "" and node.op_type in _GATHERS and len(node.inputs) >= 2
+    return _std(node, *_GATHERS) and len(node.inputs) >= 2
 
 
 def is_stream_add(node: ir.Node | None) -> bool:
@@ -212,3 +208,8 @@ def is_stream_add(node: ir.Node | None) -> bool:
 def same_op(a: ir.Node | None, b: ir.Node | None) -> bool:
     """``a`` and ``b`` are the same operator (type and domain)."""
     return a is not None and b is not None and (a.domain, a.op_type) == (b.domain, b.op_type)
+
+
+__all__ = ["SHAPE_OPS", "ConcatShape", "ShapeConstant", "Site", "SizeConstant", "TokenSites", "UpstreamShape",
+           "downstream_nodes", "is_gather", "is_matmul", "is_reshape", "is_shape", "is_shape_arith", "is_stream_add",
+           "same_op", "token_sites", "weight_dims"]
