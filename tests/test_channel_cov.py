@@ -348,3 +348,45 @@ def test_rotary_factors_across_heads_are_refused(per_head, tmp_path):
         out = zoo.run(model, feeds, tmp_path, "rope")[0]
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
         assert np.abs(out - zoo.run(ir.load(path), feeds, tmp_path, "base")[0]).max() > 1e-3
+
+
+# -- rotary spellings and per-head position biases ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zoo_decoders(tmp_path_factory):
+    """Zoo exports whose heads used to stay whole: ``chunk``-written rotate_half (a two-output Split), partial
+    rotary (Phi, GPT-NeoX's fused ``[B, N, H, 3D]`` qkv), and T5's relative-position bias (a per-head mask)."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tests import _zoo
+
+    folder = tmp_path_factory.mktemp("zoo_dec")
+    return {name: _zoo.export(_zoo.BY_NAME[name], folder) for name in ("decoder_gqa_rope", "phi", "gpt_neox",
+                                                                          "t5_encoder")}
+
+
+@pytest.mark.parametrize("name", ["decoder_gqa_rope", "phi", "gpt_neox", "t5_encoder"])
+def test_rotary_spellings_and_head_biases_prune_heads(zoo_decoders, name, tmp_path):
+    """Every attention block's heads are one prunable group; at 50% the pruned model equals the original with the
+    pruned heads' (and hidden units') producer rows zeroed (``masked_copy``, numpy only), at two sequence lengths.
+    T5 shares one relative-position bias table across blocks: its head columns are sliced with the heads, so
+    the blocks' heads are coupled into one group."""
+    path = zoo_decoders[name]
+    groups = analyze_channels(ir.load(path)).groups
+    heads = [g for g in groups if g.kind == "heads"]
+    assert heads and all(g.prunable for g in heads), [g.describe() for g in groups]
+    assert len(heads) == (1 if name == "t5_encoder" else 2)
+    model, plan, _ = _prune(path, tmp_path, ratio=0.5)
+    if name == "t5_encoder":
+        table = [e for e in plan["slices"] if "relative_attention_bias" in e["initializer"]]
+        assert len(table) == 1 and len(table[0]["keep"]) == 2, table
+    rng = np.random.default_rng(0)
+    for n in (16, 23):
+        feeds = {"input_ids": rng.integers(3, 100, (2, n)), "attention_mask": np.ones((2, n), dtype=np.int64)}
+        feeds["attention_mask"][1, n - 5:] = 0
+        ref = zoo.run(zoo.masked_copy(ir.load(path), plan), feeds, tmp_path, "masked")[0]
+        out = zoo.run(model, feeds, tmp_path, "pruned")[0]
+        base = zoo.run(ir.load(path), feeds, tmp_path, "base")[0]
+        assert out.shape == base.shape
+        np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+        assert np.abs(out - base).max() > 1e-3
+    assert _flops_ratio(path, model, batch=1, seq=16) < 0.75

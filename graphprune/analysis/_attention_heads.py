@@ -7,9 +7,10 @@ Pattern (any layout the exporter writes between the projections and the core):
         --(Transpose | Reshape)*--> merged [.., H·D] --> output projection
 The root values are the outputs of the q/k/v projections (plus bias), labeled on their last axis. One root may feed
 all three (a fused qkv projection: timm's ``[B, N, 3, H, D]`` view picked apart with Gather or, for ``unbind(0)``,
-Slice + Squeeze; GPT-2's ``c_attn`` split in three). A rotary embedding (``x·cos + rotate_half(x)·sin``, the
-Llama spelling) is one chain step: the index tensor goes through its Slices and Concat exactly, and the step is
-accepted only when its last axis lies within one head and cos/sin do not vary across heads.
+Slice + Squeeze; GPT-2's ``c_attn`` split in three). A rotary embedding (``x·cos + rotate_half(x)·sin``, halves
+taken with Slices or a ``chunk`` Split; partial rotary ``Concat(rope(x[..., :r]), x[..., r:])``) is one chain step:
+the index tensor goes through its Slices, Split and Concats exactly, and the step is accepted only when its last
+axis lies within one head and cos/sin do not vary across heads.
 
 How the channel ↔ (head, dim) maps are found: an index tensor (channel + C·position) is pushed through the
 exact chain ops in numpy, with symbolic dims (batch, tokens) set to 1. The result at q/k/v gives, for each
@@ -22,7 +23,9 @@ and with the merged channels of head h (the rows of the output projection).
 Rewrites: every static entry of a chain Reshape/Expand target, Split sizes (explicit ones written for a Split with
 ``num_outputs``) and Slice bounds that vary with the channel; the
 ``q_num_heads``/``kv_num_heads`` attributes of a 3-D ``Attention`` op; com.microsoft ``num_heads``.
-Blocked: com.microsoft packed ``Attention``, per-head masks, chains with other ops or other users.
+A per-head additive mask (``[B, H, N, N]``; T5's relative-position bias) is pruned with the heads when its head
+axis is a tracked channel axis (a gathered ``[buckets, H]`` table): each head's mask atom joins the head's class.
+Blocked: com.microsoft packed ``Attention``, per-head masks from constants, chains with other ops or other users.
 """
 
 from __future__ import annotations
@@ -70,14 +73,18 @@ def _data_input(node: ir.Node) -> ir.Value | None:
 @dataclasses.dataclass
 class _Rope:
     """A rotary embedding ``y = x·cos + rotate_half(x)·sin`` (``rotate_half(x) = Concat(-x[..., h:], x[..., :h])``
-    on the last axis) in a q/k chain: one chain step from ``x`` to ``y``. It mixes only positions of the last axis,
-    so heads pass through unchanged when the last axis lies within one head and cos/sin do not vary across heads;
-    both are checked on the simulated head map (``_check_rope``)."""
+    on the last axis; the halves taken with two Slices or one two-output Split, as ``chunk(2, -1)`` exports) in a
+    q/k chain: one chain step from ``x`` to ``y``. Partial rotary (GPT-NeoX, Phi:
+    ``y = Concat(rope(x[..., :r]), x[..., r:])``) is one step too. It mixes only positions of the last axis, so
+    heads pass through unchanged when the last axis lies within one head and cos/sin do not vary across heads; both
+    are checked on the simulated head map (``_check_rope``)."""
 
-    nodes: list[ir.Node]  # inner nodes, in dependency order
+    nodes: list[ir.Node]  # inner nodes, in dependency order, each once
     inputs: list[ir.Value]  # [x]
     outputs: list[ir.Value]  # [y]
     sides: list[ir.Value]  # cos, sin
+    pieces: dict[ir.Value, list[tuple[int, int]]]  # every inner value: the last-axis ranges of x it holds, in order
+    factors: list[tuple[ir.Node, ir.Value]]  # (Mul by cos or sin, its operand on the x side)
     op_type: str = "Rope"
     domain: str = ""
 
@@ -91,6 +98,10 @@ def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
     return p if p is not None and p.op_type == op and p.domain == "" else None
 
 
+def _last_dim(x: ir.Value) -> int | None:
+    return x.shape[-1] if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) else None
+
+
 def _last_axis_slice(node: ir.Node | None, x: ir.Value) -> tuple[int, int] | None:
     """(start, end) of a step-1 Slice of ``x`` on its last axis with constant bounds, else ``None``."""
     if node is None or node.op_type != "Slice" or node.inputs[0] is not x or x.shape is None or len(node.inputs) < 4:
@@ -100,7 +111,7 @@ def _last_axis_slice(node: ir.Node | None, x: ir.Value) -> tuple[int, int] | Non
                                                                       and int(np.asarray(vals[3]).ravel()[0]) != 1):
         return None
     r = len(x.shape)
-    if int(np.asarray(vals[2]).ravel()[0]) % r != r - 1 or not isinstance(x.shape[r - 1], int):
+    if int(np.asarray(vals[2]).ravel()[0]) % r != r - 1 or _last_dim(x) is None:
         return None
     n = x.shape[r - 1]
     s, e = (int(np.asarray(v).ravel()[0]) for v in vals[:2])
@@ -108,7 +119,37 @@ def _last_axis_slice(node: ir.Node | None, x: ir.Value) -> tuple[int, int] | Non
     return s, e
 
 
+def _last_axis_piece(value: ir.Value, x: ir.Value) -> tuple[ir.Node, int, int] | None:
+    """``value`` as ``x[..., s:e]``: a Slice of ``x``, or one output of a Split of ``x`` on its last axis."""
+    node = value.producer()
+    if node is None or node.domain != "" or node.inputs[0] is not x:
+        return None
+    if node.op_type == "Slice":
+        b = _last_axis_slice(node, x)
+        return (node, *b) if b is not None else None
+    n = _last_dim(x)
+    if node.op_type != "Split" or n is None or node.attributes.get_int("axis", 0) % len(x.shape) != len(x.shape) - 1:
+        return None
+    given = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    k = len(node.outputs)
+    if given is not None:
+        sizes = [int(v) for v in np.asarray(given).ravel()]
+    elif len(node.inputs) > 1 and node.inputs[1] is not None:
+        return None
+    else:  # num_outputs: ceil(n / k) each, the last one smaller
+        step = -(-n // k)
+        sizes = [min(step, max(n - step * i, 0)) for i in range(k)]
+    if len(sizes) != k or sum(sizes) != n:
+        return None
+    i = list(node.outputs).index(value)
+    return node, sum(sizes[:i]), sum(sizes[: i + 1])
+
+
 def _rope(value: ir.Value) -> _Rope | None:
+    return _full_rope(value) or _partial_rope(value)
+
+
+def _full_rope(value: ir.Value) -> _Rope | None:
     add = _producer(value, "Add")
     if add is None:
         return None
@@ -121,21 +162,53 @@ def _rope(value: ir.Value) -> _Rope | None:
             for ri in (0, 1):
                 rot, sin = rotated.inputs[ri], rotated.inputs[1 - ri]
                 cat = _producer(rot, "Concat")
-                if cat is None or len(cat.inputs) != 2 or x.shape is None:
+                n = _last_dim(x)
+                if cat is None or len(cat.inputs) != 2 or n is None or n % 2:
                     continue
                 r = len(x.shape)
                 neg = _producer(cat.inputs[0], "Neg")
                 if cat.attributes.get_int("axis", 0) % r != r - 1 or neg is None:
                     continue
-                hi, lo = neg.inputs[0].producer(), cat.inputs[1].producer()
-                b_hi, b_lo = _last_axis_slice(hi, x), _last_axis_slice(lo, x)
-                n = x.shape[r - 1]
-                if b_hi is None or b_lo is None or n % 2 or b_lo != (0, n // 2) or b_hi != (n // 2, n):
+                hi, lo = _last_axis_piece(neg.inputs[0], x), _last_axis_piece(cat.inputs[1], x)
+                if hi is None or lo is None or lo[1:] != (0, n // 2) or hi[1:] != (n // 2, n):
                     continue
-                if any(const_value(v) is None and (v is x or v.producer() in (hi, lo, neg, cat)) for v in (cos, sin)):
+                srcs = list(dict.fromkeys([hi[0], lo[0]]))
+                inner = {hi[0], lo[0], neg, cat}
+                if any(const_value(v) is None and (v is x or v.producer() in inner) for v in (cos, sin)):
                     continue
-                return _Rope([hi, lo, neg, cat, rotated, direct, add], [x], [value], [cos, sin])
+                h = n // 2
+                pieces = {neg.inputs[0]: [(h, n)], cat.inputs[1]: [(0, h)], neg.outputs[0]: [(h, n)],
+                          cat.outputs[0]: [(h, n), (0, h)], rotated.outputs[0]: [(h, n), (0, h)],
+                          direct.outputs[0]: [(0, n)], value: [(0, n)]}
+                return _Rope([*srcs, neg, cat, rotated, direct, add], [x], [value], [cos, sin], pieces,
+                             [(rotated, rot), (direct, x)])
     return None
+
+
+def _partial_rope(value: ir.Value) -> _Rope | None:
+    """``Concat(rope(x[..., :r]), x[..., r:])`` on the last axis."""
+    cat = _producer(value, "Concat")
+    if cat is None or len(cat.inputs) != 2 or value.shape is None:
+        return None
+    if cat.attributes.get_int("axis", 0) % len(value.shape) != len(value.shape) - 1:
+        return None
+    inner = _full_rope(cat.inputs[0])
+    if inner is None:
+        return None
+    xr = inner.inputs[0]
+    src = xr.producer()
+    x = src.inputs[0] if src is not None and src.inputs else None
+    n = _last_dim(x) if x is not None else None
+    rot = _last_axis_piece(xr, x) if n is not None else None
+    rest = _last_axis_piece(cat.inputs[1], x) if n is not None else None
+    if rot is None or rest is None or rot[0].op_type != "Slice" or rot[1:] != (0, _last_dim(xr)) \
+            or rest[1:] != (rot[2], n):
+        return None
+    pieces = {v: [(s, e)] for v, (s, e) in ((xr, rot[1:]), (cat.inputs[1], rest[1:]))}
+    pieces.update({v: list(r) for v, r in inner.pieces.items()})  # inner ranges are relative to xr = x[..., :r]
+    pieces[value] = [(0, n)]
+    nodes = list(dict.fromkeys([rot[0], rest[0], *inner.nodes, cat]))
+    return _Rope(nodes, [x], [value], inner.sides, pieces, inner.factors)
 
 
 def _flat(chain: list) -> list[ir.Node]:
@@ -191,12 +264,24 @@ def _describe(b: Builder, blk: AttentionBlock) -> _Block:
         chains.append(c)
         roots.append(r)
     out_chain, merged = _walk_forward(blk.output)
-    rec = _Block(blk, operands, kt, chains, roots, out_chain, merged)
-    if blk.mask is not None and blk.mask.shape is not None and len(blk.mask.shape) == 4:
-        h = blk.mask.shape[1]
-        if not (isinstance(h, int) and h == 1):
-            rec.reason = "the mask has a head axis"
-    return rec
+    return _Block(blk, operands, kt, chains, roots, out_chain, merged)
+
+
+def _mask_heads(b: Builder, blk: AttentionBlock, h: int) -> np.ndarray | str | None:
+    """The atom of each head of a per-head additive mask (``[B, H, N, N]``), ``None`` for a head-broadcast mask, or
+    why it blocks. A per-head mask is pruned with the heads when its head axis is a tracked channel axis (T5's
+    relative-position bias, a ``[buckets, H]`` table gathered and permuted); a mask shared by several blocks couples
+    their heads."""
+    m = blk.mask
+    if m is None or m.shape is None or len(m.shape) != 4:
+        return None
+    mh = m.shape[1]
+    if isinstance(mh, int) and mh == 1:
+        return None
+    lab = b.label(m)
+    if lab is None or lab.axis != 1 or len(lab.atoms) != h:
+        return "the mask has a head axis that is not a tracked channel axis"
+    return lab.atoms
 
 
 def claim(b: Builder, blocks: list[AttentionBlock]) -> Claims:
@@ -255,21 +340,19 @@ def _eval_shape(value: ir.Value, env: dict, depth: int = 0) -> np.ndarray:
 
 
 def _run_rope(rope: _Rope, x: np.ndarray, env: dict) -> list[np.ndarray]:
-    """Index arrays through a rotary step: the Slices and the Concat exactly, the products as their x operand."""
-    hi, lo, neg, cat, rotated, direct, add = rope.nodes
-    h = x.shape[-1] // 2
-    env[hi.outputs[0]], env[lo.outputs[0]] = x[..., h:], x[..., :h]
-    env[neg.outputs[0]] = x[..., h:]
-    env[cat.outputs[0]] = np.concatenate([x[..., h:], x[..., :h]], axis=-1)
-    for node, data, arr in ((rotated, cat.outputs[0], env[cat.outputs[0]]), (direct, rope.inputs[0], x)):
+    """Index arrays through a rotary step: every inner value holds known last-axis ranges of ``x`` (the Slices,
+    the Split and the Concats exactly); the products by cos/sin are their x-side operand."""
+    for v, ranges in rope.pieces.items():
+        env[v] = np.concatenate([x[..., s:e] for s, e in ranges], axis=-1)
+    for node, data in rope.factors:
         side = node.inputs[1] if node.inputs[0] is data else node.inputs[0]
         s = static_shape(side) if const_value(side) is None else list(np.asarray(const_value(side)).shape)
         if s is None:
             raise ValueError(f"rotary factor {side.name!r} has an unknown shape")
+        arr = env[data]
         if tuple(np.broadcast_shapes(arr.shape, tuple(s))) != arr.shape:
             raise ValueError(f"rotary factor {side.name!r} broadcasts the operand")
-        env[node.outputs[0]] = arr
-    return [x]
+    return [env[rope.outputs[0]]]
 
 
 def _check_rope(chain: list, env: dict, width: int, hm: np.ndarray) -> str | None:
@@ -532,9 +615,14 @@ def apply(b: Builder, rec: _Block) -> None:
     h, hk = qa.shape[0], ka.shape[0]
     if h % hk or va.shape[0] != hk:
         return fail(f"{h} query heads do not split evenly over {hk} key/value heads")
+    mask = _mask_heads(b, rec.blk, h)
+    if isinstance(mask, str):
+        return fail(mask)
     for i in range(h):
         j = i * hk // h
-        b.union_all(np.concatenate([qa[i], ka[j], va[j]]))
+        b.union_all(np.concatenate([qa[i], ka[j], va[j]] + ([mask[i:i + 1]] if mask is not None else [])))
+    if mask is not None:  # a per-head parameter (a bias table), not the model's input stem
+        b.stem_spaces -= {int(b.atom_space[a]) for a in mask.tolist()}
     for s in {int(b.atom_space[a]) for a in np.concatenate([qa.ravel(), ka.ravel(), va.ravel()]).tolist()}:
         b.kinds[s] = "heads"
     d = qa.shape[1]
