@@ -35,6 +35,7 @@ import onnx_ir as ir
 import pydantic
 import yaml
 
+from graphprune._dtype import BF16_NOTE, has_bfloat16
 from graphprune.backends.onnxruntime import count_flops
 from graphprune.errors import ConfigError, GraphpruneError, InternalError
 from graphprune.passes import get_pass
@@ -295,6 +296,9 @@ def optimize(
     t0 = time.perf_counter()
     model_path = Path(model_path)
     model = load_model(model_path)
+    if bench and has_bfloat16(model):
+        raise ConfigError("cannot benchmark a bfloat16 model: ONNX Runtime's CPU provider has no bfloat16 kernels "
+                          "(verification runs its exact float32 twin; time the engine on a GPU backend, or drop --bench)")
     # Weights inside a large .onnx were mapped from the file (io.load_model): verification runs a clone of the
     # model as loaded (its weights the same views into the file), not the file, which ORT would parse into memory.
     original = model.clone() if mapped_from_file(model, model_path) else model_path
@@ -363,6 +367,8 @@ def _verify_bench_report(model_path, original, output, model, staged_path, recor
     report_verify = compare(original, staged_path, verify_feeds, pipeline.verify, real_data=ver.source == "user",
                             progress=lambda d, t: _progress(context, "verify", d, t))
     timings["verify"] = time.perf_counter() - t0
+    if report_verify.compute_dtype != "model":
+        warnings.append(f"verification {BF16_NOTE}")
     if records:  # the pipeline already counted the model before its first and after its last pass
         f0, f1 = records[0]["flops"]["before"], records[-1]["flops"]["after"]
         p0, p1 = records[0]["params"]["before"], records[-1]["params"]["after"]

@@ -3,7 +3,7 @@
 Running: the original runs on every feed first and its outputs are kept (numpy; past ``SPILL_BYTES`` in a temporary
 folder, read back one feed at a time); its session is dropped, and the memory it freed handed back, before the
 optimized session is built, so the two models never hold memory at the same time. Both sessions run without ORT's
-memory arena. Outputs are matched by
+memory arena and without weight prepacking (no second, packed copy of the MatMul weights). Outputs are matched by
 position; a different output count, or a different shape for any output on any feed, is a ``VerificationError``.
 
 Kinds — one per graph output, classified from the original's outputs over all feeds, unless ``verify.outputs``
@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import numpy as np
+import onnx_ir as ir
 import pydantic
 
 from graphprune.backends.onnxruntime import ModelLike, make_session, return_freed_memory, run
@@ -171,6 +172,7 @@ class VerifyReport:
     outputs: list[OutputReport]
     failures: list[str] = dataclasses.field(default_factory=list)
     samples: int = 0
+    compute_dtype: str = "model"  # "model", or "float32 (bfloat16 upcast)" on a backend without bfloat16 kernels
 
     @property
     def passed(self) -> bool:
@@ -185,7 +187,8 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        keys = ("passed", "failures", "samples", "max_abs_err", "cosine_min", "top1_agreement", "outputs")
+        keys = ("passed", "failures", "samples", "max_abs_err", "cosine_min", "top1_agreement", "compute_dtype",
+                "outputs")
         return {k: (self.passed if k == "passed" else d[k]) for k in keys}
 
     def summary(self) -> str:
@@ -441,10 +444,12 @@ def compare(
     if not feeds:
         raise VerificationError("no verification feeds: give at least one feed dict")
     total = 2 * len(feeds)
+    original, up_a = _runnable(original)
+    optimized, up_b = _runnable(optimized)
 
     return_freed_memory()  # what the passes freed, before the first session
     try:
-        session = make_session(original, arena=False)
+        session = make_session(original, arena=False, prepack=False)
     except Exception as e:  # the input model itself: ORT cannot load it (an op or opset it lacks, ...)
         if type(e).__module__.startswith("onnxruntime"):
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
@@ -462,9 +467,26 @@ def compare(
                 progress(i + 1, total)
         del session  # released before the optimized session exists: never two models in memory
         return_freed_memory()
-        return _compare_with(reference, optimized, feeds, names, t, progress, total, real_data)
+        report = _compare_with(reference, optimized, feeds, names, t, progress, total, real_data)
+        if up_a or up_b:
+            report.compute_dtype = "float32 (bfloat16 upcast)"
+        return report
     finally:
         reference.close()
+
+
+def _runnable(model: ModelLike) -> tuple[ModelLike, bool]:
+    """``model`` as ORT's CPU provider can run it: a bfloat16 model becomes its exact float32 twin
+    (:func:`graphprune._dtype.upcast_bfloat16`, on a copy; a path is mapped, not parsed into memory)."""
+    from graphprune._dtype import has_bfloat16, upcast_bfloat16
+    from graphprune.io import load_model
+
+    m = model if isinstance(model, ir.Model) else load_model(model)
+    if not has_bfloat16(m):
+        return model, False
+    twin = m.clone() if m is model else m
+    upcast_bfloat16(twin)
+    return twin, True
 
 
 def _compare_with(reference: _References, optimized, feeds, names, t, progress, total, real_data) -> VerifyReport:
@@ -477,7 +499,7 @@ def _compare_with(reference: _References, optimized, feeds, names, t, progress, 
             kind, source = classify_output(name, values), "auto"
         accs.append((_Accumulator(name, kind, _is_float(reference.feed(0)[j])), source))
 
-    session = make_session(optimized, arena=False)
+    session = make_session(optimized, arena=False, prepack=False)
     if len(session.get_outputs()) != len(names):
         raise VerificationError(f"optimized model has {len(session.get_outputs())} outputs, original has {len(names)}")
     for i, feed in enumerate(feeds):

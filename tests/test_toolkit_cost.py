@@ -288,3 +288,35 @@ def test_count_lines_are_reduced_to_distinct_atoms_without_changing_any_count():
             np.testing.assert_array_equal(kept[small].any(axis=1), kept[lines].any(axis=1))
     heads = np.repeat(np.arange(12), 64)[:, None] + np.zeros((1, 197), np.int64)  # one atom per row, 197 times
     assert distinct_rows(heads).shape == (768, 1)
+
+
+def test_verification_sessions_skip_weight_prepacking_and_benchmarks_keep_it(decoder, tmp_path, monkeypatch):
+    """Verification builds its sessions without ORT's packed second copy of the MatMul weights (and without the
+    arena); the benchmark's sessions keep both, as a deployed session has them. The packed-off session's outputs
+    equal a default session's."""
+    import onnxruntime as ort
+
+    seen: list[tuple[bool, str]] = []
+    real = ort.InferenceSession
+
+    class Recording(real):
+        def __init__(self, model, so=None, *a, **k):
+            try:
+                packed_off = so.get_session_config_entry("session.disable_prepacking")
+            except Exception:  # noqa: BLE001 - ORT raises for an entry never set
+                packed_off = ""
+            seen.append((bool(so.enable_cpu_mem_arena), packed_off))
+            super().__init__(model, so, *a, **k)
+
+    monkeypatch.setattr(ort, "InferenceSession", Recording)
+    report = gp.optimize(decoder, tmp_path / "o.onnx", gp.Pipeline().add("cleanup"), bench=True, bench_runs=2,
+                         force=True)
+    assert report["verify"]["passed"]
+    verify_sessions, bench_sessions = seen[:2], seen[2:]
+    assert verify_sessions == [(False, "1"), (False, "1")], seen
+    assert bench_sessions and all(s == (True, "") for s in bench_sessions), seen
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    feed = {"input_ids": np.arange(TINY.seq, dtype=np.int64)[None] % TINY.vocab}
+    lean = backend.make_session(decoder, arena=False, prepack=False).run(None, feed)[0]
+    default = backend.make_session(decoder).run(None, feed)[0]
+    np.testing.assert_allclose(lean, default, rtol=1e-5, atol=1e-5)

@@ -436,7 +436,9 @@ def test_report_dict_and_summary(tmp_path):
     pb = _linear(tmp_path / "b.onnx", w + 0.01 * rng.standard_normal(w.shape).astype(np.float32))
     rep = compare(pa, pb, [_x(rng, 40, 8)], VerifyThresholds(max_abs_err=10.0, top1_min=None))
     d = json.loads(json.dumps(rep.to_dict()))
-    assert list(d) == ["passed", "failures", "samples", "max_abs_err", "cosine_min", "top1_agreement", "outputs"]
+    assert list(d) == ["passed", "failures", "samples", "max_abs_err", "cosine_min", "top1_agreement", "compute_dtype",
+                       "outputs"]
+    assert d["compute_dtype"] == "model"  # float32 models run at their own dtype
     assert d["passed"] and d["samples"] == 40 and d["top1_agreement"] == rep.top1_agreement
     (o,) = d["outputs"]
     assert {"name", "kind", "kind_source", "metrics", "thresholds", "failures"} <= set(o)
