@@ -17,8 +17,9 @@ Each figure comes from its own child process, so that its peak RSS (``ru_maxrss`
     a refusal (an error exit) is reported with its message;
   * ``cleanup, verify 2`` and ``prune 0.3, verify 2`` (asked for by name in ``--pipelines``): the same with
     ``--verify-samples 2``, which separates the toolkit's own cost from the model's 2 × 8 verification runs.
-Reported: wall time and its ratio to ``ort``; peak RSS and its ratio to the model's weight bytes; the time of each
-stage from the report (``timings``: load, passes, save, verify, commit). Interpreter start and imports are in
+``--reps N`` (default 3) runs N rounds, each the unit then every pipeline; a row gives the medians: wall time, the
+ratio to the unit run of the same round, peak RSS. Reported: wall time and its ratio to ``ort``; peak RSS and its
+ratio to the model's weight bytes; the time of each stage from the report (``timings``: load, passes, save, verify, commit). Interpreter start and imports are in
 every wall time, the unit's included. The machine is shared: say so when quoting figures.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,29 +108,54 @@ def make_dec(work: Path, gb: int) -> Path:
     return out
 
 
-def bench_model(name: str, path: Path, pipelines: list[str], work: Path) -> list[dict]:
+def _optimize_row(name: str, path: Path, label: str, work: Path) -> dict:
+    out = work / "out" / f"{name}-{label.replace(' ', '_').replace(',', '')}.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rep = out.with_suffix(".json")
+    rep.unlink(missing_ok=True)
+    r = _child([sys.executable, "-m", "graphprune.cli", "optimize", str(path), "-o", str(out), "--report", str(rep),
+                "--force", *PIPELINES[label]])
+    if r["rc"] == 0 and rep.exists():
+        report = json.loads(rep.read_text())
+        r["timings"] = report.get("timings", {}) | {"passes_each": {p["name"]: p["seconds"] for p in report["passes"]}}
+        r["verify_passed"] = report["verify"]["passed"]
+        r["params_ratio"] = report["params"]["ratio"]
+        r["message"] = "; ".join(report.get("warnings", [])[:1])[:120]
+    for f in (out, out.with_name(out.name + ".data")):
+        f.unlink(missing_ok=True)
+    return r
+
+
+def _median_row(runs: list[dict], units: list[dict]) -> dict:
+    """One row from ``reps`` interleaved runs: medians of wall time, peak RSS and the per-repetition ratio to the
+    unit run just before it; stage timings of the median run."""
+    walls = [r["wall_s"] for r in runs]
+    mid = sorted(range(len(runs)), key=lambda i: walls[i])[len(runs) // 2]
+    row = dict(runs[mid])
+    row["wall_s"] = statistics.median(walls)
+    row["rss_mb"] = statistics.median(r["rss_mb"] for r in runs)
+    row["x_ort"] = statistics.median(r["wall_s"] / u["wall_s"] for r, u in zip(runs, units, strict=True))
+    row["walls_s"], row["rss_all_mb"] = walls, [r["rss_mb"] for r in runs]
+    return row
+
+
+def bench_model(name: str, path: Path, pipelines: list[str], work: Path, reps: int = 1) -> list[dict]:
+    """``reps`` rounds, each the unit then every pipeline (interleaved, so a slow stretch of the machine hits
+    both sides of a ratio); one row per pipeline with the medians."""
     nbytes = weight_bytes(path)
-    unit = _child([sys.executable, "-c", _ORT_CHILD, str(path)])
+    units: list[dict] = []
+    runs: dict[str, list[dict]] = {label: [] for label in pipelines}
+    for _ in range(reps):
+        units.append(_child([sys.executable, "-c", _ORT_CHILD, str(path)]))
+        for label in pipelines:
+            runs[label].append(_optimize_row(name, path, label, work))
+    unit = _median_row(units, units)
     rows = [{"model": name, "pipeline": "ort session + 1 run", "weights_mb": nbytes / 2**20, **unit,
-             "x_ort": 1.0, "x_bytes": unit["rss_mb"] * 2**20 / nbytes}]
+             "x_ort": 1.0, "x_bytes": unit["rss_mb"] * 2**20 / nbytes, "reps": reps}]
     for label in pipelines:
-        out = work / "out" / f"{name}-{label.replace(' ', '_').replace(',', '')}.onnx"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        rep = out.with_suffix(".json")
-        rep.unlink(missing_ok=True)
-        r = _child([sys.executable, "-m", "graphprune.cli", "optimize", str(path), "-o", str(out), "--report", str(rep),
-                    "--force", *PIPELINES[label]])
-        row = {"model": name, "pipeline": label, "weights_mb": nbytes / 2**20, **r, "x_ort": r["wall_s"] / unit["wall_s"],
-               "x_bytes": r["rss_mb"] * 2**20 / nbytes}
-        if r["rc"] == 0 and rep.exists():
-            report = json.loads(rep.read_text())
-            row["timings"] = report.get("timings", {}) | {"passes_each": {p["name"]: p["seconds"] for p in report["passes"]}}
-            row["verify_passed"] = report["verify"]["passed"]
-            row["params_ratio"] = report["params"]["ratio"]
-            row["message"] = "; ".join(report.get("warnings", [])[:1])[:120]
-        for f in (out, out.with_name(out.name + ".data")):
-            f.unlink(missing_ok=True)
-        rows.append(row)
+        row = _median_row(runs[label], units)
+        rows.append({"model": name, "pipeline": label, "weights_mb": nbytes / 2**20, **row,
+                     "x_bytes": row["rss_mb"] * 2**20 / nbytes, "reps": reps})
     return rows
 
 
@@ -154,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipelines", nargs="+", default=DEFAULT_PIPELINES, choices=list(PIPELINES))
     p.add_argument("--work", default="/tmp/graphprune-bench-toolkit", help="where models and outputs are written")
     p.add_argument("--json", help="write the rows as JSON here")
+    p.add_argument("--reps", type=int, default=3, help="interleaved rounds per model; rows are medians (default 3)")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -164,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             path = inline if name == "vitb" else ext
         else:
             path = make_dec(work, int(name[3:]))
-        rows += bench_model(name, path, a.pipelines, work)
+        rows += bench_model(name, path, a.pipelines, work, a.reps)
         print(table(rows[-1 - len(a.pipelines):]), flush=True)
     print()
     print(table(rows))

@@ -6,9 +6,10 @@ verified or calibrated there at its own dtype. :func:`upcast_bfloat16` rewrites 
 bfloat16 tensor is float32: value types, initializers (converted lazily, one tensor at a time when the model is
 serialised or saved; bfloat16 → float32 is exact), tensor attributes (``Constant``, ``ConstantOfShape``), and the
 ``to`` / ``dtype`` attributes that name bfloat16 (``Cast``, ``EyeLike``, ``Random*``), in the main graph, every
-subgraph and every model-local function (the ai.graphprune op bodies). The original and the optimized model are
-upcast the same way, so a comparison of the twins checks the rewrite; what it does not see is bfloat16 rounding
-inside the compute, and the callers say so.
+subgraph and every model-local function (the ai.graphprune op bodies). Verification asks for ``round_outputs``:
+every op's output is rounded back to bfloat16 where it is produced, which is what bfloat16 kernels that accumulate
+in float32 return, so both models are compared at their own dtype (emulated, and the report says so). Calibration
+probes read the plain float32 twin.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["has_bfloat16", "upcast_bfloat16", "BF16_NOTE"]
+__all__ = ["has_bfloat16", "upcast_bfloat16", "BF16_NOTE", "BF16_EMULATED"]
 
-BF16_NOTE = ("ran at float32: ONNX Runtime's CPU provider has no bfloat16 kernels, so the bfloat16 weights were "
-             "upcast exactly and both models computed in float32 (the check covers the rewrite, not bfloat16 rounding)")
+BF16_NOTE = ("emulated bfloat16: ONNX Runtime's CPU provider has no bfloat16 kernels, so both models ran in "
+             "float32 on their exact float32 weights with every op's output rounded to bfloat16")
+#: ``VerifyReport.compute_dtype`` of an emulated run.
+BF16_EMULATED = "bfloat16 (emulated: float32 compute, each op's output rounded to bfloat16)"
 
 _BF16, _F32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT
 _DTYPE_ATTRS = {"to", "dtype"}
@@ -68,8 +71,14 @@ def _upcast_tensor(t: ir.TensorProtocol) -> ir.TensorProtocol:
     return ir.LazyTensor(compute, dtype=_F32, shape=ir.Shape(list(t.shape)), name=t.name)
 
 
-def upcast_bfloat16(model: ir.Model) -> bool:
-    """Rewrite ``model`` in place: every bfloat16 tensor becomes float32. Returns whether anything changed."""
+def upcast_bfloat16(model: ir.Model, round_outputs: bool = False) -> bool:
+    """Rewrite ``model`` in place: every bfloat16 tensor becomes float32. Returns whether anything changed.
+
+    ``round_outputs``: also round every main-graph node output that was bfloat16 back to bfloat16 where it is
+    produced (``Cast(→bfloat16) → Cast(→float32)``; the rounded value takes over the name and every use, graph
+    outputs included), so each op computes in float32 and yields what a bfloat16 kernel that accumulates in float32
+    yields: the model at its own dtype, emulated. The ai.graphprune op bodies round only their outputs."""
+    rounded = {v for n in model.graph for v in n.outputs if _is_bf16_type(v.type)} if round_outputs else set()
     changed = False
     for g in _graphs(model):
         for v in _values(g):
@@ -87,4 +96,20 @@ def upcast_bfloat16(model: ir.Model) -> bool:
                 elif name in _DTYPE_ATTRS and a.type == ir.AttributeType.INT and a.value == _BF16.value:
                     node.attributes[name] = ir.AttrInt64(name, _F32.value)
                     changed = True
+    _round(model.graph, rounded)
     return changed
+
+
+def _round(graph: ir.Graph, values: set[ir.Value]) -> None:
+    for node in list(graph):
+        for v in node.outputs:
+            if v not in values:
+                continue
+            name = v.name
+            v.name = f"{name}/float32"
+            low = ir.Value(name=f"{name}/bfloat16", type=ir.TensorType(_BF16), shape=v.shape)
+            back = ir.Value(name=name, type=ir.TensorType(_F32), shape=v.shape)
+            v.replace_all_uses_with(back, replace_graph_outputs=True)
+            down = ir.Node("", "Cast", [v], attributes=[ir.AttrInt64("to", _BF16.value)], outputs=[low])
+            up = ir.Node("", "Cast", [low], attributes=[ir.AttrInt64("to", _F32.value)], outputs=[back])
+            graph.insert_after(node, [down, up])

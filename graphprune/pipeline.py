@@ -298,7 +298,7 @@ def optimize(
     model = load_model(model_path)
     if bench and has_bfloat16(model):
         raise ConfigError("cannot benchmark a bfloat16 model: ONNX Runtime's CPU provider has no bfloat16 kernels "
-                          "(verification runs its exact float32 twin; time the engine on a GPU backend, or drop --bench)")
+                          "(verification emulates bfloat16 in float32; time the engine on a GPU backend, or drop --bench)")
     # Weights inside a large .onnx were mapped from the file (io.load_model): verification runs a clone of the
     # model as loaded (its weights the same views into the file), not the file, which ORT would parse into memory.
     original = model.clone() if mapped_from_file(model, model_path) else model_path

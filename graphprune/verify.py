@@ -61,6 +61,7 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
+from graphprune._dtype import BF16_EMULATED
 from graphprune.backends.onnxruntime import ModelLike, make_session, return_freed_memory, run
 from graphprune.errors import ConfigError, ModelLoadError, VerificationError
 
@@ -172,7 +173,7 @@ class VerifyReport:
     outputs: list[OutputReport]
     failures: list[str] = dataclasses.field(default_factory=list)
     samples: int = 0
-    compute_dtype: str = "model"  # "model", or "float32 (bfloat16 upcast)" on a backend without bfloat16 kernels
+    compute_dtype: str = "model"  # "model", or ``_dtype.BF16_EMULATED`` on a backend without bfloat16 kernels
 
     @property
     def passed(self) -> bool:
@@ -469,15 +470,15 @@ def compare(
         return_freed_memory()
         report = _compare_with(reference, optimized, feeds, names, t, progress, total, real_data)
         if up_a or up_b:
-            report.compute_dtype = "float32 (bfloat16 upcast)"
+            report.compute_dtype = BF16_EMULATED
         return report
     finally:
         reference.close()
 
 
 def _runnable(model: ModelLike) -> tuple[ModelLike, bool]:
-    """``model`` as ORT's CPU provider can run it: a bfloat16 model becomes its exact float32 twin
-    (:func:`graphprune._dtype.upcast_bfloat16`, on a copy; a path is mapped, not parsed into memory)."""
+    """``model`` as ORT's CPU provider can run it: a bfloat16 model becomes its float32 twin with every op's output
+    rounded to bfloat16 (:func:`graphprune._dtype.upcast_bfloat16`, on a copy; a path is mapped, not parsed)."""
     from graphprune._dtype import has_bfloat16, upcast_bfloat16
     from graphprune.io import load_model
 
@@ -485,7 +486,7 @@ def _runnable(model: ModelLike) -> tuple[ModelLike, bool]:
     if not has_bfloat16(m):
         return model, False
     twin = m.clone() if m is model else m
-    upcast_bfloat16(twin)
+    upcast_bfloat16(twin, round_outputs=True)
     return twin, True
 
 

@@ -1,8 +1,9 @@
 """bfloat16 models end to end: loading, the three pass families, calibration and verification.
 
-ONNX Runtime's CPU provider has no bfloat16 kernels, so verification and calibration run the models' exact float32
-twins (``graphprune._dtype.upcast_bfloat16``) and say so; the written model stays bfloat16. References: the torch
-module in float32 on the same bfloat16-rounded weights, and the unoptimized model's own twin.
+ONNX Runtime's CPU provider has no bfloat16 kernels, so verification runs the models' float32 twins with every op's
+output rounded to bfloat16 (``graphprune._dtype.upcast_bfloat16(round_outputs=True)``) and says so, and calibration
+reads the plain float32 twin; the written model stays bfloat16. References: the torch module in float32 on the same
+bfloat16-rounded weights, a numpy op-by-op bfloat16 reference, and the unoptimized model's own twin.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def _x(seed: int = 0, n: int = 3) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(ml_dtypes.bfloat16)
 
 
-def _twin_output(path, x) -> np.ndarray:
+def _twin_output(path, x, round_outputs: bool = True) -> np.ndarray:
     m = gp.load_model(path)
-    assert _dtype.upcast_bfloat16(m)
+    assert _dtype.upcast_bfloat16(m, round_outputs=round_outputs)
     return backend.run(m, {"x": x})[0]
 
 
@@ -82,8 +83,8 @@ def test_bfloat16_model_through_each_family(vit_bf16, family, tmp_path):
         assert rec["changed"], rec["skipped"]
     if family in ("token_drop", "channel_prune"):
         assert report["flops"]["ratio"] < 0.98
-    assert report["verify"]["compute_dtype"] == "float32 (bfloat16 upcast)"
-    assert any("bfloat16" in w and "float32" in w for w in report["warnings"]), report["warnings"]
+    assert report["verify"]["compute_dtype"] == _dtype.BF16_EMULATED
+    assert any(w == f"verification {_dtype.BF16_NOTE}" for w in report["warnings"]), report["warnings"]
     out = gp.load_model(tmp_path / "o.onnx")
     floats = {v.const_value.dtype for v in out.graph.initializers.values() if v.const_value.dtype.is_floating_point()}
     assert ir.DataType.BFLOAT16 in floats and ir.DataType.FLOAT not in floats
@@ -143,5 +144,52 @@ def test_the_report_json_says_how_verification_ran(vit_bf16, tmp_path, capsys):
     code, err = _cli(["optimize", path, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json"], capsys)
     assert code == 0, err
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["verify"]["compute_dtype"] == "float32 (bfloat16 upcast)" and rep["verify"]["passed"]
+    assert rep["verify"]["compute_dtype"] == _dtype.BF16_EMULATED and rep["verify"]["passed"]
     assert "bfloat16" in err  # the warning is printed
+
+
+def _bf16(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def test_emulation_rounds_every_op_output_like_a_bfloat16_kernel(tmp_path):
+    """``round_outputs``: each op computes in float32 and its output is rounded to bfloat16 (what a bfloat16
+    kernel accumulating in float32 returns). Checked op by op against numpy on the twin's own inputs to that op;
+    outputs (here also intermediate values) keep their names."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 32)).astype(ml_dtypes.bfloat16)
+    b = rng.standard_normal(32).astype(ml_dtypes.bfloat16)
+    inits = [onnx.numpy_helper.from_array(w.astype(np.float32), "w"), onnx.numpy_helper.from_array(b.astype(np.float32), "b")]
+    for t, a in zip(inits, (w, b), strict=True):  # stored as bfloat16
+        t.data_type, t.raw_data = TensorProto.BFLOAT16, a.tobytes()
+        t.ClearField("float_data")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["a"]),
+             helper.make_node("Softmax", ["a"], ["y"], axis=-1)]
+    outs = [helper.make_tensor_value_info(n, TensorProto.BFLOAT16, [None, 32]) for n in ("h", "a", "y")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [None, 16])],
+                              outs, inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    x = rng.standard_normal((64, 16)).astype(ml_dtypes.bfloat16)
+    m = gp.load_model(path)
+    _dtype.upcast_bfloat16(m, round_outputs=True)
+    assert [v.name for v in m.graph.outputs] == ["h", "a", "y"]
+    h, a, y = backend.run(m, {"x": x})
+    for got in (h, a, y):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, _bf16(got))  # every value is a bfloat16 number
+
+    def within_one_step(got, want):  # float32 summation order may move a value across a rounding boundary
+        ulp = 2.0 ** -7 * np.maximum(np.abs(want), 2.0 ** -126)
+        assert (np.abs(got - want) <= ulp).all() and (got == want).mean() > 0.97
+
+    within_one_step(h, _bf16(np.asarray(x, np.float32) @ np.asarray(w, np.float32)))
+    np.testing.assert_array_equal(a, _bf16(h + np.asarray(b, np.float32)))
+    e = np.exp(a - a.max(-1, keepdims=True))
+    within_one_step(y, _bf16(e / e.sum(-1, keepdims=True)))
+    plain = gp.load_model(path)
+    _dtype.upcast_bfloat16(plain)
+    assert not np.array_equal(backend.run(plain, {"x": x})[0], _bf16(backend.run(plain, {"x": x})[0]))
