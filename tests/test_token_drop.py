@@ -349,3 +349,77 @@ def test_default_layers_stay_inside_the_model():
     assert default_layers(2) == [1] and default_layers(1) == []  # a one-block model: nothing to place, no IndexError
     for depth in range(1, 40):
         assert all(0 < i < depth for i in default_layers(depth))
+
+
+# -- a static Llama-shaped decoder: constant RoPE tables and causal mask -----------------------------------------------
+
+def _decoder_reference(cfg, w: dict, ids: np.ndarray, drops: dict[int, np.ndarray]) -> np.ndarray:
+    """Llama forward in float64 numpy with tokens dropped after block ``i``'s attention (``drops[i]``: kept
+    positions ``[K]`` among the current tokens, batch 1): later blocks see the kept tokens at their own positions
+    (RoPE angle and causal order), dropped tokens skip the rest and are put back before the final norm."""
+    d, nh, nkv = cfg.head_dim, cfg.heads, cfg.kv_heads
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2) / d)
+
+    def norm(x, g):
+        return g * x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.eps)
+
+    x = w["model.embed_tokens.weight"][ids]
+    pos = np.arange(ids.shape[1])
+    final = np.zeros_like(x)
+    for i in range(cfg.layers):
+        p = f"model.layers.{i}."
+        ang = np.outer(pos, inv)
+        cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+        def rope(t, cos=cos, sin=sin):
+            return t * cos + np.concatenate([-t[..., d // 2:], t[..., : d // 2]], -1) * sin
+
+        def heads(t, n, m=len(pos)):
+            return t.reshape(1, m, n, d).transpose(0, 2, 1, 3)
+
+        h = norm(x, w[p + "input_layernorm.weight"])
+        q = rope(heads(h @ w[p + "self_attn.q_proj.weight"], nh))
+        k = np.repeat(rope(heads(h @ w[p + "self_attn.k_proj.weight"], nkv)), nh // nkv, axis=1)
+        v = np.repeat(heads(h @ w[p + "self_attn.v_proj.weight"], nkv), nh // nkv, axis=1)
+        a = np.where(pos[None, :] > pos[:, None], -np.inf, q @ k.transpose(0, 1, 3, 2) / np.sqrt(d))
+        a = np.exp(a - a.max(-1, keepdims=True))
+        o = ((a / a.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(x.shape)
+        x = x + o @ w[p + "self_attn.o_proj.weight"]
+        if i in drops:
+            gone = np.setdiff1d(np.arange(len(pos)), drops[i])
+            final[:, pos[gone]] = x[:, gone]
+            x, pos = x[:, drops[i]], pos[drops[i]]
+        hh = norm(x, w[p + "post_attention_layernorm.weight"])
+        g = hh @ w[p + "mlp.gate_proj.weight"]
+        x = x + (g / (1 + np.exp(-g)) * (hh @ w[p + "mlp.up_proj.weight"])) @ w[p + "mlp.down_proj.weight"]
+    final[:, pos] = x
+    return norm(final, w["model.norm.weight"]) @ w["lm_head.weight"]
+
+
+def test_static_decoder_gathers_its_rope_tables_and_causal_mask(tmp_path):
+    """A Llama-shaped decoder with a static sequence (``benchmarks.make_decoder``: cos/sin tables ``[1, 1, N, D]``
+    and the causal mask as constants): later blocks' rotary tables are gathered to the kept positions with the
+    mask, and the restored logits equal a numpy forward that drops the same tokens (indices read from the model)."""
+    from benchmarks import make_decoder
+    from graphprune.backends.onnxruntime import probe
+
+    cfg = make_decoder.DecoderConfig(hidden=64, layers=3, heads=4, kv_heads=2, intermediate=96, vocab=50, seq=24)
+    src = make_decoder.write_decoder(cfg, tmp_path / "dec" / "decoder.onnx")
+    model, result = _apply(src, {"keep_ratio": 0.7})
+    assert result.modified and result.info["layers"] == [1, 2], (result.info, result.skipped)
+    selects = [n for n in model.graph if n.op_type == "TokenSelect" and n.domain == "ai.graphprune"]
+    assert len(selects) == 2
+    tables = {v.name for n in model.graph for v in n.inputs if v is not None and (v.name or "").startswith(
+        ("val_cos", "val_sin"))}
+    assert {"val_cos", "val_sin", "val_cos_kept", "val_sin_kept"} <= tables, tables  # blocks 2 and 3 read gathers
+    ids = np.random.default_rng(1).integers(0, cfg.vocab, (1, cfg.seq))
+    logits, *idx = next(probe(model, [model.graph.outputs[0]] + [n.outputs[1] for n in selects],
+                              [{"input_ids": ids}]))
+    assert [i.shape for i in idx] == [(1, 17), (1, 12)]  # ceil(0.7 · 24), ceil(0.7 · 17)
+    w = {v.name: v.const_value.numpy().astype(np.float64) for v in ir.load(str(src)).graph.initializers.values()
+         if v.name in dict(cfg.tensors())}
+    want = _decoder_reference(cfg, w, ids, {1: idx[0][0], 2: idx[1][0]})
+    assert logits.shape == (1, cfg.seq, cfg.vocab)
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
+    base = run(ir.load(str(src)), {"input_ids": ids})[0]
+    assert np.abs(logits - base).max() > 1e-3  # the drop changed the kept tokens' context

@@ -177,6 +177,16 @@ def _std(node: ir.Node | None, *types: str) -> bool:
     return node is not None and node.domain == "" and node.op_type in types
 
 
+_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "Less", "Greater",
+                           "And", "Or"})
+
+
+def is_broadcasting(node: ir.Node | None) -> bool:
+    """A standard elementwise op whose inputs broadcast against each other (a constant operand lines up with the
+    data's axes from the right)."""
+    return _std(node, *_BROADCASTING)
+
+
 def is_shape(node: ir.Node | None) -> bool:
     """A standard ``Shape`` node (its output follows the tensor it reads at run time)."""
     return _std(node, "Shape")
@@ -211,5 +221,5 @@ def same_op(a: ir.Node | None, b: ir.Node | None) -> bool:
 
 
 __all__ = ["SHAPE_OPS", "ConcatShape", "ShapeConstant", "Site", "SizeConstant", "TokenSites", "UpstreamShape",
-           "downstream_nodes", "is_gather", "is_matmul", "is_reshape", "is_shape", "is_shape_arith", "is_stream_add",
-           "same_op", "token_sites", "weight_dims"]
+           "downstream_nodes", "is_broadcasting", "is_gather", "is_matmul", "is_reshape", "is_shape", "is_shape_arith",
+           "is_stream_add", "same_op", "token_sites", "weight_dims"]

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import NameScope, const_value
-from graphprune.analysis.tokens import downstream_nodes, is_shape, is_shape_arith
+from graphprune.analysis.tokens import downstream_nodes, is_broadcasting, is_shape, is_shape_arith
 from graphprune.ops._base import Body
 from graphprune.passes.base import Skip
 
@@ -124,7 +125,12 @@ class DynamicTokens:
         counts, data = [], []
         for node in nodes:
             for i, v in enumerate(node.inputs):
-                if v is None or v is stream or const_value(v) is not None:
+                if v is None or v is stream:
+                    continue
+                if const_value(v) is not None:
+                    axes = self._const_token_axes(node, v, masks)
+                    if axes:
+                        data.append((node, i, v, axes))
                     continue
                 prod = v.producer()
                 if prod is not None and id(prod) in down:
@@ -146,6 +152,35 @@ class DynamicTokens:
                                "stream without a leading batch axis; cannot gather it to the kept tokens")
                 data.append((node, i, v, axes))
         return _Plan(counts, data)
+
+    def _const_token_axes(self, node: ir.Node, v: ir.Value, masks: tuple[ir.Value, ...]) -> tuple[int, ...]:
+        """Static graphs: the token axes of a constant that ``node`` broadcasts against per-token data (a rotary
+        cos/sin table ``[1, 1, N, D]`` times q; a ``[1, H, N, N]`` bias added to the logits): the axes holding the
+        count that line up, from the right, with token axes of another input. Empty for everything else (weights,
+        norms, scalars, the masks the pass gathers itself)."""
+        if self.static is None or not is_broadcasting(node) or any(v is m for m in masks):
+            return ()
+        shape = list(np.shape(const_value(v)))
+        axes = tuple(a for a, d in enumerate(shape) if d == self.static)
+        if not axes:
+            return ()
+        r = len(shape)
+        for u in node.inputs:
+            if u is None or u is v or const_value(u) is not None:
+                continue
+            s = self._shape(u)
+            theirs = set(self.token_axes(u))
+            if s is None or not theirs or not all(a + len(s) - r in theirs for a in axes):
+                continue
+            if self.static in self.model_dims:
+                raise Skip(f"{node.op_type} {node.name}: constant {v.name!r} has a dimension {self.static}, which is "
+                           "both the token count and a model dimension; cannot tell its token axis")
+            if 0 in axes or r < 2 or not _batch_like(shape[0], self.batch):
+                raise Skip(f"{node.op_type} {node.name}: constant {v.name!r} spans the tokens without a leading batch "
+                           "axis; cannot gather it to the kept tokens")
+            self._axes[id(v)] = (v, axes, ir.Shape(shape))
+            return axes
+        return ()
 
     def apply(self, plan: _Plan, reduced: ir.Value, idx: ir.Value, anchor: ir.Node) -> None:
         """Rewire the readers of ``plan`` to the reduced stream ``reduced`` (kept positions ``idx [B, K]``);
