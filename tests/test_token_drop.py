@@ -423,3 +423,38 @@ def test_static_decoder_gathers_its_rope_tables_and_causal_mask(tmp_path):
     np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
     base = run(ir.load(str(src)), {"input_ids": ids})[0]
     assert np.abs(logits - base).max() > 1e-3  # the drop changed the kept tokens' context
+
+
+@pytest.mark.parametrize("layers", [2, 4])
+def test_parallel_blocks_never_get_a_reduction_that_only_adds_cost(layers, tmp_path):
+    """Phi's blocks run attention and MLP in parallel on the block input, so a reduction after the last block's
+    attention reaches nothing before the logits are restored: it is refused with the reason (it used to be written,
+    FLOPs ×1.002). With more blocks the reduction lands earlier and the FLOPs drop."""
+    transformers = pytest.importorskip("transformers")
+    from graphprune.backends.onnxruntime import count_flops
+    from graphprune.torch import export
+
+    torch.manual_seed(0)
+    cfg = transformers.PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                 num_attention_heads=4, max_position_embeddings=64)
+    lm = transformers.PhiForCausalLM(cfg).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids, use_cache=False).logits
+
+    src = export(Logits().eval(), (torch.randint(0, 64, (2, 24)),), tmp_path / "phi.onnx",
+                 dynamic_axes={0: "batch", 1: "seq"}, input_names=["input_ids"], output_names=["logits"])
+    model, result = _apply(src, {"keep_ratio": 0.7})
+    f0, f1 = count_flops(ir.load(str(src)), dims={"seq": 24}).flops, count_flops(model, dims={"seq": 24}).flops
+    if layers == 2:
+        assert not result.modified and f1 == f0
+        assert "would only add cost" in result.skipped[0].reason, result.skipped
+    else:
+        assert result.modified and f1 < 0.97 * f0, (result.info, result.skipped, f1 / f0)
+        ids = np.random.default_rng(0).integers(0, 64, (2, 19))
+        assert run(model, {"input_ids": ids})[0].shape == (2, 19, 64)

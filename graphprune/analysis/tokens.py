@@ -187,6 +187,16 @@ def is_broadcasting(node: ir.Node | None) -> bool:
     return _std(node, *_BROADCASTING)
 
 
+_TOKEN_COMPUTE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Attention", "MatMulInteger",
+                            "QLinearMatMul"})
+
+
+def is_token_compute(node: ir.Node | None) -> bool:
+    """A node whose cost grows with the tokens it reads: a standard matrix product, convolution or attention, or a
+    graphprune op (attention, token reduction)."""
+    return node is not None and (_std(node, *_TOKEN_COMPUTE) or node.domain == "ai.graphprune")
+
+
 def is_shape(node: ir.Node | None) -> bool:
     """A standard ``Shape`` node (its output follows the tensor it reads at run time)."""
     return _std(node, "Shape")
@@ -222,4 +232,4 @@ def same_op(a: ir.Node | None, b: ir.Node | None) -> bool:
 
 __all__ = ["SHAPE_OPS", "ConcatShape", "ShapeConstant", "Site", "SizeConstant", "TokenSites", "UpstreamShape",
            "downstream_nodes", "is_broadcasting", "is_gather", "is_matmul", "is_reshape", "is_shape", "is_shape_arith",
-           "is_stream_add", "same_op", "token_sites", "weight_dims"]
+           "is_stream_add", "is_token_compute", "same_op", "token_sites", "weight_dims"]

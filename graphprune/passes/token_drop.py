@@ -43,7 +43,15 @@ import pydantic
 
 from graphprune._ir import additive_mask, const_value, infer_shapes
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
-from graphprune.analysis.tokens import downstream_nodes, is_gather, is_shape, is_stream_add, same_op, weight_dims
+from graphprune.analysis.tokens import (
+    downstream_nodes,
+    is_gather,
+    is_shape,
+    is_stream_add,
+    is_token_compute,
+    same_op,
+    weight_dims,
+)
 from graphprune.errors import ConfigError
 from graphprune.ops import add_node_function, diversity_select, token_merge, token_select
 from graphprune.ops._base import Body
@@ -356,6 +364,7 @@ class TokenDropPass(GraphPass):
     def _select(self, model, blocks, blk, env: _Env, ratio, protect):
         cfg = self.config
         stream, anchor = _stream_point(blocks, blk, cfg.placement)
+        _check_saves(stream, env.after_end, blk)
         masked = self._later_masks(blocks, blk, env.dyn is not None)
         if env.n is not None:
             k = token_select.kept_count(env.n, protect, keep_ratio=ratio)
@@ -395,6 +404,7 @@ class TokenDropPass(GraphPass):
     def _merge(self, model, blocks, blk, env: _Env, size, protect, bias_sites):
         cfg = self.config
         stream, anchor = _stream_point(blocks, blk, cfg.placement)
+        _check_saves(stream, env.after_end, blk)
         masked = self._later_masks(blocks, blk, env.dyn is not None)
         later = blocks[blk.index + 1:]
         for other in later:
@@ -611,6 +621,16 @@ def score_rows(query, protect: int) -> tuple[tuple[int, int], str]:
         why = " (no CLS token found)" if query == "auto" else ""
         return (0, 0), f"column mean of the attention: attention each token receives{why}"
     return (int(q[0]), int(q[1])), f"query rows [{int(q[0])}, {int(q[1])}) of the attention"
+
+
+def _check_saves(stream: ir.Value, after_end: set[int], blk: AttentionBlock) -> None:
+    """Refuse a reduction that would only add cost: nothing that scales with the tokens (a matrix product,
+    convolution or attention) reads the reduced stream before the tokens are restored or the graph ends. This is
+    the last block of a model whose MLP reads the block input (parallel attention and MLP: Phi, GPT-NeoX, GPT-J)."""
+    if not any(is_token_compute(n) for n in downstream_nodes(stream) if id(n) not in after_end):
+        raise Skip(f"nothing that scales with the tokens reads the stream reduced at block {blk.index} before the "
+                   "tokens are restored (e.g. the last block of a model whose MLP reads the block input, as in "
+                   "parallel attention/MLP blocks): the reduction would only add cost")
 
 
 def _model_dims(blocks: list[AttentionBlock]) -> set[int]:
