@@ -1,7 +1,7 @@
 """bfloat16 models on a backend without bfloat16 kernels: an exact float32 twin to run.
 
-ONNX Runtime's CPU provider implements almost no operator for ``tensor(bfloat16)`` (MatMul, Add, Conv, Softmax,
-Gather, ... all refuse it; only casts, LayerNormalization and data movement run), so a bfloat16 model cannot be
+ONNX Runtime's CPU provider implements almost no compute operator for ``tensor(bfloat16)`` (MatMul, Add, Mul, Conv,
+Softmax, Where, ... all refuse it; casts, LayerNormalization and data movement run), so a bfloat16 model cannot be
 verified or calibrated there at its own dtype. :func:`upcast_bfloat16` rewrites a model in place so that every
 bfloat16 tensor is float32: value types, initializers (converted lazily, one tensor at a time when the model is
 serialised or saved; bfloat16 → float32 is exact), tensor attributes (``Constant``, ``ConstantOfShape``), and the
