@@ -390,3 +390,34 @@ def test_rotary_spellings_and_head_biases_prune_heads(zoo_decoders, name, tmp_pa
         np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
         assert np.abs(out - base).max() > 1e-3
     assert _flops_ratio(path, model, batch=1, seq=16) < 0.75
+
+
+@pytest.fixture(scope="module")
+def zoo_windowed(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tests import _zoo
+
+    folder = tmp_path_factory.mktemp("zoo_win")
+    return {name: _zoo.export(_zoo.BY_NAME[name], folder) for name in ("swin", "swin_like", "maxvit_like")}
+
+
+@pytest.mark.parametrize("name", ["swin", "swin_like", "maxvit_like"])
+def test_constant_relative_position_biases_are_sliced_with_the_heads(zoo_windowed, name, tmp_path):
+    """Swin's and MaxViT's relative-position bias, folded by the exporter into a constant ``[1, H, T, T]`` (HF Swin's
+    shifted blocks add it to the shift mask first), is sliced on its head axis with the heads; the pruned model
+    equals the original with the pruned rows zeroed (``masked_copy``). A bias beside a shift mask added over a 5-D
+    view of the logits (the zoo's ``swin_like``, block 1) keeps that block's heads whole, with the reason."""
+    path = zoo_windowed[name]
+    groups = analyze_channels(ir.load(path)).groups
+    heads = [g for g in groups if g.kind == "heads"]
+    blocked = [g for g in groups if "5-D view" in str(g.reason)]
+    assert len(heads) == {"swin": 4, "swin_like": 1, "maxvit_like": 4}[name], [g.describe() for g in groups]
+    assert all(g.prunable for g in heads) and bool(blocked) == (name == "swin_like")
+    model, plan, _ = _prune(path, tmp_path, ratio=0.5)
+    biases = [e for e in plan["slices"] if e["role"] == "param" and e["shape"] and len(e["shape"]) == 4]
+    assert biases and all(e["axis"] == 1 and len(e["keep"]) == e["shape"][1] // 2 for e in biases), biases
+    feeds = {model.graph.inputs[0].name: np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    ref = zoo.run(zoo.masked_copy(ir.load(path), plan), feeds, tmp_path, "masked")[0]
+    out = zoo.run(model, feeds, tmp_path, "pruned")[0]
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+    assert np.abs(out - zoo.run(ir.load(path), feeds, tmp_path, "base")[0]).max() > 1e-4

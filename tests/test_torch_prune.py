@@ -7,8 +7,11 @@ the timm-style ViT, and the unpruned module (left untouched).
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -238,3 +241,31 @@ def test_multihead_attention_block_matches_the_pruned_onnx(tmp_path):
         np.testing.assert_allclose(pruned(x).numpy(), want, atol=1e-4)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in m.parameters())
     assert pruned.mha.embed_dim == 64 and pruned.mha.num_heads == 4  # heads untouched here: only the MLP
+
+
+def test_windowed_attention_with_a_relative_position_bias_keeps_apply_plan_working(tmp_path):
+    """The zoo's Swin-like module: its exporter-folded per-head bias has no module parameter, so
+    ``graphprune.torch.optimize`` sets ``folded_biases: false`` (those heads stay whole, with the reason) and the
+    plan applies to the module, equal to the pruned ONNX; the ONNX pass alone slices the bias and prunes the heads."""
+    import onnxruntime as ort
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from tests import _zoo
+
+    torch.manual_seed(0)
+    m, (x,) = _zoo.BY_NAME["swin_like"].build()
+    m = m.eval()
+    r = gt.optimize(m, (x,), {"passes": [{"name": "channel_prune", "ratio": 0.3}]}, out=tmp_path / "o.onnx", force=True)
+    pruned = gt.apply_plan(m, r.plan, example_inputs=(x,))
+    sess = ort.InferenceSession(str(r.onnx_path), providers=["CPUExecutionProvider"])
+    want = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(pruned(x).numpy(), want, atol=1e-4)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in m.parameters())
+    assert not [g for g in r.plan["groups"] if g["kind"] == "heads"]  # heads untouched for the module
+    from graphprune.analysis.channels import analyze_channels
+
+    onnx_groups = analyze_channels(ir.load(str(r.source_path))).groups
+    assert any(g.kind == "heads" and g.prunable for g in onnx_groups)
+    assert any("folded_biases: false" in str(g.reason)
+               for g in analyze_channels(ir.load(str(r.source_path)), folded_biases=False).groups)

@@ -25,7 +25,9 @@ Rewrites: every static entry of a chain Reshape/Expand target, Split sizes (expl
 ``q_num_heads``/``kv_num_heads`` attributes of a 3-D ``Attention`` op; com.microsoft ``num_heads``.
 A per-head additive mask (``[B, H, N, N]``; T5's relative-position bias) is pruned with the heads when its head
 axis is a tracked channel axis (a gathered ``[buckets, H]`` table): each head's mask atom joins the head's class.
-Blocked: com.microsoft packed ``Attention``, per-head masks from constants, chains with other ops or other users.
+A constant ``[1, H, T, T]`` bias (Swin's and MaxViT's relative-position bias, folded by the exporter), as the mask
+or added by one ``Add`` to a head-broadcast mask (Swin's shift mask), is sliced on its head axis with the heads.
+Blocked: com.microsoft packed ``Attention``, other per-head masks, chains with other ops or other users.
 """
 
 from __future__ import annotations
@@ -267,11 +269,13 @@ def _describe(b: Builder, blk: AttentionBlock) -> _Block:
     return _Block(blk, operands, kt, chains, roots, out_chain, merged)
 
 
-def _mask_heads(b: Builder, blk: AttentionBlock, h: int) -> np.ndarray | str | None:
-    """The atom of each head of a per-head additive mask (``[B, H, N, N]``), ``None`` for a head-broadcast mask, or
-    why it blocks. A per-head mask is pruned with the heads when its head axis is a tracked channel axis (T5's
-    relative-position bias, a ``[buckets, H]`` table gathered and permuted); a mask shared by several blocks couples
-    their heads."""
+def _mask_heads(b: Builder, blk: AttentionBlock, h: int):
+    """How a per-head additive mask (``[B, H, N, N]``) follows the heads: ``None`` for a head-broadcast mask; the atom
+    of each head when its head axis is a tracked channel axis (T5's relative-position bias, a ``[buckets, H]`` table
+    gathered and permuted; a mask shared by several blocks couples their heads); ``(node, index)`` of a constant
+    ``[1, H, T, T]`` bias (Swin's or MaxViT's relative-position bias, folded by the exporter) that is the mask, or
+    that one broadcasting op adds to a head-broadcast mask (Swin's shift mask), sliced with the heads; else why it
+    blocks."""
     m = blk.mask
     if m is None or m.shape is None or len(m.shape) != 4:
         return None
@@ -279,9 +283,35 @@ def _mask_heads(b: Builder, blk: AttentionBlock, h: int) -> np.ndarray | str | N
     if isinstance(mh, int) and mh == 1:
         return None
     lab = b.label(m)
-    if lab is None or lab.axis != 1 or len(lab.atoms) != h:
-        return "the mask has a head axis that is not a tracked channel axis"
-    return lab.atoms
+    if lab is not None and lab.axis == 1 and len(lab.atoms) == h:
+        return lab.atoms
+    if lab is None and blk.window_mask is not None:
+        return "a per-head bias beside a shift mask added over a 5-D view of the logits"
+    if lab is None:
+        site = _const_bias_site(blk, m, h)
+        if site is not None and not b.folded_biases:
+            return "a constant per-head bias on the logits (folded_biases: false)"
+        if site is not None:
+            return site
+    return "the mask has a head axis that is not a tracked channel axis"
+
+
+def _const_bias_site(blk: AttentionBlock, m: ir.Value, h: int) -> tuple[ir.Node, int] | None:
+    def per_head(v: ir.Value | None) -> bool:
+        c = const_value(v) if v is not None else None
+        return c is not None and np.ndim(c) == 4 and np.shape(c)[1] == h
+
+    if per_head(m):
+        node = next((n for n in blk.nodes if any(x is m for x in n.inputs)), None)
+        return (node, [x is m for x in node.inputs].index(True)) if node is not None else None
+    p = m.producer()
+    if p is None or p.domain != "" or p.op_type != "Add" or len(m.uses()) != 1:
+        return None
+    consts = [i for i, x in enumerate(p.inputs) if per_head(x)]
+    others = [x for x in p.inputs if x is not None and const_value(x) is None]
+    if len(consts) != 1 or any(x.shape is None or len(x.shape) != 4 or x.shape[1] != 1 for x in others):
+        return None
+    return p, consts[0]
 
 
 def claim(b: Builder, blocks: list[AttentionBlock]) -> Claims:
@@ -618,11 +648,16 @@ def apply(b: Builder, rec: _Block) -> None:
     mask = _mask_heads(b, rec.blk, h)
     if isinstance(mask, str):
         return fail(mask)
+    tracked = isinstance(mask, np.ndarray)
     for i in range(h):
         j = i * hk // h
-        b.union_all(np.concatenate([qa[i], ka[j], va[j]] + ([mask[i:i + 1]] if mask is not None else [])))
-    if mask is not None:  # a per-head parameter (a bias table), not the model's input stem
+        b.union_all(np.concatenate([qa[i], ka[j], va[j]] + ([mask[i:i + 1]] if tracked else [])))
+    if tracked:  # a per-head parameter (a bias table), not the model's input stem
         b.stem_spaces -= {int(b.atom_space[a]) for a in mask.tolist()}
+    elif mask is not None:  # a constant [1, H, T, T] bias: sliced on its head axis with the heads
+        node, index = mask
+        b.member(node, index, 1, qa[:, 0], "param")
+        b.shape_line(rec.blk.mask, 1, qa[:, :1])
     for s in {int(b.atom_space[a]) for a in np.concatenate([qa.ravel(), ka.ravel(), va.ravel()]).tolist()}:
         b.kinds[s] = "heads"
     d = qa.shape[1]

@@ -82,6 +82,7 @@ class Builder:
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
+        self.folded_biases = True  # constant per-head attention biases are sliced with the heads
         self.graph = model.graph
         self.labels: dict[ir.Value, Label] = {}
         self.parent: list[int] = []

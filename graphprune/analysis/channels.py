@@ -151,9 +151,12 @@ def _groups(b: Builder, ignore: set[str], ignore_stem: bool) -> ChannelAnalysis:
                            b.shape_lines)
 
 
-def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), ignore_stem: bool = True) -> ChannelAnalysis:
-    """Run the dependency analysis on the main graph (shapes must be inferred; dynamo exports carry them)."""
+def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), ignore_stem: bool = True,
+                     folded_biases: bool = True) -> ChannelAnalysis:
+    """Run the dependency analysis on the main graph (shapes must be inferred; dynamo exports carry them).
+    ``folded_biases=False``: an attention block with a constant per-head bias keeps its heads whole."""
     b = Builder(model)
+    b.folded_biases = folded_biases
     blocks = find_attention_blocks(model)
     heads = _attention_heads.claim(b, blocks)
     outputs = set(model.graph.outputs)

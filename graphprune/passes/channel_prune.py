@@ -79,6 +79,10 @@ class ChannelPruneConfig(PassConfig):
     max_group_ratio: float = pydantic.Field(0.9, gt=0.0, le=1.0, description="global: most a group may lose")
     ignore: list[str] = pydantic.Field(default_factory=list, description="node/initializer names left alone")
     ignore_stem: bool = pydantic.Field(True, description="leave the input stem's channels alone")
+    folded_biases: bool = pydantic.Field(
+        True, description="prune heads whose attention adds a constant per-head bias (the exporter's folded "
+        "relative-position bias), slicing that constant (graphprune.torch.optimize sets false: its module computes "
+        "the bias from a table the plan cannot map)")
     reconstruct: bool | None = pydantic.Field(None, description="least-squares refit of consumers (null: auto)")
     allocate: Literal["auto", "score", "sensitivity"] = pydantic.Field(
         "auto", description="group ratios from the importance scores, or from each group's measured output "
@@ -175,7 +179,7 @@ class ChannelPrunePass(GraphPass):
         else:
             calib = None
         with self.context.task("channel analysis", 3) as step:
-            analysis = analyze_channels(model, cfg.ignore, cfg.ignore_stem)
+            analysis = analyze_channels(model, cfg.ignore, cfg.ignore_stem, folded_biases=cfg.folded_biases)
             step(1)
             acts = (probe(model, activation_values(analysis), calib)
                     if method["importance"] in ("activation", "obs") else None)

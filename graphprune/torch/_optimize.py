@@ -2,7 +2,8 @@
 
 Steps
   1. export with :func:`graphprune.torch.export` (dynamo; parameter names kept) to ``<out stem>.source.onnx``;
-  2. a ``channel_prune`` step without ``plan_out`` gets ``<out stem>.plan.json``, so the plan comes back;
+  2. a ``channel_prune`` step gets ``folded_biases: false`` (a constant per-head bias folded by the exporter has no
+     module parameter to slice) and, without ``plan_out``, ``<out stem>.plan.json``, so the plan comes back;
   3. :func:`graphprune.optimize` runs the passes, verifies the optimized graph against the export on held-out
      samples (``data``, else synthetic), and writes ``out``;
   4. the module itself runs on the same verification samples: its outputs are compared with the export's
@@ -66,6 +67,8 @@ def _with_plan_out(pipeline, plan_path: Path):
             cfg = step.config
             if cfg.plan_out is None:
                 cfg = cfg.model_copy(update={"plan_out": str(plan_path)})
+            # a folded per-head bias (Swin's relative-position bias) has no module parameter to slice
+            cfg = cfg.model_copy(update={"folded_biases": False})
             plan_files.append(Path(cfg.plan_out))
             step = Step(step.cls, cfg)
         steps.append(step)
