@@ -219,7 +219,6 @@ def test_optimize_without_channel_prune(examples, tmp_path):
 
 def test_multihead_attention_block_matches_the_pruned_onnx(tmp_path):
     """nn.MultiheadAttention (packed in_proj) plus an MLP: the pruned copy runs and equals the pruned ONNX."""
-    import onnxruntime as ort
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -233,35 +232,34 @@ def test_multihead_attention_block_matches_the_pruned_onnx(tmp_path):
 
     torch.manual_seed(0)
     m, x = Block().eval(), torch.randn(2, 10, 64)
-    r = gt.optimize(m, (x,), {"passes": [{"name": "channel_prune", "ratio": 0.3}]}, out=tmp_path / "o.onnx")
+    _, pruned = _prune_30_and_apply(m, x, tmp_path)
+    assert pruned.mha.embed_dim == 64 and pruned.mha.num_heads == 4  # heads untouched here: only the MLP
+
+
+def _prune_30_and_apply(m, x, tmp_path, **kw):
+    """``graphprune.torch.optimize`` at 30 % of channels, then ``apply_plan``: the pruned module equals the pruned
+    ONNX on ``x`` and has fewer parameters. Returns (result, pruned module)."""
+    import onnxruntime as ort
+
+    r = gt.optimize(m, (x,), {"passes": [{"name": "channel_prune", "ratio": 0.3}]}, out=tmp_path / "o.onnx", **kw)
     pruned = gt.apply_plan(m, r.plan, example_inputs=(x,))
     sess = ort.InferenceSession(str(r.onnx_path), providers=["CPUExecutionProvider"])
     want = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(pruned(x).numpy(), want, atol=1e-4)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in m.parameters())
-    assert pruned.mha.embed_dim == 64 and pruned.mha.num_heads == 4  # heads untouched here: only the MLP
-
+    return r, pruned
 
 def test_windowed_attention_with_a_relative_position_bias_keeps_apply_plan_working(tmp_path):
     """The zoo's Swin-like module: its exporter-folded per-head bias has no module parameter, so
     ``graphprune.torch.optimize`` sets ``folded_biases: false`` (those heads stay whole, with the reason) and the
     plan applies to the module, equal to the pruned ONNX; the ONNX pass alone slices the bias and prunes the heads."""
-    import onnxruntime as ort
-
     sys.path.insert(0, str(Path(__file__).parents[1]))
     from tests import _zoo
 
     torch.manual_seed(0)
     m, (x,) = _zoo.BY_NAME["swin_like"].build()
-    m = m.eval()
-    r = gt.optimize(m, (x,), {"passes": [{"name": "channel_prune", "ratio": 0.3}]}, out=tmp_path / "o.onnx", force=True)
-    pruned = gt.apply_plan(m, r.plan, example_inputs=(x,))
-    sess = ort.InferenceSession(str(r.onnx_path), providers=["CPUExecutionProvider"])
-    want = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-    with torch.no_grad():
-        np.testing.assert_allclose(pruned(x).numpy(), want, atol=1e-4)
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in m.parameters())
+    r, _ = _prune_30_and_apply(m.eval(), x, tmp_path, force=True)
     assert not [g for g in r.plan["groups"] if g["kind"] == "heads"]  # heads untouched for the module
     from graphprune.analysis.channels import analyze_channels
 
