@@ -61,9 +61,10 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
-from graphprune._dtype import BF16_EMULATED
+from graphprune._dtype import BF16_EMULATED, has_bfloat16, upcast_bfloat16
 from graphprune.backends.onnxruntime import ModelLike, make_session, return_freed_memory, run
 from graphprune.errors import ConfigError, ModelLoadError, VerificationError
+from graphprune.io import load_model
 
 Kind = Literal["logits", "embedding", "per_token", "other"]
 
@@ -479,9 +480,6 @@ def compare(
 def _runnable(model: ModelLike) -> tuple[ModelLike, bool]:
     """``model`` as ORT's CPU provider can run it: a bfloat16 model becomes its float32 twin with every op's output
     rounded to bfloat16 (:func:`graphprune._dtype.upcast_bfloat16`, on a copy; a path is mapped, not parsed)."""
-    from graphprune._dtype import has_bfloat16, upcast_bfloat16
-    from graphprune.io import load_model
-
     m = model if isinstance(model, ir.Model) else load_model(model)
     if not has_bfloat16(m):
         return model, False

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx_ir as ir
 
-from graphprune._dtype import has_bfloat16, upcast_bfloat16
+from graphprune._dtype import upcast_bfloat16
 from graphprune.analysis import flops
 from graphprune.analysis.inputs import example_inputs
 from graphprune.errors import GraphpruneError
@@ -198,7 +198,6 @@ class Probe:
     def __init__(self, model: ir.Model, values: Sequence[ir.Value], threads: int | None = None) -> None:
         self.names: list[str] = []
         self._session = None
-        self.upcast = False
         if not values:
             return
         clone = model.clone()
@@ -210,8 +209,7 @@ class Probe:
         outputs = set(clone.graph.outputs)
         clone.graph.outputs.extend(dict.fromkeys(v for v in targets if v not in outputs))
         self.names = [v.name for v in targets]
-        # a bfloat16 model runs as its exact float32 twin (no bfloat16 kernels on the CPU provider): float32 arrays
-        self.upcast = upcast_bfloat16(clone) if has_bfloat16(clone) else False
+        upcast_bfloat16(clone)  # a bfloat16 model runs as its exact float32 twin (no CPU kernels): float32 arrays
         self._session = make_session(clone, threads, optimize=False, prepack=False)
         self._inputs = {i.name: i.type for i in self._session.get_inputs()}
 
