@@ -278,11 +278,15 @@ def test_count_lines_are_reduced_to_distinct_atoms_without_changing_any_count():
     from graphprune.analysis._channel_core import distinct_rows
 
     rng = np.random.default_rng(5)
-    for shape, atoms in (((7, 300), 4), ((5, 1), 9), ((3, 64), 200), ((12, 197 * 3), 12)):
+    # the last two cases span more atoms than the bitmap holds (rows × span > 2**24): the sorting path
+    for shape, atoms in (((7, 300), 4), ((5, 1), 9), ((3, 64), 200), ((12, 197 * 3), 12), ((4, 50), 10**7),
+                         ((6, 300), 5 * 10**6)):
         lines = rng.integers(0, atoms, shape)
         small = distinct_rows(lines)
         assert small.shape[0] == lines.shape[0] and small.shape[1] <= lines.shape[1]
         assert [set(r) for r in small.tolist()] == [set(r) for r in lines.tolist()]
+        if small.shape[1] < lines.shape[1]:  # reduced: each row's atoms ascending, then padded with its smallest
+            assert (small[:, 0] == lines.min(axis=1)).all()
         for _ in range(20):
             kept = rng.random(atoms) < 0.5
             np.testing.assert_array_equal(kept[small].any(axis=1), kept[lines].any(axis=1))

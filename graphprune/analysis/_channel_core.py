@@ -171,6 +171,9 @@ class Builder:
             self.costs.append(CostTerm(node, int(flops or 0), fan_in, fan_out))
 
 
+_BITMAP_CELLS = 1 << 24  # rows × atom span up to which distinct_rows marks atoms in a bitmap instead of sorting
+
+
 def distinct_rows(lines: np.ndarray) -> np.ndarray:
     """``lines`` ([L, k] atoms) with each row reduced to its distinct atoms, padded with the row's first one.
 
@@ -183,17 +186,27 @@ def distinct_rows(lines: np.ndarray) -> np.ndarray:
         return lines
     if (lines.min(axis=1) == lines.max(axis=1)).all():  # one atom per row (a channel repeated over tokens)
         return lines[:, :1].copy()
-    srt = np.sort(lines, axis=1)
-    new = np.ones(srt.shape, dtype=bool)
-    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    per_row = new.sum(axis=1)
+    lo = int(lines.min())
+    span = int(lines.max()) - lo + 1
+    if lines.shape[0] * span <= _BITMAP_CELLS:  # mark each row's atoms: no sort of tokens × channels entries
+        present = np.zeros((lines.shape[0], span), dtype=bool)
+        present[np.arange(lines.shape[0])[:, None], lines - lo] = True
+        rows, cols = np.nonzero(present)  # each row's distinct atoms, ascending
+        atoms = cols + lo
+    else:
+        srt = np.sort(lines, axis=1)
+        new = np.ones(srt.shape, dtype=bool)
+        new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+        rows, cols = np.nonzero(new)
+        atoms = srt[rows, cols]
+    per_row = np.bincount(rows, minlength=lines.shape[0])
     width = int(per_row.max())
     if width == lines.shape[1]:
         return lines
-    rows, cols = np.nonzero(new)
     slot = np.arange(len(rows)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-    out = np.repeat(srt[:, :1], width, axis=1)
-    out[rows, slot] = srt[rows, cols]
+    first = np.cumsum(per_row) - per_row  # each row's smallest atom pads it
+    out = np.repeat(atoms[first][:, None], width, axis=1)
+    out[rows, slot] = atoms
     return out
 
 
