@@ -50,18 +50,19 @@ def _is_bf16_type(t: ir.TypeProtocol | None) -> bool:
     return t is not None and getattr(t, "dtype", None) == _BF16
 
 
+def _bf16_attr(a: ir.Attr) -> str | None:
+    """``"tensor"`` for a bfloat16 tensor attribute, ``"dtype"`` for a ``to`` / ``dtype`` naming bfloat16."""
+    if a.type == ir.AttributeType.TENSOR and a.value.dtype == _BF16:
+        return "tensor"
+    if a.name in _DTYPE_ATTRS and a.type == ir.AttributeType.INT and a.value == _BF16.value:
+        return "dtype"
+    return None
+
+
 def has_bfloat16(model: ir.Model) -> bool:
     """True when any value, initializer or tensor attribute of ``model`` is bfloat16 (weights are not read)."""
-    for g in _graphs(model):
-        if any(_is_bf16_type(v.type) for v in _values(g)):
-            return True
-        for node in g:
-            for a in node.attributes.values():
-                if a.type == ir.AttributeType.TENSOR and a.value.dtype == _BF16:
-                    return True
-                if a.name in _DTYPE_ATTRS and a.type == ir.AttributeType.INT and a.value == _BF16.value:
-                    return True
-    return False
+    return any(any(_is_bf16_type(v.type) for v in _values(g)) or
+               any(_bf16_attr(a) for node in g for a in node.attributes.values()) for g in _graphs(model))
 
 
 def _upcast_tensor(t: ir.TensorProtocol) -> ir.TensorProtocol:
@@ -90,12 +91,12 @@ def upcast_bfloat16(model: ir.Model, round_outputs: bool = False) -> bool:
                 changed = True
         for node in g:
             for name, a in list(node.attributes.items()):
-                if a.type == ir.AttributeType.TENSOR and a.value.dtype == _BF16:
+                kind = _bf16_attr(a)
+                if kind == "tensor":
                     node.attributes[name] = ir.AttrTensor(name, _upcast_tensor(a.value))
-                    changed = True
-                elif name in _DTYPE_ATTRS and a.type == ir.AttributeType.INT and a.value == _BF16.value:
+                elif kind == "dtype":
                     node.attributes[name] = ir.AttrInt64(name, _F32.value)
-                    changed = True
+                changed = changed or kind is not None
     _round(model.graph, rounded)
     return changed
 
