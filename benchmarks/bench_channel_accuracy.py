@@ -14,6 +14,7 @@ Run:  python benchmarks/bench_channel_accuracy.py
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ import onnx_ir as ir
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import digits  # noqa: E402
+from benchmarks.results import Table, add_result_option  # noqa: E402
 from graphprune.backends.onnxruntime import count_flops  # noqa: E402
 from graphprune.passes import PassContext, get_pass  # noqa: E402
 
@@ -45,18 +47,20 @@ def _bn_kept_export(folder: Path) -> Path:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_result_option(p)
+    a = p.parse_args(argv)
     x_tr, y_tr, x_te, y_te = digits.load_split()
     calib = digits.calibration_feeds(64, 16)
     tmp = tempfile.TemporaryDirectory()
     folder = Path(tmp.name)
     exports = {"folded": Path(digits.get_cnn()), "bn kept": _bn_kept_export(folder), "vit": Path(digits.get_vit())}
-    print("| export | criterion | ranking | round_to | refit | ratio | top-1 | FLOPs kept | params kept |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    table = Table("| export | criterion | ranking | round_to | refit | ratio | top-1 | FLOPs kept | params kept |")
     for label, path in exports.items():
         base = ir.load(path)
         f0, p0 = count_flops(base).flops, count_flops(base).params
-        print(f"| {label} | (unpruned) | | | | 0% | {digits.evaluate(base, x_te, y_te):.2%} | 1.00 | 1.00 |", flush=True)
+        table.add(f"| {label} | (unpruned) | | | | 0% | {digits.evaluate(base, x_te, y_te):.2%} | 1.00 | 1.00 |")
         criteria = ["l1", "l2", "activation"] + (["bn"] if label == "bn kept" else [])
         for crit in criteria:
             for glob in (False, True):
@@ -68,9 +72,10 @@ def main() -> None:
                         get_pass("channel_prune")(cfg, ctx)(model)
                         fr = count_flops(model)
                         acc = digits.evaluate(model, x_te, y_te)
-                        print(f"| {label} | {crit} | {'global' if glob else 'local'} | {rt} | {'yes' if rec else 'no'} | "
-                              f"{ratio:.0%} | {acc:.2%} | {fr.flops / f0:.2f} | {fr.params / p0:.2f} |", flush=True)
+                        table.add(f"| {label} | {crit} | {'global' if glob else 'local'} | {rt} | {'yes' if rec else 'no'} | "
+                                  f"{ratio:.0%} | {acc:.2%} | {fr.flops / f0:.2f} | {fr.params / p0:.2f} |")
     tmp.cleanup()
+    table.save(a.result)
 
 
 if __name__ == "__main__":

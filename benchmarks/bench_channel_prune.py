@@ -29,6 +29,10 @@ from graphprune.analysis.inputs import example_inputs
 from graphprune.backends.onnxruntime import benchmark, count_flops, make_session
 from graphprune.passes import get_pass
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or with -m
+
+from benchmarks.results import Table, add_result_option  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -141,11 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3, help="benchmark calls per row; the median ratio is kept")
     p.add_argument("--out", default=None, help="folder for the exported models (default: a temporary folder)")
+    add_result_option(p)
     a = p.parse_args(argv)
     tmp = tempfile.TemporaryDirectory() if a.out is None else None
     folder = Path(a.out or tmp.name)
-    print("| model | variant | ratio | round_to | batch | FLOPs cut | speedup | efficiency | base ms | pruned ms | prune s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    table = Table("| model | variant | ratio | round_to | batch | FLOPs cut | speedup | efficiency | base ms | pruned ms | prune s |")
     for name in a.models:
         path = _export(name, folder)
         base = ir.load(path)
@@ -169,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
                             speed.append(r["base"]["median_ms"] / r["pruned"]["median_ms"])
                             ms = (r["base"]["median_ms"], r["pruned"]["median_ms"])
                         sp = sorted(speed)[len(speed) // 2]
-                        print(f"| {name} | {variant} | {ratio:.0%} | {rt} | {batch} | {cut:.2f}× | {sp:.2f}× | "
-                              f"{sp / cut:.2f} | {ms[0]:.1f} | {ms[1]:.1f} | {secs:.1f} |", flush=True)
+                        table.add(f"| {name} | {variant} | {ratio:.0%} | {rt} | {batch} | {cut:.2f}× | {sp:.2f}× | "
+                              f"{sp / cut:.2f} | {ms[0]:.1f} | {ms[1]:.1f} | {secs:.1f} |")
+    table.save(a.result)
     if tmp is not None:
         tmp.cleanup()
 

@@ -24,6 +24,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or with -m
+
+from benchmarks.results import Table, add_result_option  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PAIRS = {
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=6.0, help="seconds per model and level")
     p.add_argument("--windows", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "deploy"))
+    add_result_option(p)
     a = p.parse_args(argv)
 
     from graphprune.deploy import TritonServer, deploy, free_port, load_test
@@ -84,9 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                                       duration=a.duration, windows=a.windows,
                                       progress=lambda m: print(f"  {m}", file=sys.stderr))
     (folder / "bench_deploy.json").write_text(json.dumps(results, indent=2))
-    print("| model | pipeline | FLOPs cut | verify (synthetic) | concurrency | original req/s | optimized req/s "
-          "| throughput ratio | efficiency | p50 ms original → optimized | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    table = Table("| model | pipeline | FLOPs cut | verify (synthetic) | concurrency | original req/s | optimized req/s "
+                  "| throughput ratio | efficiency | p50 ms original → optimized | errors |")
     for name in a.pairs:
         _, _, rep = prepared[name]
         cut = rep["flops"]["before"] / rep["flops"]["after"]
@@ -94,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         for level in results[name]["levels"]:
             o, b = level["models"][f"{name}_opt"], level["models"][name]
             ratio = level["ratio"]
-            print(f"| {name} | {PAIRS[name][2]} | {cut:.2f}× | {verdict} | {level['concurrency']} | {b['rps']:.1f} | "
+            table.add(f"| {name} | {PAIRS[name][2]} | {cut:.2f}× | {verdict} | {level['concurrency']} | {b['rps']:.1f} | "
                   f"{o['rps']:.1f} | {ratio:.2f}× | {ratio / cut:.2f} | {b['p50_ms']:.1f} → {o['p50_ms']:.1f} | "
                   f"{o['errors'] + b['errors']} |")
+    table.save(a.result, description="Batch-1 HTTP requests, interleaved windows; throughput ratio = req/s optimized ÷ req/s original; efficiency = throughput ratio ÷ FLOPs cut.")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import minilm
+from benchmarks.results import add_result_option, save_markdown
 
 ROWS: dict[str, tuple[dict, bool] | tuple[str, dict, bool]] = {
     # name: (channel_prune options, real data?) or (pass, options, real data?)
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", nargs="*", default=None, help="row names (default: all)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs per model and batch size")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    add_result_option(ap)
     args = ap.parse_args(argv)
     folder = args.out
     if not (folder / "minilm.onnx").is_file():
@@ -154,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         r = results[-1]
         print(f"{name}: retained {r['retained']['docstring']:.3f}/{r['retained']['body']:.3f} b8 {r['speedup_b8']:.2f}x "
               f"verify {r['verify']} ({r['optimize_s']} s)", file=sys.stderr, flush=True)
-    print(table(results, baseline))
+    text = table(results, baseline)
+    print(text)
+    save_markdown(args.result, text, notes=text.split("\n\n", 1)[1])
     if args.json:
         args.json.write_text(json.dumps({"baseline": baseline, "rows": results}, indent=2))
     return 0

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import graphprune  # noqa: E402
 from benchmarks import digits  # noqa: E402
+from benchmarks.results import Table, add_result_option  # noqa: E402
 from graphprune.data import load_data  # noqa: E402
 from graphprune.pipeline import DataConfig  # noqa: E402
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=400, help="training images written as PNGs (default 400)")
     p.add_argument("--ratios", default="0.3,0.5", help="comma-separated channel_prune ratios")
     p.add_argument("--models", default="cnn,vit", help="comma-separated: cnn, vit")
+    add_result_option(p)
     a = p.parse_args(argv)
     ratios = [float(r) for r in a.ratios.split(",") if r]
     names = [m for m in a.models.split(",") if m]
@@ -149,9 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     # 2. optimize with the PNG folder and without data; score every output on the test split.
     base_top1 = {name: digits.evaluate(path, x_te, y_te) for name, path in models.items()}
     rows = []
-    header = ("| model | ratio | data | FLOPs ratio | test top-1 (orig → pruned) | verify | data.source | method | time |\n"
-              "|---|---|---|---|---|---|---|---|---|")
-    print(header, flush=True)
+    table = Table("| model | ratio | data | FLOPs ratio | test top-1 (orig → pruned) | verify | data.source | method | time |")
     with tempfile.TemporaryDirectory(prefix="gp_fid_") as tmp:
         for name, path in models.items():
             for ratio in ratios:
@@ -180,10 +180,12 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append(row)
                     m = row["method"]
                     meth = f"{m['importance']}, {'global' if m['global'] else 'local'}, {'refit' if m['reconstruct'] else 'no refit'}"
-                    print(f"| {name} | {ratio:.0%} | {row['data']} | {row['flops_ratio']:.3f} | "
+                    table.add(f"| {name} | {ratio:.0%} | {row['data']} | {row['flops_ratio']:.3f} | "
                           f"{base_top1[name]:.2%} → {top1:.2%} | {'passed' if row['verify_passed'] else 'FAILED'}: "
-                          f"{row['verify_summary']} | {row['data_source']} | {meth} | {secs:.1f} s |", flush=True)
+                          f"{row['verify_summary']} | {row['data_source']} | {meth} | {secs:.1f} s |")
     total = time.perf_counter() - t_start
+    table.save(a.result, description=f"{a.images} training images as the PNG `--data` folder; top-1 on the "
+               f"{len(y_te)} test images.")
     result = {"png": png, "test_images": int(len(y_te)), "base_test_top1": base_top1,
               "calibration_samples": CALIBRATION, "verify_samples": VERIFY, "rows": rows,
               "seconds": {"models": round(t_models, 1), "total": round(total, 1)}}

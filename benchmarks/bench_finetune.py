@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import digits
+from benchmarks.results import Table, add_result_option
 
 
 def train_kd(model, teacher, cfg: dict, alpha: float, temperature: float, log) -> tuple[float, float]:
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minilm-texts", type=int, default=512, help="calibration texts to distil on")
     p.add_argument("--minilm-max-length", type=int, default=128, help="tokens per distillation text")
     p.add_argument("--json", default=None, help="also write the rows here")
+    add_result_option(p)
     a = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -287,16 +289,17 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(_row(name, module, ratio, epochs, lr, Path(d), lambda s: print(s, flush=True), kd,
                                  a.kd_temperature))
                 print(json.dumps(rows[-1]), flush=True)
-    print("\n| model | channels | params kept | metric | original | training-free | fine-tuned | recipe | epochs | "
-          "fine-tune s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print()
+    table = Table("| model | channels | params kept | metric | original | training-free | fine-tuned | recipe | epochs | "
+                  "fine-tune s |")
     for r in rows:
         metric = "recall@1" if r["model"] == "minilm" else "top-1"
         recipe = ("embedding distillation" if r["model"] == "minilm" else
                   f"CE + logit KD (α {r['kd_alpha']}, T {r['kd_temperature']})" if r.get("kd_alpha") else "CE")
-        print(f"| {r['model']} | {r['ratio']:.0%} | {r['params']:.2f} | {metric} | {r['top1']:.2%} | "
+        table.add(f"| {r['model']} | {r['ratio']:.0%} | {r['params']:.2f} | {metric} | {r['top1']:.2%} | "
               f"{r['training_free']:.2%} | {r['fine_tuned']:.2%} | {recipe}, lr {r['lr']:g} | {r['epochs']} | "
               f"{r['train_s']:.0f} |")
+    table.save(a.result)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0

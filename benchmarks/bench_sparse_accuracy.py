@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import digits  # noqa: E402
+from benchmarks.results import Table, add_result_option  # noqa: E402
 from graphprune.io import load_model  # noqa: E402
 from graphprune.passes.sparse_attention import SparseAttentionPass  # noqa: E402
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--opset", type=int, default=18, choices=(18, 23))
     p.add_argument("--json", help="also write the rows as JSON here")
+    add_result_option(p)
     a = p.parse_args(argv)
     path = digits.get_vit(opset=a.opset)
     _, _, x, y = digits.load_split()
@@ -63,11 +65,11 @@ def main(argv: list[str] | None = None) -> None:
                      "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
                      "attn_flops_ratio": res.info["attention_flops_ratio"]})
     print(f"digits ViT (opset {a.opset}), {len(y)} test images, all 6 blocks replaced")
-    print("| setting | top-1 | Δ top-1 (points) | top-1 agreement | logit cosine mean / min | attention FLOPs ratio |")
-    print("|---|---|---|---|---|---|")
+    table = Table("| setting | top-1 | Δ top-1 (points) | top-1 agreement | logit cosine mean / min | attention FLOPs ratio |")
     for r in rows:
-        print(f"| {r['setting']} | {100 * r['top1']:.2f}% | {r['delta_points']:+.2f} | {100 * r['agreement']:.1f}% | "
+        table.add(f"| {r['setting']} | {100 * r['top1']:.2f}% | {r['delta_points']:+.2f} | {100 * r['agreement']:.1f}% | "
               f"{r['cos_mean']:.4f} / {r['cos_min']:.4f} | {r['attn_flops_ratio']:.2f}x |")
+    table.save(a.result, description=f"digits ViT (opset {a.opset}), {len(y)} test images, all 6 blocks replaced.")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +31,10 @@ import onnxruntime as ort
 
 from graphprune.ops import add_function
 from graphprune.ops import sparse_attention as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or with -m
+
+from benchmarks.results import Table, add_result_option  # noqa: E402
 
 B, H, D = 1, 8, 64
 VARIANTS = {
@@ -142,11 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=10, help="timed runs per variant (16384: at most 3)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory subprocesses")
     p.add_argument("--json", help="also write the rows as JSON here")
+    add_result_option(p)
     a = p.parse_args(argv)
     rows = []
     print(f"ORT {ort.__version__}, B={B} H={H} D={D}, fp32")
-    print("| N | variant | median ms | speedup vs dense chain | predicted (FLOPs) | efficiency | peak MB |")
-    print("|---|---|---|---|---|---|---|")
+    table = Table("| N | variant | median ms | speedup vs dense chain | predicted (FLOPs) | efficiency | peak MB |")
     for n in a.ns:
         big = n >= 16384
         times = time_group(n, reps=min(a.reps, 3) if big else a.reps, warmup=1 if big else 3)
@@ -157,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
             mem = float("nan") if a.no_memory else peak_mb(name, n)
             rows.append({"n": n, "variant": name, "median_ms": med, "speedup": speed, "predicted": pred,
                          "efficiency": speed / pred, "peak_mb": mem, "runs": len(ts)})
-            print(f"| {n} | {name} | {med:.1f} | {speed:.2f}x | {pred:.2f}x | {speed / pred:.2f} | {mem:.0f} |",
-                  flush=True)
+            table.add(f"| {n} | {name} | {med:.1f} | {speed:.2f}x | {pred:.2f}x | {speed / pred:.2f} | {mem:.0f} |")
+    table.save(a.result, description=f"B={B}, H={H}, D={D}, fp32; medians of {a.reps} interleaved runs (3 at N ≥ 16384).")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from benchmarks import digits
 from benchmarks.bench_token_drop import measure
+from benchmarks.results import Table, add_result_option
 from graphprune.backends.onnxruntime import count_flops, make_session
 from graphprune.passes import get_pass
 
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--no-latency", action="store_true", help="accuracy and FLOPs only (no timing, no lock needed)")
     p.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
+    add_result_option(p)
     a = p.parse_args(argv)
     path = digits.get_vit()
     _, _, x_test, y_test = digits.load_split()
@@ -72,12 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"Digits ViT (64 patches + CLS, 6 blocks, dim 128), base top-1 {100 * base_acc:.2f}%; ORT CPU; "
           f"latency reps {a.reps}")
-    print("| method | level | layers | top-1 | Δ pts | FLOPs ratio | speedup b64 | eff b64 | speedup b1 | eff b1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    table = Table("| method | level | layers | top-1 | Δ pts | FLOPs ratio | speedup b64 | eff b64 | speedup b1 | eff b1 |")
     for r in rows:
         layers = ",".join(map(str, r["layers"])) if len(r["layers"]) < 6 else "all"
-        print(f"| {r['method']} | {r['level']} | {layers} | {100 * r['top1']:.2f}% | {r['delta_pts']:+.2f} | "
+        table.add(f"| {r['method']} | {r['level']} | {layers} | {100 * r['top1']:.2f}% | {r['delta_pts']:+.2f} | "
               f"{r['flops_ratio']:.3f} | {r['speedup_b64']:.2f}x | {r['eff_b64']:.2f} | {r['speedup_b1']:.2f}x | {r['eff_b1']:.2f} |")
+    table.save(a.result, description=f"Digits ViT, base top-1 {100 * base_acc:.2f}%; latency reps {a.reps}.")
     ok = [r for r in rows if r["delta_pts"] >= -1.0 and r["speedup_b64"] >= 1.3]
     best = max(ok, key=lambda r: r["speedup_b64"]) if ok else None
     print()

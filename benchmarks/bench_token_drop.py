@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from benchmarks.results import Table, add_result_option
 from graphprune.backends.onnxruntime import benchmark, count_flops, make_session
 from graphprune.passes import get_pass
 
@@ -55,8 +56,9 @@ def export_deit(opset: int, pool: str = "cls") -> Path:
     return path
 
 
-def restore_cost(feeds: dict, reps: int, runs: int) -> None:
-    """Latency of keep 0.7 with and without ``restore`` on the per-token ViT, each against the original."""
+def restore_cost(result: str | None, feeds: dict, reps: int, runs: int) -> None:
+    """Latency of keep 0.7 with and without ``restore`` on the per-token ViT, each against the original; with
+    ``result`` (a path) the table is also written as a result file."""
     path = export_deit(18, pool="tokens")
     base = ir.load(str(path))
     base_flops = count_flops(base, batch=feeds["x"].shape[0]).flops
@@ -72,9 +74,11 @@ def restore_cost(feeds: dict, reps: int, runs: int) -> None:
         print(f"restore {restore}: output {shape} FLOPs {fr:.3f} latency {lat:.3f} speedup {1 / lat:.2f}x", flush=True)
     print(f"\nDeiT-S-shaped ViT, per-token output, keep 0.7 at layers {LAYERS}, batch {feeds['x'].shape[0]}, ORT CPU; "
           f"reps {reps} x runs {runs}")
-    print("| restore | output | FLOPs ratio | latency ratio | speedup |\n|---|---|---|---|---|")
+    table = Table("| restore | output | FLOPs ratio | latency ratio | speedup |")
     for restore, shape, fr, lat, _ in rows:
-        print(f"| {str(restore).lower()} | {list(shape)} | {fr:.3f} | {lat:.3f} | {1 / lat:.2f}× |")
+        table.add(f"| {str(restore).lower()} | {list(shape)} | {fr:.3f} | {lat:.3f} | {1 / lat:.2f}× |")
+    table.save(result, description=f"Per-token output, keep 0.7 at layers {LAYERS}, batch {feeds['x'].shape[0]}; "
+               f"reps {reps} x runs {runs}.")
     print(f"\nrestore costs {rows[1][3] / rows[0][3] - 1:+.1%} latency (restore / no restore)")
 
 
@@ -97,11 +101,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="only cls_attention keep 0.7 (the efficiency target)")
     p.add_argument("--methods", default="", help="comma-separated method names to run (default: all)")
     p.add_argument("--restore", action="store_true", help="measure what restore costs on a per-token output instead")
+    add_result_option(p)
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     feeds = {"x": np.random.default_rng(0).standard_normal((a.batch, 3, 224, 224)).astype(np.float32)}
     if a.restore:
-        restore_cost(feeds, a.reps, a.runs)
+        restore_cost(a.result, feeds, a.reps, a.runs)
         return
     rows = []
     for opset in [int(o) for o in a.opsets.split(",")]:
@@ -133,11 +138,11 @@ def main(argv: list[str] | None = None) -> None:
                       f"speedup {1 / lat:.2f}x eff {eff:.2f} (base {base_ms:.0f} ms)", flush=True)
     print()
     print(f"DeiT-S-shaped ViT, 197 tokens, batch {a.batch}, ORT CPU; reps {a.reps} x runs {a.runs}")
-    print("| opset | method | level | tokens after each reduction | FLOPs ratio | latency ratio | speedup | efficiency |")
-    print("|---|---|---|---|---|---|---|---|")
+    table = Table("| opset | method | level | tokens after each reduction | FLOPs ratio | latency ratio | speedup | efficiency |")
     for r in rows:
-        print(f"| {r['opset']} | {r['method']} | {r['level']} | {r['tokens']} "
+        table.add(f"| {r['opset']} | {r['method']} | {r['level']} | {r['tokens']} "
               f"| {r['flops_ratio']:.3f} | {r['latency_ratio']:.3f} | {r['speedup']:.2f}x | {r['efficiency']:.2f} |")
+    table.save(a.result, description=f"DeiT-S-shaped ViT, 197 tokens, batch {a.batch}; reps {a.reps} x runs {a.runs}.")
     (OUT / "bench_token_drop.json").write_text(json.dumps(rows, indent=1))
 
 

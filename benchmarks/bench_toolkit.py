@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.results import add_result_option, save_markdown
+
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = {"cleanup": [], "prune 0.3": ["--prune-channels", "0.3"], "token 0.7": ["--token-keep", "0.7"],
              # the same with 2 verification samples: what the toolkit costs beyond the model's own runs
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/graphprune-bench-toolkit", help="where models and outputs are written")
     p.add_argument("--json", help="write the rows as JSON here")
     p.add_argument("--reps", type=int, default=3, help="interleaved rounds per model; rows are medians (default 3)")
+    add_result_option(p)
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows[-1 - len(a.pipelines):]), flush=True)
     print()
     print(table(rows))
+    save_markdown(a.result, table(rows), description=f"Medians of {a.reps} interleaved repetitions per row.")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0

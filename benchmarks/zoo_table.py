@@ -3,7 +3,7 @@
 ``python -m benchmarks.zoo_table [--models bert vit ...] [--out table.md]`` exports each model (into a temporary
 folder), runs ``inspect`` and each pass family at its CLI-shortcut defaults, classifies every result with the zoo
 contract (``tests/_zoo.py``; the same code ``tests/test_zoo.py`` asserts) and prints the markdown table of the
-README's Zoo section, then one line per failing pair with its full problem list.
+zoo table of docs/benchmarks.md, then one line per failing pair with its full problem list.
 
 Cells: ``FLOPs ×0.71`` (changed; the pass's own FLOPs ratio, ``(verify failed)`` when verification on synthetic
 inputs missed a threshold), ``refused: <reason>``, ``error: <one-line user error>``, ``FAIL: <first problem>``.
@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.results import add_result_option, save_markdown
 from tests import _zoo
 
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", help="zoo model names (default: all)")
     ap.add_argument("--out", type=Path, help="also write the table here")
+    add_result_option(ap)
     args = ap.parse_args(argv)
     models = [_zoo.BY_NAME[n] for n in args.models] if args.models else _zoo.ZOO
     rows, failures = [], []
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.out.with_name(f".{args.out.name}.tmp")
         tmp.write_text(table + "\n")
         os.replace(tmp, args.out)  # atomic: a reader never sees half a table
+    save_markdown(args.result, table, notes=f"**{n_pairs - len(failures)} of {n_pairs} (model, step) pairs meet the contract.**")
     return 1 if failures else 0
 
 
