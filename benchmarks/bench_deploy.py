@@ -10,7 +10,7 @@ B A, ...) at each concurrency level, with batch-1 requests over HTTP.
 Throughput ratio = req/s optimized / req/s original; efficiency = throughput ratio / FLOPs cut, where FLOPs cut
 = FLOPs original / FLOPs optimized (``count_flops`` at batch 1, from the optimize report).
 
-This is what the CLI does step by step (README, "Deploy"): ``graphprune optimize`` → ``graphprune deploy
+This is what the CLI does step by step (docs/deploy.md): ``graphprune optimize`` → ``graphprune deploy
 --backend python`` → ``graphprune serve`` → ``graphprune loadtest --compare``.
 
 Run (one process, under the shared benchmark lock):

@@ -23,7 +23,7 @@ Usage::
 
 The ``tokens`` rows run ``token_drop`` on the same dynamic-sequence export (the kept count follows the runtime N;
 MiniLM has no prepended CLS token, so the scores are the column-mean attention; ToMe is refused on this padded
-model, see the README). Nothing here is a test: the README keeps the latest table.
+model, see docs/benchmarks.md). Nothing here is a test: docs/benchmarks.md keeps the latest table (``--result``).
 """
 
 from __future__ import annotations

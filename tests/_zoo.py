@@ -709,7 +709,7 @@ class Outcome:
     verify: str = ""  # the verification summary of a changed model ("passed" or the first failure)
 
     def cell(self) -> str:
-        """The README table cell."""
+        """The cell of the zoo table in docs/benchmarks.md."""
         if self.status == "changed":
             return f"FLOPs ×{self.flops_ratio:.2f}" + ("" if self.verify == "passed" else " (verify failed)")
         if self.status == "refused":

@@ -30,7 +30,7 @@ Static checks (each failure is one :class:`~graphprune.errors.GraphpruneError` l
 ``ai.graphprune`` node became a plugin layer (the parser silently inlines the body when a plugin is missing) →
 ``IBuilderConfig`` with one optimization profile and a timing cache → serialized ``.plan``. Strongly typed
 networks take precision from the ONNX, so ``fp16`` converts the model to float16 first.
-TensorRT never ran on the machines this was written on; see the README.
+TensorRT never ran on the machines this was written on; see docs/tensorrt.md.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ YAML::
         reconstruct: null   # refit the layers reading pruned channels by least squares (null: auto)
         allocate: auto      # auto | score | sensitivity: group ratios from each group's measured output change
         refit: independent  # independent: every refit reads the original's activations | sequential: the pruned
-                            #   model's, layer after layer (3-5x slower; no better on MiniLM, see README)
+                            #   model's, layer after layer (3-5x slower; no better on MiniLM, docs/benchmarks.md)
         plan_out: plan.json # write the prune plan (structure only; refitted weights are not in it)
         plan_in: null       # apply a plan written before (no analysis)
 """
@@ -94,9 +94,9 @@ class ChannelPruneConfig(PassConfig):
     plan_in: str | None = pydantic.Field(None, description="apply this plan instead of analysing")
 
 
-#: What ``auto`` resolves to with the user's real calibration samples, chosen by measurement on MiniLM (README,
-#: fidelity table): at ``ratio: 0.3``, group ratios allocated from measured sensitivity kept the most retrieval
-#: quality (body-task MRR 0.96 of the original's against 0.93 for score-based global ranking, at FLOPs ×0.73 vs
+#: What ``auto`` resolves to with the user's real calibration samples, chosen by measurement on MiniLM
+#: (docs/benchmarks.md, fidelity table): at ``ratio: 0.3``, group ratios allocated from measured sensitivity kept
+#: the most retrieval quality (body-task MRR 0.96 of the original's against 0.93 for score-based global ranking, at FLOPs ×0.73 vs
 #: ×0.71); ``obs`` importance and the sequential refit did no better.
 DATA_AWARE = {"importance": "activation", "global": True, "reconstruct": True, "allocate": "sensitivity"}
 #: ... and without them: magnitude only, since fitting to generated inputs does not carry over to real data.
