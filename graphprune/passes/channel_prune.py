@@ -96,8 +96,8 @@ class ChannelPruneConfig(PassConfig):
 
 #: What ``auto`` resolves to with the user's real calibration samples, chosen by measurement on MiniLM
 #: (docs/benchmarks.md, fidelity table): at ``ratio: 0.3``, group ratios allocated from measured sensitivity kept
-#: the most retrieval quality (body-task MRR 0.96 of the original's against 0.93 for score-based global ranking, at FLOPs ×0.73 vs
-#: ×0.71); ``obs`` importance and the sequential refit did no better.
+#: the most retrieval quality (body-task MRR 0.96 of the original's against 0.93 for score-based global ranking,
+#: at FLOPs ×0.73 vs ×0.71); ``obs`` importance and the sequential refit did no better.
 DATA_AWARE = {"importance": "activation", "global": True, "reconstruct": True, "allocate": "sensitivity"}
 #: ... and without them: magnitude only, since fitting to generated inputs does not carry over to real data.
 DATA_FREE = {"importance": "l2", "global": False, "reconstruct": False, "allocate": "score"}
