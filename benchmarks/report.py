@@ -36,7 +36,7 @@ def _wrap(text: str) -> str:
 
 
 def _versions(versions: dict[str, str]) -> str:
-    return ", ".join(f"{SHORT.get(k, k)} {v}" for k, v in versions.items()) or "not recorded"
+    return ", ".join(f"{SHORT.get(k, k)} {v}" for k, v in versions.items()) or "versions not recorded"
 
 
 def render_result(r: dict) -> str:

@@ -110,7 +110,8 @@ def write_result(path: str | Path, columns: list[str], rows: list[list[str]], *,
     path = Path(path)
     result = {"name": path.stem, "command": command or this_command(),
               "date": date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": machine or this_machine(), "versions": versions or installed_versions(),
+              "machine": machine or this_machine(),
+              "versions": installed_versions() if versions is None else versions,
               "description": description, "columns": list(columns), "rows": [list(map(str, r)) for r in rows]}
     if notes:
         result["notes"] = notes
