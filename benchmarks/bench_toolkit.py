@@ -12,11 +12,13 @@ Models (written under ``--work``, default ``/tmp/graphprune-bench-toolkit``, reu
 Each figure comes from its own child process, so that its peak RSS (``ru_maxrss`` from ``os.wait4``) is its own:
   * ``ort``: load the original in one ONNX Runtime session and run it once (batch 1, generated inputs): the unit;
   * ``cleanup``, ``prune 0.3`` (``--prune-channels 0.3``), ``token 0.7`` (``--token-keep 0.7``): ``graphprune
-    optimize`` with verification (8 synthetic samples, its default) and ``--force``, so that a run whose
+    optimize`` with verification (8 synthetic samples, its default; 2 for cleanup alone) and ``--force``, so that a run whose
     verification fails is still timed to the end and written; the table says whether verification passed, and
     a refusal (an error exit) is reported with its message;
   * ``cleanup, verify 2`` and ``prune 0.3, verify 2`` (asked for by name in ``--pipelines``): the same with
-    ``--verify-samples 2``, which separates the toolkit's own cost from the model's 2 × 8 verification runs.
+    ``--verify-samples 2``, which separates the toolkit's own cost from the model's 2 × 8 verification runs;
+    ``cleanup, verify 8``: cleanup verified on all 8 samples (a cleanup-only run verifies on 2 by default,
+    ``pipeline.cleanup_verify_samples``; this row is the cost before that).
 ``--reps N`` (default 3) runs N rounds, each the unit then every pipeline; a row gives the medians: wall time, the
 ratio to the unit run of the same round, peak RSS. Reported: wall time and its ratio to ``ort``; peak RSS and its
 ratio to the model's weight bytes; the time of each stage from the report (``timings``: load, passes, save, verify, commit). Interpreter start and imports are in
@@ -41,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = {"cleanup": [], "prune 0.3": ["--prune-channels", "0.3"], "token 0.7": ["--token-keep", "0.7"],
              # the same with 2 verification samples: what the toolkit costs beyond the model's own runs
              "cleanup, verify 2": ["--verify-samples", "2"],
+             # cleanup on all 8 generated samples: what a cleanup-only run verified before cleanup_verify_samples
+             "cleanup, verify 8": ["--verify-samples", "8"],
              "prune 0.3, verify 2": ["--prune-channels", "0.3", "--verify-samples", "2"]}
 #: What runs when ``--pipelines`` is not given (the ``verify 2`` rows are asked for by name).
 DEFAULT_PIPELINES = ["cleanup", "prune 0.3", "token 0.7"]

@@ -10,10 +10,16 @@ matter to us, without serialising the weights):
   * every op exists: a standard op ``onnx.defs`` knows at the model's opset, an op with a model-local function,
     or a domain ONNX Runtime provides (``com.microsoft``, ``ai.onnx.ml``);
   * no negative dims on inputs, outputs or value infos;
-  * inputs and outputs are numeric or bool tensors (no strings, sequences or maps).
+  * inputs and outputs are numeric or bool tensors (no strings, sequences or maps);
+  * every stored tensor (initializers, tensor attributes such as ``Constant`` values, in every graph and function)
+    has non-negative dims and holds exactly the data its shape and type need: ``raw_data`` bytes, typed-field
+    values or external-data length. Only sizes are compared; no weight is read.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
@@ -28,6 +34,59 @@ def _shape_problem(kind: str, value: ir.Value) -> str | None:
         for axis, d in enumerate(value.shape):
             if isinstance(d, int) and d < 0:
                 return f"{kind} {value.name!r} has a negative dim ({d}) on axis {axis}"
+    return None
+
+
+def _stored_tensors(model: ir.Model) -> Iterator[tuple[str, ir.TensorProtocol]]:
+    """(where, tensor) for every tensor the model stores: initializers and tensor-valued attributes."""
+    graphs = (model.graph, *(f.graph for f in model.functions.values()))
+    for graph in graphs:
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield f"initializer {value.name!r}", value.const_value
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                    yield f"node {node.name or node.op_type!r} attribute {attr.name!r}", attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    for i, t in enumerate(attr.value or ()):
+                        yield f"node {node.name or node.op_type!r} attribute {attr.name!r}[{i}]", t
+
+
+def _stored_count(proto: onnx.TensorProto) -> int:
+    """Values a TensorProto's typed fields hold (a complex number counts two, a packed int32 holds one entry)."""
+    return (len(proto.float_data) + len(proto.int32_data) + len(proto.string_data) + len(proto.int64_data)
+            + len(proto.double_data) + len(proto.uint64_data))
+
+
+def _tensor_problem(where: str, tensor: ir.TensorProtocol) -> str | None:
+    """Why ``tensor``'s dims or stored size cannot be right, or ``None``; sizes only, the data is never read."""
+    dims = [int(d) for d in tensor.shape.dims] if tensor.shape is not None else []
+    for axis, d in enumerate(dims):
+        if d < 0:
+            return f"{where} has a negative dim ({d}) on axis {axis}"
+    dtype, numel = tensor.dtype, math.prod(dims)
+    shape = f"shape {dims} of {dtype.name.lower()}"
+    if isinstance(tensor, ir.ExternalTensor):
+        need = math.ceil(numel * dtype.itemsize)
+        if tensor.length is not None and tensor.length != need:
+            return f"{where} has {tensor.length} bytes of external data, but its {shape} needs {need}"
+        return None
+    proto = tensor.raw if isinstance(tensor, ir.serde.TensorProtoTensor) else None
+    if proto is None:
+        return None  # built in memory from an array: its size is its shape
+    if proto.HasField("raw_data"):
+        need = math.ceil(numel * dtype.itemsize)
+        if len(proto.raw_data) != need:
+            return f"{where} holds {len(proto.raw_data)} bytes of data, but its {shape} needs {need}"
+        return None
+    per_entry = {4: 2, 2: 4}.get(dtype.bitwidth, 1) if dtype != ir.DataType.STRING else 1
+    need = math.ceil(numel / per_entry) * (2 if dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128) else 1)
+    have = _stored_count(proto)
+    if have != need:
+        held = f"holds {have} values" if have else "holds no data"
+        return f"{where} {held}, but its {shape} needs {need}"
     return None
 
 
@@ -87,6 +146,11 @@ def problems(model: ir.Model) -> list[str]:
         for v in node.outputs:
             if (p := _shape_problem("value", v)) is not None:
                 out.append(p)
+                break
+    for where, tensor in _stored_tensors(model):
+        if (p := _tensor_problem(where, tensor)) is not None:
+            out.append(p)
+            if len(out) > 20:
                 break
     return out
 

@@ -231,6 +231,8 @@ def _summary(rep: dict) -> None:
         status = "[red]FAILED (written with --force)[/]"
     d = rep.get("data", {})
     where = f"{d.get('verify_samples', '?')} {'synthetic' if synthetic else 'held-out real'} samples"
+    if d.get("verify_samples_reason"):
+        where += " (housekeeping passes only)"
     out.print(f"verify {status} on {where}: {v.get('summary') or _verify_line(v)}", highlight=False)
     out.print(f"FLOPs ×{rep['flops']['ratio']:.3f}, params ×{rep['params']['ratio']:.3f}")
     if "latency_ms" in rep:

@@ -255,8 +255,31 @@ def resolve_data(
                       allow_overlap=cfg.allow_overlap)
 
 
-#: Passes for which changing nothing is a normal outcome (the model was already clean).
+#: Passes for which changing nothing is a normal outcome (the model was already clean). They are also exact:
+#: they remove dead nodes and identities, fold constants and annotate shapes, without changing what any output
+#: computes (see ``cleanup_verify_samples``).
 HOUSEKEEPING_PASSES = frozenset({"cleanup", "dce", "identity_elimination", "constant_folding", "shape_inference"})
+#: Verification samples for a pipeline of housekeeping passes only, unless ``data.verify_samples`` is set.
+CLEANUP_VERIFY_SAMPLES = 2
+
+
+def cleanup_verify_samples(pipeline: Pipeline, ver: Any, fixed_batch: int | None) -> tuple[Any, str | None]:
+    """The verification samples for ``pipeline`` and, when they are fewer than ``ver``, why.
+
+    A pipeline whose passes are all housekeeping (``HOUSEKEEPING_PASSES``) changes no value any output computes:
+    a wrong rewrite there (a dropped node, a mis-folded constant) is wrong on every input, so on generated inputs
+    the first ``CLEANUP_VERIFY_SAMPLES`` samples (one batch; a model with a fixed batch keeps one full batch)
+    check it as well as all of them, and more would only repeat the model's runs. Any other pass, real data
+    (the user asked for a check on it), or ``verify_samples`` set by the user keeps every sample.
+    """
+    keep = max(CLEANUP_VERIFY_SAMPLES, fixed_batch or 1)
+    names = [s.name for s in pipeline.steps]
+    if (any(n not in HOUSEKEEPING_PASSES for n in names) or ver.source == "user"
+            or pipeline.data.verify_samples is not None or len(ver) <= keep):
+        return ver, None
+    why = (f"every pass is exact housekeeping ({', '.join(names) or 'no passes'}): verified on {keep} of {len(ver)} "
+           "samples (set verify_samples / --verify-samples for more)")
+    return ver.subset(range(keep)), why
 
 
 def optimize(
@@ -312,11 +335,14 @@ def optimize(
     batch, fixed = pipeline.data.batch_size, static_batch(model)
     if fixed is not None:  # the model fixes its batch: feed exactly that many samples per run
         batch = bench_batch = fixed
+    ver, fewer = cleanup_verify_samples(pipeline, ver, fixed)
     if context.calibration is None:
         context.calibration = cal.batches(batch, exact=fixed is not None)
         context.data_source = cal.source
     data_info = {"source": cal.source, "description": cal.description, "calibration_samples": len(cal),
                  "verify_samples": len(ver)}
+    if fewer is not None:
+        data_info["verify_samples_reason"] = fewer
     if cal.source == "user":
         shared = _shared_samples(cal, ver)
         data_info["overlap_samples"] = shared

@@ -266,6 +266,31 @@ def test_sparse_attention_dense_window_keeps_outputs_and_skips_shift_masks(wexpo
     np.testing.assert_allclose(run(model, _feeds(args))[0], base, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["swin", "maxvit"])
+@pytest.mark.parametrize("cfg", [{"topk": 2}, {"block_size": 8}, {"block_size": 4, "topk": 3}], ids=str)
+def test_block_topk_on_short_windows_never_adds_flops(wexport, name, cfg):
+    """On 4×4 windows (16 tokens) block routing and whole-block padding can cost more than the scores they skip: such
+    a block is a skip with that reason, so the written model never has more FLOPs than the original; a block that
+    does save (4-token blocks, 3 of 4 kept) is still rewritten, with a predicted saving."""
+    _, _, path = wexport(name)
+    model = load_model(path)
+    before, proto = count_flops(model).flops, _proto_bytes(model)
+    result = get_pass("sparse_attention")({"pattern": "block_topk", **cfg})(model)
+    after = count_flops(model).flops
+    assert after <= before
+    assert all(r.attention_flops_ratio > 1.0 for r in result.rewritten)
+    costly = [s for s in result.skipped if "would only add cost" in s.reason]
+    if cfg == {"block_size": 4, "topk": 3}:  # 16-token blocks save; maxvit's 8-token ones (0.93x before) do not
+        assert result.rewritten and after < before
+        assert [s.where for s in costly] == ([] if name == "swin" else ["block 2", "block 3"])
+    else:  # no block saves (the default top-k keeps every 8-token block; 2 of 1 or 2 blocks): the model is untouched
+        assert not result.rewritten and _proto_bytes(model) == proto
+    if cfg == {"topk": 2}:  # before: swin's 4 unshifted blocks rewritten at 0.97x, the model's FLOPs up
+        assert [s.where for s in costly] == [f"block {b.index}" for b in find_attention_blocks(load_model(path))
+                                             if not b.shifted]
+        assert all(s.reason.startswith("block_topk at 16 tokens would execute 1.0") for s in costly if name == "swin")
+
+
 # -- layer scale (DINOv2 / CaiT) --------------------------------------------------------------------------------------
 
 def test_layer_scale_residual_found(wexport):

@@ -280,3 +280,48 @@ def test_python_model_batches_requests_and_isolates_a_bad_one(tmp_path):
     assert calls[:1] == [4] and sorted(calls[1:]) == [1, 1, 2, 3]
     good = pm.run_group(run, [feeds[0], feeds[1]], ["Y", "Z"])
     assert calls[-1] == 3 and good[1][0].shape == (2, 4)
+
+
+@pytest.mark.parametrize("numpy2", [False, True])
+def test_model_py_hands_outputs_over_by_dlpack_under_numpy_2(monkeypatch, numpy2):
+    """Under numpy 2 the bundled 2.51 python-backend stub reads arrays given to ``pb_utils.Tensor(name, array)`` as
+    empty (a served output came back with 0 elements) and ``as_numpy()`` of a request input returns wrong values, so
+    model.py moves inputs and float/int outputs by DLPack; bool outputs and numpy 1 keep the stub's numpy calls."""
+    made = []
+
+    class Tensor:
+        def __init__(self, name, array):
+            made.append(("ctor", name, np.array(array)))
+
+        @staticmethod
+        def from_dlpack(name, obj):
+            made.append(("dlpack", name, np.from_dlpack(obj).copy()))
+
+    class PbUtils:
+        pass
+
+    PbUtils.Tensor = Tensor
+    monkeypatch.setattr(pm, "_NUMPY2", numpy2)
+    y = np.arange(6, dtype=np.float32).reshape(2, 3)
+    mask = np.array([True, False])
+    pm._out_tensor(PbUtils, "Y", y)
+    pm._out_tensor(PbUtils, "M", mask)
+    assert [(how, name) for how, name, _ in made] == [("dlpack" if numpy2 else "ctor", "Y"), ("ctor", "M")]
+    np.testing.assert_array_equal(made[0][2], y)
+    np.testing.assert_array_equal(made[1][2], mask)
+
+    class InputTensor:  # as_numpy() under numpy 2 read garbage in the stub; DLPack reads the request's memory
+        def __init__(self, a):
+            self.a = a
+
+        def as_numpy(self):
+            return np.zeros_like(self.a) if numpy2 else self.a
+
+        def __dlpack__(self, stream=None):
+            return self.a.__dlpack__()
+
+        def __dlpack_device__(self):
+            return self.a.__dlpack_device__()
+
+    x = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(pm._in_array(InputTensor(x)), x)

@@ -111,8 +111,10 @@ def test_synthetic_run_says_so(tmp_path, capsys):
     assert code == 0, err
     report = json.loads(rep.read_text())
     assert report["data"]["source"] == "synthetic" and report["verify"]["data_source"] == "synthetic"
-    assert report["data"]["calibration_samples"] == 8 and report["data"]["verify_samples"] == 8
-    assert "verification used 8 synthetic inputs" in err and "--data" in err
+    # cleanup only: 2 of the 8 generated verification samples (pipeline.cleanup_verify_samples), and it says why
+    assert report["data"]["calibration_samples"] == 8 and report["data"]["verify_samples"] == 2
+    assert report["data"]["verify_samples_reason"].startswith("every pass is exact housekeeping (cleanup)")
+    assert "verification used 2 synthetic inputs" in err and "--data" in err
     assert "passed (synthetic inputs)" in stdout
     assert report["verify"]["outputs"][0]["kind"] == "logits"
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -29,71 +30,6 @@ def assert_user_error(args, capsys, out: Path, needle: str) -> None:
     assert "Traceback" not in err
     assert not out.exists()
     assert not out.with_name(out.name + ".data").exists()
-
-
-def test_missing_file(tmp_path, capsys):
-    out = tmp_path / "o.onnx"
-    assert_user_error(["optimize", tmp_path / "nope.onnx", "-o", out], capsys, out, "not found")
-
-
-def test_not_onnx(tmp_path, capsys):
-    bad = tmp_path / "bad.onnx"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
-    out = tmp_path / "o.onnx"
-    assert_user_error(["optimize", bad, "-o", out], capsys, out, "not a valid ONNX model")
-
-
-def test_text_file_is_not_onnx(tmp_path, capsys):
-    bad = tmp_path / "notes.onnx"
-    bad.write_text("hello\n")
-    out = tmp_path / "o.onnx"
-    assert_user_error(["optimize", bad, "-o", out], capsys, out, "not a valid ONNX model")
-
-
-def test_truncated(tmp_path, capsys):
-    src = linear_model(tmp_path / "m.onnx", external=False)
-    data = src.read_bytes()
-    cut = tmp_path / "cut.onnx"
-    cut.write_bytes(data[: len(data) // 2])
-    out = tmp_path / "o.onnx"
-    assert_user_error(["optimize", cut, "-o", out], capsys, out, "not a valid ONNX model")
-
-
-def test_missing_external_data(tmp_path, capsys):
-    src = linear_model(tmp_path / "m.onnx")
-    (tmp_path / "m.onnx.data").unlink()
-    out = tmp_path / "o.onnx"
-    assert_user_error(["optimize", src, "-o", out], capsys, out, "missing")
-
-
-def test_truncated_external_data(tmp_path, capsys):
-    src = linear_model(tmp_path / "m.onnx")
-    data = tmp_path / "m.onnx.data"
-    data.write_bytes(data.read_bytes()[:16])
-    out = tmp_path / "o.onnx"
-    assert_user_error(["optimize", src, "-o", out], capsys, out, "truncated")
-
-
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
-def test_external_data_outside_folder(tmp_path, capsys, kind):
-    inner = tmp_path / "model"
-    inner.mkdir()
-    src = linear_model(inner / "m.onnx")
-    outside = tmp_path / "secret.bin"
-    os.replace(inner / "m.onnx.data", outside)
-    if kind == "dotdot":
-        set_external_location(src, "../secret.bin")
-    elif kind == "absolute":
-        set_external_location(src, str(outside))
-    else:
-        (inner / "m.onnx.data").symlink_to(outside)
-    out = tmp_path / "o.onnx"
-    code, err = run_cli(["optimize", src, "-o", out], capsys)
-    assert code == 2 and len(err.splitlines()) == 1
-    assert "refused" in err
-    assert not out.exists()
-    with pytest.raises(ModelLoadError):
-        load_model(src)
 
 
 def test_output_equals_input(tmp_path, capsys):
@@ -161,11 +97,12 @@ def test_save_refuses_data_file_in_use(tmp_path):
 # ------------------------------------------------------------------ invalid models: inspect and optimize refuse them
 
 
-def _save_model(path: Path, nodes, inputs, outputs, opset: int = 18, ir_version: int = 10, domains=()) -> Path:
+def _save_model(path: Path, nodes, inputs, outputs, opset: int = 18, ir_version: int = 10, domains=(),
+                initializers=()) -> Path:
     import onnx
     from onnx import helper
 
-    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]
                               + [helper.make_opsetid(d, 1) for d in domains])
     proto.ir_version = ir_version
@@ -200,7 +137,29 @@ def _invalid(kind: str, folder: Path) -> Path:
         return _save_model(path, [h.make_node("Identity", ["x"], ["y"])], s[:1], s[1:])
     if kind == "unknown_op":
         return _save_model(path, [h.make_node("Relux", ["x"], ["y"])], [x], [y])
+    if kind in _BAD_TENSORS:  # an initializer whose stored data does not fit its dims: Add(x, w)
+        dims, fill = _BAD_TENSORS[kind]
+        w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=dims)
+        fill(w)
+        if kind == "constant_raw_size":  # the same fault in a Constant node's tensor attribute
+            return _save_model(path, [h.make_node("Constant", [], ["w"], value=w), h.make_node("Add", ["x", "w"], ["y"])],
+                               [x], [y])
+        return _save_model(path, [h.make_node("Add", ["x", "w"], ["y"])], [x], [y], initializers=[w])
     raise AssertionError(kind)
+
+
+def _raw(n: int):
+    return lambda t: setattr(t, "raw_data", b"\0" * n)
+
+
+_BAD_TENSORS = {  # kind: (dims, how the data is filled in)
+    "raw_size": ([1, 4], _raw(12)),
+    "negative_init_dim": ([1, -4], _raw(16)),
+    "huge_dims": ([1000000, 1000000], _raw(16)),
+    "huge_dims_no_data": ([1000000, 1000000], lambda t: None),
+    "typed_count": ([1, 4], lambda t: t.float_data.extend([1.0, 2.0, 3.0])),
+    "constant_raw_size": ([1, 4], _raw(20)),
+}
 
 
 INVALID = {
@@ -212,18 +171,120 @@ INVALID = {
     "negative_dim": "input 'x' has a negative dim (-3)",
     "string_input": "input 'x' is a string tensor",
     "unknown_op": "no standard op 'Relux' at opset 18",
+    "raw_size": "initializer 'w' holds 12 bytes of data, but its shape [1, 4] of float needs 16",
+    "negative_init_dim": "initializer 'w' has a negative dim (-4) on axis 1",
+    "huge_dims": "initializer 'w' holds 16 bytes of data, but its shape [1000000, 1000000] of float needs 4000000000000",
+    "huge_dims_no_data": "initializer 'w' holds no data, but its shape [1000000, 1000000] of float needs 1000000000000",
+    "typed_count": "initializer 'w' holds 3 values, but its shape [1, 4] of float needs 4",
+    "constant_raw_size": "attribute 'value' holds 20 bytes of data, but its shape [1, 4] of float needs 16",
 }
 
 
-@pytest.mark.parametrize("kind", sorted(INVALID))
-def test_invalid_models_are_user_errors(kind, tmp_path, capsys):
-    path = _invalid(kind, tmp_path)
+def _broken_file(kind: str, folder: Path) -> Path:
+    """A model file that cannot be read (or whose external data cannot be), for the matrix below."""
+    if kind == "missing":
+        return folder / "nope.onnx"
+    bad = folder / "bad.onnx"
+    if kind == "not_onnx":
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    elif kind == "text":
+        bad.write_text("hello\n")
+    elif kind == "truncated":
+        data = linear_model(folder / "m.onnx", external=False).read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    elif kind == "missing_external":
+        bad = linear_model(folder / "m.onnx")
+        (folder / "m.onnx.data").unlink()
+    elif kind == "truncated_external":
+        bad = linear_model(folder / "m.onnx")
+        data = folder / "m.onnx.data"
+        data.write_bytes(data.read_bytes()[:16])
+    elif kind == "external_length":  # the data file is long enough, the tensor's declared length is not its size
+        bad = linear_model(folder / "m.onnx")
+        proto = onnx.load(str(bad), load_external_data=False)
+        entry = next(e for e in proto.graph.initializer[0].external_data if e.key == "length")
+        entry.value = "16"
+        onnx.save_model(proto, str(bad))
+    elif kind in ("dotdot", "absolute", "symlink"):
+        inner = folder / "model"
+        inner.mkdir()
+        bad = linear_model(inner / "m.onnx")
+        outside = folder / "secret.bin"
+        os.replace(inner / "m.onnx.data", outside)
+        if kind == "dotdot":
+            set_external_location(bad, "../secret.bin")
+        elif kind == "absolute":
+            set_external_location(bad, str(outside))
+        else:
+            (inner / "m.onnx.data").symlink_to(outside)
+    else:
+        raise AssertionError(kind)
+    return bad
+
+
+BROKEN = {
+    "missing": "not found",
+    "not_onnx": "not a valid ONNX model",
+    "text": "not a valid ONNX model",
+    "truncated": "not a valid ONNX model",
+    "missing_external": "missing",
+    "truncated_external": "truncated",
+    "external_length": "initializer 'W' has 16 bytes of external data, but its shape [8, 4] of float needs 128",
+    "dotdot": "refused",
+    "absolute": "refused",
+    "symlink": "refused",
+}
+MALFORMED = sorted(INVALID) + sorted(BROKEN)
+
+
+@pytest.mark.parametrize("command", ["optimize", "inspect", "bench"])
+@pytest.mark.parametrize("kind", MALFORMED)
+def test_malformed_models_are_user_errors(kind, command, tmp_path, capsys):
+    """Every command that loads a model meets the error contract on every malformed model: exit 2, one line
+    naming the problem, no traceback, nothing written (they share ``io.load_model``'s validation)."""
+    path = _invalid(kind, tmp_path) if kind in INVALID else _broken_file(kind, tmp_path)
+    needle = INVALID.get(kind) or BROKEN[kind]
     out = tmp_path / "o.onnx"
-    code, err = run_cli(["inspect", path], capsys)
-    assert code == 2 and len(err.splitlines()) == 1 and INVALID[kind] in err, err
-    assert_user_error(["optimize", path, "-o", out], capsys, out, INVALID[kind])
-    with pytest.raises(ModelLoadError, match="is not a valid model"):
+    args = {"optimize": ["optimize", path, "-o", out], "inspect": ["inspect", path], "bench": ["bench", path]}[command]
+    assert_user_error(args, capsys, out, needle)
+    with pytest.raises(ModelLoadError):
         load_model(path)
+
+
+def test_bench_checks_the_baseline_too(tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    good = linear_model(tmp_path / "good.onnx")
+    bad = _invalid("raw_size", tmp_path)
+    assert_user_error(["bench", good, "--baseline", bad], capsys, out, INVALID["raw_size"])
+
+
+def test_load_model_accepts_what_the_size_checks_allow(tmp_path):
+    """The stored-size checks read sizes right for each storage form: typed fields, raw bytes, packed int4,
+    complex, empty tensors and a Constant; the loaded values equal what was written."""
+    from onnx import TensorProto, numpy_helper
+    from onnx import helper as h
+
+    x = h.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    tensors = [
+        h.make_tensor("a", TensorProto.FLOAT, [1, 4], [1.0, 2.0, 3.0, 4.0]),
+        numpy_helper.from_array(np.arange(4, dtype=np.float16).reshape(1, 4), "b"),
+        h.make_tensor("c", TensorProto.FLOAT16, [1, 4], np.arange(4, dtype=np.float16)),
+        h.make_tensor("d", TensorProto.INT4, [3], [1, -2, 3]),
+        h.make_tensor("e", TensorProto.COMPLEX64, [2], [1 + 2j, 3 - 1j]),
+        h.make_tensor("f", TensorProto.FLOAT, [0, 4], []),
+        h.make_tensor("g", TensorProto.INT64, [2], [5, 6]),
+    ]
+    nodes = [h.make_node("Constant", [], ["k"], value=h.make_tensor("kv", TensorProto.FLOAT, [1, 4], [0.5] * 4)),
+             h.make_node("Add", ["x", "a"], ["t"]), h.make_node("Add", ["t", "k"], ["y"])]
+    path = _save_model(tmp_path / "ok.onnx", nodes, [x], [h.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                       initializers=tensors)
+    model = load_model(path)
+    got = {name: v.const_value.numpy() for name, v in model.graph.initializers.items()}
+    np.testing.assert_array_equal(got["a"], [[1, 2, 3, 4]])
+    np.testing.assert_array_equal(got["b"].astype(np.float32), [[0, 1, 2, 3]])
+    np.testing.assert_array_equal(got["d"].astype(np.int8), [1, -2, 3])
+    np.testing.assert_array_equal(got["e"], [1 + 2j, 3 - 1j])
+    assert got["f"].shape == (0, 4)
 
 
 def test_internal_errors_are_one_line_with_the_message(tmp_path, capsys, monkeypatch):

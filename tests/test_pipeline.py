@@ -235,3 +235,66 @@ def test_a_pass_that_raises_is_an_internal_error_exit_1(tmp_path, capsys, monkey
     monkeypatch.setattr(cls, "call", user)
     code, _, err = cli(["optimize", src, "-o", tmp_path / "o.onnx"], capsys)
     assert code == 2 and err.strip() == "error: cleanup: bad key 'x'", err
+
+
+def _verified(report: dict) -> int:
+    """Samples verification ran on, as the verify report counted them (not the data section's claim)."""
+    return report["verify"]["samples"]
+
+
+@pytest.mark.parametrize("passes, config_samples, want", [
+    (["cleanup"], None, 2),  # exact housekeeping: 2 of the 8 synthetic samples
+    (["identity_elimination", "constant_folding", "dce"], None, 2),
+    (["cleanup"], 5, 5),  # asked for: kept
+    (["cleanup", "token_drop"], None, 8),  # any other pass: every sample
+])
+def test_cleanup_only_pipelines_verify_on_fewer_samples(tmp_path, capsys, passes, config_samples, want):
+    import yaml
+
+    src = linear_model(tmp_path / "m.onnx")
+    cfg = tmp_path / "p.yaml"
+    data = {"verify_samples": config_samples} if config_samples else {}
+    cfg.write_text(yaml.safe_dump({"passes": [{"name": p} for p in passes], "data": data}))
+    rep_path, out = tmp_path / "r.json", tmp_path / "o.onnx"
+    code, stdout, _ = cli(["optimize", src, "-o", out, "--config", cfg, "--report", rep_path], capsys)
+    assert code == 0
+    report = json.loads(rep_path.read_text())
+    assert _verified(report) == report["data"]["verify_samples"] == want
+    reason = report["data"].get("verify_samples_reason")
+    if want == 2:
+        assert reason.startswith(f"every pass is exact housekeeping ({', '.join(passes)}): verified on 2 of 8 samples")
+        assert "on 2 synthetic samples (housekeeping passes only)" in " ".join(stdout.split())
+    else:
+        assert reason is None and "housekeeping passes only" not in " ".join(stdout.split())
+
+
+def test_cleanup_only_verification_still_catches_a_wrong_rewrite(tmp_path, monkeypatch):
+    """Two samples are enough to see a cleanup that changed the numbers: a broken constant fold is refused."""
+    import graphprune.passes.cleanup as cleanup
+    from graphprune.errors import VerificationError
+    from graphprune.pipeline import optimize
+
+    real = cleanup.CleanupPass.call
+
+    def broken(self, model):
+        result = real(self, model)
+        w = model.graph.initializers["W"]
+        w.const_value = ir.tensor(-w.const_value.numpy())  # outputs change sign (up to the bias)
+        return result
+
+    monkeypatch.setattr(cleanup.CleanupPass, "call", broken)
+    with pytest.raises(VerificationError, match="on 2 synthetic inputs"):
+        optimize(linear_model(tmp_path / "m.onnx"), tmp_path / "o.onnx", Pipeline().add("cleanup"))
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cleanup_only_keeps_every_real_sample(tmp_path, capsys):
+    """Real data is a check the user asked for: a cleanup-only run verifies on all of its held-out samples."""
+    src, rep = linear_model(tmp_path / "m.onnx"), tmp_path / "r.json"
+    np.savez(tmp_path / "d.npz", X=np.random.default_rng(2).standard_normal((20, 8)).astype(np.float32))
+    code, _, err = cli(["optimize", src, "-o", tmp_path / "o.onnx", "--data", tmp_path / "d.npz",
+                        "--allow-overlap", "--report", rep], capsys)
+    assert code == 0, err
+    report = json.loads(rep.read_text())
+    assert _verified(report) == report["data"]["verify_samples"] == 20
+    assert "verify_samples_reason" not in report["data"]

@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pydantic
 import pytest
 
+from graphprune.analysis import count_flops
 from graphprune.analysis.attention import find_attention_blocks
 from graphprune.analysis.inputs import example_inputs
 from graphprune.backends.onnxruntime import run
@@ -19,8 +20,10 @@ from graphprune.passes.sparse_attention import SparseAttentionPass
 
 
 def _apply(path, config: dict):
+    """The pass on ``path``. These tests check patterns' numerics on small models, where a window over every key or
+    all blocks kept executes more FLOPs than the dense core: ``allow_more_flops`` keeps those rewrites."""
     model = load_model(path)
-    result = SparseAttentionPass(config)(model)
+    result = SparseAttentionPass({"allow_more_flops": True} | config)(model)
     return model, result
 
 
@@ -158,7 +161,7 @@ def test_probabilities_used_elsewhere_are_skipped_with_reason(export):
     model = load_model(path)
     blk = find_attention_blocks(model)[1]
     model.graph.outputs.append(blk.probs)
-    result = SparseAttentionPass({"window": 4})(model)
+    result = SparseAttentionPass({"window": 4, "allow_more_flops": True})(model)
     assert [s.where for s in result.skipped] == ["block 1"]
     assert "outside the attention core" in result.skipped[0].reason
     assert len(result.rewritten) == 3 and _ops(model).count("Softmax") == 1
@@ -185,3 +188,18 @@ def test_model_dependent_errors_name_the_key(export, config, key):
     model = load_model(export("vit_tiny"))
     with pytest.raises(ConfigError, match=f"^{key}"):
         SparseAttentionPass(config)(model)
+
+
+def test_a_costlier_explicit_pattern_is_skipped_unless_allowed(export):
+    """window 64 on vit_tiny's 17 tokens executes a padded 64-wide block: more FLOPs than the dense core, so each
+    block is a skip with that reason and the model keeps its FLOPs; ``allow_more_flops`` rewrites it (exactly)."""
+    path = export("vit_tiny")
+    base = load_model(path)
+    model = load_model(path)
+    result = SparseAttentionPass({"pattern": "sliding_window", "window": 64})(model)
+    assert not result.rewritten and [s.where for s in result.skipped] == [f"block {i}" for i in range(4)]
+    assert all(s.reason.startswith("sliding_window at 17 tokens would execute") and "only add cost" in s.reason
+               for s in result.skipped)
+    assert count_flops(model).flops == count_flops(base).flops
+    model, result = _apply(path, {"pattern": "sliding_window", "window": 64})
+    assert len(result.rewritten) == 4 and count_flops(model).flops > count_flops(base).flops

@@ -267,3 +267,67 @@ def test_windowed_attention_with_a_relative_position_bias_keeps_apply_plan_worki
     assert any(g.kind == "heads" and g.prunable for g in onnx_groups)
     assert any("folded_biases: false" in str(g.reason)
                for g in analyze_channels(ir.load(str(r.source_path)), folded_biases=False).groups)
+
+
+# -- apply_plan without example inputs: a forward that hard-codes shapes is refused at once -----------------------
+
+def test_apply_plan_without_inputs_refuses_a_hard_coded_forward(pruned):
+    """vit_tiny's ``reshape(b, n, c)`` (``c`` read from the input) fails once heads are pruned: without example
+    inputs apply_plan used to return a module that failed when it ran; now it refuses, naming the fix."""
+    m, args, res, _, _ = pruned("vit")
+    assert res.plan["info"]["torch"]["inputs"] == [[[2, 3, 32, 32], "float32"]]
+    for mode in ("auto", "eager"):
+        with pytest.raises(GraphpruneError, match=r"would fail to run \(RuntimeError: shape '\[2, 17, 64\]' is "
+                                                  r"invalid.*pass example_inputs"):
+            gt.apply_plan(m, res.plan, mode=mode)
+
+
+@pytest.mark.parametrize("name", ["cnn", "bert"])
+def test_apply_plan_without_inputs_accepts_modules_that_run(pruned, name):
+    """Modules whose eager copy runs are not refused: without inputs apply_plan gives the same module as with them
+    (equal to the pruned ONNX)."""
+    m, args, res, with_inputs, _ = pruned(name)
+    assert not isinstance(with_inputs, torch.fx.GraphModule)
+    p = gt.apply_plan(m, res.plan)
+    assert type(p) is type(m)
+    for a, b in zip(_ort(res.onnx_path, args), _outs(p, args)):
+        np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
+
+
+def test_apply_plan_without_inputs_refuses_literal_head_sizes(examples, tmp_path):
+    """timm-style ``qkv(x).reshape(B, N, 3, H, D)`` with H and D written as ints: refused without inputs, and
+    with them the torch.fx rewrite gives the pruned ONNX's outputs."""
+    import onnxruntime as ort
+
+    class LiteralHeads(examples.Attention):
+        def forward(self, x, mask=None):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, 4, 16).permute(2, 0, 3, 1, 4)
+            out = ((q @ k.transpose(-2, -1)) * 0.25).softmax(dim=-1) @ v
+            return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    m, _ = examples.build("vit_tiny")
+    for blk in m.blocks:
+        blk.attn.__class__ = LiteralHeads
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    r = gt.optimize(m, (x,), [{"name": "channel_prune", "ratio": 0.5}], out=tmp_path / "o.onnx", force=True)
+    assert any(g["kind"] == "heads" and g["kept"] < g["size"] for g in r.plan["groups"])
+    with pytest.raises(GraphpruneError, match=r"shape '\[2, 17, 3, 4, 16\]' is invalid.*pass example_inputs"):
+        gt.apply_plan(m, r.plan)
+    fx = gt.apply_plan(m, r.plan, example_inputs=(x,))
+    sess = ort.InferenceSession(str(r.onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(fx(x).numpy(), sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0],
+                                   atol=1e-4)
+
+
+def test_apply_plan_without_recorded_inputs_is_not_checked(pruned):
+    """A plan without ``info.torch.inputs`` (written by the ONNX pass alone, or before they were recorded) gives
+    the eager copy as before: there is nothing to check its shapes against."""
+    m, args, res, _, _ = pruned("vit")
+    plan = copy.deepcopy(res.plan)
+    del plan["info"]["torch"]["inputs"]
+    p = gt.apply_plan(m, plan)
+    assert type(p) is type(m)
+    with pytest.raises(RuntimeError, match="is invalid"):
+        _outs(p, args)

@@ -29,6 +29,8 @@ def _ort(path, args):
 
 
 def _check_against_onnx_pass(m, args, config, tmp_path, n_nodes, bias=None):
+    # patterns on 16-17 tokens execute more FLOPs than the dense core; these tests compare placements and numerics
+    config = {"allow_more_flops": True} | config
     gm = gt.sparse_attention(m, args, **config)
     src = gt.export(m, args, tmp_path / "src.onnx")
     report = gp.optimize(src, tmp_path / "sa.onnx", gp.Pipeline().add("sparse_attention", **config), force=True)

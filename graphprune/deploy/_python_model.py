@@ -30,6 +30,24 @@ _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+#: Under numpy 2 the bundled stub (tritonserver 2.51) misreads numpy arrays: ``pb_utils.Tensor(name, array)``
+#: sends an empty output and a request input's ``as_numpy()`` returns wrong values (it was built for numpy 1).
+#: DLPack moves the same memory without the stub's numpy calls; bool outputs keep the constructor.
+_NUMPY2 = int(np.__version__.split(".")[0]) >= 2
+
+
+def _in_array(tensor) -> np.ndarray:
+    if _NUMPY2 and hasattr(tensor, "__dlpack__"):
+        return np.from_dlpack(tensor)
+    return tensor.as_numpy()
+
+
+def _out_tensor(pb_utils, name: str, array: np.ndarray):
+    if _NUMPY2 and array.dtype != np.bool_:
+        return pb_utils.Tensor.from_dlpack(name, array)
+    return pb_utils.Tensor(name, array)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
@@ -116,7 +134,7 @@ class TritonPythonModel:
                 if tensor is None:
                     responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"input {name!r} is missing"))
                     break
-                feed[name] = tensor.as_numpy()
+                feed[name] = _in_array(tensor)
             else:
                 feeds.append(feed)
                 owners.append(i)
@@ -128,7 +146,7 @@ class TritonPythonModel:
                     responses[i] = pb_utils.InferenceResponse(error=error)
                     continue
                 wanted = set(requests[i].requested_output_names() or self.outputs)
-                tensors = [pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in zip(self.outputs, result)
+                tensors = [_out_tensor(pb_utils, n, np.ascontiguousarray(a)) for n, a in zip(self.outputs, result)
                            if n in wanted]
                 responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
         return responses

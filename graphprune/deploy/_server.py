@@ -2,8 +2,8 @@
 
 Which binary (:func:`find_server`), in this order:
   1. an explicit path (``graphprune serve --server PATH``);
-  2. the one bundled in the ``nvidia-pytriton`` wheel (the ``serve`` extra): tritonserver 2.51 with only the
-     python backend;
+  2. the one bundled in the ``nvidia-pytriton`` wheel (installed with ``--no-deps``: its numpy<2 pin is for its
+     Python API, which graphprune never imports): tritonserver 2.51 with only the python backend;
   3. ``tritonserver`` on ``PATH`` (a Triton image: its own backends, in ``/opt/tritonserver/backends``).
 
 The bundled binary needs three things, which :class:`TritonServer` sets up and removes again:
@@ -43,8 +43,8 @@ from pathlib import Path
 
 from graphprune.errors import GraphpruneError
 
-HOW_TO_GET = ("no tritonserver binary found: pip install 'graphprune[serve]' (bundles tritonserver 2.51 with the "
-              "python backend), or put tritonserver on PATH, or pass --server PATH")
+HOW_TO_GET = ("no tritonserver binary found: pip install --no-deps nvidia-pytriton==0.7.0 (bundles tritonserver 2.51 "
+              "with the python backend; --no-deps keeps your numpy), or put tritonserver on PATH, or pass --server PATH")
 _LOADING = re.compile(r'"loading: ([^:"]+):(\d+)"')
 _LOADED = re.compile(r"successfully loaded '([^']+)'")
 _FAILED = re.compile(r"failed to load '([^']+)'(?: version (\d+))?: (.*)")

@@ -22,7 +22,9 @@ Decision and edit are apart: ``plan(model, config)`` (pure; ``plan_block`` per b
 nodes with which attributes (defaults resolved against N) or why a block is skipped; the pass then only edits. The
 torch.fx pass ``graphprune.torch.sparse_attention`` places ``torch.ops.graphprune.sparse_attention`` from the same plan.
 
-Skipped with a reason (never silently): com.microsoft fused ops, 3-D ``Attention`` inputs, K/V with other heads or
+Skipped with a reason (never silently): a rewrite that would execute more FLOPs than the dense core (block routing
+and padding that cost more than the skipped scores on short windows, as in Swin's; ``allow_more_flops: true``
+rewrites anyway, to check a pattern's numerics), a default pattern that reaches every key, com.microsoft fused ops, 3-D ``Attention`` inputs, K/V with other heads or
 another length than Q (GQA, cross attention), a dynamic sequence length, non-float attention, probabilities used
 outside the core, ``Attention`` with past KV / extra outputs / softcap.
 """
@@ -96,6 +98,9 @@ class SparseAttentionConfig(PatternParams):
     layers: list[int] | None = pydantic.Field(default=None, description="0-based attention blocks; default all")
     per_layer: dict[int, PatternParams] = pydantic.Field(default_factory=dict)
     head_groups: list[HeadGroup] | None = None
+    allow_more_flops: bool = pydantic.Field(
+        False, description="rewrite a block even where the pattern executes more FLOPs than the dense core (to check "
+        "a pattern's numerics, e.g. a window over every key; never faster)")
 
     @pydantic.field_validator("head_groups")
     @classmethod
@@ -240,6 +245,13 @@ def plan_block(blk: AttentionBlock, config: SparseAttentionConfig, opset: int) -
     if isinstance(n, int) and not explicit and all(_saves_nothing(p.attrs, blk) for p in parts):
         raise Skip(f"the default {parts[0].attrs['pattern']} reaches every key at {n} tokens; nothing to save (set "
                    "window / kernel / topk to rewrite anyway)")
+    if isinstance(n, int) and not config.allow_more_flops:
+        executed, dense = _core_flops(parts, blk)
+        if executed > dense:  # equal: an explicit window over every key, kept (it is the dense core, exactly)
+            pattern = "/".join(dict.fromkeys(p.attrs["pattern"] for p in parts))
+            raise Skip(f"{pattern} at {n} tokens would execute {executed / dense:.2f}× the dense attention core's "
+                       "FLOPs (routing, padding to whole blocks and kept blocks cost more than the scores it skips): "
+                       "the rewrite would only add cost (allow_more_flops: true rewrites anyway)")
     return BlockPlan(blk, shape4, parts)
 
 
@@ -248,6 +260,15 @@ def _saves_nothing(attrs: dict, blk: AttentionBlock) -> bool:
     d = blk.head_dim if isinstance(blk.head_dim, int) else 64
     executed, dense = op.attention_flops(attrs, 1, 1, d, d)
     return executed >= dense
+
+
+def _core_flops(parts: list[GroupPlan], blk: AttentionBlock) -> tuple[int, int]:
+    """(executed, dense) attention-core FLOPs of a static-length block's planned nodes, per batch row, by the op's
+    FLOPs rule (the one ``count_flops`` applies to the new nodes)."""
+    d = blk.head_dim
+    dv = blk.v.shape[-1] if blk.v.shape is not None and isinstance(blk.v.shape[-1], int) else d
+    pairs = [op.attention_flops(p.attrs, 1, len(p.heads), d, dv) for p in parts]
+    return sum(e for e, _ in pairs), sum(x for _, x in pairs)
 
 
 def _params_for(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadGroup | None) -> dict[str, Any]:

@@ -22,7 +22,8 @@ with a q (``qkv``, ``query``, ``q_proj``, ``q``) projection child: timm-style ``
 kept), Hugging Face ``num_attention_heads`` / ``all_head_size`` (``attention_head_size`` kept).
 
 Where ``forward`` hard-codes a shape (``reshape(B, N, C)`` with ``C`` read from the input), the eager copy fails
-to run; with ``example_inputs`` the module is then rewritten as a torch.fx GraphModule (:mod:`._fx`).
+to run; with ``example_inputs`` the module is then rewritten as a torch.fx GraphModule (:mod:`._fx`); without them
+apply_plan refuses such a module at once (:mod:`._runcheck`, a shape-only run on the plan's recorded input shapes).
 """
 
 from __future__ import annotations
@@ -308,7 +309,10 @@ def apply_plan(module: nn.Module, plan: dict, example_inputs: tuple | None = Non
         module: the module the plan was computed for (its dynamo export).
         plan: the channel plan (``graphprune.torch.optimize(...).plan`` or a ``plan_out`` JSON file's content).
         example_inputs: positional inputs; when given, the eager copy is run once, and if it fails (a ``forward``
-            that hard-codes a shape) the module is rewritten with torch.fx instead (``mode="auto"``).
+            that hard-codes a shape) the module is rewritten with torch.fx instead (``mode="auto"``). Without
+            them, the eager copy is checked on fake tensors shaped like the inputs the plan records (``info.torch
+            .inputs``, from ``graphprune.torch.optimize``; shapes only, no arithmetic), and refused at once when a
+            hard-coded shape would make it fail.
         mode: ``auto``, ``eager`` (never the FX rewrite) or ``fx`` (always; needs ``example_inputs``).
         dynamic_axes: for the FX rewrite's export (default: the plan's ``info.torch.dynamic_axes``, else batch).
 
@@ -318,7 +322,8 @@ def apply_plan(module: nn.Module, plan: dict, example_inputs: tuple | None = Non
 
     Raises:
         GraphpruneError: a plan entry that maps to no parameter, a tensor sliced two ways, an attribute that cannot
-            hold the new shape, or (eager, with ``example_inputs``) a forward that fails on the pruned copy.
+            hold the new shape, a forward that fails on the pruned copy (eager, with ``example_inputs``), or,
+            without ``example_inputs``, one whose hard-coded shapes the shape-only check shows would fail.
     """
     if mode not in ("auto", "eager", "fx"):
         raise GraphpruneError(f"apply_plan: mode must be auto, eager or fx, got {mode!r}")
@@ -335,7 +340,15 @@ def apply_plan(module: nn.Module, plan: dict, example_inputs: tuple | None = Non
         if mode == "auto" and example_inputs is not None:
             return _fx_apply(module, plan, slicing, example_inputs, dynamic_axes)
         raise
-    if example_inputs is not None:
+    if example_inputs is None:
+        from graphprune.torch._runcheck import shape_failure
+
+        why = shape_failure(module, pruned, plan)
+        if why is not None:
+            raise GraphpruneError(f"apply_plan: the pruned {type(module).__name__} would fail to run ({why}); its "
+                                  "forward hard-codes a shape: pass example_inputs (e.g. the inputs given to "
+                                  "graphprune.torch.optimize) so that apply_plan rewrites it with torch.fx")
+    else:
         err = _runs(pruned, example_inputs)
         if err is not None:
             if mode == "auto":

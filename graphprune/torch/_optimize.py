@@ -10,7 +10,8 @@ Steps
      (``report["torch"]["export"]``) and with the optimized graph's (``report["torch"]["optimized"]``). An export
      that does not reproduce the module (``max_abs_err`` above ``export_atol`` + 1e-3 · max |output|) is a
      :class:`VerificationError`: nothing the ONNX verification said would hold for the module then.
-The plan gets ``info.torch`` (the export's dynamic axes and opset), which :func:`apply_plan` reads for its FX path.
+The plan gets ``info.torch`` (the export's dynamic axes and opset, which :func:`apply_plan` reads for its FX path,
+and the example inputs' shapes and dtypes, on which it checks an eager copy when it is given no inputs).
 """
 
 from __future__ import annotations
@@ -189,7 +190,9 @@ def optimize(module: nn.Module, example_inputs: tuple, pipeline: Any, data: Any 
     plan = None
     if plan_path is not None:
         plan = json.loads(plan_path.read_text())
-        plan.setdefault("info", {})["torch"] = {"dynamic_axes": {str(k): v for k, v in axes.items()}, "opset": opset}
+        plan.setdefault("info", {})["torch"] = {
+            "dynamic_axes": {str(k): v for k, v in axes.items()}, "opset": opset,
+            "inputs": [[list(a.shape), str(a.dtype).removeprefix("torch.")] for a in args]}  # apply_plan's check
         plan_path.write_text(json.dumps(plan))
         if plan["info"].get("reconstructed"):
             report["warnings"].append(
