@@ -25,6 +25,7 @@ def test_vit_blocks(export, opset, kind):
     assert [b.index for b in blocks] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_deit_s_blocks_both_opsets(export):
     for opset in (18, 23):
         info = summarize(load_model(export("vit", opset, sdpa=opset >= 23)))

@@ -18,20 +18,19 @@ from tests import _window_models as wm
 
 
 @pytest.fixture(scope="module")
-def wexport(tmp_path_factory):
-    cache: dict = {}
-    folder = tmp_path_factory.mktemp("windowed")
+def wexport(model_cache):
+    """``wexport(name, opset=18, **kw) -> (module, args, path)``: a ``_window_models`` module, its example input and
+    its export (in the session's ``model_cache``)."""
 
     def _export(name: str, opset: int = 18, **kw):
-        key = (name, opset, tuple(sorted(kw.items())))
-        if key not in cache:
+        def make(folder):
             from graphprune.torch import export
 
             module, args = wm.build(name, **kw)
             tag = "_".join(f"{k}{v}" for k, v in sorted(kw.items()))
-            path = export(module, args, folder / f"{name}_op{opset}_{tag}.onnx", opset=opset)
-            cache[key] = (module, args, path)
-        return cache[key]
+            return module, args, export(module, args, folder / f"{name}_op{opset}_{tag}.onnx", opset=opset)
+
+        return model_cache.get(("windowed", name, opset, tuple(sorted(kw.items()))), make)
 
     return _export
 

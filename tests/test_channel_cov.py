@@ -353,18 +353,15 @@ def test_rotary_factors_across_heads_are_refused(per_head, tmp_path):
 # -- rotary spellings and per-head position biases ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def zoo_decoders(tmp_path_factory):
+def zoo_decoders(zoo_export):
     """Zoo exports whose heads used to stay whole: ``chunk``-written rotate_half (a two-output Split), partial
-    rotary (Phi, GPT-NeoX's fused ``[B, N, H, 3D]`` qkv), and T5's relative-position bias (a per-head mask)."""
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from tests import _zoo
-
-    folder = tmp_path_factory.mktemp("zoo_dec")
-    return {name: _zoo.export(_zoo.BY_NAME[name], folder) for name in ("decoder_gqa_rope", "phi", "gpt_neox",
-                                                                          "t5_encoder")}
+    rotary (Phi, GPT-NeoX's fused ``[B, N, H, 3D]`` qkv), and T5's relative-position bias (a per-head mask).
+    Shared with ``test_zoo`` through the session's ``zoo_export``."""
+    return {name: zoo_export(name) for name in ("decoder_gqa_rope", "phi", "gpt_neox", "t5_encoder")}
 
 
 @pytest.mark.parametrize("name", ["decoder_gqa_rope", "phi", "gpt_neox", "t5_encoder"])
+@pytest.mark.slow
 def test_rotary_spellings_and_head_biases_prune_heads(zoo_decoders, name, tmp_path):
     """Every attention block's heads are one prunable group; at 50% the pruned model equals the original with the
     pruned heads' (and hidden units') producer rows zeroed (``masked_copy``, numpy only), at two sequence lengths.
@@ -393,15 +390,12 @@ def test_rotary_spellings_and_head_biases_prune_heads(zoo_decoders, name, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def zoo_windowed(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    from tests import _zoo
-
-    folder = tmp_path_factory.mktemp("zoo_win")
-    return {name: _zoo.export(_zoo.BY_NAME[name], folder) for name in ("swin", "swin_like", "maxvit_like")}
+def zoo_windowed(zoo_export):
+    return {name: zoo_export(name) for name in ("swin", "swin_like", "maxvit_like")}
 
 
 @pytest.mark.parametrize("name", ["swin", "swin_like", "maxvit_like"])
+@pytest.mark.slow
 def test_constant_relative_position_biases_are_sliced_with_the_heads(zoo_windowed, name, tmp_path):
     """Swin's and MaxViT's relative-position bias, folded by the exporter into a constant ``[1, H, T, T]`` (HF Swin's
     shifted blocks add it to the shift mask first), is sliced on its head axis with the heads; the pruned model

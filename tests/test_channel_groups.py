@@ -36,8 +36,8 @@ def _group_with(groups, name: str):
     return hits
 
 
-def test_residual_couples_and_stem_is_ignored(folder):
-    model = ir.load(zoo.export("resnet", folder))
+def test_residual_couples_and_stem_is_ignored(channel_zoo_export):
+    model = ir.load(channel_zoo_export("resnet"))
     groups = find_channel_groups(model)
     stream = _group_with(groups, "stem.0.weight")[0]
     members = stream.describe()["members"]
@@ -50,15 +50,16 @@ def test_residual_couples_and_stem_is_ignored(folder):
     assert _group_with(again, "stem.0.weight")[0].prunable
 
 
-def test_broadcast_one_channel_mask_does_not_couple(folder):
-    model = ir.load(zoo.export("gate", folder))
+def test_broadcast_one_channel_mask_does_not_couple(folder, channel_zoo_export):
+    path = channel_zoo_export("gate")
+    model = ir.load(path)
     groups = find_channel_groups(model)
     body = [g for g in groups if "body.body.0.weight" in g.describe()["members"] and g.size == 32 and g.prunable]
     gate_out = [g for g in groups if g.size == 1]
     assert len(body) == 1 and body[0].prunable and body[0].size == 32
     assert gate_out and not gate_out[0].prunable  # the 1-channel gate itself stays whole
     # and the coupled-free pruning really runs and keeps the output shape
-    pruned = ir.load(folder / "gate.onnx")
+    pruned = ir.load(path)
     get_pass("channel_prune")({"ratio": 0.5})(pruned)
     feeds = example_inputs(pruned, batch=2)
     out = zoo.run(pruned, feeds, folder, "gate")[0]
@@ -67,17 +68,17 @@ def test_broadcast_one_channel_mask_does_not_couple(folder):
     assert w and w[0].inputs[1].shape[1] == 16  # the gate conv lost the pruned input channels
 
 
-def test_grouped_and_depthwise_conv_groups(folder):
-    groups = find_channel_groups(ir.load(zoo.export("resnext", folder)))
+def test_grouped_and_depthwise_conv_groups(channel_zoo_export):
+    groups = find_channel_groups(ir.load(channel_zoo_export("resnext")))
     g = [x for x in groups if x.kind == "groups" and x.prunable]
     assert len(g) == 2 and all(x.size == 16 and int(x.widths.min()) == 4 for x in g)  # 16 conv groups of 4
-    mobile = find_channel_groups(ir.load(zoo.export("mobilenet", folder)))
+    mobile = find_channel_groups(ir.load(channel_zoo_export("mobilenet")))
     hidden = [x for x in mobile if x.prunable]
     assert len(hidden) == 2 and all(x.size == 96 for x in hidden)  # expand + depthwise + project input
 
 
-def test_vit_heads_and_mlp_groups_describe(folder):
-    groups = find_channel_groups(ir.load(zoo.export("vit", folder)))
+def test_vit_heads_and_mlp_groups_describe(channel_zoo_export):
+    groups = find_channel_groups(ir.load(channel_zoo_export("vit")))
     heads = [g for g in groups if g.kind == "heads"]
     mlp = [g for g in groups if g.prunable and g.kind == "channels"]
     assert len(heads) == 4 and all(g.size == 4 and g.prunable for g in heads)
@@ -133,8 +134,8 @@ def test_shared_layernorm_weight_is_unshared(folder):
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
 
 
-def test_ignore_by_name(folder):
-    model = ir.load(zoo.export("vit", folder))
+def test_ignore_by_name(channel_zoo_export):
+    model = ir.load(channel_zoo_export("vit"))
     groups = analyze_channels(model, ignore=["blocks.1.attn.qkv.bias"]).groups
     g = _group_with(groups, "blocks.1.attn.qkv.bias")[0]
     assert not g.prunable and "ignored by config" in g.reason

@@ -28,17 +28,10 @@ ZOO = ["resnet", "mobilenet", "se", "convnext", "densenet", "resnext", "flatten"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("channel_zoo")
-    cache: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in cache:
-            cache[name] = zoo.export(name, folder)
-        return cache[name]
-
-    get.folder = folder
-    return get
+def exported(channel_zoo_export):
+    """``exported(name) -> Path``: the session's export of the ``_channel_zoo`` model (shared with
+    ``test_channel_groups``)."""
+    return channel_zoo_export
 
 
 def _prune(path: Path, **cfg):

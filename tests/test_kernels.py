@@ -291,6 +291,7 @@ def _layout(rng, n, attrs):
                                         (np.float16, "full")], ids=["fp32-none", "fp32-full", "fp16-key", "fp16-full"])
 @pytest.mark.parametrize("n", [24, 29])
 @pytest.mark.parametrize("attrs", ROUTED, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
+@pytest.mark.slow
 def test_sparse_attention_routed_table_free(attrs, n, dtype, bias):
     """The routed patterns without host routing or a table (block_topk routes itself in the kernel, block_layout
     reads its layout row: the AOT path), batch 2, against the op's reference."""
@@ -335,6 +336,7 @@ def _tied_keys(dtype, n=32, b=8):
     (dict(topk=2, keep_first=0, keep_diagonal=1), [{0, 1}, {1, 3}, {1, 2}, {1, 3}]),  # the diagonal counts towards k
     (dict(topk=2, keep_first=1, keep_diagonal=0, num_global=3), [{0, 1}] * 4),
 ], ids=["tie", "diagonal-then-tie", "first-then-tie-globals"])
+@pytest.mark.slow
 def test_sparse_attention_routed_exact_ties(attrs, picked, dtype):
     """Exact routing ties go to the lower block in the kernel's own routing, as in the op (stable order)."""
     from array_api_compat import numpy as npx

@@ -22,6 +22,8 @@ pytest.importorskip("onnxruntime")
 
 from benchmarks import minilm  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the pretrained model: a download on a fresh machine, and a 22M-parameter export
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -244,6 +244,7 @@ class _Calls(torch.nn.Module):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("batch,which,dynamic", [(3, 1, False), (2, 0, True)])
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
 def test_torch_export_ort(name, batch, which, dynamic, dtype, tmp_path):
     case = CASES[name]
     spec = REGISTRY[case.op]

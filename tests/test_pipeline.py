@@ -27,6 +27,7 @@ def cli(args, capsys):
     return code, cap.out, cap.err
 
 
+@pytest.mark.slow
 def test_cleanup_on_deit_vit_is_identity(export, tmp_path, capsys):
     src = export("vit")  # DeiT-S shaped, dynamo export with external data
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"

@@ -35,6 +35,8 @@ try:
 except GraphpruneError as e:
     pytest.skip(_WHY + str(e), allow_module_level=True)
 
+pytestmark = pytest.mark.slow  # server start-ups (seconds each) and load tests
+
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(rtol=1e-5, atol=1e-6)
 

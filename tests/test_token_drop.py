@@ -426,6 +426,7 @@ def test_static_decoder_gathers_its_rope_tables_and_causal_mask(tmp_path):
 
 
 @pytest.mark.parametrize("layers", [2, 4])
+@pytest.mark.slow
 def test_parallel_blocks_never_get_a_reduction_that_only_adds_cost(layers, tmp_path):
     """Phi's blocks run attention and MLP in parallel on the block input, so a reduction after the last block's
     attention reaches nothing before the logits are restored: it is refused with the reason (it used to be written,

@@ -109,6 +109,7 @@ def _flops(model):
     return count_flops(model, dims={"sequence": 32}).flops
 
 
+@pytest.mark.slow
 def test_dynamic_bert_is_rewritten_and_equals_the_static_export(berts):
     """Dynamic N: every default layer is reduced (k from the runtime N); at N = 23 the result equals the static
     export of the same weights through the static path; several lengths and batches run."""
@@ -128,6 +129,7 @@ def test_dynamic_bert_is_rewritten_and_equals_the_static_export(berts):
 
 
 @pytest.mark.parametrize("restore", [False, True])
+@pytest.mark.slow
 def test_keep_one_is_the_identity_at_every_length(berts, restore):
     """keep 1.0 keeps every token in order: the rewired counts, gathered masks and (with restore) the scatter
     back must reproduce the original at any N."""
@@ -139,6 +141,7 @@ def test_keep_one_is_the_identity_at_every_length(berts, restore):
         np.testing.assert_allclose(run(model, feeds)[0], run(base, feeds)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_restore_is_the_default_for_per_token_outputs(berts):
     model, res = _apply(berts["hidden"], {"keep_ratio": 0.5})
     assert res.info["restore"] is True and res.info["restored_outputs"] == ["out"]
@@ -154,6 +157,7 @@ def test_restore_is_the_default_for_per_token_outputs(berts):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_restore_matches_a_torch_reference(berts):
     """Reduce at the last block only: the kept tokens go through its MLP (per token, so they equal the original
     output there) and the dropped ones come back with the value they had when dropped (the block's attention
@@ -190,12 +194,14 @@ def _ids(feeds):
     return {"input_ids": feeds["input_ids"]}
 
 
+@pytest.mark.slow
 def test_tome_is_refused_on_padded_inputs(berts):
     """With an attention mask from the inputs, ToMe would merge real tokens into padding: a skip with the reason."""
     model, res = _apply(berts["pool"], {"method": "tome", "r": 3})
     assert not res.modified and "padding" in res.skipped[0].reason and res.skipped[0].where == "model"
 
 
+@pytest.mark.slow
 def test_tome_restore_at_r0_is_the_identity(berts):
     base = ir.load(str(berts["u_hidden"]))
     model, res = _apply(berts["u_hidden"], {"method": "tome", "r": 0})
@@ -206,6 +212,7 @@ def test_tome_restore_at_r0_is_the_identity(berts):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_tome_unmerge_matches_a_reference(berts):
     """ToMe at the last block with restore: each input token gets the final value of the token it merged into.
     Reference: the op's numpy definition on the block's attention output and head-mean keys, then the block's
@@ -245,6 +252,7 @@ def test_tome_unmerge_matches_a_reference(berts):
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_tome_on_a_dynamic_export_matches_the_static_one(berts):
     dyn, res = _apply(berts["u_pool"], {"method": "tome", "r": 3})
     static, _ = _apply(berts["u_pool23"], {"method": "tome", "r": 3})

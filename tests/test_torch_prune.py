@@ -15,6 +15,7 @@ import onnx_ir as ir
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow  # exports and prunes three torch modules and two attention variants (minutes)
 
 import graphprune.torch as gt  # noqa: E402
 from graphprune.errors import GraphpruneError  # noqa: E402

@@ -28,11 +28,12 @@ def _ort(path, args):
     return s.run(None, {i.name: a.numpy() for i, a in zip(s.get_inputs(), args)})[0]
 
 
-def _check_against_onnx_pass(m, args, config, tmp_path, n_nodes, bias=None):
+def _check_against_onnx_pass(m, args, config, tmp_path, n_nodes, bias=None, src=None):
+    """``src``: the export of ``m`` when the session already has it (default: export ``m`` here)."""
     # patterns on 16-17 tokens execute more FLOPs than the dense core; these tests compare placements and numerics
     config = {"allow_more_flops": True} | config
     gm = gt.sparse_attention(m, args, **config)
-    src = gt.export(m, args, tmp_path / "src.onnx")
+    src = src or gt.export(m, args, tmp_path / "src.onnx")
     report = gp.optimize(src, tmp_path / "sa.onnx", gp.Pipeline().add("sparse_attention", **config), force=True)
     rewritten = report["passes"][0]["rewritten"]
     meta = gm.meta["graphprune_sparse_attention"]
@@ -60,11 +61,14 @@ def _check_against_onnx_pass(m, args, config, tmp_path, n_nodes, bias=None):
     (False, {"pattern": "neighborhood_2d", "kernel": 3, "layers": [1, 3],
              "head_groups": [{"heads": [2, 0]}, {"heads": [1, 3], "pattern": "sliding_window", "window": 4}]}, 4),
 ])
-def test_fx_sparse_attention_equals_onnx_pass(examples, tmp_path, sdpa, config, n_nodes):
+@pytest.mark.slow
+def test_fx_sparse_attention_equals_onnx_pass(examples, export, tmp_path, sdpa, config, n_nodes):
     m, args = _vit(examples, sdpa)
-    _check_against_onnx_pass(m, args, config, tmp_path, n_nodes)
+    src = export("vit_tiny", **({"sdpa": True} if sdpa else {}))  # the session's export of the same seeded module
+    _check_against_onnx_pass(m, args, config, tmp_path, n_nodes, src=src)
 
 
+@pytest.mark.slow
 def test_fx_bool_key_mask_and_block_layout(examples, tmp_path):
     """An SDPA block with a bool keep-mask (made an additive bias inside the SDPA translation in ONNX) and a
     MatMul/Softmax block without one; block_layout from a .npy file (a buffer in the GraphModule)."""
@@ -90,13 +94,14 @@ def test_fx_bool_key_mask_and_block_layout(examples, tmp_path):
     assert np.array_equal(bufs["graphprune_sparse_layout_0_0"].numpy(), layout[None].astype(np.float32))
 
 
-def test_fx_attributes_are_the_onnx_plan(examples):
+@pytest.mark.slow
+def test_fx_attributes_are_the_onnx_plan(examples, export):
     """Defaults resolved from the block (num_global = CLS, a square grid of the 16 patches) come from ``plan``."""
     m, args = _vit(examples)
     gm = gt.sparse_attention(m, args, pattern="neighborhood_2d", kernel=3)
     attrs = gm.meta["graphprune_sparse_attention"]["attrs"]
-    program = gt.export_program(m, args)
-    decided = plan(program.model, SparseAttentionConfig(pattern="neighborhood_2d", kernel=3))
+    model = ir.load(str(export("vit_tiny")))  # the session's export of the same seeded module (``export_program``'s)
+    decided = plan(model, SparseAttentionConfig(pattern="neighborhood_2d", kernel=3))
     assert attrs == [[g.attrs for g in bp.groups] for bp in decided.planned]
     assert attrs[0][0]["num_global"] == 1 and attrs[0][0]["grid"] == [4, 4] and attrs[0][0]["seq_len"] == 17
     ops = [n for n in gm.graph.nodes if n.target is torch.ops.graphprune.sparse_attention.default]
@@ -104,6 +109,7 @@ def test_fx_attributes_are_the_onnx_plan(examples):
     assert not [n for n in gm.graph.nodes if n.target is torch.ops.aten._softmax.default]  # dense cores are gone
 
 
+@pytest.mark.slow
 def test_fx_causal_decoder_equals_onnx_pass(tmp_path):
     transformers = pytest.importorskip("transformers")
 
@@ -129,6 +135,7 @@ def test_fx_causal_decoder_equals_onnx_pass(tmp_path):
     torch.testing.assert_close(a[:, :-1], b[:, :-1])
 
 
+@pytest.mark.slow
 def test_fx_sparse_attention_trains(examples):
     m, args = _vit(examples)
     gm = gt.sparse_attention(m, args, pattern="sliding_window", window=5).train()
@@ -167,6 +174,7 @@ def test_fx_sparse_attention_config_errors(examples):
         gt.sparse_attention(m, args, layers=[9])
 
 
+@pytest.mark.slow
 def test_fx_dynamic_sequence_matches_mistral():
     """A dynamic-sequence export (seq_len 0 in the plan): the FX module runs at any N and equals transformers'
     Mistral (Llama with a causal sliding window) on the same weights."""

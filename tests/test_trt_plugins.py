@@ -71,6 +71,7 @@ def test_register_without_tensorrt_names_what_is_missing():
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.slow
 def test_aot_ptx(arch):
     pytest.importorskip("triton")
     from graphprune.kernels import aot
@@ -90,6 +91,7 @@ def test_aot_ptx(arch):
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.slow
 def test_aot_ptx_merge_and_diversity(arch):
     """The one-launch kernels compile for sm_80 / sm_90, and their entries take exactly what TensorRT's AOT launch
     passes: the input pointers, the int32 scalars, the output pointers (Triton's unused scratch pointers dropped)."""
@@ -111,6 +113,7 @@ def test_aot_ptx_merge_and_diversity(arch):
 
 @pytest.mark.kernels
 @pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.slow
 def test_aot_ptx_routed(arch):
     """The routed kernel (block_topk routing in the kernel, block_layout) compiles for sm_80 / sm_90 with exactly
     TensorRT's AOT parameters: Q K V Bias Layout, H N D DV, Out (Triton's unread scratch pointers dropped)."""

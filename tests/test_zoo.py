@@ -5,7 +5,8 @@ One test id per (model, pass family), so a failing pair is one id, e.g. ``test_p
 contract is in the ``_zoo`` docstring: a changed model is valid (full ONNX check), runs in ORT on the original's
 inputs, keeps every output's dtype, rank, static dims and runtime shape, gives finite values and changes FLOPs; a
 refusal changes nothing and says why; a user error is one line; nothing else (no internal error) passes.
-Each model is exported once per session (``exported``), on first use.
+Each model is exported once per session (``exported``), on first use. The exports and the pass runs take
+minutes: ``test_inspect`` and ``test_pass`` are marked ``slow`` (the contract checker's own tests are not).
 """
 
 from __future__ import annotations
@@ -21,22 +22,10 @@ NAMES = [m.name for m in _zoo.ZOO]
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """``exported(name) -> Path``: the model exported once per session (an export failure fails its tests)."""
-    folder = tmp_path_factory.mktemp("zoo")
-    cache: dict = {}
-
-    def _get(name: str):
-        if name not in cache:
-            try:
-                cache[name] = _zoo.export(_zoo.BY_NAME[name], folder)
-            except Exception as e:  # noqa: BLE001 - remembered, so each of the model's tests reports it
-                cache[name] = e
-        if isinstance(cache[name], Exception):
-            pytest.fail(f"{name}: export failed: {type(cache[name]).__name__}: {cache[name]}")
-        return cache[name]
-
-    return _get
+def exported(zoo_export):
+    """``exported(name) -> Path``: the model exported once per session (``zoo_export`` of conftest.py, shared with
+    the other test files; an export failure fails its tests)."""
+    return zoo_export
 
 
 def test_zoo_size():
@@ -45,6 +34,7 @@ def test_zoo_size():
     assert not set(NAMES) & set(_zoo.DROPPED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_inspect(exported, name):
     model = _zoo.BY_NAME[name]
@@ -60,6 +50,7 @@ def test_inspect(exported, name):
         assert b["heads"] and b["head_dim"], b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(_zoo.FAMILIES))
 @pytest.mark.parametrize("name", NAMES)
 def test_pass(exported, tmp_path, name, family):
