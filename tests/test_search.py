@@ -185,3 +185,55 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys,
     assert code == 2, err
     assert needle in err and len(err.strip().splitlines()) == 1, err
     assert list(out.parent.iterdir()) == []
+
+
+def test_ray_trials_equal_the_local_run(tiny):
+    """Trials as tasks on a real local Ray runtime (2 CPUs) ask and score the same trials as a local run with the
+    same rounds of 2: pipelines, quality, FLOPs and params equal (latency is measured, so it differs)."""
+    ray = pytest.importorskip("ray")
+    local, _ = run_search(tiny, "local2", trials=4, workers=2)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        remote, _ = run_search(tiny, "ray2", trials=4, workers=2, ray=True)
+    finally:
+        ray.shutdown()
+    assert len(remote.trials) == len(local.trials) == 4
+    for a, b in zip(local.trials, remote.trials):
+        assert a["pipeline"] == b["pipeline"] and a["status"] == b["status"]
+        if a["status"] == "complete":
+            assert a["quality"] == pytest.approx(b["quality"], abs=1e-9)
+            assert a["flops"] == b["flops"] and a["params"] == b["params"]
+            assert a["agreement"]["cosine"]["mean"] == pytest.approx(b["agreement"]["cosine"]["mean"], abs=1e-6)
+
+
+def _screenshot(html_path, png_path, tmp_path):
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("headless Chromium is required (apt-get install -y chromium)")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chr'}",
+           f"--screenshot={png_path}", "--window-size=1400,1000", f"file://{html_path}"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    return np.asarray(Image.open(png_path).convert("RGB")).astype(int)
+
+
+def test_report_renders_its_plots_in_a_real_browser(searched, tmp_path):
+    """Chromium draws the page; the plot area holds the front's blue and the chosen trial's red star, which the
+    same page without its plot images does not."""
+    res, _ = searched
+    page = open(res.files["report"]).read()
+    bare = tmp_path / "bare.html"
+    bare.write_text(page.replace("data:image/png;base64,", "data:image/png;base64,AAAA"))
+    full = _screenshot(res.files["report"], tmp_path / "full.png", tmp_path)
+    empty = _screenshot(bare, tmp_path / "bare.png", tmp_path)
+
+    def count(img, rgb):  # pixels within 40 of a plot colour, in the top 700 rows (the plots' band)
+        return int((np.abs(img[:700] - np.array(rgb)).sum(axis=2) < 40).sum())
+
+    assert count(full, (0x1F, 0x5F, 0xBF)) > 200 and count(full, (0xD6, 0x20, 0x20)) > 100
+    assert count(empty, (0x1F, 0x5F, 0xBF)) < 20 and count(empty, (0xD6, 0x20, 0x20)) < 20

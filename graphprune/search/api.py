@@ -179,9 +179,12 @@ def search(
     model_bytes = None
     pool = None
     if ray:
-        import onnx_ir as ir
+        import onnx
 
-        model_bytes = ir.to_proto(loaded.model).SerializeToString()
+        try:  # weights inline: workers on other machines have no access to the external-data files
+            model_bytes = onnx.load(str(model)).SerializeToString()
+        except ValueError as e:  # protobuf's 2 GB limit
+            raise ConfigError(f"--ray: the model cannot travel as one ONNX message ({e}); search locally") from None
     setup = trial.Setup(str(model), model_bytes, cal_feeds, sd.selection, sd.task, batch, fingerprint,
                         metric if callable(metric) else None, confidence, seed, runs,
                         threads if threads is not None else (1 if ray else None), str(report_dir / "cache"),
@@ -232,7 +235,8 @@ def search(
     if chosen is not None:
         cfg_dict = best_config(chosen["pipeline"], sd.data_config, verify)
         best_yaml = report_dir / "best.yaml"
-        report.write_text(best_yaml, yaml.safe_dump(cfg_dict, sort_keys=False))
+        info["best_yaml"] = yaml.safe_dump(cfg_dict, sort_keys=False)
+        report.write_text(best_yaml, info["best_yaml"])
         files["best_yaml"] = str(best_yaml)
         t0 = time.perf_counter()
         ctx = PassContext(calibration=list(cal_feeds), data_source="user", cache=runner.cache, fingerprint=fingerprint)

@@ -152,7 +152,7 @@ def load_search_data(model: Any, path: str | Path, cfg: Any, *, labels: str | Pa
         lab = load_labels(labels, n) if labels is not None else None
         parts = [perm[:c], perm[c:c + s], perm[c + s:c + s + t]]
         sets = [EvalSet(ds.subset(p), lab[p] if lab is not None else None) for p in parts[1:]]
-        task = "labels" if lab is not None else ("callable" if metric is not None else "agreement")
+        task = "callable" if metric is not None else ("labels" if lab is not None else "agreement")
         data_cfg = {"path": str(path.resolve()), "calibration_samples": c, "verify_samples": s}
         info = {"task": task, "metric": {"labels": "accuracy", "callable": "metric()", "agreement": "agreement"}[task],
                 "records": n, "calibration": c, "selection": s, "test": t, "unit": "samples"}

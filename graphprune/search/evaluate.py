@@ -38,12 +38,17 @@ def _outputs(session: Any, feeds: list[dict]) -> tuple[str, list[np.ndarray]]:
     return name, outs
 
 
-def _stack(outs: list[np.ndarray]) -> np.ndarray:
+def _stack(outs: list[np.ndarray], order: np.ndarray | None = None) -> np.ndarray:
     flat = [o.reshape(o.shape[0], -1) if o.ndim else o.reshape(1, 1) for o in outs]
     if len({f.shape[1] for f in flat}) > 1:  # ragged (per-token outputs of padded batches): pad with zeros
         width = max(f.shape[1] for f in flat)
         flat = [np.pad(f, ((0, 0), (0, width - f.shape[1]))) for f in flat]
-    return np.concatenate(flat).astype(np.float64)
+    x = np.concatenate(flat).astype(np.float64)
+    if order is not None:  # rows in batch order -> rows in the set's order
+        back = np.empty_like(x)
+        back[order] = x
+        x = back
+    return x
 
 
 class Evaluator:
@@ -55,32 +60,42 @@ class Evaluator:
 
         self.evalset, self.task, self.metric = evalset, task, metric
         self.confidence, self.seed = confidence, seed
-        self.feeds = evalset.dataset.batches(batch)
+        # Samples are batched in order of length (less padding: texts of mixed lengths run 2-3x faster) and the
+        # outputs put back in the set's order.
+        ds = evalset.dataset
+        sizes = [sum(np.asarray(v).size for v in s.values()) for s in ds.samples]
+        self.order = np.argsort(sizes, kind="stable")
+        self.feeds = ds.subset(self.order).batches(batch)
         self.name, outs = _outputs(reference, self.feeds)
         self.kind = classify_output(self.name, outs)
-        self.ref = _stack(outs)
+        self.ref = _stack(outs, self.order)
         self.base = self._task(outs)
         self.limits = (thresholds or VerifyThresholds()).for_output(self.kind)
 
     def _task(self, outs: list[np.ndarray]) -> dict[str, np.ndarray] | None:
         es = self.evalset
         if self.task == "labels":
-            return {"accuracy": M.accuracy(_stack(outs), es.labels)}
+            return {"accuracy": M.accuracy(_stack(outs, self.order), es.labels)}
         if self.task == "retrieval":
-            x = _stack(outs)
+            x = _stack(outs, self.order)
             return M.retrieval(x[: es.queries], x[es.queries: 2 * es.queries])
         if self.task == "callable":
-            scores = []
+            scores, start = [], 0
             for f, o in zip(self.feeds, outs):
-                batch = dict(f)
                 n = len(next(iter(f.values())))
+                batch = dict(f)
+                if es.labels is not None:
+                    batch["labels"] = es.labels[self.order[start:start + n]]
                 scores += [float(self.metric([o], batch))] * n
-            return {"metric": np.asarray(scores)}
+                start += n
+            back = np.empty(len(scores))
+            back[self.order] = scores
+            return {"metric": back}
         return None
 
     def score(self, session: Any) -> dict[str, Any]:
         _, outs = _outputs(session, self.feeds)
-        x = _stack(outs)
+        x = _stack(outs, self.order)
         agree = M.agreement(self.ref, x, self.kind)
         fig = {k: {"mean": float(v.mean()), "ci": M.bootstrap(v, None, self.confidence, seed=self.seed)}
                for k, v in agree.items()}

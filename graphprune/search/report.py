@@ -109,11 +109,7 @@ def render(trials: list[dict], front: list[dict], chosen: dict | None, info: dic
                            f"{r['latency']['speedup']:.2f}×" if ok else "", _fmt(r["flops"]["ratio"], 3) if ok else "",
                            _ci(r) if ok else "", html.escape(r.get("reason", "")) if not ok else
                            ("" if r["verify"]["passed"] else html.escape("; ".join(r["verify"]["failures"])))])
-    best_yaml = ""
-    if chosen is not None:
-        from graphprune.search.api import best_config
-
-        best_yaml = yaml.safe_dump(best_config(chosen["pipeline"], {"...": "see best.yaml"}, None), sort_keys=False)
+    best_yaml = info.get("best_yaml", "") if chosen is not None else ""
     d = info["data"]
     data_rows = [[html.escape(str(k)), html.escape(str(v))] for k, v in d.items()]
     m = machine()

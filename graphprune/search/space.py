@@ -81,7 +81,8 @@ class Param:
         if self.low is not None:
             if all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high, self.step or 1)):
                 return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-            return trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)
+            v = trial.suggest_float(name, float(self.low), float(self.high), step=self.step, log=self.log)
+            return round(v, 10)  # 0.85, not 0.8500000000000001
         return self.fixed
 
 
