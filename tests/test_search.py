@@ -237,3 +237,42 @@ def test_report_renders_its_plots_in_a_real_browser(searched, tmp_path):
 
     assert count(full, (0x1F, 0x5F, 0xBF)) > 200 and count(full, (0xD6, 0x20, 0x20)) > 100
     assert count(empty, (0x1F, 0x5F, 0xBF)) < 20 and count(empty, (0xD6, 0x20, 0x20)) < 20
+
+
+def test_without_optuna_search_says_what_to_install(tiny, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_optuna(name, *a, **k):
+        if name == "optuna":
+            raise ImportError("No module named 'optuna'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_optuna)
+    code, _, err = cli(["search", tiny["model"], "-o", tmp_path / "b.onnx", "--data", tiny["data"]], capsys)
+    assert code == 2 and "search needs optuna: pip install 'graphprune[search]'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_stops_the_loop_and_the_study_keeps_finished_trials():
+    import optuna
+
+    from graphprune.search.engine import Loop
+
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    space = from_dict({"passes": {"token_drop": {"optional": False, "params": {"keep_ratio": [0.5, 0.7, 0.9]}}}})
+    calls = []
+
+    def evaluate(pipes):
+        calls.append(pipes)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return [{"status": "complete", "pipeline": p, "quality": 0.9, "quality_ci": (0.8, 1.0),
+                 "latency": {"speedup": 1.2}, "verify": {"passed": True, "failures": []}} for p in pipes]
+
+    loop = Loop(study, space, evaluate, trials=10, time_budget=None, workers=1, max_loss=None, target=None)
+    loop.run()
+    states = [t.state.name for t in study.trials]
+    assert loop.interrupted and states == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert study.trials[0].user_attrs["result"]["pipeline"][0]["name"] == "token_drop"
