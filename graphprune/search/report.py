@@ -22,8 +22,12 @@ import yaml
 
 
 def machine() -> dict[str, Any]:
-    import onnxruntime
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        ort_version = version("onnxruntime")
+    except PackageNotFoundError:
+        ort_version = "?"
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -33,7 +37,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(),
-            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
+            "python": platform.python_version(), "onnxruntime": ort_version}
 
 
 def _plot(done: list[dict], front: list[dict], chosen: dict | None, x_of, xlabel: str, ylabel: str) -> str:
