@@ -21,7 +21,10 @@ import yaml
 
 from graphprune.errors import ConfigError, GraphpruneError
 
-INSTALL_HINT = "pip install 'graphprune[search]'"
+#: ``--metric`` values: what the search maximises (``auto``: the task metric when the data has one, else the
+#: agreement metric for the output's kind)
+AGREEMENT_NAMES = ("agreement", "knn_overlap", "rank_corr", "neighbor_agreement", "cosine", "top1")
+METRIC_NAMES = ("auto", "accuracy", "recall@1", "mrr", *AGREEMENT_NAMES)
 
 
 @dataclasses.dataclass
@@ -97,8 +100,9 @@ def search(
 
     Modes: ``max_loss`` L (the fastest trial whose retained quality's interval stays ≥ 1 − L), ``target_speedup``
     S (the best quality at ≥ S×), neither (the fastest model of the Pareto front that passes verification).
-    ``metric``: ``None`` (from the data: labels, text pairs, else agreement with the original), or a callable
-    ``metric(outputs, batch) -> float``. ``ray``: ``True`` for a local Ray runtime, an address for a cluster.
+    ``metric``: ``None``/``"auto"`` (from the data: labels, text pairs, else agreement with the original), a name
+    from :data:`METRIC_NAMES` (``mrr`` instead of recall@1; an agreement metric even when the data has a task), or
+    a callable ``metric(outputs, batch) -> float``. ``ray``: ``True`` for a local Ray runtime, an address for a cluster.
     ``workers``: trials per round (default 1 locally; the cluster's CPUs on Ray). ``verify``: thresholds for
     ``best.yaml``'s verification (default: verification's own defaults). Writes ``output`` (unless no trial
     qualifies: then a ``GraphpruneError`` after the report is written) and, in ``report_dir`` (default
@@ -124,9 +128,9 @@ def search(
         raise ConfigError(f"--target-speedup must be positive (got {target_speedup:g})")
     if max_loss is not None and target_speedup is not None:
         raise ConfigError("give --max-loss or --target-speedup, not both")
-    if isinstance(metric, str) and metric not in ("auto", "agreement"):
-        raise ConfigError(f"--metric {metric!r}: expected auto or agreement (task metrics come from --labels or "
-                          "text pairs; a callable from the Python API)")
+    if isinstance(metric, str) and metric not in METRIC_NAMES:
+        raise ConfigError(f"--metric {metric!r}: expected one of {', '.join(METRIC_NAMES)} (task metrics come from "
+                          "--labels or text pairs; a callable from the Python API)")
     _require(bool(ray))
     if isinstance(ray, str):
         from graphprune.search._ray import reachable
@@ -155,8 +159,15 @@ def search(
         sd = load_search_data(loaded.model, data, cfg, labels=labels,
                               metric=metric if callable(metric) else None, calibration=calibration_samples,
                               selection=selection_samples, test=test_samples, data_dir=Path(tmp))
-        if metric == "agreement":
+        primary = metric if isinstance(metric, str) and metric not in ("auto", "agreement") else None
+        if metric in AGREEMENT_NAMES:
             sd.task = sd.info["task"] = "agreement"
+            sd.info["metric"] = primary or "agreement"
+        elif primary is not None:
+            task_of = {"accuracy": "labels", "recall@1": "retrieval", "mrr": "retrieval"}[primary]
+            if sd.task != task_of:
+                raise ConfigError(f"--metric {primary}: needs {'--labels' if task_of == 'labels' else 'text pairs'}")
+            sd.info["metric"] = primary
         max_tokens = None
         if sd.calibration.samples and all(v.ndim == 1 for v in sd.calibration.samples[0].values()):
             max_tokens = max(len(next(iter(s.values()))) for s in sd.calibration.samples)
@@ -188,7 +199,7 @@ def search(
     setup = trial.Setup(str(model), model_bytes, cal_feeds, sd.selection, sd.task, batch, fingerprint,
                         metric if callable(metric) else None, confidence, seed, runs,
                         threads if threads is not None else (1 if ray else None), str(report_dir / "cache"),
-                        thresholds)
+                        thresholds, primary)
     if ray:
         from graphprune.search._ray import RayPool
 

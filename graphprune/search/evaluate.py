@@ -55,10 +55,10 @@ class Evaluator:
     """Scores candidates on ``evalset`` against the original (``reference``: its session)."""
 
     def __init__(self, reference: Any, evalset: EvalSet, batch: int, task: str, metric: Callable | None = None,
-                 confidence: float = 0.8, seed: int = 0, thresholds: Any = None) -> None:
+                 confidence: float = 0.8, seed: int = 0, thresholds: Any = None, primary: str | None = None) -> None:
         from graphprune.verify import VerifyThresholds, classify_output
 
-        self.evalset, self.task, self.metric = evalset, task, metric
+        self.evalset, self.task, self.metric, self.primary = evalset, task, metric, primary
         self.confidence, self.seed = confidence, seed
         # Samples are batched in order of length (less padding: texts of mixed lengths run 2-3x faster) and the
         # outputs put back in the set's order.
@@ -108,12 +108,19 @@ class Evaluator:
                 retained = float(v.mean() / base.mean()) if base.mean() > 0 else 1.0
                 task[k] = {"value": float(v.mean()), "base": float(base.mean()), "retained": retained,
                            "ci": M.bootstrap(v, base, self.confidence, seed=self.seed)}
-            first = next(iter(task))
+            first = self.primary if self.primary in task else next(iter(task))
             out["task"] = task
+            out["quality_metric"] = first
             out["quality"], out["quality_ci"] = task[first]["retained"], task[first]["ci"]
         else:
-            primary = PRIMARY.get(self.kind, "cosine")
-            primary = primary if primary in fig else "cosine"
+            primary = self.primary or PRIMARY.get(self.kind, "cosine")
+            if primary not in fig:
+                from graphprune.errors import ConfigError
+
+                if self.primary is not None:
+                    raise ConfigError(f"--metric {self.primary}: not measured on a {self.kind} output "
+                                      f"(measured: {', '.join(fig)})")
+                primary = "cosine"
             out["quality"], out["quality_ci"] = fig[primary]["mean"], fig[primary]["ci"]
             out["quality_metric"] = primary
         failures = [f"{_VERIFY_FIGURES[k]} {fig[_VERIFY_FIGURES[k]]['mean']:.3f} < {v}"

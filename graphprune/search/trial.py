@@ -100,10 +100,11 @@ class Setup:
     threads: int | None = None
     cache_dir: str | None = None
     thresholds: Any = None
+    primary: str | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.fingerprint}:{self.task}:{self.batch}:{self.runs}:{self.threads}"
+        return f"{self.fingerprint}:{self.task}:{self.primary}:{self.batch}:{self.runs}:{self.threads}"
 
 
 class Runner:
@@ -125,7 +126,7 @@ class Runner:
         self.session = make_session(self.model, setup.threads)
         self.cache = Cache(setup.cache_dir)
         self.selection = Evaluator(self.session, setup.selection, setup.batch, setup.task, setup.metric,
-                                   setup.confidence, setup.seed, setup.thresholds)
+                                   setup.confidence, setup.seed, setup.thresholds, setup.primary)
         self.timer = Timer(self.session, self.selection.feeds[0], setup.runs, setup.threads)
         self._test: Any = None
 
@@ -138,7 +139,7 @@ class Runner:
         if self._test is None:
             s = self.setup
             self._test = Evaluator(self.session, evalset, s.batch, s.task, s.metric, s.confidence, s.seed,
-                                   s.thresholds)
+                                   s.thresholds, s.primary)
         return self._test
 
     def rewrite(self, entries: list[dict]) -> tuple[Any, Any]:
