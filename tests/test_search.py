@@ -18,10 +18,10 @@ from graphprune.errors import ConfigError  # noqa: E402
 from graphprune.search import metrics as M  # noqa: E402
 from graphprune.search.space import from_dict  # noqa: E402
 
-SPACE = {"passes": {"channel_prune": {"params": {"ratio": {"low": 0.1, "high": 0.4, "step": 0.1},
+SPACE = {"passes": {"channel_prune": {"params": {"ratio": {"low": 0.3, "high": 0.5, "step": 0.1},
                                                  "allocate": ["score", "sensitivity"]}},
-                    "token_drop": {"params": {"keep_ratio": {"low": 0.6, "high": 0.9, "step": 0.1},
-                                              "layers": [[2, 3], [1, 2, 3]]}}}}
+                    "token_drop": {"params": {"keep_ratio": {"low": 0.5, "high": 0.7, "step": 0.1},
+                                              "layers": [[1, 2, 3], [2, 3]]}}}}
 
 
 def cli(args, capsys):
@@ -53,7 +53,7 @@ def run_search(tiny, name, **kw):
 
     out = tiny["folder"] / f"{name}.onnx"
     args = dict(labels=tiny["labels"], calibration_samples=32, selection_samples=64, test_samples=64, trials=4,
-                space=SPACE, runs=3, seed=0, verify={"top1_min": 0.5, "cosine_mean_min": 0.5})
+                space=SPACE, runs=5, seed=0, verify={"top1_min": 0.5, "cosine_mean_min": 0.5})
     return search(tiny["model"], out, tiny["data"], report_dir=tiny["folder"] / f"{name}-report", **(args | kw)), out
 
 
@@ -162,7 +162,7 @@ def test_space_samples_typed_values():
     for _ in range(20):
         for entry in space.sample(study.ask()):
             if entry["name"] == "token_drop":
-                assert entry["layers"] in ([2, 3], [1, 2, 3]) and 0.6 <= entry["keep_ratio"] <= 0.9
+                assert entry["layers"] in ([2, 3], [1, 2, 3]) and 0.5 <= entry["keep_ratio"] <= 0.7
             seen.add(entry["name"])
     assert seen == {"channel_prune", "token_drop"}
 
@@ -235,7 +235,7 @@ def test_report_renders_its_plots_in_a_real_browser(searched, tmp_path):
     def count(img, rgb):  # pixels within 40 of a plot colour, in the top 700 rows (the plots' band)
         return int((np.abs(img[:700] - np.array(rgb)).sum(axis=2) < 40).sum())
 
-    assert count(full, (0x1F, 0x5F, 0xBF)) > 200 and count(full, (0xD6, 0x20, 0x20)) > 100
+    assert count(full, (0x1F, 0x5F, 0xBF)) > 60 and count(full, (0xD6, 0x20, 0x20)) > 60
     assert count(empty, (0x1F, 0x5F, 0xBF)) < 20 and count(empty, (0xD6, 0x20, 0x20)) < 20
 
 

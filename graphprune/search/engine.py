@@ -7,7 +7,8 @@ local run and a Ray run with the same ``workers`` and seed ask the same trials. 
 finished trials (the study's, resumed ones included), at ``time_budget`` seconds, or on Ctrl-C (the round in
 flight is told as failed; the study keeps every finished trial).
 
-Modes and the decision (:func:`choose`), on selection figures; ``quality_ci`` is the paired-bootstrap interval:
+Modes and the decision (:func:`choose`), on selection figures, among the trials measured faster than the original;
+``quality_ci`` is the paired-bootstrap interval:
   * constraint (``max_loss`` L): feasible when the interval's lower end ≥ 1 − L; the fastest feasible trial wins;
   * target (``target_speedup`` S): feasible when the speedup ≥ S; the best quality (then the fastest) wins;
   * default: the Pareto front of (quality, speedup) is reported; the fastest trial that passes verification's gate
@@ -46,6 +47,10 @@ def choose(results: list[dict], max_loss: float | None, target: float | None) ->
     """The chosen trial and why (or None and why not)."""
     if not results:
         return None, "no trial completed"
+    faster = [r for r in results if r["latency"]["speedup"] > 1.0]
+    if not faster:
+        return None, "no trial measured faster than the original"
+    results = faster
     if max_loss is not None:
         ok = [r for r in results if r["quality_ci"][0] >= 1.0 - max_loss]
         if not ok:
