@@ -78,12 +78,12 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         trials: Annotated[int, typer.Option("--trials", help="Trials to run (resumed ones count).")] = 40,
         time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop starting trials after this many seconds.")] = None,
         space: Annotated[Path | None, typer.Option("--space", help="Search space YAML (default: derived from the model).")] = None,
-        metric: Annotated[str, typer.Option("--metric", help="auto (labels or text pairs when given, else agreement) | agreement.")] = "auto",
+        metric: Annotated[str, typer.Option("--metric", help="What the search maximises: auto (accuracy with --labels, recall@1 with text pairs, else agreement) | accuracy | recall@1 | mrr | agreement | knn_overlap | rank_corr | neighbor_agreement | cosine | top1.")] = "auto",
         labels: Annotated[Path | None, typer.Option("--labels", help="Class labels (.npy, one per sample, file order): accuracy.")] = None,
         storage: Annotated[str | None, typer.Option("--storage", help="Optuna storage URL (default: sqlite in the report folder).")] = None,
         study: Annotated[str | None, typer.Option("--study", help="Study name (default: graphprune-MODEL).")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the study instead of starting one.")] = False,
-        ray: Annotated[str | None, typer.Option("--ray", help="Run trials as Ray tasks: 'local' (a local runtime) or a cluster ADDRESS (host:port).")] = None,
+        ray: Annotated[str | None, typer.Option("--ray", help="Run trials as Ray tasks: --ray alone (or 'local') starts a local runtime; --ray HOST:PORT joins a cluster.")] = None,
         report_dir: Annotated[Path | None, typer.Option("--report-dir", help="Folder for best.yaml, trials.jsonl, report.html (default: OUTPUT-search/).")] = None,
         batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size for scoring and timing.")] = 8,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the sampler.")] = 0,
@@ -94,7 +94,8 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         """Search pass configurations of MODEL on real data; write the chosen model to OUTPUT.
 
         Modes: --max-loss L (the fastest model keeping >= 1 - L of the quality), --target-speedup S (the best
-        quality at >= S x), neither (the Pareto front; the fastest front model that passes verification is written).
+        quality at >= S x), neither (the Pareto front; the fastest model that passes verification is written). Only trials
+        measured faster than the original are candidates.
         The data is split three ways (calibration, selection, test); trials are scored on selection, and only the
         front and the chosen model on test.
         """

@@ -276,3 +276,11 @@ def test_ctrl_c_stops_the_loop_and_the_study_keeps_finished_trials():
     states = [t.state.name for t in study.trials]
     assert loop.interrupted and states == ["COMPLETE", "COMPLETE", "FAIL"]
     assert study.trials[0].user_attrs["result"]["pipeline"][0]["name"] == "token_drop"
+
+
+def test_ray_flag_without_an_address_means_a_local_runtime():
+    from graphprune._cli_search import ray_flag
+
+    assert ray_flag(["search", "m.onnx", "--ray"]) == ["search", "m.onnx", "--ray", "local"]
+    assert ray_flag(["search", "--ray", "--trials", "3"]) == ["search", "--ray", "local", "--trials", "3"]
+    assert ray_flag(["search", "--ray", "10.0.0.1:6379"]) == ["search", "--ray", "10.0.0.1:6379"]
