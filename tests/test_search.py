@@ -18,8 +18,8 @@ from graphprune.errors import ConfigError  # noqa: E402
 from graphprune.search import metrics as M  # noqa: E402
 from graphprune.search.space import from_dict  # noqa: E402
 
-SPACE = {"passes": {"channel_prune": {"params": {"ratio": {"low": 0.3, "high": 0.5, "step": 0.1},
-                                                 "allocate": ["score", "sensitivity"]}},
+SPACE = {"passes": {"channel_prune": {"optional": False, "params": {"ratio": {"low": 0.3, "high": 0.5, "step": 0.1},
+                                                                    "allocate": ["score", "sensitivity"]}},
                     "token_drop": {"params": {"keep_ratio": {"low": 0.5, "high": 0.7, "step": 0.1},
                                               "layers": [[1, 2, 3], [2, 3]]}}}}
 
