@@ -112,8 +112,16 @@ def test_resume_continues_the_study(tiny):
 def test_calibration_cache_is_reused_across_trials(tiny):
     space = {"passes": {"channel_prune": {"optional": False, "params": {"ratio": [0.1, 0.2, 0.3],
                                                                         "allocate": ["sensitivity"]}}}}
-    res, _ = run_search(tiny, "cache", space=space, trials=3)
+    res, out = run_search(tiny, "cache", space=space, trials=3, max_loss=0.5, verify=None)
     assert res.info["cache"]["hits"] >= 2  # importance and sensitivity computed once, reused by later trials
+    # constraint mode: best.yaml's verification checks the agreement the search measured for the chosen trial
+    import yaml
+
+    gate = yaml.safe_load(open(res.files["best_yaml"]))["verify"]
+    measured = res.chosen["agreement"]
+    assert gate["top1_min"] == pytest.approx(measured["top1"]["mean"] - 0.02, abs=1e-3)
+    assert gate["cosine_mean_min"] <= measured["cosine"]["mean"] and out.is_file()
+    assert res.optimize_report["verify"]["passed"]
 
 
 def test_retrieval_metrics_match_hand_counts():

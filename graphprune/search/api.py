@@ -10,6 +10,7 @@ staged, verified, atomic path, with the search's calibration cache) → ``trials
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import time
@@ -104,7 +105,8 @@ def search(
     from :data:`METRIC_NAMES` (``mrr`` instead of recall@1; an agreement metric even when the data has a task), or
     a callable ``metric(outputs, batch) -> float``. ``ray``: ``True`` for a local Ray runtime, an address for a cluster.
     ``workers``: trials per round (default 1 locally; the cluster's CPUs on Ray). ``verify``: thresholds for
-    ``best.yaml``'s verification (default: verification's own defaults). Writes ``output`` (unless no trial
+    ``best.yaml``'s verification (default: verification's own in front mode; in constraint and target modes the
+    chosen trial's measured agreement less a margin, :func:`measured_gate`). Writes ``output`` (unless no trial
     qualifies: then a ``GraphpruneError`` after the report is written) and, in ``report_dir`` (default
     ``OUTPUT-search/`` beside the output), ``study.db`` (unless ``storage``), ``best.yaml``, ``trials.jsonl``,
     ``report.html``, ``cache/`` and ``data/``.
@@ -244,7 +246,8 @@ def search(
     all_trials = engine.all_results(st)
     opt_report = None
     if chosen is not None:
-        cfg_dict = best_config(chosen["pipeline"], sd.data_config, verify)
+        gate = verify if verify is not None or _mode(max_loss, target_speedup) == "front" else measured_gate(chosen)
+        cfg_dict = best_config(chosen["pipeline"], sd.data_config, gate)
         best_yaml = report_dir / "best.yaml"
         info["best_yaml"] = yaml.safe_dump(cfg_dict, sort_keys=False)
         report.write_text(best_yaml, info["best_yaml"])
@@ -267,6 +270,23 @@ def search(
         err.result = result  # type: ignore[attr-defined]
         raise err
     return result
+
+
+#: margins under the chosen trial's measured agreement (verification recomputes them on the same samples, batched
+#: in file order instead of by length, so padding moves them a little)
+GATE_MARGINS = {"cosine": ("cosine_mean_min", 0.005), "neighbor_agreement": ("neighbor_agreement_min", 0.03),
+                "top1": ("top1_min", 0.02)}
+
+
+def measured_gate(chosen: dict) -> dict:
+    """Verification thresholds for best.yaml in constraint and target modes: the search decided on the task metric
+    (with its interval), so verification checks that the written model agrees with the original as well as the
+    trial the search measured did, less a margin — not a fixed threshold that does not track the task."""
+    gate = {}
+    for fig, (name, margin) in GATE_MARGINS.items():
+        if fig in chosen["agreement"]:
+            gate[name] = max(0.0, math.floor((chosen["agreement"][fig]["mean"] - margin) * 1000) / 1000)
+    return gate
 
 
 def _mode(max_loss: float | None, target: float | None) -> str:
