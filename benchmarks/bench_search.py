@@ -112,6 +112,12 @@ def _row(name: str, res, seconds: float, extra: dict) -> dict:
             "cache": res.info.get("cache"), "why": res.why, "report": res.files.get("report"), **extra}
 
 
+def _save(row: dict) -> None:
+    """Print the row and write it to ``OUT/NAME.json`` at once (a later row failing keeps the earlier ones)."""
+    print(json.dumps(row, indent=1, default=str), flush=True)
+    (OUT / f"{row['row']}.json").write_text(json.dumps(row, indent=1, default=str))
+
+
 def _search(name: str, model: Path, data: Path, **kw):
     from graphprune import GraphpruneError, search
 
@@ -155,7 +161,7 @@ def minilm_rows(rows: list[str], budget: float, texts_budget: float, trials: int
             extra["test_pairs"] = len(test_texts) // 2
             extra["trial_vs_optimize"] = trial_cost(onnx, folder, res.trials)
         out.append(_row("minilm-pairs", res, secs, extra))
-        print(json.dumps(out[-1], indent=1, default=str))
+        _save(out[-1])
     if "minilm-texts" in rows:
         test_pairs = pairs[-400:]
         texts = [t for p in pairs[:-400] for t in p]
@@ -178,7 +184,7 @@ def minilm_rows(rows: list[str], budget: float, texts_budget: float, trials: int
             ds = load_data(OUT / "test-docs.txt", load_model(onnx), tokenizer=tok, max_length=256)
             extra["speedup_remeasured"] = _speedup(onnx, folder / "best.onnx", ds.batches(8)[:8])
         out.append(_row("minilm-texts", res, secs, extra))
-        print(json.dumps(out[-1], indent=1, default=str))
+        _save(out[-1])
     return out
 
 
@@ -202,7 +208,7 @@ def digits_rows(rows: list[str], budget: float, trials: int) -> list[dict]:
             feeds = [{digits.INPUT_NAME: x_te[i:i + 8]} for i in range(0, 64, 8)]
             extra["speedup_remeasured"] = _speedup(model, folder / "best.onnx", feeds)
         out.append(_row(name, res, secs, extra))
-        print(json.dumps(out[-1], indent=1, default=str))
+        _save(out[-1])
     return out
 
 
