@@ -120,7 +120,11 @@ class Loop:
                 r["number"] = t.number
                 t.set_user_attr("result", r)
                 if r["status"] == "complete":
-                    t.set_user_attr("constraints", constraints(r, self.max_loss, self.target))
+                    cons = constraints(r, self.max_loss, self.target)
+                    t.set_user_attr("constraints", cons)
+                    if hasattr(t, "set_constraint"):  # optuna >= 5 reads constraints from the trial
+                        for i, c in enumerate(cons):
+                            t.set_constraint(f"c{i}", c)
                     self.study.tell(t, [r["quality"], r["latency"]["speedup"]])
                 else:
                     self.study.tell(t, state=optuna.trial.TrialState.PRUNED if r["status"] == "pruned"
@@ -169,8 +173,10 @@ def open_study(storage: str, name: str, resume: bool, seed: int, sampler: str, f
     def cons(t):
         return t.user_attrs.get("constraints", [1.0])
 
-    s = (optuna.samplers.NSGAIISampler(seed=seed, constraints_func=cons) if sampler == "nsga2" else
-         optuna.samplers.TPESampler(seed=seed, constraints_func=cons, n_startup_trials=8))
+    # optuna >= 5 takes constraints from Trial.set_constraint; older versions through constraints_func
+    kw = {} if hasattr(optuna.trial.Trial, "set_constraint") else {"constraints_func": cons}
+    s = (optuna.samplers.NSGAIISampler(seed=seed, **kw) if sampler == "nsga2" else
+         optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, **kw))
     names = optuna.get_all_study_names(rdb)
     if name in names and not resume:
         raise ConfigError(f"study {name!r} already exists in {storage}; pass --resume to continue it, or --study NEW")
