@@ -231,3 +231,27 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def table(rows: list[dict]) -> str:
+    """The docs table (markdown) of the rows measured."""
+    out = ["| row | trials (completed) | time | chosen pipeline | speedup (search / re-measured) | FLOPs | "
+           "selection quality [80% CI] | test figures |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pipe = "; ".join(", ".join([p["name"]] + [f"{k}={v}" for k, v in p.items() if k != "name"])
+                         for p in r["chosen"] or []) or "none qualified"
+        test = r.get("test") or {}
+        if r.get("retained"):
+            tfig = ", ".join(f"{k} {v:.3f}" for k, v in r["retained"].items()) + f" retained ({r['test_pairs']} pairs)"
+        elif test.get("task"):
+            tfig = ", ".join(f"{k} {v['retained']:.3f} retained ({v['value']:.3f} vs {v['base']:.3f})"
+                             for k, v in test["task"].items())
+        else:
+            tfig = ""
+        sp = (f"{r['search_speedup']:.2f}x / {r.get('speedup_remeasured', float('nan')):.2f}x"
+              if r["search_speedup"] else "")
+        q = (f"{r['selection_quality']:.3f} [{r['selection_ci'][0]:.3f}, {r['selection_ci'][1]:.3f}]"
+             if r["selection_quality"] is not None else "")
+        out.append(f"| {r['row']} | {r['trials']} ({r['completed']}) | {r['seconds']} s | {pipe} | {sp} | "
+                   f"{(r['flops_ratio'] or float('nan')):.3f} | {q} | {tfig} |")
+    return "\n".join(out)

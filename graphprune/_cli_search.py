@@ -73,7 +73,7 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         calibration_samples: Annotated[int | None, typer.Option("--calibration-samples", min=1, help="Calibration samples (pairs for a retrieval task; default 128, 64 pairs).")] = None,
         selection_samples: Annotated[int | None, typer.Option("--selection-samples", min=3, help="Samples the search scores trials on (default: half of the rest).")] = None,
         test_samples: Annotated[int | None, typer.Option("--test-samples", min=3, help="Held-out samples for the front and the chosen model (default: the rest).")] = None,
-        max_loss: Annotated[float | None, typer.Option("--max-loss", help="Constraint mode: the fastest model keeping ≥ 1 - L of the quality (lower end of its interval).")] = None,
+        max_loss: Annotated[float | None, typer.Option("--max-loss", help="Constraint mode: the fastest model keeping ≥ 1 - L of the quality (see --decide).")] = None,
         target_speedup: Annotated[float | None, typer.Option("--target-speedup", help="Target mode: the best quality at ≥ S x.")] = None,
         trials: Annotated[int, typer.Option("--trials", help="Trials to run (resumed ones count).")] = 40,
         time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop starting trials after this many seconds.")] = None,
@@ -90,6 +90,7 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per trial (interleaved with the original).")] = 20,
         threads: Annotated[int | None, typer.Option("--threads", help="ORT intra-op threads (default: all cores; 1 per Ray task).")] = None,
         sampler: Annotated[str, typer.Option("--sampler", help="tpe | nsga2 (multi-objective, constrained).")] = "tpe",
+        decide: Annotated[str, typer.Option("--decide", help="--max-loss reads the quality's point estimate, or the lower end of its 80% bootstrap interval (needs large selection sets).")] = "point",
     ) -> None:
         """Search pass configurations of MODEL on real data; write the chosen model to OUTPUT.
 
@@ -125,7 +126,7 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
                 test_samples=test_samples, labels=labels, metric=metric, max_loss=max_loss,
                 target_speedup=target_speedup, trials=trials, time_budget=time_budget, space=space, storage=storage,
                 study=study, resume=resume, ray=(True if ray == "local" else ray), report_dir=report_dir, batch=batch,
-                seed=seed, runs=runs, threads=threads, sampler=sampler, progress=update)
+                seed=seed, runs=runs, threads=threads, sampler=sampler, decide=decide, progress=update)
         out.print(front_table(res.front, res.chosen))
         if res.info.get("interrupted"):
             err.print(f"interrupted: the study keeps its trials ({res.info['storage']}); --resume continues it")

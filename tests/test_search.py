@@ -53,7 +53,7 @@ def run_search(tiny, name, **kw):
 
     out = tiny["folder"] / f"{name}.onnx"
     args = dict(labels=tiny["labels"], calibration_samples=32, selection_samples=64, test_samples=64, trials=4,
-                space=SPACE, runs=5, seed=0, verify={"top1_min": 0.5, "cosine_mean_min": 0.5})
+                space=SPACE, runs=20, seed=0, verify={"top1_min": 0.5, "cosine_mean_min": 0.5})
     return search(tiny["model"], out, tiny["data"], report_dir=tiny["folder"] / f"{name}-report", **(args | kw)), out
 
 

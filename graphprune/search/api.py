@@ -93,13 +93,15 @@ def search(
     threads: int | None = None,
     confidence: float = 0.8,
     sampler: str = "tpe",
+    decide: str = "point",
     workers: int | None = None,
     verify: dict | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> SearchResult:
     """Search pass configurations of ``model`` on ``data`` and write the chosen model to ``output``.
 
-    Modes: ``max_loss`` L (the fastest trial whose retained quality's interval stays ≥ 1 − L), ``target_speedup``
+    Modes: ``max_loss`` L (the fastest trial whose retained quality stays ≥ 1 − L: its point estimate, or with
+    ``decide="lower"`` the lower end of its bootstrap interval), ``target_speedup``
     S (the best quality at ≥ S×), neither (the fastest model of the Pareto front that passes verification).
     ``metric``: ``None``/``"auto"`` (from the data: labels, text pairs, else agreement with the original), a name
     from :data:`METRIC_NAMES` (``mrr`` instead of recall@1; an agreement metric even when the data has a task), or
@@ -128,6 +130,8 @@ def search(
         raise ConfigError(f"--max-loss is a fraction of the quality in [0, 1) (got {max_loss:g})")
     if target_speedup is not None and target_speedup <= 0:
         raise ConfigError(f"--target-speedup must be positive (got {target_speedup:g})")
+    if decide not in ("point", "lower"):
+        raise ConfigError(f"--decide {decide!r}: expected point or lower")
     if max_loss is not None and target_speedup is not None:
         raise ConfigError("give --max-loss or --target-speedup, not both")
     if isinstance(metric, str) and metric not in METRIC_NAMES:
@@ -214,7 +218,7 @@ def search(
         n_workers = workers or 1
     t_setup = time.perf_counter() - t_start
     loop = engine.Loop(st, space_obj, evaluate, trials=trials, time_budget=time_budget, workers=n_workers,
-                       max_loss=max_loss, target=target_speedup, progress=progress)
+                       max_loss=max_loss, target=target_speedup, progress=progress, decide=decide)
     try:
         loop.run()
     finally:
@@ -222,7 +226,7 @@ def search(
             pool.close()
     t_loop = time.perf_counter() - t_start - t_setup
     done = engine.complete_results(st)
-    chosen, why = engine.choose(done, max_loss, target_speedup)
+    chosen, why = engine.choose(done, max_loss, target_speedup, decide)
     front = engine.pareto(done) if done else []
     # -- test split: only the front and the chosen trial ---------------------------------------------------------
     runner = trial.runner_for(dataclasses.replace(setup, model_bytes=None)) if not ray else trial.Runner(
@@ -236,7 +240,7 @@ def search(
     test_base = runner.evaluator(sd.test).original()
     info = {"model": str(model), "data": sd.info, "mode": _mode(max_loss, target_speedup), "max_loss": max_loss,
             "target_speedup": target_speedup, "batch": batch, "seed": seed, "confidence": confidence,
-            "sampler": sampler, "workers": n_workers, "ray": (str(ray) if ray else None), "study": study_name,
+            "sampler": sampler, "decide": decide, "workers": n_workers, "ray": (str(ray) if ray else None), "study": study_name,
             "storage": storage_url, "space": space_obj.to_dict(), "space_excluded": list(space_obj.excluded),
             "interrupted": loop.interrupted, "seconds": {"setup": round(t_setup, 1), "trials": round(t_loop, 1)},
             "selection_original": runner.selection.original(), "test_original": test_base,
