@@ -23,12 +23,13 @@ from graphprune.passes import (
     registry,
 )
 from graphprune.pipeline import DataConfig, Pipeline, optimize
+from graphprune.search import SearchResult, search
 from graphprune.verify import VerifyThresholds, compare
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionBlock", "ConfigError", "DataConfig", "DataError", "Dataset", "GraphPass", "GraphResult", "GraphpruneError", "ModelLoadError", "PassConfig",
-    "PassContext", "Pipeline", "Rewrite", "Skip", "Skipped", "VerificationError", "VerifyThresholds", "compare", "count_flops",
-    "find_attention_blocks", "load_data", "load_model", "optimize", "register", "registry", "save_model", "summarize", "synthetic_data",
+    "PassContext", "Pipeline", "Rewrite", "SearchResult", "Skip", "Skipped", "VerificationError", "VerifyThresholds", "compare", "count_flops",
+    "find_attention_blocks", "load_data", "load_model", "optimize", "register", "registry", "save_model", "search", "summarize", "synthetic_data",
 ]

@@ -25,6 +25,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from graphprune._cli_deploy import register as _register_deploy
+from graphprune._cli_search import ray_flag
+from graphprune._cli_search import register as _register_search
 from graphprune._cli_trt import register as _register_trt
 from graphprune.errors import ConfigError, GraphpruneError, InternalError
 
@@ -381,6 +383,7 @@ def list_passes(as_json: Annotated[bool, typer.Option("--json", help="Print one 
 
 _register_deploy(app, out, err)  # deploy, serve, loadtest
 _register_trt(app, out, err)  # lower, build (TensorRT)
+_register_search(app, out, err)  # search (Optuna; Ray)
 
 
 def _exceptions(attr: str) -> tuple[type, ...]:
@@ -405,7 +408,7 @@ def _exit_types() -> tuple[type, ...]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors with exit code 2 unless --debug."""
-    args = sys.argv[1:] if argv is None else argv
+    args = ray_flag(sys.argv[1:] if argv is None else argv)
     if "--debug" not in args:  # library warnings (e.g. a constant the folder could not evaluate) are not ours
         for name in ("onnxscript", "onnx_ir"):
             logging.getLogger(name).setLevel(logging.ERROR)

@@ -178,6 +178,7 @@ class Pipeline:
                     f"pass {step.name!r} failed after {ran or 'no passes'}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 ) from e
             seconds = time.perf_counter() - t0
+            context.advance(step.name, step.config.model_dump(mode="json"))
             if check:
                 _check(model, step.name)
             after = _stats(model)
@@ -282,6 +283,106 @@ def cleanup_verify_samples(pipeline: Pipeline, ver: Any, fixed_batch: int | None
     return ver.subset(range(keep)), why
 
 
+@dataclasses.dataclass
+class Loaded:
+    """Stage 1 (:func:`load`): the model to rewrite, and what verification runs as the original."""
+
+    path: Path
+    model: ir.Model
+    #: a clone of the model as loaded when its weights are mapped from the file, else the path
+    original: ir.Model | Path
+    #: the batch size the model fixes, or None when its batch axis is dynamic
+    fixed_batch: int | None
+
+
+@dataclasses.dataclass
+class Calibrated:
+    """Stage 2 (:func:`calibrate`): the calibration and verification samples, how they are batched, and what the
+    report says about them."""
+
+    calibration: Any  # graphprune.data.Dataset
+    verification: Any
+    batch: int
+    exact: bool
+    info: dict[str, Any]
+    warnings: list[str]
+
+    def verify_feeds(self) -> list[dict[str, np.ndarray]]:
+        return self.verification.batches(self.batch, exact=self.exact)
+
+
+@dataclasses.dataclass
+class Rewritten:
+    """Stage 3 (:func:`run_passes`): the per-pass records and the warnings they raise."""
+
+    records: list[dict]
+    warnings: list[str]
+    seconds: float
+
+
+def load(model_path: str | Path, bench: bool = False) -> Loaded:
+    """Load ``model_path`` with its weights mapped; refuse what the later stages cannot do (``bench`` of bfloat16)."""
+    from graphprune.analysis.inputs import static_batch
+    from graphprune.io import load_model, mapped_from_file
+
+    model_path = Path(model_path)
+    model = load_model(model_path)
+    if bench and has_bfloat16(model):
+        raise ConfigError("cannot benchmark a bfloat16 model: ONNX Runtime's CPU provider has no bfloat16 kernels "
+                          "(verification emulates bfloat16 in float32; time the engine on a GPU backend, or drop --bench)")
+    # Weights inside a large .onnx were mapped from the file (io.load_model): verification runs a clone of the
+    # model as loaded (its weights the same views into the file), not the file, which ORT would parse into memory.
+    original = model.clone() if mapped_from_file(model, model_path) else model_path
+    return Loaded(model_path, model, original, static_batch(model))
+
+
+def calibrate(loaded: Loaded, pipeline: Pipeline, data: Any = None, feeds: list[dict] | None = None,
+              context: PassContext | None = None) -> Calibrated:
+    """Resolve the data (:func:`resolve_data`) and hand the calibration batches to ``context`` (unless it has some)."""
+    data_cfg = pipeline.data
+    if data is None and feeds is not None:  # the older form: its samples serve both roles, as they did
+        data, data_cfg = feeds, data_cfg.model_copy(update={"allow_overlap": True})
+    cal, ver = resolve_data(loaded.model, data, data_cfg)
+    fixed = loaded.fixed_batch
+    ver, fewer = cleanup_verify_samples(pipeline, ver, fixed)
+    batch = fixed if fixed is not None else pipeline.data.batch_size
+    if context is not None and context.calibration is None:
+        context.calibration = cal.batches(batch, exact=fixed is not None)
+        context.data_source = cal.source
+    info = {"source": cal.source, "description": cal.description, "calibration_samples": len(cal),
+            "verify_samples": len(ver)}
+    if fewer is not None:
+        info["verify_samples_reason"] = fewer
+    if cal.source == "user":
+        info["overlap_samples"] = _shared_samples(cal, ver)
+    warnings: list[str] = []
+    if ver.source != "user":
+        warnings.append(f"verification used {len(ver)} synthetic inputs generated from the input specs; pass --data "
+                        "with real samples to check fidelity")
+    return Calibrated(cal, ver, batch, fixed is not None, info, warnings)
+
+
+def run_passes(model: ir.Model, pipeline: Pipeline, context: PassContext) -> Rewritten:
+    """Run ``pipeline`` on ``model`` in place; a pass that changed nothing (housekeeping aside) becomes a warning."""
+    t0 = time.perf_counter()
+    records = pipeline.run(model, context)
+    seconds = time.perf_counter() - t0
+    warnings: list[str] = []
+    for r in records:
+        warnings += [f"{r['name']}: {w}" for w in r.get("warnings", [])]
+        if not r.get("changed") and r["name"] not in HOUSEKEEPING_PASSES:  # never a silent success
+            warnings.append(unchanged_reason(r))
+    return Rewritten(records, warnings, seconds)
+
+
+def unchanged_reason(record: dict) -> str:
+    """``"<pass> changed nothing; <first skip>"`` for the record of a pass that changed nothing."""
+    skips = record.get("skipped") or []
+    why = f"{skips[0]['where']}: {skips[0]['reason']}" if skips else "no site it rewrites was found"
+    more = f" (and {len(skips) - 1} more skipped)" if len(skips) > 1 else ""
+    return f"{record['name']} changed nothing; {why}{more}"
+
+
 def optimize(
     model_path: str | Path,
     output: str | Path,
@@ -297,7 +398,7 @@ def optimize(
     context: PassContext | None = None,
 ) -> dict:
     """Load, run ``pipeline``, verify against the original on held-out samples, optionally benchmark, then save
-    atomically.
+    atomically: the stages :func:`load` → :func:`calibrate` → :func:`run_passes` → verify (and benchmark) → commit.
 
     ``data`` (a path understood by :func:`graphprune.data.load_data`, a ``Dataset`` or an iterable of feed
     dicts; default ``pipeline.data.path``) gives real samples: a seeded split feeds calibration (the passes'
@@ -312,57 +413,24 @@ def optimize(
     Memory: the model is loaded with its weights mapped (``io.load_model``), saved once to the staged output, and
     its maps closed before verification runs the original and then the staged file, one session at a time.
     """
-    from graphprune.analysis.inputs import static_batch
-    from graphprune.io import check_output_path, load_model, mapped_from_file, release_weights, stage_model
+    from graphprune.io import check_output_path, release_weights, stage_model
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model_path = Path(model_path)
-    model = load_model(model_path)
-    if bench and has_bfloat16(model):
-        raise ConfigError("cannot benchmark a bfloat16 model: ONNX Runtime's CPU provider has no bfloat16 kernels "
-                          "(verification emulates bfloat16 in float32; time the engine on a GPU backend, or drop --bench)")
-    # Weights inside a large .onnx were mapped from the file (io.load_model): verification runs a clone of the
-    # model as loaded (its weights the same views into the file), not the file, which ORT would parse into memory.
-    original = model.clone() if mapped_from_file(model, model_path) else model_path
+    loaded = load(model_path, bench)
+    model_path, model, original = loaded.path, loaded.model, loaded.original
     check_output_path(output, model, inputs=(model_path,))
     context = context or PassContext()
     context.source_path = str(model_path)
-    data_cfg = pipeline.data
-    if data is None and feeds is not None:  # the older form: its samples serve both roles, as they did
-        data, data_cfg = feeds, data_cfg.model_copy(update={"allow_overlap": True})
-    cal, ver = resolve_data(model, data, data_cfg)
-    batch, fixed = pipeline.data.batch_size, static_batch(model)
-    if fixed is not None:  # the model fixes its batch: feed exactly that many samples per run
-        batch = bench_batch = fixed
-    ver, fewer = cleanup_verify_samples(pipeline, ver, fixed)
-    if context.calibration is None:
-        context.calibration = cal.batches(batch, exact=fixed is not None)
-        context.data_source = cal.source
-    data_info = {"source": cal.source, "description": cal.description, "calibration_samples": len(cal),
-                 "verify_samples": len(ver)}
-    if fewer is not None:
-        data_info["verify_samples_reason"] = fewer
-    if cal.source == "user":
-        shared = _shared_samples(cal, ver)
-        data_info["overlap_samples"] = shared
-    warnings: list[str] = []
-    if ver.source != "user":
-        warnings.append(f"verification used {len(ver)} synthetic inputs generated from the input specs; pass --data "
-                        "with real samples to check fidelity")
+    cal = calibrate(loaded, pipeline, data, feeds, context)
+    if loaded.fixed_batch is not None:  # the model fixes its batch: feed exactly that many samples per run
+        bench_batch = loaded.fixed_batch
     _progress(context, "load", 1, 1)
     timings["load"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    records = pipeline.run(model, context)
-    timings["passes"] = time.perf_counter() - t0
-    for r in records:
-        warnings += [f"{r['name']}: {w}" for w in r.get("warnings", [])]
-        if not r.get("changed") and r["name"] not in HOUSEKEEPING_PASSES:  # never a silent success
-            skips = r.get("skipped") or []
-            why = f"{skips[0]['where']}: {skips[0]['reason']}" if skips else "no site it rewrites was found"
-            more = f" (and {len(skips) - 1} more skipped)" if len(skips) > 1 else ""
-            warnings.append(f"{r['name']} changed nothing; {why}{more}")
-    verify_feeds = ver.batches(batch, exact=fixed is not None)
+    rewritten = run_passes(model, pipeline, context)
+    timings["passes"] = rewritten.seconds
+    records, warnings = rewritten.records, cal.warnings + rewritten.warnings
+    verify_feeds = cal.verify_feeds()
     # Serialised once: verification and the benchmark run the staged file, which is then renamed into place.
     t0 = time.perf_counter()
     with stage_model(model, output, inputs=(model_path,)) as staged:
@@ -371,9 +439,9 @@ def optimize(
         release_weights(model)
         if isinstance(original, ir.Model):
             release_weights(original)
-        report = _verify_bench_report(model_path, original, output, model, staged.path, records, pipeline, ver,
-                                      verify_feeds, data_info, warnings, force, bench, bench_batch, bench_runs,
-                                      threads, context, timings)
+        report = _verify_bench_report(model_path, original, output, model, staged.path, records, pipeline,
+                                      cal.verification, verify_feeds, cal.info, warnings, force, bench, bench_batch,
+                                      bench_runs, threads, context, timings)
         t0 = time.perf_counter()
         staged.commit()
         timings["commit"] = time.perf_counter() - t0

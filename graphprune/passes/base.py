@@ -18,6 +18,8 @@ Passes are stateless between calls: per-run state (calibration data, target back
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -88,6 +90,10 @@ class GraphResult(ir.passes.PassResult):
 Progress = Callable[[str, int, int], None]
 
 
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @dataclasses.dataclass
 class PassContext:
     """Per-run state shared by the passes of one pipeline run.
@@ -101,6 +107,11 @@ class PassContext:
         target: the backend the result is meant for: ``onnxruntime`` (default) or ``tensorrt``.
         progress: ``progress(task, done, total)`` for long steps; the CLI shows it as a progress bar.
         source_path: the path the model was loaded from (for messages), if any.
+        cache: a store of results computed from (model, calibration data) — ``get(key)`` returning ``None`` when
+            absent, and ``put(key, value)`` — shared by the runs of one search; ``None`` (default) caches nothing.
+        fingerprint: content hash of the model as the next pass sees it plus the calibration data; the pipeline
+            extends it after every pass with the pass's name and config, so a key stays valid only for the same
+            model state. Set by whoever sets ``cache`` (``graphprune.search``).
     """
 
     calibration: list[dict[str, np.ndarray]] | None = None
@@ -108,6 +119,25 @@ class PassContext:
     target: str = "onnxruntime"
     progress: Progress | None = None
     source_path: str | None = None
+    cache: Any = None
+    fingerprint: str | None = None
+
+    def memo(self, name: str, params: dict[str, Any], compute: Callable[[], Any]) -> Any:
+        """``compute()``, or its earlier result for the same model state, calibration data, ``name`` and
+        ``params`` (JSON-able) when a cache is set. Only results that are pure functions of those may go here."""
+        if self.cache is None or self.fingerprint is None:
+            return compute()
+        key = _digest(self.fingerprint, name, params)
+        value = self.cache.get(key)
+        if value is None:
+            value = compute()
+            self.cache.put(key, value)
+        return value
+
+    def advance(self, name: str, config: dict[str, Any]) -> None:
+        """Extend ``fingerprint`` past one pass (called by the pipeline after each pass it runs)."""
+        if self.fingerprint is not None:
+            self.fingerprint = _digest(self.fingerprint, name, config)
 
     @property
     def real_data(self) -> bool:

@@ -181,15 +181,20 @@ class ChannelPrunePass(GraphPass):
         with self.context.task("channel analysis", 3) as step:
             analysis = analyze_channels(model, cfg.ignore, cfg.ignore_stem, folded_biases=cfg.folded_biases)
             step(1)
-            acts = (probe(model, activation_values(analysis), calib)
-                    if method["importance"] in ("activation", "obs") else None)
-            imp = compute_importance(analysis, method["importance"], acts)
+            # memo: a search's trials share what depends only on the model, the data and these settings
+            where = {"importance": method["importance"], "ignore": cfg.ignore, "ignore_stem": cfg.ignore_stem,
+                     "folded_biases": cfg.folded_biases}
+            imp = self.context.memo("channel_prune.importance", where, lambda: compute_importance(
+                analysis, method["importance"], probe(model, activation_values(analysis), calib)
+                if method["importance"] in ("activation", "obs") else None))
             step(1)
             per_node = _per_node_flops(model) if cfg.target == "flops" else None
             sens = None
             if method["allocate"] == "sensitivity" and cfg.ratio > 0:
-                sens = measure(model, analysis, imp, calib, refit=bool(method["reconstruct"]), round_to=cfg.round_to,
-                               progress=lambda d, t: self.context.notify("sensitivity", d, t))
+                sens = self.context.memo(
+                    "channel_prune.sensitivity", where | {"refit": bool(method["reconstruct"]), "round_to": cfg.round_to},
+                    lambda: measure(model, analysis, imp, calib, refit=bool(method["reconstruct"]),
+                                    round_to=cfg.round_to, progress=lambda d, t: self.context.notify("sensitivity", d, t)))
             kept, used_ratio = select(analysis, imp, cfg.ratio, cfg.target, cfg.round_to, method["global"],
                                       cfg.max_group_ratio, per_node, sens)
             pred = predicted(analysis, kept, per_node)
