@@ -269,7 +269,7 @@ def test_ctrl_c_stops_the_loop_and_the_study_keeps_finished_trials():
     from graphprune.search.engine import Loop
 
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
-    space = from_dict({"passes": {"token_drop": {"optional": False, "params": {"keep_ratio": [0.5, 0.7, 0.9]}}}})
+    space = from_dict({"passes": {"token_drop": {"optional": False, "params": {"keep_ratio": {"low": 0.5, "high": 0.9}}}}})
     calls = []
 
     def evaluate(pipes):
@@ -292,3 +292,24 @@ def test_ray_flag_without_an_address_means_a_local_runtime():
     assert ray_flag(["search", "m.onnx", "--ray"]) == ["search", "m.onnx", "--ray", "local"]
     assert ray_flag(["search", "--ray", "--trials", "3"]) == ["search", "--ray", "local", "--trials", "3"]
     assert ray_flag(["search", "--ray", "10.0.0.1:6379"]) == ["search", "--ray", "10.0.0.1:6379"]
+
+
+def test_a_pipeline_sampled_again_is_not_run_again():
+    import optuna
+
+    from graphprune.search.engine import Loop
+
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    space = from_dict({"passes": {"token_drop": {"optional": False, "params": {"keep_ratio": [0.5, 0.9]}}}})
+    ran = []
+
+    def evaluate(pipes):
+        ran.extend(pipes)
+        return [{"status": "complete", "pipeline": p, "quality": p[0]["keep_ratio"], "quality_ci": (0.4, 1.0),
+                 "latency": {"speedup": 1 / p[0]["keep_ratio"]}, "verify": {"passed": True, "failures": []}}
+                for p in pipes]
+
+    Loop(study, space, evaluate, trials=8, time_budget=None, workers=1, max_loss=None, target=None).run()
+    assert len(study.trials) == 8 and len(ran) == 2
+    assert all(t.values == [t.params["token_drop.keep_ratio"], 1 / t.params["token_drop.keep_ratio"]]
+               for t in study.trials)
