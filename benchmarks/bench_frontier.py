@@ -16,6 +16,9 @@ Usage::
     flock /tmp/gp-heavy.lock python -m benchmarks.bench_frontier [--rows NAME ...] [--json OUT.json]
 
 The table goes to stdout; ``--json`` also writes the rows with the command, date, machine and versions.
+``--phase quality`` runs the optimizations and the retrieval scores only (they do not depend on machine load, so
+they may run at low priority beside other work); ``--phase speed --json OUT.json`` then times every row that file
+holds, in one interleaved benchmark, and writes the speedups back (run that part alone on the machine).
 """
 
 from __future__ import annotations
@@ -95,8 +98,8 @@ def run_row(name: str, folder: Path, out_dir: Path, pairs, splits, baseline) -> 
     seconds = time.perf_counter() - t0
     res = evaluate(out, tok, pairs, splits)
     kept = {s: {k: v / baseline[s][k] for k, v in res[s].items()} for s in res}
-    infos = {p["name"]: {k: v for k, v in p["info"].items() if k in ("search", "predicted_flops_ratio", "method")}
-             for p in rep["passes"]}
+    infos = {p["name"]: {k: v for k, v in (p.get("info") or {}).items()
+                         if k in ("search", "predicted_flops_ratio", "method", "keep_ratio")} for p in rep["passes"]}
     return {"row": name, "pipeline": ROWS[name], "path": str(out), "optimize_s": round(seconds, 1),
             "flops_ratio": rep["flops"]["ratio"], "absolute": res, "retained": kept, "passes": infos,
             "verify": "passed" if rep["verify"]["passed"] else "FAILED"}
@@ -115,6 +118,26 @@ def speeds(src: Path, rows: list[dict], tok: Path, docs: list[str], runs: int) -
     rows.append({"row": "original", "median_ms": base})
 
 
+def _speed_phase(args) -> int:
+    if args.json is None or not args.json.is_file():
+        print("error: --phase speed needs --json FILE written by --phase quality", file=sys.stderr)
+        return 2
+    doc = json.loads(args.json.read_text())
+    folder = args.out
+    pairs = minilm.load_eval_pairs(folder / "eval_pairs.jsonl", task="body")
+    rows = [r for r in doc["rows"] if "retained" in r]
+    speeds(folder / "minilm.onnx", rows, folder / "tokenizer.json", [pairs[i][1] for i in doc["split"]["test"]],
+           args.runs)
+    doc["rows"] = rows
+    doc["speed"] = {"command": " ".join(["python", "-m", "benchmarks.bench_frontier", *sys.argv[1:]]),
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "machine": _machine()}
+    doc["speed"]["machine"]["loadavg_end"] = os.getloadavg()
+    args.json.write_text(json.dumps(doc, indent=2, default=str))
+    print(table(rows))
+    return 0
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| pipeline | FLOPs | speedup b8 | recall@1 kept (sel / test) | MRR kept (sel / test) | verify |",
              "|---|---|---|---|---|---|"]
@@ -122,7 +145,8 @@ def table(rows: list[dict]) -> str:
         if "retained" not in r:
             continue
         k = r["retained"]
-        lines.append(f"| {r['row']} | ×{r['flops_ratio']:.3f} | {r['speedup_b8']:.2f}× "
+        speed = f"{r['speedup_b8']:.2f}×" if "speedup_b8" in r else "not timed"
+        lines.append(f"| {r['row']} | ×{r['flops_ratio']:.3f} | {speed} "
                      f"| {k['selection']['recall@1']:.1%} / {k['test']['recall@1']:.1%} "
                      f"| {k['selection']['mrr']:.1%} / {k['test']['mrr']:.1%} | {r['verify']} |")
     return "\n".join(lines)
@@ -149,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the selection/test split")
     ap.add_argument("--runs", type=int, default=20, help="timed interleaved rounds")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--phase", choices=("all", "quality", "speed"), default="all",
+                    help="quality: optimize and score only; speed: time the rows of --json (see module docstring)")
     args = ap.parse_args(argv)
+    if args.phase == "speed":
+        return _speed_phase(args)
     names = args.rows or list(ROWS)
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -169,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         rows.append(run_row(name, folder, out_dir, pairs, splits, baseline))
         r = rows[-1]
+        if args.json:  # each row as soon as it is measured
+            args.json.write_text(json.dumps({"rows": rows, "partial": True}, indent=2, default=str))
         print(f"{name}: FLOPs ×{r['flops_ratio']:.3f} recall kept {r['retained']['selection']['recall@1']:.3f} (sel) "
               f"{r['retained']['test']['recall@1']:.3f} (test) ({r['optimize_s']} s)", file=sys.stderr, flush=True)
-    speeds(src, rows, tok, [pairs[i][1] for i in test], args.runs)
+    if args.phase == "all":
+        speeds(src, rows, tok, [pairs[i][1] for i in test], args.runs)
     machine["loadavg_end"] = os.getloadavg()
     print(table(rows))
     print(f"\nBaseline (body task; selection {len(sel)} / test {len(test)} pairs, seed {args.seed}): "

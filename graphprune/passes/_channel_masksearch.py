@@ -5,17 +5,22 @@ Every class of a prunable group (a head, an FFN unit, a channel) is a unit u wit
 objective is D(m), the mean 1 − cosine between the original's and the masked model's outputs on calibration
 feeds (``_channel_masks.MaskedModel``). Steps:
 
-1. **Unit scores** s_u ≈ the increase of D when u alone is removed (the diagonal of D's Hessian in the mask, the
-   quantity Kwon et al. estimate with the empirical Fisher; here it is measured instead of differentiated):
-   * ``measured`` — groups of at most ``measure_units`` classes (attention heads): s_u = D(u removed), one
+1. **Unit scores.** A base score b_u orders the units of a group (the diagonal of D's Hessian in the mask, the
+   quantity Kwon et al. estimate with the empirical Fisher; here measured or read from activations instead of
+   differentiated):
+   * ``measured`` — groups of at most ``measure_units`` classes (attention heads): b_u = D(u alone removed), one
      evaluation per unit;
-   * ``local`` — larger groups (FFN units, channels): the local Hessian diagonal of the consumer layer's output,
-     E_u = Σ_consumers Σ_{k ∈ u} mean(x_k²)·‖w_k‖² (x: the consumer's input on the calibration feeds, w_k: the
-     weight row reading channel k), made comparable across groups by one measurement per group:
-     s_u = κ_g·E_u with κ_g = D(the lowest-E ``probe`` share of g removed) / Σ E of those units.
-   ``unit_score: local`` uses the second rule for every group.
-2. **Search** (the knapsack of Kwon et al.'s mask search): within a group units are removed in ascending score,
-   in chunks of the ``round_to`` unit; chunks of all groups are merged in ascending score per FLOP saved
+   * otherwise (FFN units, channels; every group with ``unit_score: local``): the local Hessian diagonal of the
+     consumer layer's output, b_u = Σ_consumers Σ_{k ∈ u} mean(x_k²)·‖w_k‖² (x: the consumer's input on the
+     calibration feeds, w_k: the weight row reading channel k).
+   Per group, D is then measured with the lowest-b 15% and 40% of its classes removed (``PROBES``) and fitted as
+   D_g(B) = a_g·B^p_g, B the summed base score removed (p_g clipped to [1, 3]: interactions make removing many
+   units cost more than the sum of their single costs). With ``refit`` (the pass refits afterwards) the two
+   probes are measured after the least-squares refit of the group's consumers (``_channel_sensitivity.measure``),
+   so the curve prices what the refitted model loses: this is the per-layer allocation from measured sensitivity.
+2. **Search** (the knapsack of Kwon et al.'s mask search): within a group units are removed in ascending b, in
+   chunks of the ``round_to`` unit, chunk k costing a_g·(B_k^p − B_(k−1)^p) (increasing, so the greedy merge is
+   the optimum of the separable convex model); chunks of all groups are merged in ascending cost per FLOP saved
    (``class_flops``; per channel for ``target: channels``) and the shortest prefix that meets the budget is
    taken, found by bisection on the prefix length. "Meets": predicted FLOPs (or params) ratio ≤ 1 − ratio, or
    removed channels ≥ ratio × prunable channels. So the result meets the budget and the prefix one chunk shorter
@@ -23,9 +28,9 @@ feeds (``_channel_masks.MaskedModel``). Steps:
 3. **Rearrangement** (Kwon et al.'s mask rearrangement, with D measured instead of a block-diagonal Fisher):
    first-improvement hill climbing over moves that keep the budget met: swapping a removed and a kept unit of one
    group (groups of ≤ ``measure_units`` classes, unit 1), and moving a chunk between groups (restore group a's
-   best removed chunk, remove group b's worst kept chunks until the budget is met again). Moves are tried in
-   ascending estimated Δ (from the scores); one is kept only if the measured D falls, so D never rises. At most
-   ``rearrange`` evaluations.
+   best removed chunk, remove group b's worst kept chunks until the budget is met again; not with ``refit``,
+   since D here is measured without the refit the curves priced). Moves are tried in ascending modelled Δ; one
+   is kept only if the measured D falls, so D never rises. At most ``rearrange`` evaluations.
 4. **Mask tuning** is the least-squares refit of the consumers (``reconstruct``), run by the pass afterwards.
 """
 

@@ -30,7 +30,9 @@ YAML::
                             #   model's, layer after layer (3-5x slower; no better on MiniLM, see README)
         search: none        # none | mask: per-unit mask search under the budget, after Kwon et al. 2022
                             #   (scores from measured output change, knapsack, rearrangement; see _channel_masksearch)
-        unit_score: measured  # search: measured (heads: leave-one-out) | local (layer-output Hessian diagonal)
+        unit_score: measured  # search: measured (groups of <= measure_units classes, i.e. heads: leave-one-out
+                            #   output change) | local (layer-output Hessian diagonal from activations)
+        measure_units: 16   # search: groups up to this many classes are measured unit by unit
         rearrange: 64       # search: most measured evaluations spent on budget-neutral swaps (0: none)
         search_feeds: 4     # search: calibration feeds each evaluation runs
         plan_out: plan.json # write the prune plan (structure only; refitted weights are not in it)
