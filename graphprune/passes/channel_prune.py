@@ -177,7 +177,8 @@ def _search(model: ir.Model, analysis, calib: list[dict], cfg: ChannelPruneConfi
     """``search: mask`` (``_channel_masksearch``) over the first ``search_feeds`` calibration feeds."""
     st = SearchSettings(cfg.ratio, cfg.target, cfg.round_to, cfg.max_group_ratio, cfg.unit_score, cfg.measure_units,
                         rearrange=cfg.rearrange, refit=refit)
-    return mask_search(model, analysis, calib[:cfg.search_feeds], probe, st, per_node, ctx.notify)
+    fit = calib[cfg.search_feeds:] if len(calib) > cfg.search_feeds else None  # refits fitted out of sample
+    return mask_search(model, analysis, calib[:cfg.search_feeds], probe, st, per_node, ctx.notify, fit)
 
 
 @register
