@@ -123,6 +123,14 @@ def _speed_phase(args) -> int:
         print("error: --phase speed needs --json FILE written by --phase quality", file=sys.stderr)
         return 2
     doc = json.loads(args.json.read_text())
+    names = {r["row"] for r in doc["rows"]}
+    for extra in args.merge:  # quality runs made in parallel, same split (checked)
+        other = json.loads(extra.read_text())
+        if other.get("split", doc["split"]) != doc["split"]:
+            print(f"error: {extra} was scored on another split", file=sys.stderr)
+            return 2
+        doc["rows"] += [r for r in other["rows"] if r["row"] not in names and "retained" in r]
+        names = {r["row"] for r in doc["rows"]}
     folder = args.out
     pairs = minilm.load_eval_pairs(folder / "eval_pairs.jsonl", task="body")
     rows = [r for r in doc["rows"] if "retained" in r]
@@ -175,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--phase", choices=("all", "quality", "speed"), default="all",
                     help="quality: optimize and score only; speed: time the rows of --json (see module docstring)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="speed: also take the rows of these --phase quality files (written into --json)")
     args = ap.parse_args(argv)
     if args.phase == "speed":
         return _speed_phase(args)
