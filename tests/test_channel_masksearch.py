@@ -144,3 +144,30 @@ def test_pass_equals_masked_original(bert, tmp_path):
     assert float(np.abs(out - twin).max()) <= 1e-4 * scale
     base = zoo.run(ir.load(bert), feeds, tmp_path, "base")[0]
     assert float(np.abs(out - base).max()) > 1e-3  # something was removed
+
+
+def test_refit_probe_fits_on_fit_feeds(tmp_path):
+    """``measure(fit_feeds=...)``: the probe's refit is the ridge solution on those feeds, D measured on ``feeds``."""
+    from graphprune.analysis.importance import compute_importance
+    from graphprune.passes._channel_sensitivity import measure
+
+    model, feeds, x = _mlp(tmp_path)
+    analysis = analyze_channels(model, [], True)
+    imp = compute_importance(analysis, "l2")
+    group = next(g for g in analysis.groups if g.prunable)
+    w = {k: v.const_value.numpy().astype(np.float64) for k, v in model.graph.initializers.items()}
+
+    def hidden(xs):
+        return np.maximum(np.maximum(xs @ w["W0"], 0) @ w["W1"] + w["B1"], 0)
+
+    keep = np.sort(np.argsort(-imp.scores[group.id], kind="stable")[:12])  # probe 0.5 of 24 units
+    h_fit, h_eval = hidden(x[20:]), hidden(x[:20])
+    a = h_fit[:, keep]
+    ata = a.T @ a
+    sol = np.linalg.solve(ata + (1e-3 * np.mean(np.diag(ata)) + 1e-12) * np.eye(len(keep)), a.T @ h_fit @ w["W2"])
+    ref, got = h_eval @ w["W2"], h_eval[:, keep] @ sol
+    want = np.mean(1 - (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1))
+    d = measure(model, analysis, imp, feeds[:1], refit=True, probe_ratio=0.5, fit_feeds=feeds[1:])
+    np.testing.assert_allclose(d[group.id], want, rtol=1e-4)
+    in_sample = measure(model, analysis, imp, feeds[:1], refit=True, probe_ratio=0.5)
+    assert in_sample[group.id] < d[group.id]  # fitted on the feeds it is measured on, the refit looks better
