@@ -64,8 +64,10 @@ class _Restore:
 
 
 def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: list[dict], refit: bool,
-            probe_ratio: float = 0.5, round_to: int = 1, max_feeds: int = 4, progress=None) -> dict[int, float]:
-    """d_g for every prunable group (see module docstring); the model is left as it was."""
+            probe_ratio: float = 0.5, round_to: int = 1, max_feeds: int = 4, progress=None,
+            fit_feeds: list[dict] | None = None) -> dict[int, float]:
+    """d_g for every prunable group (see module docstring); the model is left as it was. With ``fit_feeds`` the
+    refit's Gram matrices come from those feeds (e.g. disjoint from ``feeds``, so d_g is measured out of sample)."""
     feeds = list(feeds)[:max_feeds]
     groups = [g for g in analysis.groups if g.prunable]
     outputs = list(model.graph.outputs)
@@ -82,7 +84,7 @@ def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: 
         g = a.T @ a
         return g if acc is None else acc + g
 
-    grams = dict(zip(xs, fold_activations(probe(model, xs, feeds), len(xs), reduce)[0], strict=True)) if xs else {}
+    grams = dict(zip(xs, fold_activations(probe(model, xs, fit_feeds or feeds), len(xs), reduce)[0], strict=True)) if xs else {}
     restore = _Restore(model.graph)
     result: dict[int, float] = {}
     for step, g in enumerate(groups):

@@ -28,6 +28,13 @@ YAML::
         allocate: auto      # auto | score | sensitivity: group ratios from each group's measured output change
         refit: independent  # independent: every refit reads the original's activations | sequential: the pruned
                             #   model's, layer after layer (3-5x slower; no better on MiniLM, docs/benchmarks.md)
+        search: none        # none | mask: per-unit mask search under the budget, after Kwon et al. 2022
+                            #   (scores from measured output change, knapsack, rearrangement; see _channel_masksearch)
+        unit_score: measured  # search: measured (groups of <= measure_units classes, i.e. heads: leave-one-out
+                            #   output change) | local (layer-output Hessian diagonal from activations)
+        measure_units: 16   # search: groups up to this many classes are measured unit by unit
+        rearrange: 64       # search: most measured evaluations spent on budget-neutral swaps (0: none)
+        search_feeds: 4     # search: calibration feeds each evaluation runs
         plan_out: plan.json # write the prune plan (structure only; refitted weights are not in it)
         plan_in: null       # apply a plan written before (no analysis)
 """
@@ -49,6 +56,7 @@ from graphprune.analysis.inputs import example_inputs
 from graphprune.backends.onnxruntime import count_flops, probe
 from graphprune.errors import ConfigError
 from graphprune.passes import register
+from graphprune.passes._channel_masksearch import SearchSettings, mask_search
 from graphprune.passes._channel_plan import build_plan, predicted, select
 from graphprune.passes._channel_reconstruct import reconstruct
 from graphprune.passes._channel_sensitivity import measure
@@ -90,6 +98,17 @@ class ChannelPruneConfig(PassConfig):
     refit: Literal["independent", "sequential"] = pydantic.Field(
         "independent", description="reconstruct from the original's activations, or layer after layer from the pruned "
         "model's (slower; not better on MiniLM)")
+    search: Literal["none", "mask"] = pydantic.Field(
+        "none", description="mask: choose the removed units by a mask search under the ratio's budget (measured "
+        "output change per unit, knapsack over FLOPs, rearrangement; importance/global/allocate are then unused)")
+    unit_score: Literal["measured", "local"] = pydantic.Field(
+        "measured", description="search: measured: leave-one-out output change for groups of at most measure_units "
+        "classes (heads), local Hessian diagonal scaled by measured group sensitivity for the rest; local: the latter "
+        "everywhere")
+    measure_units: int = pydantic.Field(16, ge=1, description="search: groups up to this many classes are measured "
+                                        "unit by unit")
+    rearrange: int = pydantic.Field(64, ge=0, description="search: most measured evaluations of budget-neutral swaps")
+    search_feeds: int = pydantic.Field(4, ge=1, description="search: calibration feeds each evaluation runs")
     plan_out: str | None = pydantic.Field(None, description="write the prune plan (JSON) here")
     plan_in: str | None = pydantic.Field(None, description="apply this plan instead of analysing")
 
@@ -154,6 +173,14 @@ def _per_node_flops(model: ir.Model) -> dict[str, int] | None:
     return None if report.unknown else dict(report.per_node)
 
 
+def _search(model: ir.Model, analysis, calib: list[dict], cfg: ChannelPruneConfig, refit: bool, per_node, ctx):
+    """``search: mask`` (``_channel_masksearch``) over the first ``search_feeds`` calibration feeds."""
+    st = SearchSettings(cfg.ratio, cfg.target, cfg.round_to, cfg.max_group_ratio, cfg.unit_score, cfg.measure_units,
+                        rearrange=cfg.rearrange, refit=refit)
+    fit = calib[cfg.search_feeds:] if len(calib) > cfg.search_feeds else None  # refits fitted out of sample
+    return mask_search(model, analysis, calib[:cfg.search_feeds], probe, st, per_node, ctx.notify, fit)
+
+
 @register
 class ChannelPrunePass(GraphPass):
     name = "channel_prune"
@@ -170,7 +197,9 @@ class ChannelPrunePass(GraphPass):
             return GraphResult(model, bool(plan["slices"]), rewritten=rewritten, info={"plan_in": cfg.plan_in, **stats})
         method = resolve_method(cfg, self.context.real_data)
         warnings = []
-        if method["importance"] in ("activation", "obs") or method["reconstruct"] or method["allocate"] == "sensitivity":
+        searching = cfg.search == "mask" and cfg.ratio > 0
+        if (method["importance"] in ("activation", "obs") or method["reconstruct"] or method["allocate"] == "sensitivity"
+                or searching):
             calib = _calibration(model, self.context)
             if not self.context.real_data:
                 warnings.append(f"{method['importance'] + ' importance' if method['importance'] in ('activation', 'obs') else 'reconstruct'}"
@@ -189,14 +218,18 @@ class ChannelPrunePass(GraphPass):
                 if method["importance"] in ("activation", "obs") else None))
             step(1)
             per_node = _per_node_flops(model) if cfg.target == "flops" else None
-            sens = None
-            if method["allocate"] == "sensitivity" and cfg.ratio > 0:
+            sens = search = None
+            if searching:
+                search = _search(model, analysis, calib, cfg, bool(method["reconstruct"]), per_node, self.context)
+                kept, used_ratio = search.kept, cfg.ratio
+            elif method["allocate"] == "sensitivity" and cfg.ratio > 0:
                 sens = self.context.memo(
                     "channel_prune.sensitivity", where | {"refit": bool(method["reconstruct"]), "round_to": cfg.round_to},
                     lambda: measure(model, analysis, imp, calib, refit=bool(method["reconstruct"]),
                                     round_to=cfg.round_to, progress=lambda d, t: self.context.notify("sensitivity", d, t)))
-            kept, used_ratio = select(analysis, imp, cfg.ratio, cfg.target, cfg.round_to, method["global"],
-                                      cfg.max_group_ratio, per_node, sens)
+            if search is None:
+                kept, used_ratio = select(analysis, imp, cfg.ratio, cfg.target, cfg.round_to, method["global"],
+                                          cfg.max_group_ratio, per_node, sens)
             pred = predicted(analysis, kept, per_node)
             step(1)
         auto = cfg.importance == "auto" or cfg.global_ is None or cfg.reconstruct is None or cfg.allocate == "auto"
@@ -208,6 +241,8 @@ class ChannelPrunePass(GraphPass):
                 "groups": len(analysis.groups), "prunable_groups": sum(g.prunable for g in analysis.groups)}
         if imp.fallback:
             info["bn_fallback_groups"] = imp.fallback
+        if search is not None:
+            info["search"] = search.info()
         if sens is not None:
             info["sensitivity"] = {str(k): round(v, 6) for k, v in sens.items()}
         plan = build_plan(analysis, kept, dict(info))
