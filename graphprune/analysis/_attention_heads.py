@@ -13,7 +13,8 @@ the index tensor goes through its Slices, Split and Concats exactly, and the ste
 axis lies within one head and cos/sin do not vary across heads.
 
 How the channel ↔ (head, dim) maps are found: an index tensor (channel + C·position) is pushed through the
-exact chain ops in numpy, with symbolic dims (batch, tokens) set to 1. The result at q/k/v gives, for each
+chain by the index-tracing interpreter (:mod:`graphprune.analysis._index_trace`, which also evaluates computed
+reshape targets), with symbolic dims (batch, tokens) set to 1; where it stops, its reason blocks the heads. The result at q/k/v gives, for each
 (head, dim), the projection channel it reads; a channel that would depend on the token position, or a head
 that would mix channels of several positions, blocks the block. The same is done backwards from the core
 output to the merged tensor. Nothing about ``[B, N, 3, H, D]`` or ``permute(2, 0, 3, 1, 4)`` is assumed.

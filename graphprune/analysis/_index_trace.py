@@ -38,12 +38,12 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import const_value
+from graphprune.analysis import vocab
 
 #: Ops the interpreter moves index codes through (the data-movement vocabulary).
-MOVEMENT = frozenset({"Reshape", "Transpose", "Slice", "Squeeze", "Unsqueeze", "Gather", "Split", "Concat", "Expand",
-                      "Tile", "Flatten", "Identity", "Cast", "Dropout", "Pad"})
+MOVEMENT = vocab.MOVEMENT
 #: Elementwise ops whose codes pass through when exactly one input is traced.
-PASS_THROUGH = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Where"})
+PASS_THROUGH = vocab.ARITHMETIC | {"Neg", "Where"}
 _SHAPE_DEPTH = 24
 
 
@@ -183,6 +183,8 @@ def _eval(value: ir.Value, env: dict, fill: int, depth: int, limit: int, cache: 
         return _LOGIC[op](*ins[:2]) if op != "Not" else np.logical_not(ins[0])
     if op == "Neg":
         return -ins[0]
+    if op == "CumSum" and not a.get_int("exclusive", 0) and not a.get_int("reverse", 0):
+        return np.cumsum(ins[0], axis=int(np.asarray(ins[1]).ravel()[0]))
     if op == "GatherND" and not a.get_int("batch_dims", 0):
         idx = np.asarray(ins[1]).astype(np.int64)
         return ins[0][tuple(np.moveaxis(idx, -1, 0))]

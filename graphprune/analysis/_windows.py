@@ -7,7 +7,8 @@ Pattern: the projection input ``P`` of a block is reached from a stream value ``
 block and grid partitions. ``torch.roll`` exports as ``Slice``/``Concat`` pairs and is one of these.
 
 How it is recognised (nothing about a particular permute is assumed): an index array (flat position in ``S``, with
-symbolic dims — the batch — set to 1) is pushed through those ops in numpy. At ``P`` every element must still hold
+symbolic dims — the batch — set to 1) is pushed through those ops by the index-tracing interpreter
+(:mod:`graphprune.analysis._index_trace`). At ``P`` every element must still hold
 its channel, and the tokens seen by the attention (``T`` = the core's query length) give a token map
 ``[windows, T]``: which stream token sits at each (window, position). ``S`` may be channels-last or NCHW (tried in
 that order; the channel check decides). With the stream's spatial map ``H × W`` (``S`` itself when it is 4-D, else
@@ -37,7 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import const_value
-from graphprune.analysis import _index_trace
+from graphprune.analysis import _index_trace, vocab
 
 #: Ops that move elements without computing (the partition / reverse vocabulary).
 MOVE = frozenset({"Reshape", "Transpose", "Slice", "Concat", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Gather",
@@ -148,7 +149,7 @@ def _steps(a: np.ndarray, mod: int) -> int | None:
     return int(d[0]) if d.size == 1 else None
 
 
-_TOKENWISE = frozenset({"Add", "Sub", "Mul", "Div", "LayerNormalization", "Relu", "Erf", "Gelu", "Sigmoid", "Tanh",
+_TOKENWISE = vocab.ARITHMETIC | frozenset({"LayerNormalization", "Relu", "Erf", "Gelu", "Sigmoid", "Tanh",
                         "Identity", "Dropout"})
 
 
@@ -341,7 +342,7 @@ def _with_constant(node: ir.Node) -> bool:
         return False
     if node.op_type == "Dropout":
         return len(node.outputs) == 1 or not node.outputs[1].uses()
-    if node.op_type not in ("Add", "Mul", "Div", "Sub") or len(node.inputs) != 2:
+    if node.op_type not in vocab.ARITHMETIC or len(node.inputs) != 2:
         return False
     consts = [const_value(v) for v in node.inputs]
     if sum(c is not None for c in consts) != 1:
