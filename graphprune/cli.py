@@ -274,11 +274,17 @@ def inspect(
     windowed = any(b.get("partition") for b in info["attention_blocks"])
     t = Table(title=f"attention blocks: {len(info['attention_blocks'])}", title_justify="left",
               caption="window: rows×cols/windows per image (g: grid groups, s: shifted)" if windowed else None)
-    for col in ("index", "kind", "heads", "kv", "head_dim", "tokens", "prefix", "causal", "probs", "mask", "window"):
-        t.add_column(col)
-    for b in info["attention_blocks"]:
-        t.add_row(*(str(b[k]) for k in ("index", "kind", "heads", "kv_heads", "head_dim", "tokens", "prefix_tokens",
-                                         "causal", "has_probs", "has_mask")), _fmt_window(b))
+    blocks = info["attention_blocks"]
+    keys = ["index", "kind", "heads", "kv_heads", "head_dim", "tokens", "prefix_tokens", "causal", "has_probs", "has_mask"]
+    if all(b["kv_heads"] in (None, b["heads"]) for b in blocks):  # kv and causal only where a block has them
+        keys.remove("kv_heads")
+    if not any(b["causal"] for b in blocks):
+        keys.remove("causal")
+    names = {"kv_heads": "kv", "prefix_tokens": "prefix", "has_probs": "probs", "has_mask": "mask"}
+    for col in [*keys, "window"]:
+        t.add_column(names.get(col, col))
+    for b in blocks:
+        t.add_row(*(str(b[k]) for k in keys), _fmt_window(b))
     out.print(t)
     groups = info.get("channel_groups")
     if groups is not None:
