@@ -257,6 +257,9 @@ def _fmt_window(b: dict) -> str:
 def inspect(
     model: Annotated[Path, typer.Argument(help="ONNX model.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Also list every Softmax/Attention node that did not "
+                                          "become an attention block and every channel group that is not prunable, "
+                                          "each with its reason.")] = False,
 ) -> None:
     """Show inputs, outputs, opset, FLOPs/params, attention blocks and channel groups of MODEL."""
     from graphprune.analysis import summarize
@@ -264,7 +267,7 @@ def inspect(
     from graphprune.io import load_model
 
     m = load_model(model)
-    info = summarize(m, flops=count_flops(m))  # shapes static inference misses are measured in one ORT run
+    info = summarize(m, flops=count_flops(m), explain=explain)  # shapes static inference misses are measured in one ORT run
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return
@@ -275,11 +278,17 @@ def inspect(
     windowed = any(b.get("partition") for b in info["attention_blocks"])
     t = Table(title=f"attention blocks: {len(info['attention_blocks'])}", title_justify="left",
               caption="window: rows×cols/windows per image (g: grid groups, s: shifted)" if windowed else None)
-    for col in ("index", "kind", "heads", "head_dim", "tokens", "prefix", "probs", "mask", "window"):
-        t.add_column(col)
-    for b in info["attention_blocks"]:
-        t.add_row(*(str(b[k]) for k in ("index", "kind", "heads", "head_dim", "tokens", "prefix_tokens", "has_probs", "has_mask")),
-                  _fmt_window(b))
+    blocks = info["attention_blocks"]
+    keys = ["index", "kind", "heads", "kv_heads", "head_dim", "tokens", "prefix_tokens", "causal", "has_probs", "has_mask"]
+    if all(b["kv_heads"] in (None, b["heads"]) for b in blocks):  # kv and causal only where a block has them
+        keys.remove("kv_heads")
+    if not any(b["causal"] for b in blocks):
+        keys.remove("causal")
+    names = {"kv_heads": "kv", "prefix_tokens": "prefix", "has_probs": "probs", "has_mask": "mask"}
+    for col in [*keys, "window"]:
+        t.add_column(names.get(col, col))
+    for b in blocks:
+        t.add_row(*(str(b[k]) for k in keys), _fmt_window(b))
     out.print(t)
     groups = info.get("channel_groups")
     if groups is not None:
@@ -292,6 +301,26 @@ def inspect(
             g.add_row(str(grp.get("id")), str(grp.get("size")), "yes" if grp.get("prunable") else "no",
                       members if grp.get("prunable") else str(grp.get("reason", "")))
         out.print(g)
+    if explain:
+        _print_explain(info["explain"])
+
+
+def _print_explain(ex: dict) -> None:
+    """``inspect --explain``: what did not match or cannot be pruned, and why."""
+    t = Table(title=f"not attention blocks: {len(ex['unmatched_attention'])} Softmax/Attention nodes",
+              title_justify="left")
+    for col in ("node", "op", "reason"):
+        t.add_column(col)
+    for m in ex["unmatched_attention"]:
+        t.add_row(str(m["node"]), str(m["op"]), m["reason"])
+    out.print(t)
+    g = Table(title=f"channel groups not prunable: {len(ex['unprunable_groups'])}", title_justify="left")
+    for col in ("id", "kind", "size", "members", "reason"):
+        g.add_column(col)
+    for grp in ex["unprunable_groups"]:
+        members = ", ".join(map(str, grp["members"][:3])) + (" …" if len(grp["members"]) > 3 else "")
+        g.add_row(str(grp["id"]), grp["kind"], str(grp["size"]), members, str(grp["reason"]))
+    out.print(g)
 
 
 @app.command()

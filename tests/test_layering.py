@@ -291,3 +291,70 @@ def test_skip_while_planning_token_drop_is_a_reported_skip(tmp_path, capsys):
     assert entry["changed"] is False
     assert entry["skipped"] == [{"where": "model", "reason": "block 0: no residual Add found after the attention output"}]
     assert out.is_file()
+
+
+#: Op groups outside ``analysis/vocab.py`` that are not one of its groups: the projection walk of ``attention`` (movement
+#: ops plus a scale or bias) and the shape arithmetic ``tokens`` clones when the token count changes.
+_OWN_GROUPS = {("analysis/attention.py", "_PASS_THROUGH"), ("analysis/tokens.py", "SHAPE_OPS")}
+
+
+def test_op_groups_are_defined_once_in_the_vocabulary():
+    """A set of op types with three or more broadcasting ops, or two or more reductions, is one of ``vocab``'s
+    named groups (``_BROADCAST`` / ``_BROADCASTING`` / ``_REDUCE`` were once redefined per module)."""
+    from graphprune.analysis import vocab
+
+    hits = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        if rel == "analysis/vocab.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Assign):
+                continue
+            for lit in ast.walk(node.value):
+                if isinstance(lit, (ast.Set, ast.Tuple, ast.List)):
+                    ops = {e.value for e in lit.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                    name = ast.unparse(node.targets[0])
+                    if (len(ops & vocab.BROADCASTING) >= 3 or len(ops & vocab.REDUCE) >= 2) and (rel, name) not in _OWN_GROUPS:
+                        hits.append(f"{rel}:{node.lineno} {name}")
+    assert hits == []
+
+
+def test_vocabulary_predicates_check_the_domain():
+    from graphprune.analysis import vocab
+
+    std, custom = ir.Node("", "Add", []), ir.Node("ai.graphprune", "Add", [])
+    assert vocab.is_broadcasting(std) and vocab.is_elementwise(std) and not vocab.is_broadcasting(custom)
+    assert vocab.is_reduce(ir.Node("ai.onnx", "ReduceMean", [])) and not vocab.is_reduce(ir.Node("x", "ReduceMean", []))
+    assert vocab.is_movement(ir.Node("", "Reshape", [])) and not vocab.is_unary(ir.Node("", "Reshape", []))
+    assert vocab.UNARY == vocab.UNARY_MATH | vocab.VALUE_PRESERVING and not vocab.MOVEMENT & vocab.UNARY_MATH
+
+
+#: Private names used across packages today, to be made public (issue 21, item 6); no new ones may appear.
+_CROSS_PRIVATE = {
+    ("_cli_deploy.py", "graphprune.deploy._server"), ("_cli_deploy.py", "graphprune.deploy._loadtest"),
+    ("backends/plugins/__init__.py", "graphprune.ops._dims"), ("backends/tensorrt.py", "graphprune.ops._dims"),
+    ("kernels/sparse_attention.py", "graphprune.ops.sparse_attention"),
+    ("kernels/sparse_attention_routed.py", "graphprune.ops.sparse_attention"),
+    ("passes/_token_dynamic.py", "graphprune.ops._base"), ("passes/_token_scores.py", "graphprune.ops._base"),
+    ("passes/sparse_attention.py", "graphprune.ops._base"), ("passes/token_drop.py", "graphprune.ops._base"),
+    ("torch/_ops.py", "graphprune.ops._dims"),
+}
+
+
+def test_no_new_private_names_across_packages():
+    """A module imports a ``_private`` module or name only from its own package (top-level helpers such as
+    ``graphprune._ir`` are shared by all); the known exceptions are listed in ``_CROSS_PRIVATE``."""
+    hits = set()
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).as_posix()
+        own = rel.split("/")[0] if "/" in rel else ""
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("graphprune."):
+                continue
+            parts = node.module.split(".")
+            if not (PKG / parts[1]).is_dir() or parts[1] == own:
+                continue
+            if any(p.startswith("_") for p in parts[2:]) or any(a.name.startswith("_") for a in node.names):
+                hits.add((rel, node.module))
+    assert hits - _CROSS_PRIVATE == set()

@@ -6,7 +6,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
+from graphprune.analysis.attention import AttentionBlock, NoMatch, find_attention_blocks, match_attention
 from graphprune.analysis.channels import find_channel_groups
 from graphprune.analysis.flops import FlopsReport, count_flops
 
@@ -16,15 +16,19 @@ def _value_info(v: ir.Value) -> dict[str, Any]:
     return {"name": v.name, "dtype": v.dtype.name if v.dtype is not None else None, "shape": shape}
 
 
-def summarize(model: ir.Model, flops: FlopsReport | None = None) -> dict[str, Any]:
+def summarize(model: ir.Model, flops: FlopsReport | None = None, explain: bool = False) -> dict[str, Any]:
     """What ``graphprune inspect --json`` prints: inputs, outputs, opset, flops, params, attention_blocks and
-    channel_groups.
+    channel_groups. With ``explain``, also ``explain``: ``unmatched_attention`` (every Softmax / Attention node that
+    did not become an attention block: node, op, reason) and ``unprunable_groups`` (every channel group that is not
+    prunable: id, kind, size, members, reason) — the same reasons the passes give when they skip.
 
     ``flops`` is the FLOPs report to show; by default the static count (``count_flops``). Pass
     ``graphprune.backends.onnxruntime.count_flops(model)`` to have the shapes static inference misses measured.
     Nodes left uncounted are reported as ``flops_unknown_nodes``.
     """
     fr = flops if flops is not None else count_flops(model)
+    blocks, misses = match_attention(model)
+    groups = [g.describe() for g in find_channel_groups(model)]
     info: dict[str, Any] = {
         "inputs": [_value_info(v) for v in model.graph.inputs if v.name not in model.graph.initializers],
         "outputs": [_value_info(v) for v in model.graph.outputs],
@@ -33,12 +37,17 @@ def summarize(model: ir.Model, flops: FlopsReport | None = None) -> dict[str, An
         "nodes": sum(1 for _ in model.graph),
         "flops": fr.flops,
         "params": fr.params,
-        "attention_blocks": [b.describe() for b in find_attention_blocks(model)],
-        "channel_groups": [g.describe() for g in find_channel_groups(model)],
+        "attention_blocks": [b.describe() for b in blocks],
+        "channel_groups": groups,
     }
+    if explain:
+        info["explain"] = {"unmatched_attention": [m.describe() for m in misses],
+                           "unprunable_groups": [{k: g[k] for k in ("id", "kind", "size", "members", "reason")}
+                                                 for g in groups if not g["prunable"]]}
     if fr.unknown:
         info["flops_unknown_nodes"] = len(fr.unknown)
     return info
 
 
-__all__ = ["AttentionBlock", "FlopsReport", "count_flops", "find_attention_blocks", "summarize"]
+__all__ = ["AttentionBlock", "FlopsReport", "NoMatch", "count_flops", "find_attention_blocks", "match_attention",
+           "summarize"]

@@ -13,7 +13,8 @@ the index tensor goes through its Slices, Split and Concats exactly, and the ste
 axis lies within one head and cos/sin do not vary across heads.
 
 How the channel ↔ (head, dim) maps are found: an index tensor (channel + C·position) is pushed through the
-exact chain ops in numpy, with symbolic dims (batch, tokens) set to 1. The result at q/k/v gives, for each
+chain by the index-tracing interpreter (:mod:`graphprune.analysis._index_trace`, which also evaluates computed
+reshape targets), with symbolic dims (batch, tokens) set to 1; where it stops, its reason blocks the heads. The result at q/k/v gives, for each
 (head, dim), the projection channel it reads; a channel that would depend on the token position, or a head
 that would mix channels of several positions, blocks the block. The same is done backwards from the core
 output to the merged tensor. Nothing about ``[B, N, 3, H, D]`` or ``permute(2, 0, 3, 1, 4)`` is assumed.
@@ -38,6 +39,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import const_value
+from graphprune.analysis import _index_trace
 from graphprune.analysis._channel_core import Builder, static_shape
 from graphprune.analysis._channel_layout import const_slot
 from graphprune.analysis.attention import AttentionBlock
@@ -242,7 +244,7 @@ def _walk_forward(value: ir.Value) -> tuple[list[ir.Node], ir.Value]:
     chain: list[ir.Node] = []
     cur = value
     while True:
-        users = [u for u, _ in cur.uses()]
+        users = [u for u, _ in cur.uses() if u.op_type != "Shape"]  # a Shape user reads only the (pruned) size
         if len(users) != 1 or users[0].op_type not in _OUT_CHAIN or users[0].domain != "":
             return chain, cur
         chain.append(users[0])
@@ -328,47 +330,6 @@ def claim(b: Builder, blocks: list[AttentionBlock]) -> Claims:
     return Claims(finishers)
 
 
-def _eval_shape(value: ir.Value, env: dict, depth: int = 0) -> np.ndarray:
-    """Evaluate a small shape computation (Shape of simulated values, constants, index arithmetic)."""
-    c = const_value(value)
-    if c is not None:
-        return np.asarray(c)
-    p = value.producer()
-    if p is None or depth > 16:
-        raise ValueError(f"shape {value.name!r} depends on a graph input")
-    op = p.op_type
-    if op == "Shape":
-        src = env.get(p.inputs[0])
-        if src is None:
-            raise ValueError(f"Shape of {p.inputs[0].name!r} outside the simulated chain")
-        shp = np.asarray(src.shape, dtype=np.int64)
-        start = p.attributes.get_int("start", 0)
-        end = p.attributes.get_int("end", len(shp))
-        return shp[start:end]
-    ins = [_eval_shape(v, env, depth + 1) if v is not None else None for v in p.inputs]
-    if op == "Concat":
-        return np.concatenate([np.atleast_1d(a) for a in ins], axis=p.attributes.get_int("axis", 0))
-    if op == "Gather":
-        return np.take(ins[0], ins[1], axis=p.attributes.get_int("axis", 0))
-    if op == "Slice":
-        axes = ins[3] if len(ins) > 3 and ins[3] is not None else [0]
-        steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1] * len(axes)
-        sl = [slice(None)] * ins[0].ndim
-        for a, st, en, sp in zip(axes, ins[1], ins[2], steps, strict=False):
-            sl[int(a)] = slice(int(st), int(en), int(sp))
-        return ins[0][tuple(sl)]
-    if op in ("Unsqueeze", "Squeeze", "Reshape"):
-        if op == "Reshape":
-            return ins[0].reshape(ins[1])
-        return ins[0].reshape(-1) if op == "Unsqueeze" else np.squeeze(ins[0])
-    if op in ("Cast", "Identity"):
-        return ins[0]
-    fns = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.floor_divide}
-    if op in fns:
-        return fns[op](ins[0], ins[1])
-    raise ValueError(f"shape computed by {op}")
-
-
 def _run_rope(rope: _Rope, x: np.ndarray, env: dict) -> list[np.ndarray]:
     """Index arrays through a rotary step: every inner value holds known last-axis ranges of ``x`` (the Slices,
     the Split and the Concats exactly); the products by cos/sin are their x-side operand."""
@@ -411,84 +372,23 @@ def _check_rope(chain: list, env: dict, width: int, hm: np.ndarray) -> str | Non
     return None
 
 
-def _run(node: ir.Node, x: np.ndarray, env: dict) -> list[np.ndarray]:
-
-    op = node.op_type
-    if isinstance(node, _Rope):
-        return _run_rope(node, x, env)
-    if op == "Slice":
-        vals = [np.asarray(const_value(v)).ravel() if v is not None else None for v in node.inputs[1:5]]
-        starts, ends = vals[0], vals[1]
-        axes = vals[2] if len(vals) > 2 and vals[2] is not None else np.arange(len(starts))
-        steps = vals[3] if len(vals) > 3 and vals[3] is not None else np.ones(len(starts), dtype=np.int64)
-        sl = [slice(None)] * x.ndim
-        for a, st, en, sp in zip(axes, starts, ends, steps, strict=True):
-            sl[int(a) % x.ndim] = slice(int(st), int(en), int(sp))
-        return [x[tuple(sl)]]
-    if op == "Reshape":
-        try:
-            target = _eval_shape(node.inputs[1], env).astype(np.int64).ravel()
-        except ValueError:
-            return [x.reshape(_target(node.outputs[0]))]
-        target = np.where(target == 0, np.asarray(x.shape[: len(target)] + (0,) * max(0, len(target) - x.ndim)), target)
-        return [x.reshape(target)]
-    if op in ("Squeeze", "Unsqueeze"):
-        return [x.reshape(_target(node.outputs[0]))]
-    if op == "Transpose":
-        perm = node.attributes.get_ints("perm", None)
-        return [np.transpose(x, perm)]
-    if op == "Gather":
-        return [np.take(x, const_value(node.inputs[1]), axis=node.attributes.get_int("axis", 0))]
-    if op == "Expand":
-        return [np.broadcast_to(x, static_shape(node.outputs[0]))]
-    if op == "Split":
-        sizes = np.asarray(const_value(node.inputs[1])) if len(node.inputs) > 1 and node.inputs[1] is not None else None
-        axis = node.attributes.get_int("axis", 0)
-        if sizes is None:
-            return list(np.split(x, len(node.outputs), axis=axis))
-        return list(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
-    return [x]  # Mul/Div by a scalar, Identity, Cast
+def _rope_step(step, env: dict) -> list[np.ndarray] | None:
+    """The interpreter's hook for a rotary step (``None``: an ordinary node)."""
+    if not isinstance(step, _Rope):
+        return None
+    x = env.get(step.inputs[0])
+    return None if x is None else _run_rope(step, x, env)
 
 
-def _target(value: ir.Value) -> list[int]:
-    """Reshape target for the simulation: plain symbols (batch, tokens) are 1, one composite symbol is -1."""
-    if value.shape is None:
-        raise ValueError(f"{value.name!r} has no shape")
-    dims = []
-    for d in value.shape:
-        if isinstance(d, int):
-            dims.append(d)
-        elif d.value is not None and str(d.value).isidentifier():
-            dims.append(1)
-        else:
-            dims.append(-1)
-    if dims.count(-1) > 1:
-        raise ValueError(f"{value.name!r} has several unknown dims")
-    return dims
-
-
-def _simulate(chain: list[ir.Node], start: ir.Value, arr: np.ndarray, env: dict) -> str | None:
-    env[start] = arr
-    for node in chain:
-        x = env.get(_data_input(node))
-        if x is None:
-            continue
-        try:
-            ys = _run(node, x, env)
-        except (ValueError, TypeError, IndexError) as e:
-            return f"cannot follow channels through {node.op_type} {node.name!r} ({e})"
-        for o, y in zip(node.outputs, ys, strict=False):
-            env[o] = y
-    return None
+def _simulate(chain: list, start: ir.Value, arr: np.ndarray, env: dict) -> str | None:
+    """Push ``arr`` at ``start`` through ``chain`` (the index-tracing interpreter); why it stopped, else ``None``."""
+    return _index_trace.trace(chain, {start: arr}, custom=_rope_step, env=env).reason
 
 
 def _index_array(value: ir.Value, width: int) -> np.ndarray | None:
-
+    """Seed codes of a ``[.., width]`` value: channel + width·position (symbolic dims 1)."""
     s = static_shape(value)
-    if s is None or s[-1] != width:
-        return None
-    outer = int(np.prod(s[:-1]))
-    return (np.arange(width)[None, :] + width * np.arange(outer)[:, None]).reshape(s)
+    return _index_trace.index_map(s) if s is not None and s[-1] == width else None
 
 
 def _head_map(arr: np.ndarray | None, width: int, transposed: bool) -> np.ndarray | str:
@@ -674,9 +574,13 @@ def apply(b: Builder, rec: _Block) -> None:
         rank = len(out.shape) if out.shape is not None else len(rec.operands[0].shape or (0, 0, 0))
         b.set_label(out, rank - 1, merged_atoms)
     else:
-        if rec.merged is None or rec.merged.shape is None:
+        if rec.merged is None:
             return fail("no merged output")
         start = _index_array(rec.blk.output, d)
+        if start is None:  # no inferred shape (a computed reshape target): [B, H, N] of q, D of v, as traced
+            qs, vs = env.get(rec.operands[0]), env.get(rec.operands[2])
+            if qs is not None and vs is not None and qs.ndim == 4 and vs.shape[-1] == d:
+                start = _index_trace.index_map((*qs.shape[:-1], d))
         if start is None or start.shape[1] != h:
             return fail("core output is not [B, H, N, D]")
         code = (start % d) + d * np.arange(h)[None, :, None, None]

@@ -23,20 +23,13 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import const_value, dim, rank
+from graphprune.analysis import vocab
 from graphprune.analysis._channel_core import Builder, GatherEdit, rule
 from graphprune.analysis._channel_layout import _axes, _ints, _numel, _shape_edit
 
-_UNARY = {
-    "Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Clip", "HardSwish", "HardSigmoid", "LeakyRelu", "Elu", "Selu",
-    "Softplus", "Softsign", "Mish", "Identity", "Cast", "CastLike", "Dropout", "Neg", "Abs", "Sqrt", "Exp", "Log",
-    "Reciprocal", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf", "Not", "Swish", "ThresholdedRelu",
-}
-_BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "Equal", "Less",
-              "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod", "BitShift"}
-_POOL = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
-_REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceProd",
-           "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp", "ArgMax", "ArgMin"}
-_SINKS = {"Shape", "Size"}
+_UNARY, _BROADCAST, _REDUCE = vocab.UNARY, vocab.BROADCASTING, vocab.REDUCE
+_POOL = vocab.POOL | vocab.GLOBAL_POOL
+_SINKS = vocab.SHAPE
 
 
 def _new_space(b: Builder, node: ir.Node, size: int, data: ir.Value | None, kind: str = "channels") -> np.ndarray:

@@ -7,7 +7,8 @@ Pattern: the projection input ``P`` of a block is reached from a stream value ``
 block and grid partitions. ``torch.roll`` exports as ``Slice``/``Concat`` pairs and is one of these.
 
 How it is recognised (nothing about a particular permute is assumed): an index array (flat position in ``S``, with
-symbolic dims — the batch — set to 1) is pushed through those ops in numpy. At ``P`` every element must still hold
+symbolic dims — the batch — set to 1) is pushed through those ops by the index-tracing interpreter
+(:mod:`graphprune.analysis._index_trace`). At ``P`` every element must still hold
 its channel, and the tokens seen by the attention (``T`` = the core's query length) give a token map
 ``[windows, T]``: which stream token sits at each (window, position). ``S`` may be channels-last or NCHW (tried in
 that order; the channel check decides). With the stream's spatial map ``H × W`` (``S`` itself when it is 4-D, else
@@ -37,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import const_value
+from graphprune.analysis import _index_trace, vocab
 
 #: Ops that move elements without computing (the partition / reverse vocabulary).
 MOVE = frozenset({"Reshape", "Transpose", "Slice", "Concat", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Gather",
@@ -111,104 +113,17 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     return None if arr is None else [int(x) for x in np.asarray(arr).ravel()]
 
 
-def _eval_shape(value: ir.Value, env: dict, depth: int = 0) -> np.ndarray | None:
-    """A small shape computation (``Shape`` of simulated values, constants, index arithmetic), or None."""
-    c = const_value(value)
-    if c is not None:
-        return np.asarray(c).astype(np.int64)
-    p = value.producer()
-    if p is None or depth > 12 or p.domain != "":
-        return None
-    if p.op_type == "Shape":
-        src = env.get(id(p.inputs[0]))
-        if src is None:
-            return None
-        shp = np.asarray(src.shape, dtype=np.int64)
-        return shp[p.attributes.get_int("start", 0):p.attributes.get_int("end", len(shp))]
-    ins = [_eval_shape(v, env, depth + 1) if v is not None else None for v in p.inputs]
-    if any(a is None for a, v in zip(ins, p.inputs) if v is not None):
-        return None
-    op = p.op_type
-    if op == "Concat":
-        return np.concatenate([np.atleast_1d(a) for a in ins])
-    if op == "Gather":
-        return np.take(ins[0], ins[1], axis=p.attributes.get_int("axis", 0))
-    if op in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
-        return ins[0].reshape(-1) if op == "Unsqueeze" else (np.squeeze(ins[0]) if op == "Squeeze" else ins[0])
-    fns = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.floor_divide}
-    if op in fns:
-        return fns[op](ins[0], ins[1])
-    if op == "Slice" and len(ins) >= 3:
-        return ins[0][int(ins[1][0]):int(ins[2][0])]
-    return None
-
-
-def _run(node: ir.Node, env: dict) -> list[np.ndarray] | None:
-    op = node.op_type
-    if op in ("Add", "Mul", "Div", "Sub"):  # elementwise with a constant: the index passes through
-        return [next((env[id(v)] for v in node.inputs if id(v) in env), None)]
-    x = env.get(id(node.inputs[0]))
-    if x is None:
-        return None
-    if op == "Reshape":
-        target = _eval_shape(node.inputs[1], env)
-        if target is None:
-            return None
-        target = target.ravel().copy()
-        if not node.attributes.get_int("allowzero", 0):
-            target[target == 0] = np.asarray(x.shape)[: len(target)][target == 0] if len(target) <= x.ndim else 0
-        return [x.reshape(target)]
-    if op == "Transpose":
-        return [np.transpose(x, node.attributes.get_ints("perm", None))]
-    if op == "Slice":
-        starts, ends = _ints(node.inputs[1]), _ints(node.inputs[2])
-        axes = _ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else list(range(len(starts or [])))
-        steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1] * len(axes or [])
-        if None in (starts, ends, axes, steps):
-            return None
-        sl = [slice(None)] * x.ndim
-        for a, st, en, sp in zip(axes, starts, ends, steps):
-            sl[a] = slice(st, en, sp)
-        return [x[tuple(sl)]]
-    if op == "Concat":
-        parts = [env.get(id(v)) for v in node.inputs]
-        return None if any(p is None for p in parts) else [np.concatenate(parts, axis=node.attributes.get_int("axis", 0))]
-    if op in ("Squeeze", "Unsqueeze"):
-        axes = _ints(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else list(
-            node.attributes.get_ints("axes", []))
-        if op == "Squeeze":
-            return [np.squeeze(x, axis=tuple(axes)) if axes else np.squeeze(x)]
-        for a in sorted(a % (x.ndim + len(axes)) for a in axes):
-            x = np.expand_dims(x, a)
-        return [x]
-    if op == "Flatten":
-        a = node.attributes.get_int("axis", 1) % max(x.ndim, 1)
-        return [x.reshape(int(np.prod(x.shape[:a])), -1)]
-    if op == "Gather":
-        return [np.take(x, const_value(node.inputs[1]), axis=node.attributes.get_int("axis", 0))]
-    return [x]  # Identity, zero Pad, elementwise with a constant
-
-
-def simulate(nodes: list[ir.Node], start: ir.Value, arr: np.ndarray) -> dict | None:
-    """Index arrays of every value ``nodes`` compute from ``arr`` at ``start`` (keyed by id), or None."""
-    env = {id(start): arr}
-    for node in nodes:
-        try:
-            ys = _run(node, env)
-        except (ValueError, TypeError, IndexError):
-            return None
-        if ys is None:
-            return None
-        for o, y in zip(node.outputs, ys):
-            env[id(o)] = y
-    return env
+def simulate(nodes: list[ir.Node], start: ir.Value, arr: np.ndarray) -> _index_trace.Trace:
+    """Index maps of every value ``nodes`` compute from ``arr`` at ``start`` (the index-tracing interpreter);
+    ``stop`` says where and why it could not go on."""
+    return _index_trace.trace(nodes, {start: arr})
 
 
 def _spatial(src: ir.Value, nodes: list[ir.Node], env: dict, tokens: int) -> tuple[int, int]:
     """The H × W map: ``S`` when 4-D, else the first view of ``S`` reached by reshapes only that is
     ``[1, H, W, C]`` or ``[1, a, b, c, d, C]`` (H = a·b, W = c·d, as both window and grid partitions write it);
     else a 1 × L row."""
-    s = env[id(src)].shape
+    s = env.get(src).shape
     if len(s) == 4:
         return s[1], s[2]
     pure = {id(src)}
@@ -216,7 +131,7 @@ def _spatial(src: ir.Value, nodes: list[ir.Node], env: dict, tokens: int) -> tup
         if n.op_type not in ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity") or id(n.inputs[0]) not in pure:
             continue
         pure.add(id(n.outputs[0]))
-        y = env.get(id(n.outputs[0]))
+        y = env.get(n.outputs[0])
         if y is None or y.shape[-1] != s[-1] or int(np.prod(y.shape[1:-1])) != tokens:
             continue
         if y.ndim == 4:
@@ -234,7 +149,7 @@ def _steps(a: np.ndarray, mod: int) -> int | None:
     return int(d[0]) if d.size == 1 else None
 
 
-_TOKENWISE = frozenset({"Add", "Sub", "Mul", "Div", "LayerNormalization", "Relu", "Erf", "Gelu", "Sigmoid", "Tanh",
+_TOKENWISE = vocab.ARITHMETIC | frozenset({"LayerNormalization", "Relu", "Erf", "Gelu", "Sigmoid", "Tanh",
                         "Identity", "Dropout"})
 
 
@@ -287,19 +202,20 @@ def describe(p: ir.Value, tokens: int | None, known: dict | None = None) -> Part
     base = _known_layout(src, known)
     length = size // c
     layouts = (["last"] if shape[-1] == c else []) + (["first"] if base is None and len(shape) == 4 and shape[1] == c else [])
-    y, nchw = None, False
+    y, nchw, stop = None, False, None
     for layout in layouts:  # channels last ([B, L, C], [B, H, W, C]) or first (NCHW: element (ch, r, col) is token r·W + col)
         nchw = layout == "first"
         arr = np.arange(size, dtype=np.int64).reshape(shape)
         if nchw:
             arr = arr.reshape(1, shape[2], shape[3], c).transpose(0, 3, 1, 2)
         env = simulate(nodes, src, arr)
-        y = env.get(id(p)) if env is not None else None
+        y = env.get(p) if env.stop is None else None
+        stop = stop or env.reason
         if y is not None and y.shape[-1] == c and (y % c == np.arange(c)).all() and not y.size % (c * tokens):
             break
         y = None
     if y is None:
-        other.reason = "the partition could not be followed"
+        other.reason = "the partition could not be followed" + (f": {stop}" if stop else "")
         return other
     tok = (y // c)[..., 0].reshape(-1, tokens)
     if tok.size != length or not np.array_equal(np.sort(tok.ravel()), np.arange(length)):
@@ -309,7 +225,7 @@ def describe(p: ir.Value, tokens: int | None, known: dict | None = None) -> Part
         tok, (hm, wm) = base[0][tok], base[1]
     else:
         hm, wm = (shape[2], shape[3]) if nchw else _spatial(src, nodes, env, length)
-    split = any(y.ndim >= 5 for n in nodes for o in n.outputs if (y := env.get(id(o))) is not None)
+    split = any(y.ndim >= 5 for n in nodes for o in n.outputs if (y := env.get(o)) is not None)
     if tok.shape[0] == 1 and np.array_equal(tok[0], np.arange(length)) and not split:
         return None  # one window in token order, no spatial view: a layout change (NCHW → [B, L, C], [B·N, C])
     part = _classify(Partition("other", src, nodes, windows=tok.shape[0], tokens_per_window=tokens,
@@ -379,7 +295,7 @@ def reverse_ok(part: Partition, v: ir.Value, nodes: list[ir.Node], r: ir.Value) 
     if int(np.prod(dims)) != nw * t * c or dims[-1] != c:
         return False
     env = simulate(nodes, v, np.arange(nw * t * c, dtype=np.int64).reshape(dims))
-    y = env.get(id(r)) if env is not None else None
+    y = env.get(r) if env.stop is None else None
     shape = _static(part.source)
     if y is None or shape is None or y.shape != (1, *shape[1:]):
         return False
@@ -426,7 +342,7 @@ def _with_constant(node: ir.Node) -> bool:
         return False
     if node.op_type == "Dropout":
         return len(node.outputs) == 1 or not node.outputs[1].uses()
-    if node.op_type not in ("Add", "Mul", "Div", "Sub") or len(node.inputs) != 2:
+    if node.op_type not in vocab.ARITHMETIC or len(node.inputs) != 2:
         return False
     consts = [const_value(v) for v in node.inputs]
     if sum(c is not None for c in consts) != 1:

@@ -14,6 +14,11 @@ Spellings matched (op-type strings live here, not in passes):
   ``Reshape(Add(Reshape(s → [B, nW, H, T, T]), m) → [B·nW, H, T, T])`` with ``m`` from constants
   (``window_mask``; the three nodes are part of ``nodes``).
 
+Facts read through the exporter's spellings: ``kv_heads`` counts the distinct K/V heads (a ``repeat_kv``
+Expand/Reshape to the query heads is traced back with ``_index_trace``; ``core_kv_heads`` is what the matmuls see),
+``causal`` and ``prefix_tokens`` come from ``_block_facts``. A Softmax or Attention node that matches no spelling
+is a :class:`NoMatch` with the reason (``match_attention`` / ``unmatched_attention``; ``inspect --explain``).
+
 Besides the core, each record carries the residual stream the block lives on when the graph shows it:
 the value entering the qkv projection (``attn_input``), the output projection, the residual ``Add`` and, for a
 post-norm block, the ``LayerNormalization`` right after it (``post_norm``). Between the output projection and the
@@ -49,9 +54,25 @@ import math
 import onnx_ir as ir
 
 from graphprune._ir import const_value, dim
-from graphprune.analysis import _windows
+from graphprune.analysis import _block_facts, _index_trace, _windows
 
 MS = "com.microsoft"
+
+
+@dataclasses.dataclass(frozen=True)
+class NoMatch:
+    """A failed match and why (``onnxscript``'s ``MatchResult.fail`` idea): falsy, carries the node and the reason."""
+
+    reason: str
+    node: ir.Node | None = None
+
+    def __bool__(self) -> bool:
+        return False
+
+    def describe(self) -> dict:
+        n = self.node
+        return {"node": n.name if n is not None else None, "op": n.op_type if n is not None else None,
+                "reason": self.reason}
 
 
 @dataclasses.dataclass
@@ -72,7 +93,7 @@ class AttentionBlock:
     mask: ir.Value | None = None  # additive bias / mask input, if any
     scale: float | None = None
     heads: int | None = None
-    kv_heads: int | None = None
+    kv_heads: int | None = None  # distinct K/V heads (a repeat_kv expansion to the query heads is seen through)
     head_dim: int | None = None
     tokens: int | None = None  # static query length, when known
     token_axis: int = 1  # token axis of the residual stream [B, N, C]
@@ -100,6 +121,13 @@ class AttentionBlock:
     partition_nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # stream → projection input
     reverse_nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # output projection → residual Add
     partition_note: str | None = None  # for "other": what did not match; else a note (e.g. reverse not checked)
+
+    @property
+    def core_kv_heads(self) -> int | None:
+        """Heads of the k/v operands as the core multiplies them: ``kv_heads``, or the query heads when the graph
+        expands k/v to them first (a ``repeat_kv`` Expand/Reshape before the matmuls)."""
+        v_heads = dim(self.v, -3) if self.kind == "matmul_softmax" and self.v is not None else None
+        return v_heads if v_heads is not None and (self.v.shape is not None and len(self.v.shape) >= 4) else self.kv_heads
 
     @property
     def residual_out(self) -> ir.Value | None:
@@ -210,12 +238,13 @@ def _single_user(value: ir.Value) -> tuple[ir.Node | None, list[ir.Node]]:
         return (users[0] if len(users) == 1 else None), passed
 
 
-def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
+def _match_softmax(sm: ir.Node) -> AttentionBlock | NoMatch:
+    """The attention core around ``sm`` (spelling 1), or why there is none."""
     axis = sm.attributes.get_int("axis", -1)
     logits = sm.inputs[0]
     rank = len(logits.shape) if logits.shape is not None else None
     if axis != -1 and (rank is None or axis != rank - 1):
-        return None
+        return NoMatch("the softmax is not over the last axis (the keys)", sm)
     core = [sm]
     mask = None
     cur = logits
@@ -233,7 +262,7 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
                 core.append(add)
                 break
         else:
-            return None
+            return NoMatch(f"the softmax input is an Add {add.name!r} of which no side comes from a q·kᵀ MatMul", sm)
     scale = 1.0
     inner, factor = _strip_scale(cur)
     if inner is not cur:
@@ -241,22 +270,28 @@ def _match_softmax(sm: ir.Node) -> AttentionBlock | None:
         scale *= factor
     qk = _producer(inner, "MatMul") or _einsum(inner, "qk")
     if qk is None:
-        return None
+        p = inner.producer()
+        return NoMatch(f"the softmax input is not a q·kᵀ MatMul or Einsum (it comes from "
+                       f"{'a graph input' if p is None else p.op_type + ' ' + repr(p.name)})", sm)
     core.append(qk)
     q, fq = _strip_scale(qk.inputs[0])
     kt, fk = _strip_scale(qk.inputs[1])
     scale *= fq * fk
     pv, guards = _single_user(sm.outputs[0])
     if pv is None or pv.op_type != qk.op_type or pv.inputs[0] is not (guards[-1].outputs[0] if guards else sm.outputs[0]):
-        return None
+        users = [u.op_type for u, _ in (guards[-1].outputs[0] if guards else sm.outputs[0]).uses()]
+        return NoMatch(f"the probabilities are not multiplied by v in one {qk.op_type} (their users: "
+                       f"{', '.join(users) or 'none'})", sm)
     if pv.op_type == "Einsum" and _einsum(pv.outputs[0], "pv") is None:
-        return None
+        return NoMatch("the probabilities · v Einsum is not '…ij,…jd->…id'", sm)
     core += guards + [pv]
     v = pv.inputs[1]
     out = pv.outputs[0]
     rank = len(q.shape) if q.shape is not None else 0
     heads = dim(q, -3) if rank >= 4 else None
     kv_heads = dim(v, -3) if rank >= 4 else None
+    if kv_heads:  # grouped-query attention expanded to the query heads (``repeat_kv``): the distinct heads of v
+        kv_heads = _index_trace.distinct_along(v, -3) or kv_heads
     head_dim = dim(q, -1)
     return AttentionBlock(
         index=-1,
@@ -501,35 +536,22 @@ def _set_partition(blk: AttentionBlock, part: _windows.Partition | None, reverse
     blk.shifted = part.shift != (0, 0)
 
 
-def detect_prefix_tokens(graph: ir.Graph) -> int:
-    """Number of prefix (CLS/register) tokens: a token-axis Concat of a learned [1|B, p, C] tensor with patch tokens.
-
-    Returns 0 when the graph shows no such Concat (e.g. BERT, where [CLS] is an ordinary input token).
-    """
-    for node in graph:
-        if node.op_type != "Concat" or len(node.inputs) < 2:
-            continue
-        out = node.outputs[0]
-        if out.shape is None or len(out.shape) != 3 or node.attributes.get_int("axis", 0) not in (1, -2):
-            continue
-        first = node.inputs[0]
-        root = first
-        for _ in range(3):  # Expand(cls_token, [B, 1, C]) or Tile or the parameter itself
-            prod = root.producer() if root is not None else None
-            if prod is None or prod.op_type not in ("Expand", "Tile", "Cast"):
-                break
-            root = prod.inputs[0]
-        if root is not None and root.const_value is not None:
-            p = dim(first, 1)
-            if p is not None and p < (dim(out, 1) or 1 << 30):
-                return p
-    return 0
-
-
 def find_attention_blocks(model: ir.Model | ir.Graph) -> list[AttentionBlock]:
     """All attention cores of the main graph, in graph order, with stream facts attached."""
+    return match_attention(model)[0]
+
+
+def unmatched_attention(model: ir.Model | ir.Graph) -> list[NoMatch]:
+    """Every Softmax / Attention node that did not become an :class:`AttentionBlock`, with the reason."""
+    return match_attention(model)[1]
+
+
+def match_attention(model: ir.Model | ir.Graph) -> tuple[list[AttentionBlock], list[NoMatch]]:
+    """(attention blocks in graph order with stream facts attached, the Softmax / Attention nodes that matched no
+    spelling and why)."""
     graph = model.graph if isinstance(model, ir.Model) else model
     blocks: list[AttentionBlock] = []
+    misses: list[NoMatch] = []
     known: dict = {}  # partitioned stream values (window layout) → their token map on the image
     for node in graph:
         blk = None
@@ -539,11 +561,21 @@ def find_attention_blocks(model: ir.Model | ir.Graph) -> list[AttentionBlock]:
             blk = _match_attention_op(node)
         elif node.domain == MS and node.op_type in ("Attention", "MultiHeadAttention"):
             blk = _match_ms(node)
-        if blk is not None:
+        if isinstance(blk, AttentionBlock):
             blk.index = len(blocks)
             _attach_stream(blk, known)
             blocks.append(blk)
-    prefix = detect_prefix_tokens(graph)
+        elif isinstance(blk, NoMatch):
+            misses.append(blk)
+    found = _block_facts.prefix_concat(graph)
+    prefixed = _block_facts.prefixed_stream(found[0]) if found is not None else set()
+    causal: dict[int, bool] = {}
+    cache: dict = {}
     for blk in blocks:
-        blk.prefix_tokens = prefix
-    return blocks
+        if found is not None:  # only the blocks whose stream descends from the prefix Concat
+            blk.prefix_tokens = found[1] if _block_facts.reads_prefixed(blk.attn_input, blk.q, prefixed) else 0
+        if blk.kind == "matmul_softmax" and blk.mask is not None:
+            if id(blk.mask) not in causal:
+                causal[id(blk.mask)] = _block_facts.is_causal_mask(blk.mask, graph, cache)
+            blk.causal = causal[id(blk.mask)]
+    return blocks, misses

@@ -21,18 +21,14 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from graphprune.analysis import vocab
 from graphprune.analysis.shapes import concrete_shapes, input_dims
 from graphprune.ops import DOMAIN, REGISTRY
 
-_ELEMENTWISE = {
-    "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Exp", "Log", "Erf", "Tanh", "Sigmoid", "Relu", "LeakyRelu", "Gelu",
-    "HardSigmoid", "HardSwish", "Clip", "Min", "Max", "Where", "Neg", "Abs", "Reciprocal", "Sum", "Mean", "Elu",
-    "Selu", "Softplus", "PRelu", "Mish", "Swish", "Cos", "Sin", "IsNaN", "Equal", "Less", "Greater", "And", "Or", "Not",
-}
+_ELEMENTWISE = vocab.ELEMENTWISE
 _NORM5 = {"LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax", "LogSoftmax",
           "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization"}
-_REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceProd",
-           "GlobalAveragePool", "GlobalMaxPool", "ArgMax", "ArgMin", "TopK"}
+_REDUCE = vocab.REDUCE | vocab.GLOBAL_POOL | {"TopK"}
 
 
 @dataclasses.dataclass
@@ -108,7 +104,7 @@ def _node_flops(node: ir.Node, shp) -> int | None:  # noqa: C901 - a flat table 
     if op == "BatchNormalization":
         e = _numel(out)
         return None if e is None else 2 * e
-    if op in ("MaxPool", "AveragePool", "LpPool"):
+    if op in vocab.POOL:
         e = _numel(out)
         ks = node.attributes.get_ints("kernel_shape", [1])
         return None if e is None else e * math.prod(ks)

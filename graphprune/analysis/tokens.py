@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune._ir import const_value
+from graphprune.analysis import vocab
 
 #: Ops whose integer constant inputs are sizes.
 SIZE_OPS = frozenset({"Split", "Tile", "ConstantOfShape", "Range", "Pad", "Resize", "OneHot", "TopK"})
@@ -177,14 +178,9 @@ def _std(node: ir.Node | None, *types: str) -> bool:
     return node is not None and node.domain == "" and node.op_type in types
 
 
-_BROADCASTING = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "Less", "Greater",
-                           "And", "Or"})
-
-
 def is_broadcasting(node: ir.Node | None) -> bool:
-    """A standard elementwise op whose inputs broadcast against each other (a constant operand lines up with the
-    data's axes from the right)."""
-    return _std(node, *_BROADCASTING)
+    """A standard elementwise op whose inputs broadcast against each other (``vocab.BROADCASTING``)."""
+    return vocab.is_broadcasting(node)
 
 
 _TOKEN_COMPUTE = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "Attention", "MatMulInteger",

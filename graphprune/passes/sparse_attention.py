@@ -297,8 +297,8 @@ def _check(blk: AttentionBlock, opset: int) -> tuple[int, int]:
     if not isinstance(n, int) and not (isinstance(n, ir.SymbolicDim) and n.value):
         raise Skip("the sequence length is unknown (neither static nor a named dim)")
     heads = blk.heads
-    if not isinstance(heads, int) or blk.kv_heads != heads or not isinstance(blk.head_dim, int):
-        raise Skip(f"K/V heads ({blk.kv_heads}) differ from Q heads ({heads}) or are dynamic (GQA/MQA)")
+    if not isinstance(heads, int) or blk.core_kv_heads != heads or not isinstance(blk.head_dim, int):
+        raise Skip(f"K/V heads ({blk.core_kv_heads}) differ from Q heads ({heads}) or are dynamic (GQA/MQA)")
     if v.shape is None or v.shape[-2] != n:
         raise Skip("keys have another length than queries (cross attention or KV cache)")
     if blk.kind == "attention_op":
@@ -329,7 +329,7 @@ def _group_plan(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadG
     params.setdefault("num_global", blk.prefix_tokens)
     if pattern == "sliding_window":
         params.setdefault("causal", blk.causal)
-    elif blk.causal:
+    elif blk.causal and blk.mask is None:  # a causal mask input is kept as the bias; an is_causal flag is not
         raise Skip(f"the block is causal; {pattern} is not (use sliding_window with causal: true)")
     if pattern == "neighborhood_2d" and "grid" not in params:
         side = math.isqrt(n - params["num_global"])

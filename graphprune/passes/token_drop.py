@@ -41,15 +41,12 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
-from graphprune._ir import additive_mask, const_value, infer_shapes
-from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
+from graphprune._ir import additive_mask, infer_shapes
+from graphprune.analysis import streams
+from graphprune.analysis.attention import AttentionBlock, NoMatch, find_attention_blocks
 from graphprune.analysis.tokens import (
     downstream_nodes,
-    is_gather,
-    is_shape,
-    is_stream_add,
     is_token_compute,
-    same_op,
     weight_dims,
 )
 from graphprune.errors import ConfigError
@@ -139,24 +136,14 @@ class TokenReduction(Rewrite):
 
 
 def _stream_point(blocks: list[AttentionBlock], blk: AttentionBlock, placement: str) -> tuple[ir.Value, ir.Node]:
-    """(stream value to reduce, node after which to insert)."""
-    win = next((b for b in [blk, *blocks] if b.partition is not None), None)  # windows: counts are per window
-    if win is not None:
-        where = "" if win is blk else f" in block {win.index}"
-        raise Skip(f"block {blk.index}: {win.partition_summary()}{where}; token dropping across windows is not supported")
-    if blk.residual_add is None:
-        raise Skip(f"block {blk.index}: no residual Add found after the attention output")
-    if placement == "block":
-        if blk.index + 1 >= len(blocks) or blocks[blk.index + 1].residual_in is None:
-            raise Skip(f"block {blk.index}: no following block; placement 'block' needs one")
-        val = blocks[blk.index + 1].residual_in
-        prod = val.producer()
-        if prod is None:
-            raise Skip(f"block {blk.index}: block boundary value has no producer")
-        return val, prod
-    if blk.post_norm is not None:  # post-norm: reduce after the LayerNorm
-        return blk.post_norm.outputs[0], blk.post_norm
-    return blk.residual_add.outputs[0], blk.residual_add
+    """(stream value to reduce, node after which to insert); ``Skip`` with the analysis' reason when there is none."""
+    return _fact(streams.stream_point(blocks, blk, placement))
+
+
+def _fact(result):
+    if isinstance(result, NoMatch):
+        raise Skip(result.reason)
+    return result
 
 
 @register
@@ -243,9 +230,9 @@ class TokenDropPass(GraphPass):
             data = DynamicTokens(model, first, static=n_cur, model_dims=_model_dims(blocks) | weight_dims(model.graph)) \
                 if n_cur is not None else dyn
             per_token = _per_token_outputs(model, n_cur, dyn)
-            reads = _positional_reads(first)
+            reads = streams.positional_reads(first)
             restore = cfg.restore if cfg.restore is not None else bool(per_token or reads)
-            end = _stream_end(blocks[-1]) if restore else None
+            end = _fact(streams.stream_end(blocks[-1])) if restore else None
             if reads:
                 past = {id(n) for n in downstream_nodes(end)} if end is not None else set()
                 inside = [n for n in reads if id(n) not in past]
@@ -500,50 +487,13 @@ def _per_token_outputs(model: ir.Model, n: int | None, dyn: DynamicTokens | None
     return out
 
 
-def _positional_reads(stream: ir.Value) -> list[ir.Node]:
-    """Gathers downstream of ``stream`` that read token rows at positions computed before it (CLIP's text pooling
-    takes the row at ``input_ids.argmax(-1)``): positions in the full sequence, wrong once tokens are dropped."""
-    nodes = downstream_nodes(stream)
-    down = {id(n) for n in nodes}
-    out = []
-    for n in nodes:
-        if not is_gather(n):
-            continue
-        data, idx = n.inputs[0], n.inputs[1]
-        prod = idx.producer() if idx is not None else None
-        data_prod = data.producer() if data is not None else None
-        if (idx is None or const_value(idx) is not None or (prod is not None and id(prod) in down)
-                or data_prod is None or id(data_prod) not in down or data.dtype not in _FLOATS):
-            continue
-        out.append(n)
-    return out
-
-
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
-
-
 def _refuse_padding(model: ir.Model, blocks: list[AttentionBlock]) -> None:
     """ToMe matches tokens by key similarity alone: with a padding mask read from the inputs, real tokens merge
     into padding (whose representative is masked) and vanish from the pooled output."""
     for b in blocks:
-        if b.mask is not None and _reads_input(b.mask, model.graph.inputs):
+        if b.mask is not None and streams.reads_input(b.mask, model.graph.inputs):
             raise Skip(f"the attention mask (block {b.index}) comes from the model's inputs (padding): ToMe would merge "
                        "real tokens into padded ones; use a selection method (cls_attention) for padded batches")
-
-
-def _reads_input(v: ir.Value, inputs, depth: int = 32) -> bool:
-    """Is ``v`` computed from the data of a graph input (not just its shape)?"""
-    stack, seen = [(v, 0)], set()
-    while stack:
-        x, d = stack.pop()
-        if any(x is i for i in inputs):
-            return True
-        p = x.producer()
-        if p is None or id(p) in seen or d >= depth or is_shape(p):
-            continue
-        seen.add(id(p))
-        stack.extend((i, d + 1) for i in p.inputs if i is not None)
-    return False
 
 
 def _check_batch_axis(stream: ir.Value) -> None:
@@ -553,25 +503,6 @@ def _check_batch_axis(stream: ir.Value) -> None:
     if isinstance(d, ir.SymbolicDim) and d.value and not d.value.isidentifier():
         raise Skip(f"the token stream's batch axis is {d.value!r}: sequences are folded from an image (one per "
                    "patch position) and folded back after the blocks; dropping tokens would break the fold")
-
-
-def _stream_end(blk: AttentionBlock) -> ir.Value:
-    """The residual stream after the last block's MLP (where ``restore`` puts the dropped tokens back): the MLP's
-    residual ``Add`` (of the stream after attention and the MLP's output), or the LayerNorm on it (post-norm)."""
-    if blk.residual_add is None:
-        raise Skip(f"restore: block {blk.index} has no residual Add after the attention; cannot find the end of the "
-                   "residual stream")
-    s = blk.post_norm.outputs[0] if blk.post_norm is not None else blk.residual_add.outputs[0]
-    adds = [u for u, _ in s.uses() if is_stream_add(u)]
-    if len(adds) != 1:
-        raise Skip(f"restore: block {blk.index}: no single MLP residual Add after the attention; cannot find the end "
-                   "of the residual stream")
-    end = adds[0].outputs[0]
-    if blk.post_norm is not None:
-        users = end.uses()
-        if len(users) == 1 and same_op(users[0][0], blk.post_norm):
-            end = users[0][0].outputs[0]
-    return end
 
 
 def _restore(graph: ir.Graph, end: ir.Value, levels: list[tuple]) -> None:
@@ -682,7 +613,4 @@ def _add_logit_bias(graph: ir.Graph, blk: AttentionBlock, bias: ir.Value) -> tup
     raise Skip(f"block {blk.index}: proportional attention not supported for {blk.kind}")
 
 
-stream_point = _stream_point
-"""Public name of the stream-point rule (where a block's reduction goes), shared with the torch FX pass."""
-
-__all__ = ["TokenDropConfig", "TokenDropPass", "score_rows", "stream_point"]
+__all__ = ["TokenDropConfig", "TokenDropPass", "score_rows"]

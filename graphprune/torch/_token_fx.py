@@ -3,7 +3,7 @@
 
 Decision (shared, not copied): the module is exported as :func:`graphprune.torch.export` does; the ONNX pass's
 own :meth:`TokenDropPass.schedule` picks the blocks, the protected prefix and the keep ratios on that graph,
-and its :func:`stream_point` says which stream value each reduction goes on. The ``torch.export`` program behind
+and :func:`graphprune.analysis.streams.stream_point` says which stream value each reduction goes on. The ``torch.export`` program behind
 the ONNX graph becomes a GraphModule whose node names are the ONNX value names, so the stream value and the
 block's softmax probabilities are FX nodes by name.
 
@@ -17,8 +17,8 @@ Rewrite, per chosen block (in order):
      retargeted (entries equal to the incoming token count).
 Supported: ``method: cls_attention`` (``query``, ``placement``, ``layers``, ``keep_ratio``, ``schedule``,
 ``protect``, ``keep_order``, ``fuse_rest``), blocks with explicit softmax probabilities and no per-token mask.
-A block the ONNX pass skips (``Skip`` from
-:func:`stream_point`) is skipped here too (``meta['graphprune_token_drop']['skipped']``); anything else is a
+A block the ONNX pass skips (no stream point: the reason from
+:func:`graphprune.analysis.streams.stream_point`) is skipped here too (``meta['graphprune_token_drop']['skipped']``); anything else is a
 :class:`GraphpruneError` naming the block. The result is a ``GraphModule`` (the eval-mode
 export graph); ``graphprune.torch.export`` of it writes ai.graphprune TokenSelect nodes.
 """
@@ -71,9 +71,9 @@ def token_drop(module: nn.Module, example_inputs: tuple, *, dynamic_axes: dict[i
     ``config`` takes the ``token_drop`` pass's keys (``keep_ratio=0.7``, ``layers=[...]``, ...). The module is
     deep-copied; the example inputs fix the token count (it must be static, as for the ONNX pass).
     """
+    from graphprune.analysis.attention import NoMatch
+    from graphprune.analysis.streams import stream_point
     from graphprune.ops.token_select import kept_count
-    from graphprune.passes.base import Skip
-    from graphprune.passes.token_drop import stream_point
     from graphprune.torch import export_program
 
     args = tuple(example_inputs)
@@ -95,11 +95,11 @@ def token_drop(module: nn.Module, example_inputs: tuple, *, dynamic_axes: dict[i
         if any(b.mask is not None and b.mask.shape is not None and len(b.mask.shape) > 0 and b.mask.shape[-1] != 1
                for b in blocks[layer + 1:]):
             raise GraphpruneError(f"token_drop (torch): block {layer}: a later block has a per-token attention mask")
-        try:
-            stream, _ = stream_point(blocks, blk, cfg.placement)
-        except Skip as e:  # as the ONNX pass: that block is left alone, with the reason
-            skipped.append(f"block {layer}: {e}")
+        point = stream_point(blocks, blk, cfg.placement)
+        if isinstance(point, NoMatch):  # as the ONNX pass: that block is left alone, with the reason
+            skipped.append(f"block {layer}: {point.reason}")
             continue
+        stream, _ = point
         if stream.name not in nodes or blk.probs.name not in nodes:
             raise GraphpruneError(f"token_drop (torch): block {layer}: value {stream.name!r} or {blk.probs.name!r} "
                                   "is not a node of the traced module")
