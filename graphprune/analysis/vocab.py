@@ -42,7 +42,7 @@ MOVEMENT = frozenset({"Reshape", "Transpose", "Slice", "Squeeze", "Unsqueeze", "
                       "Tile", "Flatten", "Identity", "Cast", "Dropout", "Pad"})
 
 __all__ = ["ARITHMETIC", "BROADCASTING", "ELEMENTWISE", "GLOBAL_POOL", "MOVEMENT", "NORMALIZE", "POOL", "REDUCE", "SHAPE", "STANDARD",
-           "UNARY", "UNARY_MATH", "VALUE_PRESERVING", "in_group", "is_broadcasting", "is_elementwise", "is_movement",
+           "UNARY", "UNARY_MATH", "VALUE_PRESERVING", "in_group", "is_broadcasting", "is_conv", "is_elementwise", "is_movement",
            "is_reduce", "is_standard", "is_unary"]
 
 
@@ -72,6 +72,11 @@ def is_elementwise(node: ir.Node | None) -> bool:
 
 def is_reduce(node: ir.Node | None) -> bool:
     return in_group(node, REDUCE)
+
+
+def is_conv(node: ir.Node | None) -> bool:
+    """A standard ``Conv`` or ``ConvTranspose`` (channels on axis 1 of its input)."""
+    return is_standard(node, "Conv", "ConvTranspose")
 
 
 def is_movement(node: ir.Node | None) -> bool:

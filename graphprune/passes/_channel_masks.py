@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.analysis.channels import ChannelAnalysis, Member
+from graphprune.analysis.vocab import is_conv
 from graphprune.passes._channel_sensitivity import _distance
 
 #: ``run(model, values, feeds)`` → one list of arrays per feed, as ``backends.onnxruntime.probe`` (the pass hands
@@ -46,8 +47,8 @@ def masked_consumers(analysis: ChannelAnalysis) -> list[Member]:
 
 def _channel_axis(node: ir.Node, x: ir.Value) -> tuple[int, int]:
     """(axis, rank) of x's channels as ``node`` reads them: 1 for Conv, the last axis otherwise."""
-    rank = len(x.shape) if x.shape is not None else (4 if node.op_type.startswith("Conv") else 2)
-    return (1 if node.op_type in ("Conv", "ConvTranspose") else rank - 1), rank
+    rank = len(x.shape) if x.shape is not None else (4 if is_conv(node) else 2)
+    return (1 if is_conv(node) else rank - 1), rank
 
 
 class _Session:

@@ -47,6 +47,7 @@ import onnx_ir as ir
 
 from graphprune.analysis.channels import ChannelAnalysis
 from graphprune.analysis.importance import Importance, fold_activations
+from graphprune.analysis.vocab import is_conv
 from graphprune.passes._channel_masks import MaskedModel, Runner, masked_consumers
 from graphprune.passes._channel_plan import _keep_count, _unit, class_flops, predicted
 from graphprune.passes._channel_sensitivity import measure
@@ -99,7 +100,7 @@ def local_energy(model: ir.Model, analysis: ChannelAnalysis, feeds: list[dict], 
     """E_u per root atom: Σ over consumer layers of mean(x_k²)·‖w_k‖² over the channels k of class u."""
     ms = masked_consumers(analysis)
     xs = list(dict.fromkeys(m.node.inputs[0] for m in ms))
-    axis = {id(m.node.inputs[0]): (1 if m.node.op_type in ("Conv", "ConvTranspose") else -1) for m in ms}
+    axis = {id(m.node.inputs[0]): (1 if is_conv(m.node) else -1) for m in ms}
 
     def reduce(i, y, acc):
         y = np.moveaxis(y * y, axis[id(xs[i])], 0)

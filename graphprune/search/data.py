@@ -83,7 +83,7 @@ def load_labels(path: str | Path, n: int) -> np.ndarray:
 
 
 def _pair_records(path: Path) -> list[tuple[str, str]] | None:
-    from graphprune.data._text import read_texts
+    from graphprune.data import read_texts
 
     if path.suffix.lower() != ".jsonl":
         return None
