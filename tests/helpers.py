@@ -39,3 +39,16 @@ def set_external_location(path: Path, location: str) -> None:
             if entry.key == "location":
                 entry.value = location
     onnx.save_model(model, str(path))
+
+
+def cli(args, capsys) -> tuple[int, str, str]:
+    """Run ``graphprune ARGS`` in-process: (exit code, stdout, stderr)."""
+    from graphprune.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

@@ -10,21 +10,10 @@ import onnxruntime as ort
 import pytest
 
 from graphprune.analysis.inputs import example_inputs
-from graphprune.cli import main
 from graphprune.io import load_model
 from graphprune.pipeline import Pipeline
 from graphprune.verify import VerifyThresholds, compare
-from tests.helpers import linear_model
-
-
-def cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+from tests.helpers import cli, linear_model
 
 
 @pytest.mark.slow

@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("optuna")
 pytest.importorskip("matplotlib")
 
-from graphprune.cli import main  # noqa: E402
 from graphprune.errors import ConfigError  # noqa: E402
 from graphprune.search import metrics as M  # noqa: E402
 from graphprune.search.space import from_dict  # noqa: E402
+from tests.helpers import cli  # noqa: E402
 
 SPACE = {"passes": {"channel_prune": {"optional": False, "params": {"ratio": {"low": 0.3, "high": 0.5, "step": 0.1},
                                                                     "allocate": ["score", "sensitivity"]}},
@@ -24,14 +24,6 @@ SPACE = {"passes": {"channel_prune": {"optional": False, "params": {"ratio": {"l
                                               "layers": [[1, 2, 3], [2, 3]]}}}}
 
 
-def cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")
