@@ -8,6 +8,7 @@
     uniform row instead of NaN (which would leak into every row of the next layer through 0·NaN);
   * ``NameScope``: unique names for values a rewrite adds (initializers included);
   * ``infer_shapes``: ONNX shape inference written back into the model (it mutates, so it is not in ``analysis``);
+    ``input_symbols`` / ``symbol_hint``: what of a shape to keep when a rewrite re-infers it (the inputs' dim names);
   * ``unmap``: close the memory map of an external tensor after reading it.
 
 Op-type strings do not live here, but for ``Constant`` (how ONNX spells a constant, which ``const_value`` reads):
@@ -120,4 +121,29 @@ def infer_shapes(model: ir.Model) -> ir.Model:
     return model
 
 
-__all__ = ["NameScope", "additive_mask", "const_value", "constant_node", "dim", "infer_shapes", "mask_min", "rank", "unmap"]
+def input_symbols(model: ir.Model) -> set[str]:
+    """The names of the graph inputs' symbolic dims (``batch``, ``sequence``)."""
+    return {d.value for v in model.graph.inputs if v.shape is not None for d in v.shape
+            if isinstance(d, ir.SymbolicDim) and d.value}
+
+
+def symbol_hint(shape: ir.Shape | None, symbols: set[str]) -> ir.Shape | None:
+    """``shape`` with only the dims named by ``symbols`` kept, every other dim unknown; ``None`` where it has none
+    of them (a static shape is cleared altogether, as before this hint existed).
+
+    What a rewrite that changes static sizes (a channel prune) leaves on a value before :func:`infer_shapes` runs
+    again. Cleared to nothing, ONNX inference names every axis it cannot follow through an op (a Reshape whose
+    target is computed from ``Shape``, for one) with a fresh symbol (``unk__12``), a different one per value: the
+    queries' and the keys' sequence axes stop comparing equal and ``token_drop`` refuses every block. Inference keeps
+    a dim name it finds on a value (and fills a static size over an unknown dim), and the size of an axis named by
+    an input's dim comes from the inputs, not from the weights, so such a name stays true through the rewrite.
+    Static sizes are dropped (the rewrite may have changed them), and so are other names: an expression such as
+    ``4*sequence`` may count pruned channels, and an ``unk__N`` of an earlier inference names nothing.
+    """
+    if shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in symbols for d in shape):
+        return None
+    return ir.Shape([d if isinstance(d, ir.SymbolicDim) and d.value in symbols else None for d in shape])
+
+
+__all__ = ["NameScope", "additive_mask", "const_value", "constant_node", "dim", "infer_shapes", "input_symbols",
+           "mask_min", "rank", "symbol_hint", "unmap"]

@@ -9,7 +9,8 @@ Steps
   2. Shape constants (Reshape/Expand targets, Split sizes, Slice bounds) and Gather indices: the constant is
      copied with the new entries and the node input re-pointed (shape constants are shared between blocks too).
   3. Attributes: conv ``group``, GroupNorm ``num_groups``, ``q_num_heads``/``kv_num_heads``, ``num_heads``.
-  4. Value shapes: the channel dims the plan lists are written, then ONNX shape inference is run again.
+  4. Value shapes: ONNX shape inference is run again over shapes that keep only the inputs' dim names (``batch``,
+     ``sequence``); a value it cannot infer gets its old shape with the channel dims the plan lists.
 
 Preconditions, checked: every named node exists (names are unique), every sliced tensor still has the shape the
 plan recorded. A mismatch raises :class:`GraphpruneError` before anything is changed.
@@ -22,7 +23,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
-from graphprune._ir import NameScope, const_value, constant_node, infer_shapes, unmap
+from graphprune._ir import NameScope, const_value, constant_node, infer_shapes, input_symbols, symbol_hint, unmap
 from graphprune.errors import GraphpruneError
 
 
@@ -152,9 +153,10 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
 
 
 def _set_shapes(model: ir.Model, entries: list[dict]) -> None:
-    """Re-infer value shapes. Inference runs on cleared shapes; where it cannot infer a value (e.g. behind Hugging
-    Face mask logic), the value keeps its old shape with the new channel dims the plan lists (exact, from the
-    analysis)."""
+    """Re-infer value shapes. Inference runs on shapes cleared but for the inputs' dim names (``_ir.symbol_hint``:
+    later passes compare those names, e.g. the queries' and keys' sequence axes); where it infers nothing beyond
+    that (e.g. behind Hugging Face mask logic), the value keeps its old shape with the new channel dims the plan
+    lists (exact, from the analysis)."""
     outputs = set(model.graph.outputs)
     values = {o.name: o for node in model.graph for o in node.outputs if o not in outputs}
     saved = {name: (list(v.shape) if v.shape is not None else None) for name, v in values.items()}
@@ -162,9 +164,11 @@ def _set_shapes(model: ir.Model, entries: list[dict]) -> None:
         dims = saved.get(e["value"])
         if dims is not None and e["axis"] < len(dims):
             dims[e["axis"]] = int(e["dim"])
-    for v in values.values():
-        v.shape = None
+    symbols = input_symbols(model)
+    hints = {name: symbol_hint(v.shape, symbols) for name, v in values.items()}
+    for name, v in values.items():
+        v.shape = hints[name]
     infer_shapes(model)
     for name, v in values.items():
-        if v.shape is None and saved[name] is not None:
+        if saved[name] is not None and (v.shape is None or v.shape == hints[name]):
             v.shape = ir.Shape(saved[name])
