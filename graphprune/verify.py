@@ -446,10 +446,13 @@ def compare(
     if not feeds:
         raise VerificationError("no verification feeds: give at least one feed dict")
     total = 2 * len(feeds)
-    original, up_a = _runnable(original)
-    optimized, up_b = _runnable(optimized)
+    original, up_a, size_a = _runnable(original)
+    optimized, up_b, size_b = _runnable(optimized)
+    # a full garbage collection costs ~0.3 s in a large process (a test run, a search); it only pays where the
+    # weights are large enough for a freed copy to matter to the peak
+    collect = max(size_a, size_b) >= GC_MIN_WEIGHT_BYTES
 
-    return_freed_memory()  # what the passes freed, before the first session
+    return_freed_memory(collect)  # what the passes freed, before the first session
     try:
         session = make_session(original, arena=False, prepack=False)
     except Exception as e:  # the input model itself: ORT cannot load it (an op or opset it lacks, ...)
@@ -468,7 +471,7 @@ def compare(
             if progress is not None:
                 progress(i + 1, total)
         del session  # released before the optimized session exists: never two models in memory
-        return_freed_memory()
+        return_freed_memory(collect)
         report = _compare_with(reference, optimized, feeds, names, t, progress, total, real_data)
         if up_a or up_b:
             report.compute_dtype = BF16_EMULATED
@@ -477,15 +480,21 @@ def compare(
         reference.close()
 
 
-def _runnable(model: ModelLike) -> tuple[ModelLike, bool]:
-    """``model`` as ORT's CPU provider can run it: a bfloat16 model becomes its float32 twin with every op's output
-    rounded to bfloat16 (:func:`graphprune._dtype.upcast_bfloat16`, on a copy; a path is mapped, not parsed)."""
+def _runnable(model: ModelLike) -> tuple[ModelLike, bool, int]:
+    """``model`` as ORT's CPU provider can run it, whether it was upcast, and its weights' size in bytes: a bfloat16
+    model becomes its float32 twin with every op's output rounded to bfloat16 (:func:`graphprune._dtype.upcast_bfloat16`,
+    on a copy; a path is mapped, not parsed)."""
     m = model if isinstance(model, ir.Model) else load_model(model)
+    size = sum(v.const_value.nbytes for v in m.graph.initializers.values() if v.const_value is not None)
     if not has_bfloat16(m):
-        return model, False
+        return model, False, size
     twin = m.clone() if m is model else m
     upcast_bfloat16(twin, round_outputs=True)
-    return twin, True
+    return twin, True, size
+
+
+#: Weights from this size up get a full garbage collection before each verification session (see ``compare``).
+GC_MIN_WEIGHT_BYTES = 16 << 20
 
 
 def _compare_with(reference: _References, optimized, feeds, names, t, progress, total, real_data) -> VerifyReport:

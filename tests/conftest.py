@@ -3,9 +3,10 @@
 A torch export costs seconds of CPU (the dynamo exporter), so the test files never export the same module twice:
 ``export`` (the example models), ``hf_export`` (random-init transformers), ``zoo_export`` (``tests/_zoo.py``),
 ``channel_zoo_export`` (``tests/_channel_zoo.py``) and any file's own builders (``model_cache.get(key, make)``) all
-store their files in the session's ``model_cache``. The cache lives in a temporary folder of the session (one per
-pytest-xdist worker, if any): a clean checkout, as CI runs, builds everything once and nothing is kept between runs,
-so a change to the export code is always tested. Tests read these files and never write to them.
+store their files in the session's ``model_cache``. The cache lives in a temporary folder of the session, shared by
+all pytest-xdist workers (the first worker to ask for a key builds it under a file lock; the others wait and reuse
+its result): a clean checkout, as CI runs, builds everything once and nothing is kept between runs, so a change to
+the export code is always tested. Tests read these files and never write to them.
 
 Markers (registered in ``pyproject.toml``): ``slow`` for the zoo, the pretrained MiniLM, the Triton server and the
 long benchmark-style tests (``pytest -m "not slow"`` is the contributor loop); ``kernels`` for the Triton kernels.
@@ -13,8 +14,11 @@ long benchmark-style tests (``pytest -m "not slow"`` is the contributor loop); `
 
 from __future__ import annotations
 
+import fcntl
 import gc
+import hashlib
 import os
+import pickle
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,11 @@ import pytest
 # GRAPHPRUNE_KERNELS_CUDA=1 tests the compiled kernels on a GPU instead.
 if os.environ.get("GRAPHPRUNE_KERNELS_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist (README: `-n 2` on 2 cores) each worker keeps torch to one thread, so two workers do not fight
+# over the cores (torch reads OMP_NUM_THREADS when it is first imported, after this file).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_finish(session) -> None:
@@ -43,43 +52,80 @@ def pytest_collection_finish(session) -> None:
 
 
 class ModelCache:
-    """Values built once per session by key: ``get(key, make)`` calls ``make(folder)`` on the first request for
+    """Values built once per test run by key: ``get(key, make)`` calls ``make(folder)`` on the first request for
     ``key`` (``folder``: a new empty folder for that key) and returns its result to every request.
+
+    Under pytest-xdist the folders are shared by the workers: the first worker to ask for a key builds it while
+    holding that key's file lock, and stores the result (a path, or anything picklable) beside it; a worker that asks
+    later waits for the lock and loads the stored result. A result that cannot be pickled is rebuilt by each worker
+    that needs it, in a folder of its own.
 
     A ``make`` that raised is not retried: every request for that key fails with the first error (as ``pytest.fail``,
     naming the key), so each test that needs a model which cannot be exported reports it, at the cost of one export.
     """
 
-    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, shared_root: Path | None = None) -> None:
         self._factory = tmp_path_factory
+        self._shared = shared_root
         self._values: dict[Hashable, Any] = {}
 
     def get(self, key: Hashable, make: Callable[[Path], Any]) -> Any:
         if key not in self._values:
-            folder = self._factory.mktemp("model", numbered=True)
-            try:
-                self._values[key] = make(folder)
-            except Exception as e:  # noqa: BLE001 - remembered: each of the key's tests reports it
-                self._values[key] = _Failed(e)
+            self._values[key] = self._build(key, make)
         value = self._values[key]
         if isinstance(value, _Failed):
             e = value.error
             pytest.fail(f"{key}: export failed: {type(e).__name__}: {e}")
         return value
 
+    def _build(self, key: Hashable, make: Callable[[Path], Any]) -> Any:
+        if self._shared is None:
+            return _call(make, self._factory.mktemp("model", numbered=True))
+        folder = self._shared / hashlib.sha1(repr(key).encode()).hexdigest()[:16]
+        folder.mkdir(parents=True, exist_ok=True)
+        stored = folder.with_suffix(".pickle")
+        with open(folder.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if stored.exists():
+                return pickle.loads(stored.read_bytes())
+            if any(folder.iterdir()):  # built by another worker, but its result could not be stored
+                return _call(make, self._factory.mktemp("model", numbered=True))
+            value = _call(make, folder)
+            try:
+                data = pickle.dumps(value)
+            except Exception:  # noqa: BLE001 - not picklable: each worker builds its own
+                return value
+            tmp = stored.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(stored)
+            return value
+
     def __contains__(self, key: Hashable) -> bool:
         return key in self._values
+
+
+def _call(make: Callable[[Path], Any], folder: Path) -> Any:
+    try:
+        return make(folder)
+    except Exception as e:  # noqa: BLE001 - remembered: each of the key's tests reports it
+        return _Failed(e)
 
 
 class _Failed:
     def __init__(self, error: Exception) -> None:
         self.error = error
 
+    def __reduce__(self):  # the first error travels to the other workers as its type name and message
+        return _Failed, (RuntimeError(f"{type(self.error).__name__}: {self.error}"),)
+
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> ModelCache:
-    """The session's one cache of exported test models (see :class:`ModelCache`)."""
-    return ModelCache(tmp_path_factory)
+    """The test run's one cache of exported test models (see :class:`ModelCache`); shared by the pytest-xdist
+    workers, whose temporary folders have one common parent."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    shared = tmp_path_factory.getbasetemp().parent / "model_cache" if worker else None
+    return ModelCache(tmp_path_factory, shared)
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,7 @@ SWIN = dict(  # from SwinStyle's defaults: stages 16×32 (dim 16, 2 heads), 8×1
     spatial=[(16, 32)] * 2 + [(8, 16)] * 2 + [(4, 8)] * 2, heads=[2, 2, 2, 2, 4, 4], head_dim=[8, 8, 16, 16, 16, 16])
 
 
+@pytest.mark.slow
 def test_swin_blocks_found_exactly(wexport):
     module, _, path = wexport("swin")
     blocks = find_attention_blocks(load_model(path))
@@ -83,6 +84,7 @@ def test_swin_blocks_found_exactly(wexport):
         assert [n.op_type for n in b.reverse_nodes] == (window + roll + ["Reshape"] if b.shifted else window)
 
 
+@pytest.mark.slow
 def test_torchvision_swin_padded_and_mask_built_in_forward(wexport):
     """torchvision's ``shifted_window_attention`` spelling: channels-last stream, a Pad to a multiple of the window
     (zero pads at 12×16, real ones at 10×14), the shift mask computed in the forward, the reverse cropping back."""
@@ -122,6 +124,7 @@ def _torch_token_map(part, reverse, shape, size):
     return part(idx, size).reshape(-1, size[0] * size[1]).long().numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset, sdpa", [(18, False), (18, True), (23, True)])
 def test_maxvit_block_and_grid_attention_found_exactly(wexport, opset, sdpa):
     _, _, path = wexport("maxvit", opset, sdpa=sdpa)
@@ -151,6 +154,7 @@ def test_partition_matches_the_modules_token_map(wexport):
         np.testing.assert_array_equal(part.tokmap, ref)
 
 
+@pytest.mark.slow
 def test_torchvision_maxvit_einsum_and_partitioned_stream(wexport):
     """torchvision's spelling: the NCHW stream itself is partitioned to [B, G, T, C] (grid: from the window layout
     of the layer before, axes swapped), residuals run in that layout, q·kᵀ and ·v are 5-D ``Einsum`` ops."""

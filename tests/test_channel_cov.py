@@ -159,6 +159,7 @@ def vits(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["unbind", "index", "unbind_sdpa"])
 def test_timm_heads_are_prunable(vits, key):
     _, path = vits[key]
@@ -168,6 +169,7 @@ def test_timm_heads_are_prunable(vits, key):
         [g.describe() for g in groups if not g.prunable]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["unbind", "index", "unbind_sdpa"])
 def test_timm_vit_pruned_like_separate_qkv(vits, key, tmp_path):
     """30%: FLOPs within 2% of the separate-q/k/v ViT of the same size; whole heads leave the fused qkv weight
@@ -251,6 +253,7 @@ def _rebuild(wrap: nn.Module, plan: dict) -> nn.Module:
     return ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_decoder_groups_prunable(decoders, name):
     """Every attention block's heads (GQA: one unit per kv group) and every MLP's hidden units are prunable."""
@@ -262,6 +265,7 @@ def test_decoder_groups_prunable(decoders, name):
     assert len(mlp) == 2 and all(g.size == (256 if name == "llama" else 512) for g in mlp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_decoder_30_percent(decoders, name, tmp_path):
     """30% of channels (the default target): FLOPs ≤ ×0.74 at 32 tokens, where only the embeddings, norms and
@@ -293,6 +297,7 @@ def test_decoder_30_percent(decoders, name, tmp_path):
     assert np.abs(got - base).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_timm_plan_applies_to_the_module(vits, tmp_path):
     """The plan of the unbind spelling drives ``graphprune.torch.apply_plan`` (FX: forward hard-codes C) to the
     same function as the pruned ONNX model."""

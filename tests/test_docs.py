@@ -95,5 +95,6 @@ def test_links_resolve(page):
 def test_readme_is_a_front_page():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 250
-    assert "python -m pytest -q -p no:cacheprovider --durations=20" in text
-    assert 'python -m pytest -q -m "not slow"' in text
+    whole = "python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=20"
+    assert whole in text and whole in (ROOT / ".ci" / "run").read_text(encoding="utf-8")  # CI runs the README's
+    assert 'python -m pytest -q -n 2 --dist loadfile -m "not slow"' in text

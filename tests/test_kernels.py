@@ -19,6 +19,8 @@ pytestmark = pytest.mark.kernels
 CUDA = os.environ.get("GRAPHPRUNE_KERNELS_CUDA") == "1"
 DEVICE = "cuda" if CUDA else "cpu"
 TOL = {np.float32: 2e-5, np.float16: 2e-3}
+#: fp16 runs each kernel case again in the interpreter; the contributor loop (``-m "not slow"``) keeps fp32 only
+DTYPES = [pytest.param(np.float32, id="fp32"), pytest.param(np.float16, id="fp16", marks=pytest.mark.slow)]
 
 
 def test_kernels_run_interpreted_or_on_cuda():
@@ -46,7 +48,7 @@ def _grid(n, g):  # a grid for n - g tokens
     return [4, m // 4] if m % 4 == 0 else [1, m]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [24, 29])
 @pytest.mark.parametrize("attrs", SPARSE, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items() if k != "grid"))
 @pytest.mark.parametrize("bias", ["none", "key"])
@@ -128,7 +130,7 @@ SELECT = [dict(keep_ratio=0.5, protect=1), dict(k=5, keep_order=0), dict(keep_ra
           dict(k=7, protect=1, keep_order=0, fuse_rest=1)]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [24, 29])
 @pytest.mark.parametrize("attrs", SELECT, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
 def test_token_select(attrs, n, dtype):
@@ -148,7 +150,7 @@ def test_token_select(attrs, n, dtype):
 MERGE = [dict(r=5), dict(r=8, protect=1), dict(r=40, protect=2), dict(r=0, protect=1), dict(r=3, protect=3)]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [24, 37])
 @pytest.mark.parametrize("sized", [False, True], ids=["nosize", "size"])
 @pytest.mark.parametrize("attrs", MERGE, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
@@ -197,7 +199,7 @@ DIVERSE = [dict(k=5), dict(k=8, protect=1, keep_order=0), dict(k=12, protect=2),
            dict(k=20, keep_order=0)]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [24, 45])
 @pytest.mark.parametrize("attrs", DIVERSE, ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
 def test_diversity_select(attrs, n, dtype):
@@ -238,7 +240,7 @@ def test_merge_and_diversity_limits_are_refused():
         diversity_select(torch.zeros((1, MAX_M + 2, 4), device=DEVICE), k=2, protect=1)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("attrs", [dict(k=9, protect=1), dict(k=9, keep_order=0, fuse_rest=1),
                                    dict(keep_ratio=0.6, protect=2, fuse_rest=1), dict(k=70)],
                          ids=lambda a: "-".join(f"{k}{v}" for k, v in a.items()))
@@ -330,7 +332,7 @@ def _tied_keys(dtype, n=32, b=8):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("attrs,picked", [
     (dict(topk=1, keep_first=0, keep_diagonal=0), [{1}] * 4),  # the tie: block 1, not 3
     (dict(topk=2, keep_first=0, keep_diagonal=1), [{0, 1}, {1, 3}, {1, 2}, {1, 3}]),  # the diagonal counts towards k

@@ -26,6 +26,8 @@ TokenDrop = get_pass("token_drop")
 #: data-free and deterministic, so the plan does not depend on what else the graph holds
 PRUNE = {"ratio": 0.2, "importance": "l1", "reconstruct": False, "allocate": "score"}
 
+pytestmark = pytest.mark.slow  # a torch export of its own and an end-to-end run (see conftest.py)
+
 
 class _Encoder(torch.nn.Module):
     """A BERT encoder with a per-token output (``hidden``) and a masked mean (``pooled``)."""

@@ -187,6 +187,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny, tmp_path, capsys,
     assert list(out.parent.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_ray_trials_equal_the_local_run(tiny):
     """Trials as tasks on a real local Ray runtime (2 CPUs) ask and score the same trials as a local run with the
     same rounds of 2: pipelines, quality, FLOPs and params equal (latency is measured, so it differs)."""

@@ -21,6 +21,8 @@ WINDOW = 16
 _CFG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
 
+pytestmark = pytest.mark.slow  # a torch export of its own and an end-to-end run (see conftest.py)
+
 
 class _Logits(torch.nn.Module):
     def __init__(self, lm):

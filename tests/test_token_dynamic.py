@@ -323,6 +323,7 @@ def _export_static(module, x, path):
     return path
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_long_single_block_encoder_matches_torch(tmp_path):
     """4096 tokens, one block: the default layers select nothing (a skip with the reason); layers [0] rewrites
