@@ -306,3 +306,19 @@ def test_a_pipeline_sampled_again_is_not_run_again():
     assert len(study.trials) == 8 and len(ran) == 2
     assert all(t.values == [t.params["token_drop.keep_ratio"], 1 / t.params["token_drop.keep_ratio"]]
                for t in study.trials)
+
+
+def test_pareto_front_holds_each_pipeline_once():
+    """A pipeline sampled again shares its first trial's result: the front lists it once, under its first trial,
+    and keeps the points no other trial beats."""
+    from graphprune.search.engine import pareto
+
+    def r(n, pipe, q, s):
+        return {"number": n, "pipeline": pipe, "quality": q, "latency": {"speedup": s}}
+
+    a = [{"name": "channel_prune", "ratio": 0.05}]
+    b = [{"name": "token_drop", "keep_ratio": 0.5}]
+    c = [{"name": "channel_prune", "ratio": 0.5}]
+    trials = [r(4, a, 1.07, 1.03), r(2, a, 1.07, 1.03), r(3, b, 0.5, 1.6), r(5, c, 0.4, 1.5), r(6, a, 1.07, 1.03)]
+    front = pareto(trials)
+    assert [t["number"] for t in front] == [3, 2]  # fastest first; c is beaten by b; a once, as trial 2

@@ -42,7 +42,13 @@ def constraints(result: dict[str, Any], max_loss: float | None, target: float | 
 
 
 def pareto(results: list[dict]) -> list[dict]:
-    """The trials no other trial beats on both quality and speedup (ties kept), fastest first."""
+    """The trials no other trial beats on both quality and speedup (ties kept), fastest first. A pipeline the sampler
+    proposed again is one point: its first trial stands for it (the repeats share its result), so the front, and
+    the test split scored on it, hold distinct models."""
+    first: dict[str, dict] = {}
+    for r in sorted(results, key=lambda r: r.get("number", 0)):
+        first.setdefault(json.dumps(r["pipeline"], sort_keys=True), r)
+    results = list(first.values())
     front = []
     for r in results:
         q, s = r["quality"], r["latency"]["speedup"]
