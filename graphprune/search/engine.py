@@ -41,13 +41,18 @@ def constraints(result: dict[str, Any], max_loss: float | None, target: float | 
     return [0.0 if result["verify"]["passed"] else 1.0]
 
 
+def pipeline_key(pipeline: list[dict]) -> str:
+    """One pipeline's identity across trials: a re-sampled pipeline has the same key."""
+    return json.dumps(pipeline, sort_keys=True)
+
+
 def pareto(results: list[dict]) -> list[dict]:
     """The trials no other trial beats on both quality and speedup (ties kept), fastest first. A pipeline the sampler
     proposed again is one point: its first trial stands for it (the repeats share its result), so the front, and
     the test split scored on it, hold distinct models."""
     first: dict[str, dict] = {}
     for r in sorted(results, key=lambda r: r.get("number", 0)):
-        first.setdefault(json.dumps(r["pipeline"], sort_keys=True), r)
+        first.setdefault(pipeline_key(r["pipeline"]), r)
     results = list(first.values())
     front = []
     for r in results:
@@ -114,7 +119,7 @@ class Loop:
         t_start = time.monotonic()
         done0 = self.finished()
         for r in complete_results(self.study):  # resumed: trials already run are not run again
-            self.seen.setdefault(json.dumps(r["pipeline"], sort_keys=True), r)
+            self.seen.setdefault(pipeline_key(r["pipeline"]), r)
         while self.finished() < self.trials:
             elapsed = time.monotonic() - t_start
             if self.time_budget is not None and elapsed >= self.time_budget:
@@ -129,7 +134,7 @@ class Loop:
                         t.set_user_attr("result", {"status": "pruned", "reason": "the trial picked no pass",
                                                    "pipeline": []})
                         self.study.tell(t, state=optuna.trial.TrialState.PRUNED)
-                keys = [json.dumps(p, sort_keys=True) for _, p in todo]
+                keys = [pipeline_key(p) for _, p in todo]
                 fresh = [p for (_, p), k in zip(todo, keys) if k not in self.seen]
                 ran = iter(self.evaluate(fresh) if fresh else [])
                 results = []
