@@ -119,6 +119,19 @@ class _Failed:
         return _Failed, (RuntimeError(f"{type(self.error).__name__}: {self.error}"),)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_export_registry():
+    """Every torch export of the session, also the tests' direct ``torch.onnx.export`` calls, reuses one ATen → ONNX
+    translation table (``graphprune.torch._registry``: the same translations, built once instead of per export)."""
+    try:
+        from graphprune.torch._registry import reused_registry
+    except Exception:  # noqa: BLE001 - no torch: nothing is exported
+        yield
+        return
+    with reused_registry():
+        yield
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> ModelCache:
     """The test run's one cache of exported test models (see :class:`ModelCache`); shared by the pytest-xdist

@@ -27,6 +27,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise GraphpruneError("graphprune.torch needs PyTorch: pip install torch==2.13.0 (then graphprune[torch])") from e
 
 from graphprune.torch._ops import TRANSLATIONS  # noqa: E402 - registers torch.ops.graphprune.*
+from graphprune.torch._registry import reused_registry  # noqa: E402
 
 BATCH_RANGE = (1, 1024)
 """``(min, max)`` declared to ``torch.export`` for a dynamic axis 0 (the batch)."""
@@ -126,7 +127,7 @@ def export_program(
     if dynamic_axes is None and dynamic_batch:
         dynamic_axes = {0: "batch"}
     shapes = _dynamic_shapes(tuple(args), dynamic_axes) if dynamic_axes else None
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), reused_registry():
         warnings.filterwarnings("ignore", message=_SAME_NAME_WARNING, category=UserWarning)
         program = torch.onnx.export(module, args, None, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
                                     input_names=input_names, output_names=output_names, verbose=False,
