@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     add_result_option(p)
     a = p.parse_args(argv)
 
-    from graphprune.deploy import TritonServer, deploy, free_port, load_test
-    from graphprune.deploy._loadtest import parse_levels
+    from graphprune.deploy import TritonServer, deploy, free_port, load_test, parse_levels
 
     folder = Path(a.out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -84,8 +84,7 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
 
         Prints each model's state while it loads and fails (exit 2) naming the model that does not load.
         """
-        from graphprune.deploy import TritonServer, check_manifest, find_server
-        from graphprune.deploy._server import repository_models
+        from graphprune.deploy import TritonServer, check_manifest, find_server, repository_models
 
         binary = find_server(server)
         try:
@@ -158,8 +157,7 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     ) -> None:
         """Load-test models on a running Triton server: requests/s, p50/p90/p99 latency and errors per level."""
-        from graphprune.deploy import load_test
-        from graphprune.deploy._loadtest import parse_levels
+        from graphprune.deploy import load_test, parse_levels
 
         arrays = _load_npz(data) if data is not None else None
         levels = parse_levels(concurrency)

@@ -344,11 +344,11 @@ def test_sparse_attention_routed_exact_ties(attrs, picked, dtype):
     from array_api_compat import numpy as npx
 
     from graphprune.kernels.sparse_attention_routed import sparse_attention_routed_table_free
-    from graphprune.ops.sparse_attention import _at_length, routed_blocks
+    from graphprune.ops.sparse_attention import at_length, routed_blocks
 
     q, k, v = _tied_keys(dtype)
     attrs = dict(pattern="block_topk", block_size=8, **attrs)
-    chosen, _ = routed_blocks(npx, _at_length(SparseAttention.normalize(**attrs), 32, 16), q, k, None, None)
+    chosen, _ = routed_blocks(npx, at_length(SparseAttention.normalize(**attrs), 32, 16), q, k, None, None)
     for per_head in chosen.reshape(-1, 4, 4):  # the tie was there, and the op broke it towards the lower block
         assert [set(np.flatnonzero(row).tolist()) for row in per_head] == picked
     ref = SparseAttention.reference(q, k, v, **attrs)[0]

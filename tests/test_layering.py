@@ -358,3 +358,30 @@ def test_no_new_private_names_across_packages():
             if any(p.startswith("_") for p in parts[2:]) or any(a.name.startswith("_") for a in node.names):
                 hits.add((rel, node.module))
     assert hits - _CROSS_PRIVATE == set()
+
+
+def test_no_private_names_from_another_package():
+    """A subpackage's private modules (``graphprune.ops._base``) and private names (``_at_length``) are its own:
+    another package imports what the subpackage's ``__init__`` (or a public module) exports. Top-level private modules
+    (``graphprune._ir``) are the package's shared internals; imports inside a subpackage are free."""
+    hits = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
+        if rel.as_posix() in _STANDALONE:
+            continue
+        home = rel.parts[0] if len(rel.parts) > 1 else None
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                mods, names = [node.module], [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods, names = [a.name for a in node.names], []
+            else:
+                continue
+            for mod in mods:
+                parts = mod.split(".")
+                if parts[0] != "graphprune" or len(parts) < 2 or parts[1] == home or parts[1].startswith("_"):
+                    continue
+                private = [p for p in parts[2:] if p.startswith("_")] + [n for n in names if n.startswith("_")]
+                if private:
+                    hits.append(f"{rel.as_posix()}:{node.lineno}: {mod} {private}")
+    assert hits == []

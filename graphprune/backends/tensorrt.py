@@ -49,8 +49,7 @@ import onnx
 import onnx_ir as ir
 
 from graphprune.errors import ConfigError, GraphpruneError
-from graphprune.ops import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, REGISTRY, add_node_function, op_def
-from graphprune.ops._dims import Dim, DimOps
+from graphprune.ops import DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, REGISTRY, Dim, DimOps, add_node_function, op_def
 
 #: ITopK's largest K.
 TOPK_MAX = 3840

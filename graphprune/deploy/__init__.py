@@ -9,12 +9,20 @@
 """
 
 from graphprune.deploy._config import BACKENDS, TensorSpec, batch_axis, io_specs, model_config, render_pbtxt
-from graphprune.deploy._loadtest import load_test, parse_target
+from graphprune.deploy._loadtest import load_test, parse_levels, parse_target
 from graphprune.deploy._repository import MANIFEST, Deployment, check_manifest, deploy, sha256_file
-from graphprune.deploy._server import HOW_TO_GET, ServerBinary, TritonServer, find_server, free_port, group_alive
+from graphprune.deploy._server import (
+    HOW_TO_GET,
+    ServerBinary,
+    TritonServer,
+    find_server,
+    free_port,
+    group_alive,
+    repository_models,
+)
 
 __all__ = [
     "BACKENDS", "HOW_TO_GET", "MANIFEST", "Deployment", "ServerBinary", "TensorSpec", "TritonServer", "batch_axis",
     "check_manifest", "deploy", "find_server", "free_port", "group_alive", "io_specs", "load_test", "model_config",
-    "parse_target", "render_pbtxt", "sha256_file",
+    "parse_levels", "parse_target", "render_pbtxt", "repository_models", "sha256_file",
 ]

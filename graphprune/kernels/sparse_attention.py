@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from graphprune.ops import SparseAttention
-from graphprune.ops.sparse_attention import _at_length, routed_blocks
+from graphprune.ops.sparse_attention import at_length, routed_blocks
 
 MODES = {"block_topk": 0, "block_layout": 0, "sliding_window": 1, "neighborhood_2d": 2}
 
@@ -255,7 +255,7 @@ def sparse_attention(q, k, v, attn_bias=None, layout=None, block_m: int = 16, bl
 
     bsz, heads, n, d = q.shape
     dv = v.shape[3]
-    a = _at_length(SparseAttention.normalize(**attrs), n, d)
+    a = at_length(SparseAttention.normalize(**attrs), n, d)
     mode = MODES[a["pattern"]]
     out = torch.empty((bsz, heads, n, dv), dtype=q.dtype, device=q.device)
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
@@ -296,7 +296,7 @@ def static_constexprs(attrs: dict, n: int | None, d: int, dv: int, bias_shape: t
         raise ValueError(f"the table-free SparseAttention kernel takes {' and '.join(STATIC_PATTERNS)}, "
                          f"not {a['pattern']}")
     if n is not None:
-        a = _at_length(a, n, d)
+        a = at_length(a, n, d)
     elif a["pattern"] != "sliding_window":
         raise ValueError(f"SparseAttention {a['pattern']} needs a static sequence length")
     gh, gw = a["grid"] if a["grid"] else (1, 1)
@@ -331,6 +331,6 @@ def sparse_attention_table_free(q, k, v, attn_bias=None, layout=None, block: int
 
 def visited_fraction(attrs: dict, n: int, block: int = 16) -> float:
     """Share of the KV tiles a static pattern's tile table reads (1.0 = dense); for tests and docs."""
-    a = _at_length(SparseAttention.normalize(**attrs), n, 16)
+    a = at_length(SparseAttention.normalize(**attrs), n, 16)
     table = _static_table(a, n, block, block)
     return float((table >= 0).sum()) / (table.shape[2] * math.ceil(n / block))

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from graphprune.ops import SparseAttention
-from graphprune.ops.sparse_attention import DYNAMIC_PATTERNS, _at_length
+from graphprune.ops.sparse_attention import DYNAMIC_PATTERNS, at_length
 
 #: Patterns of this kernel.
 ROUTED_PATTERNS = ("block_topk", "block_layout")
@@ -176,7 +176,7 @@ def routed_constexprs(attrs: dict, n: int | None, d: int, dv: int, bias_shape: t
         raise ValueError(f"the routed SparseAttention kernel takes {' and '.join(ROUTED_PATTERNS)}, "
                          f"not {a['pattern']}")
     if n is not None:
-        a = _at_length(a, n, d)
+        a = at_length(a, n, d)
         bs = max(1, min(a["block_size"] or 64, n))
     elif a["pattern"] not in DYNAMIC_PATTERNS:
         raise ValueError(f"SparseAttention {a['pattern']} needs a static sequence length")

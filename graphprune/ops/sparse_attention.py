@@ -142,13 +142,13 @@ class SparseAttention(OpDef):
         """Executed FLOPs of the pattern (``attention_flops``) at the inputs' batch and heads."""
         b, h, n, d = shapes[0]
         dv = shapes[2][3]
-        return attention_flops(_at_length(a, n, d), b, h, d, dv)[0]
+        return attention_flops(at_length(a, n, d), b, h, d, dv)[0]
 
     @classmethod
     def compute(cls, xp, q, k, v, attn_bias=None, layout=None, **a):
         bias = attn_bias
         n, d = q.shape[2], q.shape[3]
-        a = _at_length(a, n, d)
+        a = at_length(a, n, d)
         f64 = xp.float64
         if a["pattern"] in ("sliding_window", "neighborhood_2d"):
             allowed = xp.asarray(_allowed_static(a)[None, None], device=_device(q))
@@ -187,7 +187,7 @@ class SparseAttention(OpDef):
                                             a["scale"], a["bias"], list(inputs))]
             return [dynamic_topk_body(t, a["block_size"] or 64, a["topk"], bool(a["keep_first"]),
                                       bool(a["keep_diagonal"]), a["num_global"], a["scale"], a["bias"], list(inputs))]
-        a = _at_length(a, n, d)
+        a = at_length(a, n, d)
         plan = _plan(a)
         ins = [x for x in inputs]
         if isinstance(plan, GatheredPlan):
@@ -202,7 +202,7 @@ def _device(x):
     return getattr(x, "device", None) if not isinstance(x, np.ndarray) else None
 
 
-def _at_length(a: dict, n: int, d: int | None) -> dict:
+def at_length(a: dict, n: int, d: int | None) -> dict:
     """The attributes with ``seq_len`` = n and the default scale resolved (checked again)."""
     out = dict(a)
     if out["seq_len"] and out["seq_len"] != n:

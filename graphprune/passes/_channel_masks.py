@@ -13,7 +13,7 @@ constant-weight reader; FFN units: the down projection). A class whose channels 
 output is in an unprunable group and never masked.
 
 The objective of a mask is D = mean over the calibration samples and float outputs of 1 − cos(original,
-masked) (``_channel_sensitivity._distance``). One ORT session serves every evaluation: a mask is only a feed.
+masked) (``_channel_sensitivity.output_distance``). One ORT session serves every evaluation: a mask is only a feed.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from graphprune.analysis.channels import ChannelAnalysis, Member
 from graphprune.analysis.vocab import is_conv
-from graphprune.passes._channel_sensitivity import _distance
+from graphprune.passes._channel_sensitivity import output_distance
 
 #: ``run(model, values, feeds)`` → one list of arrays per feed, as ``backends.onnxruntime.probe`` (the pass hands
 #: it in: passes do not import backends)
@@ -112,4 +112,4 @@ class MaskedModel:
     def objective(self, kept: np.ndarray) -> float:
         """D(kept): mean 1 − cosine between the original's and the masked model's outputs over the feeds."""
         self.evaluations += 1
-        return _distance(self.reference, [self.outputs(kept, f) for f in self.feeds])
+        return output_distance(self.reference, [self.outputs(kept, f) for f in self.feeds])

@@ -49,7 +49,7 @@ from graphprune.analysis.channels import ChannelAnalysis
 from graphprune.analysis.importance import Importance, fold_activations
 from graphprune.analysis.vocab import is_conv
 from graphprune.passes._channel_masks import MaskedModel, Runner, masked_consumers
-from graphprune.passes._channel_plan import _keep_count, _unit, class_flops, predicted
+from graphprune.passes._channel_plan import class_flops, keep_count, predicted, round_unit
 from graphprune.passes._channel_sensitivity import measure
 
 #: removal shares of the two probes that fit each group's curve
@@ -139,7 +139,7 @@ def unit_scores(mm: MaskedModel, analysis: ChannelAnalysis, energy: np.ndarray, 
             base[g.classes] = [removed(np.array([c])) for c in g.classes]
         else:
             base[g.classes] = energy[g.classes]
-    counts = {g.id: [g.size - _keep_count(g.size, 1.0 - f, 1) for f in PROBES] for g in groups}
+    counts = {g.id: [g.size - keep_count(g.size, 1.0 - f, 1) for f in PROBES] for g in groups}
     if st.refit:  # the probes measured after the least-squares refit of the consumers (as the pass will refit)
         imp = Importance({g.id: base[g.classes] for g in analysis.groups}, "mask")
         probes = [measure(mm.source, analysis, imp, mm.feeds, refit=True, probe_ratio=f, max_feeds=len(mm.feeds),
@@ -179,7 +179,7 @@ def _chunks(analysis: ChannelAnalysis, base: np.ndarray, curves: dict[int, tuple
     for g in analysis.groups:
         if not g.prunable:
             continue
-        u = _unit(g, st.round_to)
+        u = round_unit(g, st.round_to)
         order[g.id] = g.classes[np.argsort(base[g.classes], kind="stable")]
         unit[g.id] = u
         limit[g.id] = max(0, min(g.size - u, int(g.size * st.max_group_ratio)) // u * u)

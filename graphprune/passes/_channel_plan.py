@@ -30,12 +30,12 @@ from graphprune.analysis.importance import Importance
 FORMAT = "graphprune.channel_plan/1"
 
 
-def _unit(group, round_to: int) -> int:
+def round_unit(group, round_to: int) -> int:
     w = int(group.widths.min()) if len(group.widths) else 1
     return max(1, math.ceil(round_to / max(w, 1))) if round_to > 1 else 1
 
 
-def _keep_count(n: int, frac_keep: float, unit: int) -> int:
+def keep_count(n: int, frac_keep: float, unit: int) -> int:
     if frac_keep >= 1.0:
         return n
     k = int(round(n * frac_keep / unit)) * unit
@@ -47,7 +47,7 @@ def select_local(analysis: ChannelAnalysis, imp: Importance, r: float, round_to:
     for g in analysis.groups:
         if not g.prunable or r <= 0:
             continue
-        k = _keep_count(g.size, 1.0 - r, _unit(g, round_to))
+        k = keep_count(g.size, 1.0 - r, round_unit(g, round_to))
         order = np.argsort(-imp.scores[g.id], kind="stable")
         kept[g.classes[order[k:]]] = False
     return kept
@@ -72,7 +72,7 @@ def select_global(analysis: ChannelAnalysis, imp: Importance, r: float, round_to
     for g, s in zip(groups, norm, strict=True):
         drop = int((s < thresh).sum())
         drop = min(drop, int(g.size * max_group_ratio))
-        k = _keep_count(g.size, 1.0 - drop / g.size, _unit(g, round_to))
+        k = keep_count(g.size, 1.0 - drop / g.size, round_unit(g, round_to))
         order_g = np.argsort(-imp.scores[g.id], kind="stable")
         kept[g.classes[order_g[k:]]] = False
     return kept
@@ -102,7 +102,7 @@ def allocate(analysis: ChannelAnalysis, imp: Importance, sensitivity: dict[int, 
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if (ratios(mid) * n).sum() < goal else (lo, mid)
     for g, rg in zip(groups, ratios(hi), strict=True):
-        k = _keep_count(g.size, 1.0 - float(rg), _unit(g, round_to))
+        k = keep_count(g.size, 1.0 - float(rg), round_unit(g, round_to))
         order = np.argsort(-imp.scores[g.id], kind="stable")
         kept[g.classes[order[k:]]] = False
     return kept

@@ -65,7 +65,7 @@ def _rel_err(s: np.ndarray, txx: float, atxw: np.ndarray, ata: np.ndarray) -> fl
     return float((txx - 2 * np.trace(s.T @ atxw) + np.trace(s.T @ ata @ s)) / max(txx, 1e-30))
 
 
-def _refit(m: Member, lay: LinearMap, kr: np.ndarray, ata: np.ndarray, atx: np.ndarray, gxx: np.ndarray):
+def refit_member(m: Member, lay: LinearMap, kr: np.ndarray, ata: np.ndarray, atx: np.ndarray, gxx: np.ndarray):
     """Solve one consumer's refit from its Gram blocks; returns (new full-size W, bias shift or None, errors)."""
     w, bias = lay.weight, lay.bias
     k = w.shape[0]
@@ -83,7 +83,7 @@ def _refit(m: Member, lay: LinearMap, kr: np.ndarray, ata: np.ndarray, atx: np.n
     return new_w, (sol[len(p)] if bias is not None else None), before, after, p, k
 
 
-def _store(model: ir.Model, lay: LinearMap, new_w: np.ndarray, shift: np.ndarray | None) -> None:
+def store_weights(model: ir.Model, lay: LinearMap, new_w: np.ndarray, shift: np.ndarray | None) -> None:
     _write(model.graph, lay.node, 1, lay.stored(new_w))
     if shift is not None:
         _write(model.graph, lay.bias_node, lay.bias_index, const_value(lay.bias).astype(np.float64) + shift)
@@ -107,7 +107,7 @@ def _plan_refits(analysis: ChannelAnalysis, kr: np.ndarray) -> tuple[list, list,
     return todo, others, skipped
 
 
-def _mask_rows(model: ir.Model, m: Member, kr: np.ndarray) -> None:
+def mask_rows(model: ir.Model, m: Member, kr: np.ndarray) -> None:
     """Zero the weight slices of ``m`` that read pruned channels (a masked stand-in for the surgery)."""
     w = const_value(m.value)
     drop = ~kr[m.atoms]
@@ -141,7 +141,7 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
         if after >= before:
             skipped.append(Skipped(m.node.name, "reconstruct: refit did not lower the error"))
             return
-        _store(model, lay, new_w, shift)
+        store_weights(model, lay, new_w, shift)
         rewritten.append(LayerRefit(m.node.name, int(len(p)), int(k), round(float(max(before, 0.0)), 5),
                                     round(float(max(after, 0.0)), 5)))
 
@@ -157,12 +157,12 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
             k = lay.weight.shape[0]
             p = np.nonzero(kr[m.atoms])[0]
             cols = np.append(p, k) if lay.bias is not None else p
-            finish(m, lay, *_refit(m, lay, kr, g[np.ix_(cols, cols)], g[np.ix_(cols, np.arange(k))], g[:k, :k]))
+            finish(m, lay, *refit_member(m, lay, kr, g[np.ix_(cols, cols)], g[np.ix_(cols, np.arange(k))], g[:k, :k]))
         return rewritten, skipped
 
     run_original = Probe(model, xs)  # built now: the masking below does not reach it
     for m in [t[0] for t in todo] + others:
-        _mask_rows(model, m, kr)
+        mask_rows(model, m, kr)
     for step, (m, lay) in enumerate(todo):
         x = m.node.inputs[0]
         k = lay.weight.shape[0]
@@ -178,7 +178,7 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
             ata += xp.T @ xp
             atx += xp.T @ xo
             gxx += xo.T @ xo
-        finish(m, lay, *_refit(m, lay, kr, ata, atx, gxx))
+        finish(m, lay, *refit_member(m, lay, kr, ata, atx, gxx))
         if progress is not None:
             progress(step + 1, len(todo))
     return rewritten, skipped

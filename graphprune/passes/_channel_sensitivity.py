@@ -23,11 +23,11 @@ from graphprune.analysis.channels import ChannelAnalysis
 from graphprune.analysis.importance import Importance, fold_activations
 from graphprune.analysis.linear import linear_map
 from graphprune.backends.onnxruntime import probe
-from graphprune.passes._channel_plan import _keep_count, _unit
-from graphprune.passes._channel_reconstruct import _mask_rows, _refit, _store
+from graphprune.passes._channel_plan import keep_count, round_unit
+from graphprune.passes._channel_reconstruct import mask_rows, refit_member, store_weights
 
 
-def _distance(ref: list[list[np.ndarray]], outs: list[list[np.ndarray]]) -> float:
+def output_distance(ref: list[list[np.ndarray]], outs: list[list[np.ndarray]]) -> float:
     vals = []
     for r_feed, o_feed in zip(ref, outs, strict=True):
         for a, b in zip(r_feed, o_feed, strict=True):
@@ -89,7 +89,7 @@ def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: 
     result: dict[int, float] = {}
     for step, g in enumerate(groups):
         kept = np.ones(len(analysis.root), dtype=bool)
-        k = _keep_count(g.size, 1.0 - probe_ratio, _unit(g, round_to))
+        k = keep_count(g.size, 1.0 - probe_ratio, round_unit(g, round_to))
         order = np.argsort(-imp.scores[g.id], kind="stable")
         kept[g.classes[order[k:]]] = False
         kr = kept[analysis.root]
@@ -104,14 +104,14 @@ def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: 
                 kdim = lay.weight.shape[0]
                 p = np.nonzero(keep)[0]
                 cols = np.append(p, kdim) if lay.bias is not None else p
-                new_w, shift, *_ = _refit(m, lay, kr, gram[np.ix_(cols, cols)], gram[np.ix_(cols, np.arange(kdim))],
+                new_w, shift, *_ = refit_member(m, lay, kr, gram[np.ix_(cols, cols)], gram[np.ix_(cols, np.arange(kdim))],
                                           gram[:kdim, :kdim])
                 if shift is not None:
                     restore.remember(lay.bias_node, lay.bias_index)
-                _store(model, lay, new_w, shift)
+                store_weights(model, lay, new_w, shift)
             else:
-                _mask_rows(model, m, kr)
-        result[g.id] = _distance(ref, _outputs(model, outputs, feeds))
+                mask_rows(model, m, kr)
+        result[g.id] = output_distance(ref, _outputs(model, outputs, feeds))
         restore.restore()
         if progress is not None:
             progress(step + 1, len(groups))

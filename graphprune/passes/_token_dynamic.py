@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from graphprune._ir import NameScope, const_value
 from graphprune.analysis.tokens import downstream_nodes, is_broadcasting, is_shape, is_shape_arith
-from graphprune.ops._base import Body
+from graphprune.ops import Body
 from graphprune.passes.base import Skip
 
 

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from graphprune._ir import additive_mask
 from graphprune.analysis.attention import AttentionBlock
 from graphprune.analysis.tokens import is_matmul
-from graphprune.ops._base import INT64_MAX, Body
+from graphprune.ops import INT64_MAX, Body
 from graphprune.passes.base import Skip
 
 

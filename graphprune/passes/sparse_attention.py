@@ -43,9 +43,8 @@ import pydantic
 from graphprune._ir import NameScope, additive_mask
 from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
 from graphprune.errors import ConfigError
-from graphprune.ops import add_function
+from graphprune.ops import FLOAT_TYPES, add_function
 from graphprune.ops import sparse_attention as op
-from graphprune.ops._base import FLOAT_TYPES
 from graphprune.passes import register
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skip, Skipped
 

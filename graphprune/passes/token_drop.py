@@ -50,8 +50,7 @@ from graphprune.analysis.tokens import (
     weight_dims,
 )
 from graphprune.errors import ConfigError
-from graphprune.ops import add_node_function, diversity_select, token_merge, token_select
-from graphprune.ops._base import Body
+from graphprune.ops import Body, add_node_function, diversity_select, token_merge, token_select
 from graphprune.passes import _token_rewire as rewire
 from graphprune.passes import _token_schedule as sched
 from graphprune.passes import _token_scores as scores

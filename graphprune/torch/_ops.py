@@ -18,8 +18,7 @@ from collections.abc import Callable
 import torch
 from array_api_compat import torch as _xp
 
-from graphprune.ops import DOMAIN, DOMAIN_VERSION, REGISTRY, OpDef
-from graphprune.ops._dims import TorchDimOps, bind, evaluate
+from graphprune.ops import DOMAIN, DOMAIN_VERSION, REGISTRY, OpDef, TorchDimOps, bind, evaluate
 
 _LIB = "graphprune"
 TRANSLATIONS: dict[Callable, Callable] = {}

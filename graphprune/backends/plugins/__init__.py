@@ -43,8 +43,7 @@ import inspect
 from typing import Any
 
 from graphprune.errors import GraphpruneError
-from graphprune.ops import REGISTRY, OpDef
-from graphprune.ops._dims import DimOps
+from graphprune.ops import REGISTRY, DimOps, OpDef
 
 #: Ops with a Triton kernel launcher: (module, launcher, the module's ``supported(n, attrs)`` or None when the
 #: kernel takes every shape). The others, and shapes a kernel does not take, run OpDef.compute with torch.
