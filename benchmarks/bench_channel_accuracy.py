@@ -7,7 +7,7 @@ of the same trained CNN weights:
     only), so ``BatchNormalization`` nodes remain and the ``bn`` (|γ|) criterion has something to read.
 For each criterion (l1, l2, bn, activation with 64 calibration images) × local/global ranking × round_to (8, 1)
 × least-squares refit (``reconstruct``, same 64 images) × ratio: top-1 on the 360 test images, FLOPs and
-params kept (``count_flops``).
+params kept (``measure_flops``).
 
 Run:  python benchmarks/bench_channel_accuracy.py
 """
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import digits  # noqa: E402
 from benchmarks.results import Table, add_result_option  # noqa: E402
-from graphprune.backends.onnxruntime import count_flops  # noqa: E402
+from graphprune.backends.onnxruntime import measure_flops  # noqa: E402
 from graphprune.passes import PassContext, get_pass  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     table = Table("| export | criterion | ranking | round_to | refit | ratio | top-1 | FLOPs kept | params kept |")
     for label, path in exports.items():
         base = ir.load(path)
-        f0, p0 = count_flops(base).flops, count_flops(base).params
+        f0, p0 = measure_flops(base).flops, measure_flops(base).params
         table.add(f"| {label} | (unpruned) | | | | 0% | {digits.evaluate(base, x_te, y_te):.2%} | 1.00 | 1.00 |")
         criteria = ["l1", "l2", "activation"] + (["bn"] if label == "bn kept" else [])
         for crit in criteria:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                         ctx = PassContext(calibration=calib)
                         cfg = {"ratio": ratio, "importance": crit, "global": glob, "round_to": rt, "reconstruct": rec}
                         get_pass("channel_prune")(cfg, ctx)(model)
-                        fr = count_flops(model)
+                        fr = measure_flops(model)
                         acc = digits.evaluate(model, x_te, y_te)
                         table.add(f"| {label} | {crit} | {'global' if glob else 'local'} | {rt} | {'yes' if rec else 'no'} | "
                                   f"{ratio:.0%} | {acc:.2%} | {fr.flops / f0:.2f} | {fr.params / p0:.2f} |")

@@ -1,7 +1,7 @@
 """Speed of ``channel_prune`` on the ResNet-50-shaped and DeiT-S-shaped examples and small decoder LMs, ORT CPU.
 
 For each model, ratio (fraction of channels removed in every prunable group, L2 importance) and ``round_to``:
-FLOPs ratio (``count_flops``, base / pruned), measured ORT latency ratio (base / pruned, interleaved runs,
+FLOPs ratio (``measure_flops``, base / pruned), measured ORT latency ratio (base / pruned, interleaved runs,
 spinning off, median of ``--runs``), and speedup efficiency = measured speedup / FLOPs-predicted speedup.
 
 DeiT-S rows: "heads+mlp" keeps the residual stream width (the default: the patch embedding is the input stem);
@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graphprune.analysis.inputs import example_inputs
-from graphprune.backends.onnxruntime import benchmark, count_flops, make_session
+from graphprune.backends.onnxruntime import benchmark, make_session, measure_flops
 from graphprune.passes import get_pass
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or with -m
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         path = _export(name, folder)
         base = ir.load(path)
         dims = {"seq": SEQ} if name in DECODERS else None
-        f0 = count_flops(base, dims=dims).flops
+        f0 = measure_flops(base, dims=dims).flops
         if name.startswith("vit"):
             variants = [("heads+mlp", True), ("+stream", False)] if a.stream else [("heads+mlp", True)]
         else:  # decoders: the embedding width is the input stem, as in the ViTs
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             for ratio in a.ratios:
                 for rt in a.round_to:
                     pruned, secs = _prune(path, ratio=ratio, round_to=rt, ignore_stem=stem)
-                    cut = f0 / count_flops(pruned, dims=dims).flops
+                    cut = f0 / measure_flops(pruned, dims=dims).flops
                     for batch in a.batch:
                         feeds = example_inputs(base, batch=batch, dims=dims)
                         s0, s1 = make_session(base), make_session(pruned)

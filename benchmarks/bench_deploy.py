@@ -8,7 +8,7 @@ tritonserver; then, per pair, ``load_test(optimized, compare=original)`` times t
 B A, ...) at each concurrency level, with batch-1 requests over HTTP.
 
 Throughput ratio = req/s optimized / req/s original; efficiency = throughput ratio / FLOPs cut, where FLOPs cut
-= FLOPs original / FLOPs optimized (``count_flops`` at batch 1, from the optimize report).
+= FLOPs original / FLOPs optimized (``measure_flops`` at batch 1, from the optimize report).
 
 This is what the CLI does step by step (docs/deploy.md): ``graphprune optimize`` → ``graphprune deploy
 --backend python`` → ``graphprune serve`` → ``graphprune loadtest --compare``.

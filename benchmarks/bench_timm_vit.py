@@ -6,7 +6,7 @@ tuple (``--unpack unbind``: ``qkv.unbind(0)``), ``q_norm``/``k_norm`` identities
 ``torch.onnx.export(dynamo=True)`` at opset 18 with a dynamic batch (not through ``graphprune.torch``), pruned by
 ``channel_prune`` with the defaults ``graphprune optimize --prune-channels 0.3`` uses without data (L2 magnitude).
 
-Prints: the groups pruned (heads / hidden units), FLOPs cut (``count_flops``, base / pruned), and the ORT CPU latency
+Prints: the groups pruned (heads / hidden units), FLOPs cut (``measure_flops``, base / pruned), and the ORT CPU latency
 ratio at ``--batch`` (interleaved runs, spinning off, median of ``--repeats`` calls), with the load average before and
 after, since the machine is shared. Torch-Pruning 1.6.1 reaches 1.85× on this model shape at 30% (MEASURED.md).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from graphprune.analysis.inputs import example_inputs
-from graphprune.backends.onnxruntime import benchmark, count_flops, make_session
+from graphprune.backends.onnxruntime import benchmark, make_session, measure_flops
 from graphprune.passes import get_pass
 
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         kinds: dict[str, int] = {}
         for g in res.rewritten:
             kinds[g.kind] = kinds.get(g.kind, 0) + 1
-        f0, f1 = count_flops(base).flops, count_flops(pruned).flops
+        f0, f1 = measure_flops(base).flops, measure_flops(pruned).flops
         feeds = example_inputs(base, batch=a.batch)
         s0, s1 = make_session(base), make_session(pruned)
         load0 = os.getloadavg()

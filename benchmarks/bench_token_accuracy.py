@@ -19,7 +19,7 @@ import onnx_ir as ir
 from benchmarks import digits
 from benchmarks.bench_token_drop import measure
 from benchmarks.results import Table, add_result_option
-from graphprune.backends.onnxruntime import count_flops, make_session
+from graphprune.backends.onnxruntime import make_session, measure_flops
 from graphprune.passes import get_pass
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     _, _, x_test, y_test = digits.load_split()
     base = ir.load(str(path))
     base_acc = digits.evaluate(base, x_test, y_test)
-    base_flops = count_flops(base, batch=1).flops
+    base_flops = measure_flops(base, batch=1).flops
     base_sess = make_session(path)
     rng = np.random.default_rng(0)
     feeds = {b: {"x": x_test[rng.choice(len(x_test), b, replace=False)]} for b in (64, 1)}
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             model = ir.load(str(path))
             result = get_pass("token_drop")(dict(cfg, **{key: level}))(model)
             acc = digits.evaluate(model, x_test, y_test)
-            fr = count_flops(model, batch=1).flops / base_flops
+            fr = measure_flops(model, batch=1).flops / base_flops
             lat = {b: float("nan") if a.no_latency else
                    measure(base_sess, model, feeds[b], a.reps, a.runs if b == 64 else 3 * a.runs)[0] for b in feeds}
             after = [str(r.tokens_after) for r in result.rewritten]

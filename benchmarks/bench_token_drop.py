@@ -1,6 +1,6 @@
 """Speed of ``token_drop`` on the DeiT-S-shaped example ViT (197 tokens, ORT CPU).
 
-For each method at three levels: FLOPs ratio (``count_flops``, optimized / original), measured latency ratio
+For each method at three levels: FLOPs ratio (``measure_flops``, optimized / original), measured latency ratio
 (median over repetitions of the per-repetition median ratio, base and optimized runs interleaved in one
 process, spinning off), and speedup efficiency = measured speedup / FLOPs-predicted speedup.
 
@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from benchmarks.results import Table, add_result_option
-from graphprune.backends.onnxruntime import benchmark, count_flops, make_session
+from graphprune.backends.onnxruntime import benchmark, make_session, measure_flops
 from graphprune.passes import get_pass
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,13 +61,13 @@ def restore_cost(result: str | None, feeds: dict, reps: int, runs: int) -> None:
     ``result`` (a path) the table is also written as a result file."""
     path = export_deit(18, pool="tokens")
     base = ir.load(str(path))
-    base_flops = count_flops(base, batch=feeds["x"].shape[0]).flops
+    base_flops = measure_flops(base, batch=feeds["x"].shape[0]).flops
     base_sess = make_session(path)
     rows = []
     for restore in (False, True):
         model = ir.load(str(path))
         get_pass("token_drop")({"keep_ratio": 0.7, "layers": LAYERS, "restore": restore})(model)
-        fr = count_flops(model, batch=feeds["x"].shape[0]).flops / base_flops
+        fr = measure_flops(model, batch=feeds["x"].shape[0]).flops / base_flops
         lat, base_ms = measure(base_sess, model, feeds, reps, runs)
         shape = make_session(model).run(None, feeds)[0].shape
         rows.append((restore, shape, fr, lat, base_ms))
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     for opset in [int(o) for o in a.opsets.split(",")]:
         path = export_deit(opset)
         base = ir.load(str(path))
-        base_flops = count_flops(base, batch=a.batch).flops
+        base_flops = measure_flops(base, batch=a.batch).flops
         base_sess = make_session(path)
         configs = [CONFIGS[0][:3] + ([0.7],)] if a.quick else CONFIGS
         if opset != 18 and not a.quick:  # the fused-op rows: the recompute paths only
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                 t0 = time.perf_counter()
                 result = get_pass("token_drop")(dict(cfg, **{key: level}))(model)
                 t_pass = time.perf_counter() - t0
-                fr = count_flops(model, batch=a.batch).flops / base_flops
+                fr = measure_flops(model, batch=a.batch).flops / base_flops
                 lat, base_ms = measure(base_sess, model, feeds, a.reps, a.runs)
                 eff = (1 / lat) / (1 / fr)
                 after = [str(r.tokens_after) for r in result.rewritten]

@@ -263,11 +263,11 @@ def inspect(
 ) -> None:
     """Show inputs, outputs, opset, FLOPs/params, attention blocks and channel groups of MODEL."""
     from graphprune.analysis import summarize
-    from graphprune.backends.onnxruntime import count_flops
+    from graphprune.backends.onnxruntime import measure_flops
     from graphprune.io import load_model
 
     m = load_model(model)
-    info = summarize(m, flops=count_flops(m), explain=explain)  # shapes static inference misses are measured in one ORT run
+    info = summarize(m, flops=measure_flops(m), explain=explain)  # shapes static inference misses are measured in one ORT run
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return

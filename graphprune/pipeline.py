@@ -36,7 +36,7 @@ import pydantic
 import yaml
 
 from graphprune._dtype import BF16_NOTE, has_bfloat16
-from graphprune.backends.onnxruntime import count_flops
+from graphprune.backends.onnxruntime import measure_flops
 from graphprune.errors import ConfigError, GraphpruneError, InternalError
 from graphprune.passes import get_pass
 from graphprune.passes.base import GraphPass, PassConfig, PassContext
@@ -202,7 +202,7 @@ class Pipeline:
 
 
 def _stats(model: ir.Model) -> dict[str, int]:
-    fr = count_flops(model)
+    fr = measure_flops(model)
     return {"nodes": sum(1 for _ in model.graph), "flops": fr.flops, "params": fr.params}
 
 
@@ -467,7 +467,7 @@ def _verify_bench_report(model_path, original, output, model, staged_path, recor
         f0, f1 = records[0]["flops"]["before"], records[-1]["flops"]["after"]
         p0, p1 = records[0]["params"]["before"], records[-1]["params"]["after"]
     else:
-        r = count_flops(model)
+        r = measure_flops(model)
         f0 = f1 = r.flops
         p0 = p1 = r.params
     report: dict[str, Any] = {

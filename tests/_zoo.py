@@ -727,11 +727,11 @@ def _short(text: str, n: int = 70) -> str:
 def inspect(path: Path) -> dict[str, Any]:
     """What ``graphprune inspect --json`` computes (``load_model`` with its validation, then ``summarize``)."""
     from graphprune.analysis import summarize
-    from graphprune.backends.onnxruntime import count_flops
+    from graphprune.backends.onnxruntime import measure_flops
     from graphprune.io import load_model
 
     m = load_model(path)
-    return summarize(m, flops=count_flops(m))
+    return summarize(m, flops=measure_flops(m))
 
 
 def _feeds(path: Path) -> list[dict[str, np.ndarray]]:

@@ -124,7 +124,7 @@ def test_flops_runtime_fallback_matches_static_export(tmp_path):
     n_outputs = len(dyn.graph.outputs)
     ref = count_flops(static)
     assert ref.unknown == []
-    from graphprune.backends.onnxruntime import count_flops as measured_flops
+    from graphprune.backends.onnxruntime import measure_flops as measured_flops
 
     without = count_flops(dyn)  # analysis: static inference only, runs nothing
     before = ir.to_proto(dyn).SerializeToString()

@@ -28,7 +28,7 @@ import _channel_zoo as zoo  # noqa: E402
 
 import graphprune.torch as gtorch  # noqa: E402
 from graphprune.analysis.channels import analyze_channels  # noqa: E402
-from graphprune.backends.onnxruntime import count_flops  # noqa: E402
+from graphprune.backends.onnxruntime import measure_flops as count_flops  # noqa: E402
 from graphprune.passes import get_pass  # noqa: E402
 
 DIM, HEADS, DEPTH, HD = 64, 4, 4, 16

@@ -185,7 +185,7 @@ def test_analysis_functions_do_not_mutate_the_model(export):
     from graphprune.analysis.linear import linear_map
     from graphprune.analysis.shapes import concrete_shapes, input_dims
     from graphprune.analysis.tokens import token_sites
-    from graphprune.backends.onnxruntime import count_flops as measured_flops
+    from graphprune.backends.onnxruntime import measure_flops as measured_flops
     from graphprune.backends.onnxruntime import probe, runtime_shapes
 
     model = load_model(export("vit_tiny"))

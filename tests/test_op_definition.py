@@ -156,3 +156,22 @@ def test_torch_op_takes_onnx_attribute_names():
     np.testing.assert_allclose(y.numpy(), ry, rtol=1e-6)
     for op in ("token_select", "token_merge", "diversity_select", "sparse_attention"):
         assert hasattr(torch.ops.graphprune, op)
+
+
+def test_the_two_flops_counters_have_two_names():
+    """``analysis.count_flops`` (static, runs nothing) and ``measure_flops`` (completes shapes in ORT) are different
+    functions with different names; the old top-level ``graphprune.count_flops`` warns and is ``measure_flops``."""
+    import warnings
+
+    import graphprune
+    from graphprune.analysis import count_flops as static
+    from graphprune.backends.onnxruntime import measure_flops
+
+    assert static is not measure_flops and "count_flops" not in graphprune.__all__
+    assert graphprune.measure_flops is measure_flops
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert graphprune.count_flops is measure_flops
+    assert [w.category for w in caught] == [DeprecationWarning] and "measure_flops" in str(caught[0].message)
+    model = _model_with_every_op()
+    assert measure_flops(model, batch=2).flops == static(model, batch=2).flops > 0

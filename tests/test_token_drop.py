@@ -432,7 +432,7 @@ def test_parallel_blocks_never_get_a_reduction_that_only_adds_cost(layers, tmp_p
     attention reaches nothing before the logits are restored: it is refused with the reason (it used to be written,
     FLOPs ×1.002). With more blocks the reduction lands earlier and the FLOPs drop."""
     transformers = pytest.importorskip("transformers")
-    from graphprune.backends.onnxruntime import count_flops
+    from graphprune.backends.onnxruntime import measure_flops as count_flops
     from graphprune.torch import export
 
     torch.manual_seed(0)

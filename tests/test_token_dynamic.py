@@ -104,9 +104,9 @@ def _apply(path, cfg):
 
 
 def _flops(model):
-    from graphprune.backends.onnxruntime import count_flops
+    from graphprune.backends.onnxruntime import measure_flops
 
-    return count_flops(model, dims={"sequence": 32}).flops
+    return measure_flops(model, dims={"sequence": 32}).flops
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ def summarize(model: ir.Model, flops: FlopsReport | None = None, explain: bool =
     prunable: id, kind, size, members, reason) — the same reasons the passes give when they skip.
 
     ``flops`` is the FLOPs report to show; by default the static count (``count_flops``). Pass
-    ``graphprune.backends.onnxruntime.count_flops(model)`` to have the shapes static inference misses measured.
+    ``graphprune.backends.onnxruntime.measure_flops(model)`` to have the shapes static inference misses measured.
     Nodes left uncounted are reported as ``flops_unknown_nodes``.
     """
     fr = flops if flops is not None else count_flops(model)

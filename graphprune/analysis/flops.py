@@ -8,7 +8,7 @@ elementwise ops (1/elem of the output). Shape-only ops (Reshape, Transpose, Gath
 the counted batch.
 
 Shapes come from ONNX shape inference at a fixed input size (batch 1 by default), or from the caller
-(``shapes``: e.g. completed with shapes measured in ONNX Runtime by ``graphprune.backends.onnxruntime.count_flops``;
+(``shapes``: e.g. completed with shapes measured in ONNX Runtime by ``graphprune.backends.onnxruntime.measure_flops``;
 nothing here runs a model). Nodes whose shapes stay unknown are listed in ``FlopsReport.unknown`` rather than
 silently counted as zero.
 """
@@ -143,7 +143,7 @@ def static_shapes(model: ir.Model, batch: int = 1, dims: dict[str, int] | None =
 
 def unresolved_values(model: ir.Model, shapes: dict[str, tuple]) -> list[ir.Value]:
     """The typed, non-constant values of the main graph whose shape ``shapes`` leaves unknown or symbolic: what a
-    caller measures (``graphprune.backends.onnxruntime.count_flops``) when static inference stops."""
+    caller measures (``graphprune.backends.onnxruntime.measure_flops``) when static inference stops."""
     wanted: dict[ir.Value, None] = {}
     for node in model.graph:
         for v in (*node.inputs, *node.outputs):
@@ -160,7 +160,7 @@ def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = N
     """FLOPs of one forward pass at ``batch`` (symbolic non-batch axes from ``dims`` or 32).
 
     ``shapes`` (value name → shape) replaces static shape inference, e.g. ``static_shapes`` completed with shapes
-    measured in a run (``graphprune.backends.onnxruntime.count_flops`` does that). Nodes whose shapes stay
+    measured in a run (``graphprune.backends.onnxruntime.measure_flops`` does that). Nodes whose shapes stay
     unknown are listed in ``unknown``. Runs nothing and changes nothing.
     """
     if shapes is None:

@@ -245,7 +245,7 @@ def runtime_shapes(model: ir.Model, values: Sequence[ir.Value], feeds: Mapping[s
     return {v.name: tuple(a.shape) for v, a in zip(values, arrays, strict=True)}
 
 
-def count_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None) -> flops.FlopsReport:
+def measure_flops(model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None) -> flops.FlopsReport:
     """:func:`graphprune.analysis.flops.count_flops`, with the shapes static inference leaves unknown read from one
     ORT run on generated inputs (e.g. behind data-dependent mask logic). Nodes still unresolved, or every node whose
     shapes were unknown when the model cannot run, are listed in ``unknown``."""

@@ -1,11 +1,11 @@
 """Token schedules for ``token_drop`` and the FLOPs model that the budget schedule solves against.
 
-FLOPs model: :func:`graphprune.backends.onnxruntime.count_flops` (static shapes, completed in ONNX Runtime where
+FLOPs model: :func:`graphprune.backends.onnxruntime.measure_flops` (static shapes, completed in ONNX Runtime where
 inference stops) of the unmodified model gives each node's FLOPs at the full token count ``N``. A node after the reduction points runs on ``n`` tokens: attention-core nodes (q·kᵀ,
 softmax, ·v) scale with ``(n/N)²``, every other node on the stream with ``n/N``. The token count in effect at
 a node is the count after the last reduction placed before it in graph order (nodes before the first block,
 such as the patch embedding, keep ``N``). This holds for the transformer stacks the pass supports, where the
-stream is sequential; it is a prediction, and the pass also reports ``count_flops`` of the rewritten model.
+stream is sequential; it is a prediction, and the pass also reports ``measure_flops`` of the rewritten model.
 
 Schedules (``keep[i]`` is the fraction of incoming non-prefix tokens kept at ``layers[i]``):
   1. constant: ``keep_ratio`` at every layer (EViT);
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 
 from graphprune.analysis.attention import AttentionBlock
-from graphprune.backends.onnxruntime import count_flops
+from graphprune.backends.onnxruntime import measure_flops
 from graphprune.errors import ConfigError
 from graphprune.ops.token_select import kept_count
 
@@ -38,7 +38,7 @@ class FlopsModel:
 
     @classmethod
     def build(cls, model: ir.Model, blocks: Sequence[AttentionBlock], batch: int = 1) -> FlopsModel:
-        report = count_flops(model, batch=batch)
+        report = measure_flops(model, batch=batch)
         core = {id(n) for b in blocks for n in b.nodes}
         entries = []
         for pos, node in enumerate(model.graph):

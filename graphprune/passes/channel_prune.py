@@ -53,7 +53,7 @@ from onnx_ir.passes.common import NameFixPass
 from graphprune.analysis.channels import analyze_channels
 from graphprune.analysis.importance import activation_values, compute_importance
 from graphprune.analysis.inputs import example_inputs
-from graphprune.backends.onnxruntime import count_flops, probe
+from graphprune.backends.onnxruntime import measure_flops, probe
 from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes._channel_masksearch import SearchSettings, mask_search
@@ -167,7 +167,7 @@ def _write_plan(cfg: ChannelPruneConfig, plan: dict, info: dict) -> None:
 
 def _per_node_flops(model: ir.Model) -> dict[str, int] | None:
     try:
-        report = count_flops(model)
+        report = measure_flops(model)
     except Exception:  # noqa: BLE001 - FLOPs model falls back to the analysis' own compute terms
         return None
     return None if report.unknown else dict(report.per_node)
