@@ -385,3 +385,41 @@ def test_no_private_names_from_another_package():
                 if private:
                     hits.append(f"{rel.as_posix()}:{node.lineno}: {mod} {private}")
     assert hits == []
+
+
+def _module_imports(pkg: str) -> dict[str, set[str]]:
+    """``graphprune.<pkg>`` module → the modules of that package it imports (at the top or deferred)."""
+    out = {}
+    for path in sorted((PKG / pkg).glob("*.py")):
+        name = f"graphprune.{pkg}" if path.stem == "__init__" else f"graphprune.{pkg}.{path.stem}"
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(f"graphprune.{pkg}"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names
+                            if (PKG / pkg / f"{a.name}.py").exists() and node.module == f"graphprune.{pkg}")
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith(f"graphprune.{pkg}"))
+        out[name] = deps - {name}
+    return out
+
+
+def test_torch_front_end_has_no_import_cycles():
+    """No module of ``graphprune.torch`` imports the package itself (its ``__init__`` only re-exports), and the
+    modules' imports, deferred ones included, form no cycle (``_export`` holds ``export``; ``_tensors`` what
+    ``_apply`` and ``_fx`` share)."""
+    graph = _module_imports("torch")
+    assert [m for m, deps in graph.items() if m != "graphprune.torch" and "graphprune.torch" in deps] == []
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            assert state.get(d) != 1, " -> ".join([*path, m, d])
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

@@ -79,7 +79,7 @@ def _ort(path, args):
 
 
 def _outs(module, args):
-    from graphprune.torch._apply import _flat
+    from graphprune.torch._tensors import flat_tensors as _flat
 
     module.eval()
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_training_step(pruned, name):
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
 
     def loss_fn():
-        return sum(t.float().pow(2).mean() for t in gt._apply._flat(model(*args)))
+        return sum(t.float().pow(2).mean() for t in gt._tensors.flat_tensors(model(*args)))
 
     loss = loss_fn()
     opt.zero_grad()

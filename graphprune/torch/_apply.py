@@ -29,13 +29,13 @@ apply_plan refuses such a module at once (:mod:`._runcheck`, a shape-only run on
 from __future__ import annotations
 
 import ast
-import copy
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from graphprune.errors import GraphpruneError
+from graphprune.torch._fx import FX_META, rewrite_shapes
+from graphprune.torch._tensors import Slicing, slice_module, split_fqn
 
 FORMAT = "graphprune.torch_pruned/1"
 _BN = nn.modules.batchnorm._BatchNorm
@@ -61,31 +61,12 @@ def _scope_module(entry: dict, modules: dict[str, nn.Module]) -> str | None:
     return scope[-1] if scope else None
 
 
-def _owner(fqn: str) -> tuple[str, str]:
-    return fqn.rsplit(".", 1) if "." in fqn else ("", fqn)
-
-
-class _Slicing:
-    """fqn → {axis: keep}, with a conflict check (one tensor sliced two ways is a plan the module cannot hold)."""
-
-    def __init__(self) -> None:
-        self.axes: dict[str, dict[int, tuple[int, ...]]] = {}
-
-    def add(self, fqn: str, axis: int, keep: Sequence[int], where: str) -> None:
-        cur = self.axes.setdefault(fqn, {})
-        keep = tuple(int(k) for k in keep)
-        if axis in cur and cur[axis] != keep:
-            raise GraphpruneError(f"apply_plan: parameter {fqn!r} is sliced two different ways on axis {axis} ({where}); "
-                                  "a shared tensor that the plan prunes differently per use cannot be one parameter")
-        cur[axis] = keep
-
-
-def resolve(module: nn.Module, plan: dict) -> _Slicing:
+def resolve(module: nn.Module, plan: dict) -> Slicing:
     """Which tensor of ``module`` each plan slice lands on, and along which axis (see module docstring)."""
     _check_plan(plan)
     modules = dict(module.named_modules())
     tensors = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
-    out = _Slicing()
+    out = Slicing()
     by_node: dict[str, list[dict]] = {}
     for e in plan.get("slices", []):
         by_node.setdefault(e["node"], []).append(e)
@@ -127,7 +108,7 @@ def _resolve_entry(e: dict, modules: dict, tensors: dict) -> tuple[str | None, i
                           f"or buffer of the module (shape {shape}, axis {axis})")
 
 
-def _fused_bn(e: dict, entries: list[dict], modules: dict, tensors: dict, out: _Slicing, fqn: str | None, axis: int,
+def _fused_bn(e: dict, entries: list[dict], modules: dict, tensors: dict, out: Slicing, fqn: str | None, axis: int,
               where: str) -> None:
     """A BatchNorm the exporter folded into this Conv/Gemm: its tensors (and the owner's bias) follow the output
     channels of the fused weight."""
@@ -136,7 +117,7 @@ def _fused_bn(e: dict, entries: list[dict], modules: dict, tensors: dict, out: _
         return
     owner = None
     if fqn is not None and not fqn.startswith(scope + "."):
-        owner = _owner(fqn)[0]
+        owner = split_fqn(fqn)[0]
         if not (e.get("role") == "out" and axis == 0):
             return  # an input-channel slice of the fused weight does not touch the BatchNorm
     elif fqn is None:  # <owner>.weight_bias
@@ -162,38 +143,8 @@ def _group_edits(plan: dict, module: nn.Module) -> dict[str, int]:
             continue
         fqn, _ = _resolve_entry(weights[s["node"]], modules, tensors)
         if fqn is not None:
-            out[_owner(fqn)[0]] = int(s["value"])
+            out[split_fqn(fqn)[0]] = int(s["value"])
     return out
-
-
-def slice_module(module: nn.Module, slicing: _Slicing) -> nn.Module:
-    """A deep copy of ``module`` with every tensor of ``slicing`` sliced (parameters stay parameters, tied ones
-    stay tied); attributes are not touched."""
-    pruned = copy.deepcopy(module)
-    done: dict[int, tuple] = {}
-    for fqn, axes in slicing.axes.items():
-        owner_name, attr = _owner(fqn)
-        owner = pruned.get_submodule(owner_name)
-        t = getattr(owner, attr)
-        spec = tuple(sorted(axes.items()))
-        if id(t) in done:
-            if done[id(t)][0] != spec:
-                raise GraphpruneError(f"apply_plan: tied parameter {fqn!r} is sliced differently from its twin")
-            new = done[id(t)][1]
-        else:
-            data = t.detach()
-            for axis, keep in spec:
-                if axis >= data.dim():
-                    raise GraphpruneError(f"apply_plan: {fqn!r} has no axis {axis} (shape {tuple(data.shape)})")
-                data = data.index_select(axis, torch.tensor(keep, dtype=torch.long, device=data.device))
-            data = data.clone().contiguous()
-            new = nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else data
-            done[id(t)] = (spec, new)
-        if isinstance(t, nn.Parameter):
-            setattr(owner, attr, new)
-        else:
-            owner._buffers[attr] = new
-    return pruned
 
 
 def rewrite_attributes(original: nn.Module, pruned: nn.Module, groups: dict[str, int]) -> None:
@@ -278,16 +229,6 @@ def _old_width(o: nn.Module, fused: bool) -> int:
     return q.out_features // 3 if fused else q.out_features
 
 
-def _flat(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flat(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flat(v)]
-    return []
-
-
 def _runs(module: nn.Module, example_inputs: tuple) -> Exception | None:
     was = module.training
     module.eval()
@@ -360,7 +301,6 @@ def apply_plan(module: nn.Module, plan: dict, example_inputs: tuple | None = Non
 
 
 def _fx_apply(module, plan, slicing, example_inputs, dynamic_axes):
-    from graphprune.torch._fx import rewrite_shapes
 
     axes = dynamic_axes if dynamic_axes is not None else plan.get("info", {}).get("torch", {}).get("dynamic_axes")
     if axes is not None:
@@ -377,7 +317,6 @@ def save_pruned(module: nn.Module, plan: dict, path) -> None:
     """Write ``module``'s state_dict and ``plan`` (and, for an FX-rewritten module, the example input specs that
     rebuild it) to ``path`` with ``torch.save``."""
     _check_plan(plan)
-    from graphprune.torch._fx import FX_META
 
     fx = module.meta.get(FX_META) if isinstance(module, torch.fx.GraphModule) else None
     if isinstance(module, torch.fx.GraphModule) and fx is None:

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphpruneError
+from graphprune.torch._export import export_program
+from graphprune.torch._tensors import flat_tensors, slice_module
 
 aten = torch.ops.aten
 _SHAPE_ARG1 = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
@@ -40,8 +42,6 @@ def trace(module: nn.Module, example_inputs: tuple, dynamic_axes: dict[int, str]
     """The GraphModule behind ``graphprune.torch.export(module, example_inputs)`` (module deep-copied), as a plain
     ``torch.fx.GraphModule``: ``ExportedProgram.module()`` refuses ``train()`` / ``eval()``, which an optimizer
     loop calls; the graph itself is the eval-mode export either way."""
-    from graphprune.torch import export_program
-
     m = copy.deepcopy(module)
     program = export_program(m, example_inputs, dynamic_axes=dynamic_axes)
     gm = program.exported_program.module()
@@ -112,8 +112,6 @@ def _retarget_split(node: torch.fx.Node, want: dict[str, dict[int, int]]) -> int
 def rewrite_shapes(module: nn.Module, plan: dict, slicing, example_inputs: tuple,
                    dynamic_axes: dict[int, str] | None = None) -> torch.fx.GraphModule:
     """The pruned module as a GraphModule: traced, shapes retargeted, tensors sliced (``apply_plan``'s FX path)."""
-    from graphprune.torch._apply import _flat, slice_module
-
     gm = trace(module, example_inputs, dynamic_axes)
     retarget_shapes(gm, plan.get("value_shapes", []))
     tensors = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
@@ -124,7 +122,7 @@ def rewrite_shapes(module: nn.Module, plan: dict, slicing, example_inputs: tuple
     pruned.train(module.training)
     try:
         with torch.no_grad():
-            _flat(pruned(*example_inputs))
+            flat_tensors(pruned(*example_inputs))
     except Exception as e:  # noqa: BLE001 - any failure here means a shape the rewrite did not reach
         raise GraphpruneError(f"apply_plan (fx): the rewritten graph does not run: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from e

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from graphprune.errors import ConfigError, GraphpruneError, VerificationError
+from graphprune.torch._export import export
+from graphprune.torch._tensors import flat_tensors
 
 
 @dataclasses.dataclass
@@ -97,9 +99,7 @@ def _to_numpy_feeds(data: Any, names: list[str]) -> Any:
 
 
 def _flat(out) -> list[np.ndarray]:
-    from graphprune.torch._apply import _flat as flat
-
-    return [t.detach().cpu().numpy() for t in flat(out)]
+    return [t.detach().cpu().numpy() for t in flat_tensors(out)]
 
 
 def _compare(module: nn.Module, names: list[str], feeds: list[dict], other) -> dict:
@@ -155,8 +155,6 @@ def optimize(module: nn.Module, example_inputs: tuple, pipeline: Any, data: Any 
     from graphprune.io import load_model
     from graphprune.pipeline import optimize as optimize_onnx
     from graphprune.pipeline import resolve_data
-    from graphprune.torch import export
-
     if out is None:
         raise GraphpruneError("optimize: out= (the optimized .onnx path) is required")
     out = Path(out)

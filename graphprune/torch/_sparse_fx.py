@@ -37,6 +37,7 @@ from torch import nn
 
 from graphprune._ir import const_value
 from graphprune.errors import ConfigError, GraphpruneError
+from graphprune.torch._export import export_program
 
 aten = torch.ops.aten
 META = "graphprune_sparse_attention"
@@ -63,8 +64,6 @@ def sparse_attention(module: nn.Module, example_inputs: tuple, *, dynamic_axes: 
     passed to the export (a dynamic sequence axis allows only the patterns the ONNX pass allows there).
     """
     from graphprune.passes.sparse_attention import plan
-    from graphprune.torch import export_program
-
     cfg = _config(config)
     args = tuple(example_inputs)
     program = export_program(copy.deepcopy(module), args, dynamic_axes=dynamic_axes)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import ConfigError, GraphpruneError
+from graphprune.torch._export import export_program
 
 aten = torch.ops.aten
 _TARGETS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
@@ -74,8 +75,6 @@ def token_drop(module: nn.Module, example_inputs: tuple, *, dynamic_axes: dict[i
     from graphprune.analysis.attention import NoMatch
     from graphprune.analysis.streams import stream_point
     from graphprune.ops.token_select import kept_count
-    from graphprune.torch import export_program
-
     args = tuple(example_inputs)
     program = export_program(copy.deepcopy(module), args, dynamic_axes=dynamic_axes)
     cfg, (blocks, protect, layers, ratios, _) = _schedule(program.model, config)
