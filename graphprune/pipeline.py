@@ -36,11 +36,14 @@ import pydantic
 import yaml
 
 from graphprune._dtype import BF16_NOTE, has_bfloat16
-from graphprune.backends.onnxruntime import measure_flops
+from graphprune.backends.onnxruntime import OnnxRuntime, measure_flops
 from graphprune.errors import ConfigError, GraphpruneError, InternalError
 from graphprune.passes import get_pass
-from graphprune.passes.base import GraphPass, PassConfig, PassContext
+from graphprune.passes.base import GraphPass, PassConfig, PassContext, set_default_runtime
 from graphprune.verify import VerifyThresholds
+
+# The composition root: passes run models only through their context's runtime, which is ONNX Runtime's.
+set_default_runtime(OnnxRuntime())
 
 #: Sample counts when the user gives no data: generated inputs say nothing about fidelity, so few are used.
 SYNTHETIC_SAMPLES = 8

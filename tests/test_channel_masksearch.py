@@ -167,7 +167,7 @@ def test_refit_probe_fits_on_fit_feeds(tmp_path):
     sol = np.linalg.solve(ata + (1e-3 * np.mean(np.diag(ata)) + 1e-12) * np.eye(len(keep)), a.T @ h_fit @ w["W2"])
     ref, got = h_eval @ w["W2"], h_eval[:, keep] @ sol
     want = np.mean(1 - (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1))
-    d = measure(model, analysis, imp, feeds[:1], refit=True, probe_ratio=0.5, fit_feeds=feeds[1:])
+    d = measure(model, analysis, imp, feeds[:1], refit=True, probe=probe, probe_ratio=0.5, fit_feeds=feeds[1:])
     np.testing.assert_allclose(d[group.id], want, rtol=1e-4)
-    in_sample = measure(model, analysis, imp, feeds[:1], refit=True, probe_ratio=0.5)
+    in_sample = measure(model, analysis, imp, feeds[:1], refit=True, probe=probe, probe_ratio=0.5)
     assert in_sample[group.id] < d[group.id]  # fitted on the feeds it is measured on, the refit looks better

@@ -103,7 +103,7 @@ def test_sensitivity_probe_against_numpy_and_model_restored(tmp_path):
     analysis = analyze_channels(model, [], False)
     imp = compute_importance(analysis, "l2")
     before = {k: v.const_value.numpy().copy() for k, v in model.graph.initializers.items()}
-    sens = measure(model, analysis, imp, feeds, refit=False, probe_ratio=0.5)
+    sens = measure(model, analysis, imp, feeds, refit=False, probe=probe, probe_ratio=0.5)
     after = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
     assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
     w = _weights(model)

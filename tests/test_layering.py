@@ -423,3 +423,38 @@ def test_torch_front_end_has_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def test_passes_run_models_only_through_their_context_runtime(tmp_path):
+    """No pass imports a backend (DESIGN.md); the context's default runtime is ONNX Runtime's, and a runtime given
+    to the context is the one the pass uses."""
+    from graphprune.backends.onnxruntime import OnnxRuntime
+    from graphprune.passes import get_pass
+    from graphprune.passes.base import PassContext
+
+    hits = [f"{p.name}: {mod}" for p in PASSES for mod, _ in _imports(p) if mod.startswith("graphprune.backends")]
+    assert hits == []
+    assert isinstance(PassContext().runtime, OnnxRuntime)
+
+    class Counting(OnnxRuntime):
+        calls: list[str] = []
+
+        def probe(self, model, values, feeds):
+            self.calls.append("probe")
+            return super().probe(model, values, feeds)
+
+        def measure_flops(self, model, batch=1, dims=None):
+            self.calls.append("flops")
+            return super().measure_flops(model, batch, dims)
+
+    from tests.test_fidelity import mlp
+
+    model = load_model(mlp(tmp_path / "mlp.onnx"))
+    rng = np.random.default_rng(0)
+    rt = Counting()
+    feeds = [{"X": rng.standard_normal((20, 16)).astype(np.float32)} for _ in range(4)]
+    ctx = PassContext(calibration=feeds, data_source="user", runtime=rt)
+    result = get_pass("channel_prune")({"ratio": 0.25, "target": "flops"}, ctx)(model)
+    assert result.modified and "probe" in rt.calls and "flops" in rt.calls
+    hidden = result.model.graph.initializers["W1"].const_value.numpy().shape[1]
+    assert hidden < 32 and result.model.graph.initializers["W2"].const_value.numpy().shape[0] == hidden

@@ -239,6 +239,24 @@ def probe(model: ir.Model, values: Sequence[ir.Value], feeds: Iterable[Mapping[s
     return Probe(model, values, threads).runs(feeds)
 
 
+class OnnxRuntime:
+    """The model runtime passes get from their ``PassContext`` (``graphprune.passes.base.Runtime``): probes and
+    measured FLOPs in ONNX Runtime. ``threads``: ORT's intra-op threads for the probe sessions (None: ORT's own)."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def probe(self, model: ir.Model, values: Sequence[ir.Value],
+              feeds: Iterable[Mapping[str, np.ndarray]]) -> Iterator[list[np.ndarray]]:
+        return probe(model, values, feeds, self.threads)
+
+    def prober(self, model: ir.Model, values: Sequence[ir.Value]) -> Probe:
+        return Probe(model, values, self.threads)
+
+    def measure_flops(self, model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None) -> flops.FlopsReport:
+        return measure_flops(model, batch, dims)
+
+
 def runtime_shapes(model: ir.Model, values: Sequence[ir.Value], feeds: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """The shapes ``values`` have in one run on ``feeds``, by value name."""
     arrays = next(probe(model, values, [feeds]))

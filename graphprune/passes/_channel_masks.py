@@ -69,7 +69,7 @@ class MaskedModel:
 
     def __init__(self, model: ir.Model, analysis: ChannelAnalysis, feeds: Sequence[Mapping[str, np.ndarray]],
                  run: Runner) -> None:
-        self.analysis, self.source = analysis, model
+        self.analysis, self.source, self.run = analysis, model, run
         self.feeds = list(feeds)
         self.evaluations = 0
         clone = model.clone()

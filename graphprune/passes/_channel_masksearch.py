@@ -142,7 +142,7 @@ def unit_scores(mm: MaskedModel, analysis: ChannelAnalysis, energy: np.ndarray, 
     counts = {g.id: [g.size - keep_count(g.size, 1.0 - f, 1) for f in PROBES] for g in groups}
     if st.refit:  # the probes measured after the least-squares refit of the consumers (as the pass will refit)
         imp = Importance({g.id: base[g.classes] for g in analysis.groups}, "mask")
-        probes = [measure(mm.source, analysis, imp, mm.feeds, refit=True, probe_ratio=f, max_feeds=len(mm.feeds),
+        probes = [measure(mm.source, analysis, imp, mm.feeds, refit=True, probe=mm.run, probe_ratio=f, max_feeds=len(mm.feeds),
                           fit_feeds=fit_feeds) for f in PROBES]
     for i, g in enumerate(groups):
         order = g.classes[np.argsort(base[g.classes], kind="stable")]

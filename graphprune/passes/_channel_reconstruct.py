@@ -33,7 +33,6 @@ from graphprune._ir import NameScope, const_value
 from graphprune.analysis.channels import ChannelAnalysis, Member
 from graphprune.analysis.importance import fold_activations
 from graphprune.analysis.linear import LinearMap, linear_map
-from graphprune.backends.onnxruntime import Probe, probe
 from graphprune.passes.base import Rewrite, Skipped
 
 
@@ -118,7 +117,7 @@ def mask_rows(model: ir.Model, m: Member, kr: np.ndarray) -> None:
     _write(model.graph, m.node, m.input_index, w)
 
 
-def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, feeds: list[dict],
+def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, feeds: list[dict], runtime,
                 sequential: bool = False, progress=None) -> tuple[list[LayerRefit], list[Skipped]]:
     """Refit the consumers of pruned channels in place (before surgery). Returns (rewritten, skipped) records.
 
@@ -126,6 +125,7 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
     consumer's pruned rows zeroed, earlier consumers already refitted), against the original layer output
     X·W, so each refit also absorbs the error of the layers before it:
     min ‖[X̃_P, 1]·s − X·W‖². Otherwise all refits use the original activations (A = [X_P, 1]).
+    ``runtime``: the context's model runtime (``probe`` / ``prober``).
     """
     kr = kept[analysis.root]
     todo, others, skipped = _plan_refits(analysis, kr)
@@ -152,7 +152,7 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
             g = a.T @ a
             return g if acc is None else acc + g
 
-        grams, _ = fold_activations(probe(model, xs, feeds), len(xs), reduce)
+        grams, _ = fold_activations(runtime.probe(model, xs, feeds), len(xs), reduce)
         for (m, lay), g in zip(todo, grams, strict=True):
             k = lay.weight.shape[0]
             p = np.nonzero(kr[m.atoms])[0]
@@ -160,7 +160,7 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
             finish(m, lay, *refit_member(m, lay, kr, g[np.ix_(cols, cols)], g[np.ix_(cols, np.arange(k))], g[:k, :k]))
         return rewritten, skipped
 
-    run_original = Probe(model, xs)  # built now: the masking below does not reach it
+    run_original = runtime.prober(model, xs)  # built now: the masking below does not reach it
     for m in [t[0] for t in todo] + others:
         mask_rows(model, m, kr)
     for step, (m, lay) in enumerate(todo):
@@ -169,7 +169,7 @@ def reconstruct(model: ir.Model, analysis: ChannelAnalysis, kept: np.ndarray, fe
         p = np.nonzero(kr[m.atoms])[0]
         n = len(p) + (1 if lay.bias is not None else 0)
         ata, atx, gxx = np.zeros((n, n)), np.zeros((n, k)), np.zeros((k, k))
-        run_pruned = Probe(model, [x])
+        run_pruned = runtime.prober(model, [x])
         for feed in feeds:
             xo = lay.rows(np.asarray(run_original(feed)[step], dtype=np.float64))
             xp = lay.rows(np.asarray(run_pruned(feed)[0], dtype=np.float64))[:, p]

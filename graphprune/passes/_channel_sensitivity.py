@@ -22,7 +22,6 @@ import onnx_ir as ir
 from graphprune.analysis.channels import ChannelAnalysis
 from graphprune.analysis.importance import Importance, fold_activations
 from graphprune.analysis.linear import linear_map
-from graphprune.backends.onnxruntime import probe
 from graphprune.passes._channel_plan import keep_count, round_unit
 from graphprune.passes._channel_reconstruct import mask_rows, refit_member, store_weights
 
@@ -38,7 +37,7 @@ def output_distance(ref: list[list[np.ndarray]], outs: list[list[np.ndarray]]) -
     return float(np.mean(np.concatenate(vals))) if vals else 0.0
 
 
-def _outputs(model: ir.Model, outputs: list[ir.Value], feeds: list[dict]) -> list[list[np.ndarray]]:
+def _outputs(probe, model: ir.Model, outputs: list[ir.Value], feeds: list[dict]) -> list[list[np.ndarray]]:
     return [[np.asarray(y, dtype=np.float64) for y in ys] for ys in probe(model, outputs, feeds)]
 
 
@@ -63,15 +62,16 @@ class _Restore:
         self.saved.clear()
 
 
-def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: list[dict], refit: bool,
+def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: list[dict], refit: bool, probe,
             probe_ratio: float = 0.5, round_to: int = 1, max_feeds: int = 4, progress=None,
             fit_feeds: list[dict] | None = None) -> dict[int, float]:
     """d_g for every prunable group (see module docstring); the model is left as it was. With ``fit_feeds`` the
-    refit's Gram matrices come from those feeds (e.g. disjoint from ``feeds``, so d_g is measured out of sample)."""
+    refit's Gram matrices come from those feeds (e.g. disjoint from ``feeds``, so d_g is measured out of sample).
+    ``probe``: the context runtime's ``probe(model, values, feeds)``."""
     feeds = list(feeds)[:max_feeds]
     groups = [g for g in analysis.groups if g.prunable]
     outputs = list(model.graph.outputs)
-    ref = _outputs(model, outputs, feeds)
+    ref = _outputs(probe, model, outputs, feeds)
     consumers = [m for m in analysis.members if m.role == "in" and m.value is not None and m.value.const_value is not None]
     lays = {id(m): linear_map(m) for m in consumers}
     fit = [m for m in consumers if refit and not isinstance(lays[id(m)], str)]
@@ -111,7 +111,7 @@ def measure(model: ir.Model, analysis: ChannelAnalysis, imp: Importance, feeds: 
                 store_weights(model, lay, new_w, shift)
             else:
                 mask_rows(model, m, kr)
-        result[g.id] = output_distance(ref, _outputs(model, outputs, feeds))
+        result[g.id] = output_distance(ref, _outputs(probe, model, outputs, feeds))
         restore.restore()
         if progress is not None:
             progress(step + 1, len(groups))

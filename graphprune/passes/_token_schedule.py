@@ -1,6 +1,6 @@
 """Token schedules for ``token_drop`` and the FLOPs model that the budget schedule solves against.
 
-FLOPs model: :func:`graphprune.backends.onnxruntime.measure_flops` (static shapes, completed in ONNX Runtime where
+FLOPs model: the context runtime's ``measure_flops`` (``graphprune.backends.onnxruntime.measure_flops``: (static shapes, completed in ONNX Runtime where
 inference stops) of the unmodified model gives each node's FLOPs at the full token count ``N``. A node after the reduction points runs on ``n`` tokens: attention-core nodes (q·kᵀ,
 softmax, ·v) scale with ``(n/N)²``, every other node on the stream with ``n/N``. The token count in effect at
 a node is the count after the last reduction placed before it in graph order (nodes before the first block,
@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 import onnx_ir as ir
 
 from graphprune.analysis.attention import AttentionBlock
-from graphprune.backends.onnxruntime import measure_flops
 from graphprune.errors import ConfigError
 from graphprune.ops.token_select import kept_count
 
@@ -37,7 +36,8 @@ class FlopsModel:
     n_tokens: int
 
     @classmethod
-    def build(cls, model: ir.Model, blocks: Sequence[AttentionBlock], batch: int = 1) -> FlopsModel:
+    def build(cls, model: ir.Model, blocks: Sequence[AttentionBlock], measure_flops, batch: int = 1) -> FlopsModel:
+        """``measure_flops(model, batch=...)``: the runtime's FLOPs counter (``PassContext.runtime``)."""
         report = measure_flops(model, batch=batch)
         core = {id(n) for b in blocks for n in b.nodes}
         entries = []

@@ -20,13 +20,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 import onnx_ir as ir
 import pydantic
+
+if TYPE_CHECKING:
+    from graphprune.analysis.flops import FlopsReport
 
 
 class PassConfig(pydantic.BaseModel):
@@ -90,6 +93,35 @@ class GraphResult(ir.passes.PassResult):
 Progress = Callable[[str, int, int], None]
 
 
+class Runtime(Protocol):
+    """What a pass may ask of a model runtime. Passes never import a backend: they use ``PassContext.runtime``,
+    which ``graphprune.backends.onnxruntime`` provides (``OnnxRuntime``; the default of every context)."""
+
+    def probe(self, model: ir.Model, values: Sequence[ir.Value],
+              feeds: Iterable[Mapping[str, np.ndarray]]) -> Iterator[list[np.ndarray]]:
+        """The arrays ``values`` take on each feed (one list per feed), over the model as it is now."""
+        ...
+
+    def prober(self, model: ir.Model, values: Sequence[ir.Value]) -> Callable[[Mapping[str, np.ndarray]],
+                                                                              list[np.ndarray]]:
+        """A reusable ``feed -> arrays`` reader of ``values``, built over the model as it is now (later edits to
+        ``model`` do not reach it)."""
+        ...
+
+    def measure_flops(self, model: ir.Model, batch: int = 1, dims: dict[str, int] | None = None) -> FlopsReport:
+        """FLOPs, with the shapes static inference misses measured in a run."""
+        ...
+
+
+_default_runtime: Runtime | None = None
+
+
+def set_default_runtime(runtime: Runtime) -> None:
+    """The runtime a :class:`PassContext` gets when it is given none (``graphprune.pipeline`` sets ONNX Runtime's)."""
+    global _default_runtime
+    _default_runtime = runtime
+
+
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -112,6 +144,8 @@ class PassContext:
         fingerprint: content hash of the model as the next pass sees it plus the calibration data; the pipeline
             extends it after every pass with the pass's name and config, so a key stays valid only for the same
             model state. Set by whoever sets ``cache`` (``graphprune.search``).
+        runtime: runs models for passes that need activations, probes or measured FLOPs (:class:`Runtime`);
+            default: the one ``set_default_runtime`` registered (ONNX Runtime).
     """
 
     calibration: list[dict[str, np.ndarray]] | None = None
@@ -121,6 +155,11 @@ class PassContext:
     source_path: str | None = None
     cache: Any = None
     fingerprint: str | None = None
+    runtime: Runtime | None = None
+
+    def __post_init__(self) -> None:
+        if self.runtime is None:
+            self.runtime = _default_runtime
 
     def memo(self, name: str, params: dict[str, Any], compute: Callable[[], Any]) -> Any:
         """``compute()``, or its earlier result for the same model state, calibration data, ``name`` and

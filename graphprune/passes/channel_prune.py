@@ -53,7 +53,6 @@ from onnx_ir.passes.common import NameFixPass
 from graphprune.analysis.channels import analyze_channels
 from graphprune.analysis.importance import activation_values, compute_importance
 from graphprune.analysis.inputs import example_inputs
-from graphprune.backends.onnxruntime import measure_flops, probe
 from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes._channel_masksearch import SearchSettings, mask_search
@@ -165,9 +164,9 @@ def _write_plan(cfg: ChannelPruneConfig, plan: dict, info: dict) -> None:
     info["plan_out"] = cfg.plan_out
 
 
-def _per_node_flops(model: ir.Model) -> dict[str, int] | None:
+def _per_node_flops(model: ir.Model, runtime) -> dict[str, int] | None:
     try:
-        report = measure_flops(model)
+        report = runtime.measure_flops(model)
     except Exception:  # noqa: BLE001 - FLOPs model falls back to the analysis' own compute terms
         return None
     return None if report.unknown else dict(report.per_node)
@@ -178,7 +177,7 @@ def _search(model: ir.Model, analysis, calib: list[dict], cfg: ChannelPruneConfi
     st = SearchSettings(cfg.ratio, cfg.target, cfg.round_to, cfg.max_group_ratio, cfg.unit_score, cfg.measure_units,
                         rearrange=cfg.rearrange, refit=refit)
     fit = calib[cfg.search_feeds:] if len(calib) > cfg.search_feeds else None  # refits fitted out of sample
-    return mask_search(model, analysis, calib[:cfg.search_feeds], probe, st, per_node, ctx.notify, fit)
+    return mask_search(model, analysis, calib[:cfg.search_feeds], ctx.runtime.probe, st, per_node, ctx.notify, fit)
 
 
 @register
@@ -214,10 +213,10 @@ class ChannelPrunePass(GraphPass):
             where = {"importance": method["importance"], "ignore": cfg.ignore, "ignore_stem": cfg.ignore_stem,
                      "folded_biases": cfg.folded_biases}
             imp = self.context.memo("channel_prune.importance", where, lambda: compute_importance(
-                analysis, method["importance"], probe(model, activation_values(analysis), calib)
+                analysis, method["importance"], self.context.runtime.probe(model, activation_values(analysis), calib)
                 if method["importance"] in ("activation", "obs") else None))
             step(1)
-            per_node = _per_node_flops(model) if cfg.target == "flops" else None
+            per_node = _per_node_flops(model, self.context.runtime) if cfg.target == "flops" else None
             sens = search = None
             if searching:
                 search = _search(model, analysis, calib, cfg, bool(method["reconstruct"]), per_node, self.context)
@@ -225,7 +224,7 @@ class ChannelPrunePass(GraphPass):
             elif method["allocate"] == "sensitivity" and cfg.ratio > 0:
                 sens = self.context.memo(
                     "channel_prune.sensitivity", where | {"refit": bool(method["reconstruct"]), "round_to": cfg.round_to},
-                    lambda: measure(model, analysis, imp, calib, refit=bool(method["reconstruct"]),
+                    lambda: measure(model, analysis, imp, calib, refit=bool(method["reconstruct"]), probe=self.context.runtime.probe,
                                     round_to=cfg.round_to, progress=lambda d, t: self.context.notify("sensitivity", d, t)))
             if search is None:
                 kept, used_ratio = select(analysis, imp, cfg.ratio, cfg.target, cfg.round_to, method["global"],
@@ -258,7 +257,7 @@ class ChannelPrunePass(GraphPass):
         if method["reconstruct"]:
             with self.context.task("least-squares reconstruction", 1) as step:
                 refit, refit_skipped = reconstruct(
-                    model, analysis, kept, calib, sequential=cfg.refit == "sequential",
+                    model, analysis, kept, calib, self.context.runtime, sequential=cfg.refit == "sequential",
                     progress=lambda d, t: self.context.notify("reconstruction", d, t))
                 step(1)
             rewritten += refit

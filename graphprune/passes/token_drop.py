@@ -173,7 +173,7 @@ class TokenDropPass(GraphPass):
             n0 = blocks[0].tokens
             if n0 is None:
                 raise ConfigError("schedule: a FLOPs budget needs a static token count")
-            fm = sched.FlopsModel.build(model, blocks)
+            fm = sched.FlopsModel.build(model, blocks, self.context.runtime.measure_flops)
             pos = {id(n): i for i, n in enumerate(model.graph)}
             anchors = [pos[id(_stream_point(blocks, blocks[i], cfg.placement)[1])] for i in layers]
 
