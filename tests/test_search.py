@@ -80,6 +80,19 @@ def test_search_writes_a_verified_model_and_its_files(searched, tiny):
     assert "data:image/png;base64," in html and "Pareto front" in html
 
 
+def test_two_searches_in_one_process_keep_their_own_thresholds(tiny):
+    """A search's trials are judged by its own verification thresholds, not by those of an earlier search on the
+    same model and calibration data in the same process (each search call runs its own trial runners)."""
+    from graphprune.errors import GraphpruneError
+
+    with pytest.raises(GraphpruneError, match="no trial passes verification: .*< 0.9"):  # the default thresholds
+        run_search(tiny, "strict", trials=2, verify=None)
+    lenient, _ = run_search(tiny, "lenient", trials=2)
+    fails = [f for r in lenient.trials if r.get("status") == "complete" for f in r["verify"]["failures"]]
+    assert not [f for f in fails if "< 0.9" in f or "< 0.95" in f], fails
+    assert lenient.chosen is not None and lenient.chosen["verify"]["passed"]
+
+
 def test_best_yaml_reproduces_the_model_through_optimize(searched, tiny, capsys):
     res, out = searched
     again = tiny["folder"] / "again.onnx"

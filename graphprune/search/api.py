@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,7 @@ def search(
     setup = trial.Setup(str(model), model_bytes, cal_feeds, sd.selection, sd.task, batch, fingerprint,
                         metric if callable(metric) else None, confidence, seed, runs,
                         threads if threads is not None else (1 if ray else None), str(report_dir / "cache"),
-                        thresholds, primary)
+                        thresholds, primary, run_id=uuid.uuid4().hex)
     if ray:
         from graphprune.search._ray import RayPool
 

@@ -101,10 +101,13 @@ class Setup:
     cache_dir: str | None = None
     thresholds: Any = None
     primary: str | None = None
+    #: One search call: its runners (one per process, Ray workers included) serve that search only. Two searches
+    #: in one process with other thresholds, selection data, seed or confidence never share an evaluator.
+    run_id: str = ""
 
     @property
     def key(self) -> str:
-        return f"{self.fingerprint}:{self.task}:{self.primary}:{self.batch}:{self.runs}:{self.threads}"
+        return f"{self.run_id}:{self.fingerprint}:{self.task}:{self.primary}:{self.batch}:{self.runs}:{self.threads}"
 
 
 class Runner:
