@@ -75,7 +75,7 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         test_samples: Annotated[int | None, typer.Option("--test-samples", min=3, help="Held-out samples for the front and the chosen model (default: the rest).")] = None,
         max_loss: Annotated[float | None, typer.Option("--max-loss", help="Constraint mode: the fastest model keeping ≥ 1 - L of the quality (see --decide).")] = None,
         target_speedup: Annotated[float | None, typer.Option("--target-speedup", help="Target mode: the best quality at ≥ S x.")] = None,
-        trials: Annotated[int, typer.Option("--trials", help="Trials to run (resumed ones count).")] = 40,
+        trials: Annotated[int, typer.Option("--trials", help="Distinct pipelines to evaluate (resumed ones count; a re-proposed pipeline is not run again and does not count).")] = 40,
         time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop starting trials after this many seconds.")] = None,
         space: Annotated[Path | None, typer.Option("--space", help="Search space YAML (default: derived from the model).")] = None,
         metric: Annotated[str, typer.Option("--metric", help="What the search maximises: auto (accuracy with --labels, recall@1 with text pairs, else agreement) | accuracy | recall@1 | mrr | agreement | knn_overlap | rank_corr | neighbor_agreement | cosine | top1.")] = "auto",
@@ -128,6 +128,11 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
                 study=study, resume=resume, ray=(True if ray == "local" else ray), report_dir=report_dir, batch=batch,
                 seed=seed, runs=runs, threads=threads, sampler=sampler, decide=decide, progress=update)
         out.print(front_table(res.front, res.chosen))
+        if res.info.get("exhausted"):
+            from graphprune.search.engine import STALE_ROUNDS
+
+            err.print(f"stopped early: {STALE_ROUNDS} rounds in a row proposed no new pipeline (the space looks "
+                      f"exhausted; {res.info['trials_asked']} trials asked)")
         if res.info.get("interrupted"):
             err.print(f"interrupted: the study keeps its trials ({res.info['storage']}); --resume continues it")
         c = res.chosen

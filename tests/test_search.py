@@ -54,6 +54,10 @@ def searched(tiny):
     return run_search(tiny, "best")
 
 
+def _distinct(trials) -> set[str]:
+    return {json.dumps(t["pipeline"], sort_keys=True) for t in trials if t["pipeline"]}
+
+
 def _weights(path):
     m = ir.load(path)
     return {k: v.const_value.numpy() for k, v in m.graph.initializers.items() if v.const_value is not None}
@@ -63,7 +67,8 @@ def test_search_writes_a_verified_model_and_its_files(searched, tiny):
     res, out = searched
     report = res.files["report_dir"]
     rows = [json.loads(line) for line in open(f"{report}/trials.jsonl")]
-    assert [r["number"] for r in rows] == [0, 1, 2, 3]
+    assert [r["number"] for r in rows] == list(range(len(rows))) and len(rows) == 4 + res.info["repeats"]
+    assert len(_distinct(rows)) == 4  # --trials 4: four distinct pipelines ran (repeats are told, not run)
     assert res.chosen is not None and out.is_file()
     # the chosen model really is what the trial scored: its accuracy on the test split, recomputed here
     sess = ort.InferenceSession(str(out))
@@ -108,10 +113,11 @@ def test_best_yaml_reproduces_the_model_through_optimize(searched, tiny, capsys)
 
 def test_resume_continues_the_study(tiny):
     res, _ = run_search(tiny, "resume", trials=2)
-    assert len(res.trials) == 2
+    assert len(_distinct(res.trials)) == 2
     res2, _ = run_search(tiny, "resume", trials=4, resume=True)
-    assert [t["number"] for t in res2.trials] == [0, 1, 2, 3]
-    assert res2.trials[0]["pipeline"] == res.trials[0]["pipeline"]
+    assert [t["number"] for t in res2.trials] == list(range(len(res2.trials)))
+    assert res2.trials[:len(res.trials)] == res.trials  # the first run's trials, kept and not run again
+    assert len(_distinct(res2.trials)) == 4 and _distinct(res.trials) <= _distinct(res2.trials)
 
 
 def test_calibration_cache_is_reused_across_trials(tiny):
@@ -211,7 +217,7 @@ def test_ray_trials_equal_the_local_run(tiny):
         remote, _ = run_search(tiny, "ray2", trials=4, workers=2, ray=True)
     finally:
         ray.shutdown()
-    assert len(remote.trials) == len(local.trials) == 4
+    assert len(remote.trials) == len(local.trials) and len(_distinct(local.trials)) == 4
     for a, b in zip(local.trials, remote.trials):
         assert a["pipeline"] == b["pipeline"] and a["status"] == b["status"]
         if a["status"] == "complete":
@@ -303,7 +309,7 @@ def test_ray_flag_without_an_address_means_a_local_runtime():
 def test_a_pipeline_sampled_again_is_not_run_again():
     import optuna
 
-    from graphprune.search.engine import Loop
+    from graphprune.search.engine import STALE_ROUNDS, Loop
 
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
     space = from_dict({"passes": {"token_drop": {"optional": False, "params": {"keep_ratio": [0.5, 0.9]}}}})
@@ -315,10 +321,37 @@ def test_a_pipeline_sampled_again_is_not_run_again():
                  "latency": {"speedup": 1 / p[0]["keep_ratio"]}, "verify": {"passed": True, "failures": []}}
                 for p in pipes]
 
-    Loop(study, space, evaluate, trials=8, time_budget=None, workers=1, max_loss=None, target=None).run()
-    assert len(study.trials) == 8 and len(ran) == 2
+    loop = Loop(study, space, evaluate, trials=8, time_budget=None, workers=1, max_loss=None, target=None)
+    loop.run()
+    assert len(ran) == 2 and len({json.dumps(p) for p in ran}) == 2  # each pipeline ran once
+    # the space holds 2 pipelines: after STALE_ROUNDS rounds with nothing new the loop stops, and says why
+    assert loop.exhausted and loop.repeats == len(study.trials) - 2 >= STALE_ROUNDS
     assert all(t.values == [t.params["token_drop.keep_ratio"], 1 / t.params["token_drop.keep_ratio"]]
                for t in study.trials)
+
+
+def test_repeats_do_not_count_against_trials():
+    """``trials`` is the number of distinct pipelines evaluated: trials that re-propose one, or pick no pass, are
+    told and not counted."""
+    import optuna
+
+    from graphprune.search.engine import Loop
+
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    space = from_dict({"passes": {"token_drop": {"params": {"keep_ratio": [0.5, 0.6, 0.7, 0.8, 0.9]}}}})
+    ran = []
+
+    def evaluate(pipes):
+        ran.extend(pipes)
+        return [{"status": "complete", "pipeline": p, "quality": p[0]["keep_ratio"], "quality_ci": (0.4, 1.0),
+                 "latency": {"speedup": 1 / p[0]["keep_ratio"]}, "verify": {"passed": True, "failures": []}}
+                for p in pipes]
+
+    loop = Loop(study, space, evaluate, trials=4, time_budget=None, workers=2, max_loss=None, target=None)
+    loop.run()
+    keys = [json.dumps(p, sort_keys=True) for p in ran]
+    assert len(keys) == len(set(keys)) == 4 and not loop.exhausted
+    assert len(study.trials) == 4 + loop.repeats and loop.repeats > 0  # this seed re-proposes (or skips) some
 
 
 def test_pareto_front_holds_each_pipeline_once():

@@ -243,7 +243,8 @@ def search(
             "target_speedup": target_speedup, "batch": batch, "seed": seed, "confidence": confidence,
             "sampler": sampler, "decide": decide, "workers": n_workers, "ray": (str(ray) if ray else None), "study": study_name,
             "storage": storage_url, "space": space_obj.to_dict(), "space_excluded": list(space_obj.excluded),
-            "interrupted": loop.interrupted, "seconds": {"setup": round(t_setup, 1), "trials": round(t_loop, 1)},
+            "interrupted": loop.interrupted, "exhausted": loop.exhausted, "repeats": loop.repeats,
+            "trials_asked": len(st.trials), "seconds": {"setup": round(t_setup, 1), "trials": round(t_loop, 1)},
             "selection_original": runner.selection.original(), "test_original": test_base,
             "cache": {"hits": runner.cache.hits, "misses": runner.cache.misses}}
     files = {"report_dir": str(report_dir), "trials": str(report_dir / "trials.jsonl"),

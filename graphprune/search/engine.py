@@ -3,9 +3,11 @@
 The study is the single source of truth: two objectives (quality, speedup; both maximised), a constraint per mode
 in ``user_attrs["constraints"]`` (≤ 0 is feasible) that the sampler reads, and each trial's full result in
 ``user_attrs["result"]``. Trials run in rounds of ``workers`` (asked together, run, then told in trial order), so a
-local run and a Ray run with the same ``workers`` and seed ask the same trials. The loop stops at ``trials``
-finished trials (the study's, resumed ones included), at ``time_budget`` seconds, or on Ctrl-C (the round in
-flight is told as failed; the study keeps every finished trial).
+local run and a Ray run with the same ``workers`` and seed ask the same trials. ``trials`` counts the distinct
+pipelines evaluated (resumed ones included): a pipeline the sampler proposes again is told its first result and run
+no more, and does not count, nor does a trial that picked no pass. The loop stops at ``trials`` distinct pipelines,
+at ``time_budget`` seconds, on Ctrl-C (the round in flight is told as failed; the study keeps every finished
+trial), or when the space looks exhausted: ``STALE_ROUNDS`` rounds in a row proposed nothing new (``exhausted``).
 
 Modes and the decision (:func:`choose`), on selection figures, among the trials measured faster than the original;
 ``quality_ci`` is the paired-bootstrap interval:
@@ -95,6 +97,11 @@ def choose(results: list[dict], max_loss: float | None, target: float | None,
     return best, "fastest model that passes verification (on the front of the trials that pass)"
 
 
+#: Rounds in a row that propose no new pipeline before the loop calls the space exhausted (a small discrete space,
+#: or a sampler that has settled).
+STALE_ROUNDS = 25
+
+
 class Loop:
     """Runs the study: ``evaluate(list of pipelines) -> list of results`` does the work (local or Ray)."""
 
@@ -106,25 +113,24 @@ class Loop:
         self.max_loss, self.target, self.progress, self.decide = max_loss, target, progress, decide
         self.seen: dict[str, dict] = {}  # pipeline (JSON) -> result: a pipeline sampled again is not re-run
         self.interrupted = False
-
-    def finished(self) -> int:
-        import optuna
-
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-        return len(self.study.get_trials(deepcopy=False, states=states))
+        self.exhausted = False
+        self.repeats = 0  # trials told an earlier trial's result (or that picked no pass): run nothing, count nothing
 
     def run(self) -> None:
         import optuna
 
         t_start = time.monotonic()
-        done0 = self.finished()
         for r in complete_results(self.study):  # resumed: trials already run are not run again
             self.seen.setdefault(pipeline_key(r["pipeline"]), r)
-        while self.finished() < self.trials:
+        done0, stale = len(self.seen), 0
+        while len(self.seen) < self.trials:
             elapsed = time.monotonic() - t_start
             if self.time_budget is not None and elapsed >= self.time_budget:
                 break
-            n = min(self.workers, self.trials - self.finished())
+            if stale >= STALE_ROUNDS:
+                self.exhausted = True
+                break
+            n = min(self.workers, self.trials - len(self.seen))
             asked = [self.study.ask() for _ in range(n)]
             try:
                 pipes = [self.space.sample(t) for t in asked]
@@ -135,7 +141,9 @@ class Loop:
                                                    "pipeline": []})
                         self.study.tell(t, state=optuna.trial.TrialState.PRUNED)
                 keys = [pipeline_key(p) for _, p in todo]
-                fresh = [p for (_, p), k in zip(todo, keys) if k not in self.seen]
+                fresh = list({k: p for (_, p), k in zip(todo, keys) if k not in self.seen}.values())
+                self.repeats += n - len(fresh)
+                stale = 0 if fresh else stale + 1
                 ran = iter(self.evaluate(fresh) if fresh else [])
                 results = []
                 for k in keys:  # a repeated pipeline reuses its result (quality, FLOPs, the latency measured then)
@@ -163,7 +171,7 @@ class Loop:
                                     else optuna.trial.TrialState.FAIL)
             if self.progress is not None:
                 elapsed = time.monotonic() - t_start
-                done = self.finished()
+                done = len(self.seen)
                 per = elapsed / max(1, done - done0)
                 left = (self.trials - done) * per
                 if self.time_budget is not None:
