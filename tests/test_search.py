@@ -306,13 +306,9 @@ def test_ray_flag_without_an_address_means_a_local_runtime():
     assert ray_flag(["search", "--ray", "10.0.0.1:6379"]) == ["search", "--ray", "10.0.0.1:6379"]
 
 
-def test_a_pipeline_sampled_again_is_not_run_again():
-    import optuna
-
-    from graphprune.search.engine import STALE_ROUNDS, Loop
-
-    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
-    space = from_dict({"passes": {"token_drop": {"optional": False, "params": {"keep_ratio": [0.5, 0.9]}}}})
+def _keep_ratio_trials():
+    """(pipelines run so far, an ``evaluate`` for ``Loop``): a token_drop trial scores quality = keep_ratio and
+    speedup = 1 / keep_ratio, and runs nothing."""
     ran = []
 
     def evaluate(pipes):
@@ -320,6 +316,18 @@ def test_a_pipeline_sampled_again_is_not_run_again():
         return [{"status": "complete", "pipeline": p, "quality": p[0]["keep_ratio"], "quality_ci": (0.4, 1.0),
                  "latency": {"speedup": 1 / p[0]["keep_ratio"]}, "verify": {"passed": True, "failures": []}}
                 for p in pipes]
+
+    return ran, evaluate
+
+
+def test_a_pipeline_sampled_again_is_not_run_again():
+    import optuna
+
+    from graphprune.search.engine import STALE_ROUNDS, Loop
+
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    space = from_dict({"passes": {"token_drop": {"optional": False, "params": {"keep_ratio": [0.5, 0.9]}}}})
+    ran, evaluate = _keep_ratio_trials()
 
     loop = Loop(study, space, evaluate, trials=8, time_budget=None, workers=1, max_loss=None, target=None)
     loop.run()
@@ -339,13 +347,7 @@ def test_repeats_do_not_count_against_trials():
 
     study = optuna.create_study(directions=["maximize", "maximize"], sampler=optuna.samplers.RandomSampler(seed=1))
     space = from_dict({"passes": {"token_drop": {"params": {"keep_ratio": [0.5, 0.6, 0.7, 0.8, 0.9]}}}})
-    ran = []
-
-    def evaluate(pipes):
-        ran.extend(pipes)
-        return [{"status": "complete", "pipeline": p, "quality": p[0]["keep_ratio"], "quality_ci": (0.4, 1.0),
-                 "latency": {"speedup": 1 / p[0]["keep_ratio"]}, "verify": {"passed": True, "failures": []}}
-                for p in pipes]
+    ran, evaluate = _keep_ratio_trials()
 
     loop = Loop(study, space, evaluate, trials=4, time_budget=None, workers=2, max_loss=None, target=None)
     loop.run()
