@@ -197,6 +197,7 @@ def test_plain_vit_has_no_partition(export):
         assert b.partition_nodes == [] and b.layer_scale is None
 
 
+@pytest.mark.slow  # a torch export of its own (the fast tier leaves those to CI)
 def test_describe_and_inspect_show_windows(wexport, capsys):
     from graphprune.cli import main
 

@@ -96,7 +96,7 @@ def test_sensitivity_probe_against_numpy_and_model_restored(tmp_path):
     from graphprune.passes._channel_plan import select
     from graphprune.passes._channel_sensitivity import measure
 
-    src = mlp(tmp_path / "m.onnx", hidden=32)
+    src = mlp(tmp_path / "m.onnx", hidden=32, seed=4)  # the two groups' sensitivities 0.14 and 0.30: no near-tie
     model = gp.load_model(src)
     x = np.random.default_rng(7).standard_normal((32, 16)).astype(np.float32)
     feeds = [{"X": x[:16]}, {"X": x[16:]}]

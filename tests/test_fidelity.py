@@ -25,13 +25,15 @@ def _save(graph, path: Path) -> Path:
     return path
 
 
-def mlp(path: Path, hidden: int = 32) -> Path:
+def mlp(path: Path, hidden: int = 32, seed: int = 0) -> Path:
     """X[B,16] → MatMul → Relu → MatMul+bias → Relu → MatMul → logits[B,10]; the second hidden layer is one
-    prunable group (the first is the input stem, left alone by default)."""
-    w0 = (RNG.standard_normal((16, 24)) / 4).astype(np.float32)
-    w1 = (RNG.standard_normal((24, hidden)) / 5).astype(np.float32)
-    b1 = (RNG.standard_normal(hidden) * 0.1).astype(np.float32)
-    w2 = (RNG.standard_normal((hidden, 10)) / np.sqrt(hidden)).astype(np.float32)
+    prunable group (the first is the input stem, left alone by default). The weights depend on ``seed`` only (a
+    generator of its own: other test files build it too, in whatever order pytest-xdist runs them)."""
+    rng = np.random.default_rng(seed)
+    w0 = (rng.standard_normal((16, 24)) / 4).astype(np.float32)
+    w1 = (rng.standard_normal((24, hidden)) / 5).astype(np.float32)
+    b1 = (rng.standard_normal(hidden) * 0.1).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, 10)) / np.sqrt(hidden)).astype(np.float32)
     g = helper.make_graph(
         [helper.make_node("MatMul", ["X", "W0"], ["a0"], name="fc0"), helper.make_node("Relu", ["a0"], ["a"]),
          helper.make_node("MatMul", ["a", "W1"], ["h0"], name="fc1"), helper.make_node("Add", ["h0", "B1"], ["h1"]),

@@ -339,6 +339,7 @@ def test_long_single_block_encoder_matches_torch(tmp_path):
     np.testing.assert_allclose(run(model, {"x": x.numpy()})[0], enc(x, keep=0.7).numpy(), atol=2e-5)
 
 
+@pytest.mark.slow  # a torch export of its own (the fast tier leaves those to CI)
 def test_spatial_reduction_attention_is_refused_with_reasons(tmp_path):
     """SegFormer-style blocks: the block 0 keys are a reduced sequence (its columns score no token) and every later
     block lays the tokens out as a grid for the reducing conv: each is a skip naming why, never an error."""

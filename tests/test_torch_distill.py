@@ -43,6 +43,7 @@ def _cos(student, teacher, batches):
                                 for b in batches]).mean())
 
 
+@pytest.mark.slow  # a torch export of its own (the fast tier leaves those to CI)
 def test_distillation_raises_cosine_to_teacher(tmp_path):
     """optimize (channel_prune 50%) → apply_plan → distill: cosine to the teacher measured here, before and after."""
     torch.manual_seed(0)
