@@ -14,7 +14,6 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
@@ -426,7 +425,7 @@ def test_torch_front_end_has_no_import_cycles():
             visit(m, [])
 
 
-def test_passes_run_models_only_through_their_context_runtime():
+def test_passes_run_models_only_through_their_context_runtime(tmp_path):
     """No pass imports a backend (DESIGN.md); the context's default runtime is ONNX Runtime's, and a runtime given
     to the context is the one the pass uses."""
     from graphprune.backends.onnxruntime import OnnxRuntime
@@ -448,19 +447,10 @@ def test_passes_run_models_only_through_their_context_runtime():
             self.calls.append("flops")
             return super().measure_flops(model, batch, dims)
 
-    rng = np.random.default_rng(0)  # its own generator: tests.test_fidelity.mlp draws from a shared one
-    w = {n: (rng.standard_normal(s) / 4).astype(np.float32) for n, s in
-         (("W0", (16, 24)), ("W1", (24, 32)), ("B1", (32,)), ("W2", (32, 10)))}
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W0"], ["a0"], name="fc0"), helper.make_node("Relu", ["a0"], ["a"], name="r0"),
-         helper.make_node("MatMul", ["a", "W1"], ["h0"], name="fc1"), helper.make_node("Add", ["h0", "B1"], ["h1"], name="b1"),
-         helper.make_node("Relu", ["h1"], ["h"], name="r1"), helper.make_node("MatMul", ["h", "W2"], ["logits"], name="fc2")],
-        "mlp",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in w.items()])
-    model = ir.from_proto(onnx.shape_inference.infer_shapes(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])))
+    from tests.test_fidelity import mlp
+
+    model = load_model(mlp(tmp_path / "mlp.onnx", seed=0))
+    rng = np.random.default_rng(0)
     rt = Counting()
     feeds = [{"X": rng.standard_normal((20, 16)).astype(np.float32)} for _ in range(4)]
     ctx = PassContext(calibration=feeds, data_source="user", runtime=rt)
