@@ -107,6 +107,7 @@ def optimize(
         str | None, typer.Option("--sparse-attention", help="Add sparse_attention: PATTERN[:key=value,...].")
     ] = None,
     prune_channels: Annotated[float | None, typer.Option("--prune-channels", help="Add channel_prune removing this fraction of channels (activation importance, measured group sensitivity and a least-squares refit with --data; magnitude without).")] = None,
+    prune_depth: Annotated[float | None, typer.Option("--prune-depth", help="Add depth_prune removing this share of the transformer blocks (the ones that change the residual stream least on the calibration data; see docs/passes.md).")] = None,
     data: Annotated[Path | None, typer.Option(
         "--data", help="Real samples for calibration and verification: .npz (one key per input, [S, ...]), a folder "
         "of images (.png/.jpg/.jpeg/.bmp), or .txt/.jsonl texts (with --tokenizer).")] = None,
@@ -158,6 +159,8 @@ def optimize(
         shortcut.append(("--sparse-attention", parse_sparse_spec(sparse_attention)))
     if prune_channels is not None:
         shortcut.append(("--prune-channels", {"name": "channel_prune", "ratio": prune_channels}))
+    if prune_depth is not None:
+        shortcut.append(("--prune-depth", {"name": "depth_prune", "ratio": prune_depth}))
     for flag, entry in shortcut:
         pipe.steps.append(Pipeline.step(entry, flag))
     if shortcut or not pipe.steps:

@@ -10,7 +10,7 @@ from graphprune.passes.base import GraphPass, GraphResult, NoConfig, PassConfig,
 _REGISTRY: dict[str, type[GraphPass]] = {}
 
 # Modules that define registered passes, imported on first registry access.
-_PASS_MODULES = ("cleanup", "token_drop", "sparse_attention", "channel_prune")
+_PASS_MODULES = ("cleanup", "token_drop", "sparse_attention", "channel_prune", "depth_prune")
 _loaded = False
 
 

@@ -1,0 +1,154 @@
+"""Residual blocks as removable units, for depth pruning (``passes.depth_prune``). Changes nothing.
+
+A transformer block puts two residual branches on the stream, attention then MLP:
+
+  * pre-norm:  ``mid = in + attn(norm(in))``, ``out = mid + mlp(norm(mid))``;
+  * post-norm: ``mid = norm(in + attn(in))``, ``out = norm(mid + mlp(mid))`` (BERT, MiniLM).
+
+:func:`residual_blocks` reads them off the attention blocks ``analysis.attention`` finds: ``stream_in`` is the value
+the attention's residual ``Add`` adds to, ``mid`` the stream after attention (the Add, or its post-norm), ``out``
+the stream after the MLP: the single residual ``Add`` among ``mid``'s users (another computed tensor added to it),
+and for post-norm the normalization of the same op right after it. Each branch is a :class:`Branch`: its residual
+``Add``, the stream value it adds to (``stream``) and the value that carries the sum on (``out``: the Add itself).
+
+Removing a unit is rewiring one value to another (the pass does it): a whole block, ``out`` → ``stream_in``; the
+attention branch, its Add's output → ``stream_in`` (a post-norm block keeps its norm: ``mid = norm(in)``); the MLP
+branch, its Add's output → ``mid``. That is exact only when nothing outside the unit reads a value computed inside
+it (a KV cache's ``present`` outputs, a graph output of hidden states): ``interior`` finds the unit's nodes
+(between its input and its output) and ``outside_reads`` names such a read. Side inputs that do not depend on the
+stream (masks, rotary tables, position biases shared by every block) are not part of a unit.
+
+A block whose shape is not this (parallel attention and MLP, no MLP residual, a partitioned stream) is a
+:class:`~graphprune.analysis.attention.NoMatch` with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from graphprune.analysis.attention import AttentionBlock, NoMatch, find_attention_blocks
+from graphprune.analysis.tokens import is_stream_add, same_op
+
+
+@dataclasses.dataclass
+class Branch:
+    """One residual branch: ``out = add(stream, branch)`` (``add`` is the residual Add node)."""
+
+    kind: str  # "attention" | "mlp"
+    add: ir.Node
+    stream: ir.Value  # the stream value the branch is added to
+    out: ir.Value  # the Add's output (replaced by ``stream`` when the branch is removed)
+
+
+@dataclasses.dataclass
+class ResidualBlock:
+    """A transformer block as removable units; ``index`` is its attention block's index."""
+
+    index: int
+    stream_in: ir.Value
+    mid: ir.Value  # stream after the attention branch (post-norm: after its norm)
+    out: ir.Value  # stream after the MLP branch (post-norm: after its norm)
+    attention: Branch
+    mlp: Branch
+    post_norm: bool
+
+    def unit(self, kind: str) -> tuple[ir.Value, ir.Value]:
+        """(the value removing ``kind`` replaces, the value replacing it); ``kind``: block | attention | mlp."""
+        if kind == "block":
+            return self.out, self.stream_in
+        br = self.attention if kind == "attention" else self.mlp
+        return br.out, br.stream
+
+
+def _mlp_add(mid: ir.Value) -> ir.Node | None:
+    adds = [u for u, _ in mid.uses() if is_stream_add(u)]
+    return adds[0] if len(adds) == 1 else None
+
+
+def residual_block(blk: AttentionBlock) -> ResidualBlock | NoMatch:
+    """The block around attention block ``blk``, or why it is not a pair of residual branches."""
+    where = f"block {blk.index}"
+    if blk.partition is not None:
+        return NoMatch(f"{where}: {blk.partition_summary()}; the stream is rearranged around the attention")
+    if blk.residual_add is None or blk.residual_in is None:
+        return NoMatch(f"{where}: no residual Add found after the attention output")
+    attn_add = blk.residual_add
+    mid = blk.post_norm.outputs[0] if blk.post_norm is not None else attn_add.outputs[0]
+    mlp_add = _mlp_add(mid)
+    if mlp_add is None:
+        return NoMatch(f"{where}: no single MLP residual Add on the stream after the attention (parallel attention "
+                       "and MLP, or no MLP)", attn_add)
+    branch = next((x for x in mlp_add.inputs if x is not mid), None)
+    inside = interior(mid, mlp_add.outputs[0])
+    if branch is None or branch.producer() is None or not any(n is branch.producer() for n in inside):
+        return NoMatch(f"{where}: the Add after the attention does not add a branch computed from the stream after "
+                       "the attention (parallel attention and MLP: both read the same input)", mlp_add)
+    attn_inside = {id(n) for n in interior(blk.residual_in, attn_add.outputs[0])}
+    if not all(id(n) in attn_inside for n in blk.nodes):
+        return NoMatch(f"{where}: the attention is not computed from the stream its residual Add adds to (parallel "
+                       "attention and MLP, or a branch of another shape)", attn_add)
+    out = mlp_add.outputs[0]
+    if blk.post_norm is not None:
+        users = out.uses()
+        if len(users) != 1 or not same_op(users[0][0], blk.post_norm):
+            return NoMatch(f"{where}: post-norm attention but no norm of the same kind after the MLP residual Add",
+                           mlp_add)
+        out = users[0][0].outputs[0]
+    return ResidualBlock(blk.index, blk.residual_in, mid, out,
+                         Branch("attention", attn_add, blk.residual_in, attn_add.outputs[0]),
+                         Branch("mlp", mlp_add, mid, mlp_add.outputs[0]), blk.post_norm is not None)
+
+
+def residual_blocks(model: ir.Model, blocks: list[AttentionBlock] | None = None) -> list[ResidualBlock | NoMatch]:
+    """One entry per attention block, in order: the block, or why it is not removable as such."""
+    blocks = find_attention_blocks(model) if blocks is None else blocks
+    return [residual_block(b) for b in blocks]
+
+
+def interior(start: ir.Value, end: ir.Value) -> list[ir.Node]:
+    """The nodes that compute ``end`` from ``start`` (on a path from one to the other), in graph order."""
+    prod = end.producer()
+    if prod is None or end is start:
+        return []
+    seen: dict[int, ir.Node] = {}
+    stack = [prod]
+    while stack:  # everything ``end`` is computed from, stopping at ``start``
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen[id(n)] = n
+        for x in n.inputs:
+            if x is None or x is start:
+                continue
+            p = x.producer()
+            if p is not None and p.graph is n.graph:
+                stack.append(p)
+    graph = prod.graph
+    order = [n for n in graph if id(n) in seen]
+    reads: set[int] = set()
+    for n in order:  # graph order is topological: a node reads ``start`` when an input is it or is read from it
+        if any(x is start or (x is not None and x.producer() is not None and id(x.producer()) in reads)
+               for x in n.inputs):
+            reads.add(id(n))
+    return [n for n in order if id(n) in reads]
+
+
+def outside_reads(nodes: list[ir.Node], end: ir.Value, graph: ir.Graph) -> str | None:
+    """A value computed by ``nodes`` (other than ``end``) that something else reads, named; ``None`` if none."""
+    inside = {id(n) for n in nodes}
+    outputs = {id(v) for v in graph.outputs}
+    for n in nodes:
+        for v in n.outputs:
+            if v is end:
+                continue
+            if id(v) in outputs:
+                return f"graph output {v.name!r}"
+            for user, _ in v.uses():
+                if id(user) not in inside:
+                    return f"{v.name!r} (read by {user.op_type} {user.name!r})"
+    return None
+
+
+__all__ = ["Branch", "ResidualBlock", "interior", "outside_reads", "residual_block", "residual_blocks"]
