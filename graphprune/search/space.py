@@ -18,7 +18,8 @@ A space naming an unknown pass or key, a malformed range or choice, or a value t
 ``ConfigError`` (one line naming it) before any trial runs. A trial that picks no pass, or a combination the
 configs refuse together, is pruned with the reason recorded.
 
-:func:`default_space` derives the space from the model (``inspect``): channel pruning where channel groups are
+:func:`default_space` derives the space from the model (``inspect``): depth pruning (blocks or branches, up to
+:data:`DEPTH_MAX_RATIO`) where at least three blocks are removable, channel pruning where channel groups are
 prunable, token drop where attention blocks are found, sparse attention only where the data's sequences reach
 :data:`SPARSE_MIN_TOKENS` (below that, measured, dense attention is cheaper); what it leaves out says why.
 """
@@ -40,6 +41,10 @@ from graphprune.passes import get_pass
 #: Sequences shorter than this gain nothing from sparse attention on ORT CPU (MEASURED.md: the blocked patterns win
 #: from N ≈ 1024).
 SPARSE_MIN_TOKENS = 1024
+
+#: The largest share of blocks (or branches) the default space removes: beyond a third, the training-free loss on
+#: MiniLM passed 5% of recall (docs/benchmarks.md, MiniLM: depth pruning).
+DEPTH_MAX_RATIO = 0.35
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,15 +214,17 @@ def default_space(model: Any, max_tokens: int | None = None) -> Space:
     sequence in the data (None: not a sequence model's data)."""
     from graphprune.analysis.attention import find_attention_blocks
     from graphprune.analysis.channels import analyze_channels
+    from graphprune.analysis.depth import residual_blocks
 
     passes: dict[str, Any] = {}
     excluded = []
+    blocks = find_attention_blocks(model)
+    removable = sum(1 for rb in residual_blocks(model, blocks) if rb)
     if any(g.prunable for g in analyze_channels(model).groups):
         passes["channel_prune"] = {"params": {"ratio": {"low": 0.05, "high": 0.5, "step": 0.05},
                                               "allocate": ["sensitivity", "score"]}}
     else:
         excluded.append("channel_prune: no prunable channel group")
-    blocks = find_attention_blocks(model)
     if blocks:
         n = len(blocks)
         starts = sorted({max(1, n // 4), max(1, n // 3), max(1, n // 2)})
@@ -230,6 +237,12 @@ def default_space(model: Any, max_tokens: int | None = None) -> Space:
                             f"{SPARSE_MIN_TOKENS}, where dense attention is cheaper")
     else:
         excluded.append("token_drop, sparse_attention: no attention block found")
+    if removable >= 3:  # last in the pipeline: the earlier passes' block indices stay valid, and a block a token
+        # drop rewrote is no longer a pair of residual branches (skipped; the others may still go)
+        passes["depth_prune"] = {"params": {"ratio": {"low": 0.1, "high": DEPTH_MAX_RATIO, "step": 0.05},
+                                            "unit": ["block", "sublayer"]}}
+    else:
+        excluded.append(f"depth_prune: {removable} removable transformer blocks (needs 3)")
     if not passes:
         raise ConfigError("the model offers nothing to search: " + "; ".join(excluded))
     space = from_dict({"passes": passes}, "default space")
