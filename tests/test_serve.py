@@ -144,6 +144,17 @@ def _stats(client, model):
     return int(s["inference_count"]), int(s["execution_count"])
 
 
+def _count_after(client, model, expected: int, wait: float = 5.0) -> int:
+    """The model's inference count once it reaches ``expected`` (the server records a request's statistics just
+    after it answers it, so the last one can lag the client by a moment), or after ``wait`` seconds."""
+    end = time.monotonic() + wait
+    while True:
+        count = _stats(client, model)[0]
+        if count >= expected or time.monotonic() > end:
+            return count
+        time.sleep(0.05)
+
+
 def test_dynamic_batcher_joins_concurrent_requests(served):
     srv, sources = served
     client = _client(srv, "http")
@@ -233,7 +244,7 @@ def test_loadtest_concurrency_4_finishes_with_zero_errors(served, capsys):
     assert level["concurrency"] == 4 and r["errors"] == 0 and r["requests"] > 0
     assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
     assert r["rps"] == pytest.approx(r["requests"] / r["seconds"], rel=1e-3)
-    after, _ = _stats(client, "lin")
+    after = _count_after(client, "lin", before + r["requests"] + 3)
     assert after - before == r["requests"] + 3  # every timed request and the 3 warm-ups reached the model
     client.close()
 
@@ -252,7 +263,7 @@ def test_loadtest_compare_interleaves_windows_over_grpc(served):
     assert a["errors"] == b["errors"] == 0 and a["requests"] > 0 and b["requests"] > 0
     assert level["ratio"] == pytest.approx(a["rps"] / b["rps"], rel=1e-3)
     for m, r in (("lin", a), ("fixed", b)):
-        assert _stats(client, m)[0] - before[m] == r["requests"] + 3
+        assert _count_after(client, m, before[m] + r["requests"] + 3) - before[m] == r["requests"] + 3
     client.close()
 
 
