@@ -301,3 +301,50 @@ def test_search_default_space_removes_blocks_last(export, tmp_path):
     assert params["ratio"].high == DEPTH_MAX_RATIO and params["unit"].choices == ("block", "sublayer")
     plain = default_space(ir.load(mlp(tmp_path / "mlp.onnx", hidden=16)))
     assert "depth_prune: 0 removable transformer blocks (needs 3)" in plain.excluded
+
+
+class _CrossLayer(torch.nn.Module):
+    """A pre-norm decoder layer: self-attention, cross-attention to a memory, MLP (three residual branches)."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.n1, self.n2, self.n3 = (torch.nn.LayerNorm(d) for _ in range(3))
+        self.self_attn = torch.nn.MultiheadAttention(d, 4, batch_first=True)
+        self.cross = torch.nn.MultiheadAttention(d, 4, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+
+    def forward(self, x, memory):
+        h = self.n1(x)
+        x = x + self.self_attn(h, h, h, need_weights=False)[0]
+        x = x + self.cross(self.n2(x), memory, memory, need_weights=False)[0]
+        return x + self.mlp(self.n3(x))
+
+
+class _CrossDecoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_CrossLayer() for _ in range(3)])
+
+    def forward(self, x, memory):
+        for layer in self.layers:
+            x = layer(x, memory)
+        return x
+
+
+@pytest.mark.slow
+def test_decoder_layers_with_cross_attention_are_skipped(model_cache):
+    """Self-attention, cross-attention, MLP: the branch after the self-attention is another attention, so the layer
+    is not read as a (attention, MLP) pair, and nothing is removed; the reason says why."""
+    from graphprune.analysis.attention import find_attention_blocks
+    from graphprune.torch import export as gexport
+
+    def make(folder):
+        torch.manual_seed(0)
+        args = (torch.randn(2, 8, 32), torch.randn(2, 5, 32))
+        return gexport(_CrossDecoder().eval(), args, folder / "cross.onnx", input_names=["x", "memory"])
+
+    path = model_cache.get(("depth", "cross_decoder"), make)
+    assert len(find_attention_blocks(ir.load(path))) == 6
+    model, res = _prune(path, {"ratio": 0.34})
+    assert not res.rewritten, [r.to_dict() for r in res.rewritten]
+    assert any("cross-attention" in s.reason for s in res.skipped), res.skipped

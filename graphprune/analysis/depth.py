@@ -18,7 +18,8 @@ it (a KV cache's ``present`` outputs, a graph output of hidden states): ``interi
 (between its input and its output) and ``outside_reads`` names such a read. Side inputs that do not depend on the
 stream (masks, rotary tables, position biases shared by every block) are not part of a unit.
 
-A block whose shape is not this (parallel attention and MLP, no MLP residual, a partitioned stream) is a
+A block whose shape is not this (parallel attention and MLP, no MLP residual, a partitioned stream, a decoder layer
+whose second branch is a cross-attention) is a
 :class:`~graphprune.analysis.attention.NoMatch` with the reason.
 """
 
@@ -67,8 +68,10 @@ def _mlp_add(mid: ir.Value) -> ir.Node | None:
     return adds[0] if len(adds) == 1 else None
 
 
-def residual_block(blk: AttentionBlock) -> ResidualBlock | NoMatch:
-    """The block around attention block ``blk``, or why it is not a pair of residual branches."""
+def residual_block(blk: AttentionBlock, others: list[AttentionBlock] = ()) -> ResidualBlock | NoMatch:
+    """The block around attention block ``blk``, or why it is not a pair of residual branches. ``others``: the
+    model's other attention blocks; a branch that contains one of them (a decoder layer's cross-attention after its
+    self-attention) is not an MLP."""
     where = f"block {blk.index}"
     if blk.partition is not None:
         return NoMatch(f"{where}: {blk.partition_summary()}; the stream is rearranged around the attention")
@@ -85,6 +88,16 @@ def residual_block(blk: AttentionBlock) -> ResidualBlock | NoMatch:
     if branch is None or branch.producer() is None or not any(n is branch.producer() for n in inside):
         return NoMatch(f"{where}: the Add after the attention does not add a branch computed from the stream after "
                        "the attention (parallel attention and MLP: both read the same input)", mlp_add)
+    prev = blk.residual_in.producer()
+    after = next((b for b in others if b is not blk and prev is not None
+                  and (prev is b.residual_add or prev is b.post_norm)), None)
+    if after is not None:
+        return NoMatch(f"{where}: its stream comes straight from block {after.index}'s attention (a decoder layer's "
+                       "cross-attention: three branches, not supported)", attn_add)
+    cores = {id(n) for b in others if b is not blk for n in b.nodes}
+    if any(id(n) in cores for n in inside):
+        return NoMatch(f"{where}: the next residual branch holds another attention (a decoder layer with "
+                       "cross-attention: three branches, not supported)", mlp_add)
     attn_inside = {id(n) for n in interior(blk.residual_in, attn_add.outputs[0])}
     if not all(id(n) in attn_inside for n in blk.nodes):
         return NoMatch(f"{where}: the attention is not computed from the stream its residual Add adds to (parallel "
@@ -104,7 +117,7 @@ def residual_block(blk: AttentionBlock) -> ResidualBlock | NoMatch:
 def residual_blocks(model: ir.Model, blocks: list[AttentionBlock] | None = None) -> list[ResidualBlock | NoMatch]:
     """One entry per attention block, in order: the block, or why it is not removable as such."""
     blocks = find_attention_blocks(model) if blocks is None else blocks
-    return [residual_block(b) for b in blocks]
+    return [residual_block(b, blocks) for b in blocks]
 
 
 def interior(start: ir.Value, end: ir.Value) -> list[ir.Node]:
