@@ -28,6 +28,8 @@ import numpy as np
 import onnx_ir as ir
 import pydantic
 
+from graphprune.analysis.inputs import example_inputs
+
 if TYPE_CHECKING:
     from graphprune.analysis.flops import FlopsReport
 
@@ -177,6 +179,12 @@ class PassContext:
         """Extend ``fingerprint`` past one pass (called by the pipeline after each pass it runs)."""
         if self.fingerprint is not None:
             self.fingerprint = _digest(self.fingerprint, name, config)
+
+    def feeds(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
+        """The calibration feeds, or two batches of 4 generated from the model's input specs when there are none."""
+        if self.calibration:
+            return list(self.calibration)
+        return [example_inputs(model, batch=4, seed=s) for s in range(2)]
 
     @property
     def real_data(self) -> bool:

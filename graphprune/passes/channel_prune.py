@@ -52,7 +52,6 @@ from onnx_ir.passes.common import NameFixPass
 
 from graphprune.analysis.channels import analyze_channels
 from graphprune.analysis.importance import activation_values, compute_importance
-from graphprune.analysis.inputs import example_inputs
 from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes._channel_masksearch import SearchSettings, mask_search
@@ -139,12 +138,6 @@ def _read_plan(path: str) -> dict:
         raise ConfigError(f"plan_in: cannot read {path!r}: {e}") from e
 
 
-def _calibration(model: ir.Model, ctx) -> list[dict]:
-    if ctx.calibration:
-        return list(ctx.calibration)
-    return [example_inputs(model, batch=4, seed=s) for s in range(2)]
-
-
 def _ensure_names(model: ir.Model) -> None:
     """The plan addresses nodes and values by name: give unnamed or clashing ones unique names (deterministic,
     so a plan written for a model replays on the same model)."""
@@ -199,7 +192,7 @@ class ChannelPrunePass(GraphPass):
         searching = cfg.search == "mask" and cfg.ratio > 0
         if (method["importance"] in ("activation", "obs") or method["reconstruct"] or method["allocate"] == "sensitivity"
                 or searching):
-            calib = _calibration(model, self.context)
+            calib = self.context.feeds(model)
             if not self.context.real_data:
                 warnings.append(f"{method['importance'] + ' importance' if method['importance'] in ('activation', 'obs') else 'reconstruct'}"
                                 f" fitted to {'synthetic' if self.context.calibration else 'generated'} inputs, which"

@@ -40,7 +40,6 @@ import pydantic
 
 from graphprune.analysis.attention import NoMatch
 from graphprune.analysis.depth import ResidualBlock, interior, outside_reads, residual_blocks
-from graphprune.analysis.inputs import example_inputs
 from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skipped
@@ -82,12 +81,6 @@ class _Unit:
 
     def pair(self) -> tuple[ir.Value, ir.Value]:
         return self.block.unit(self.kind)
-
-
-def _calibration(model: ir.Model, ctx) -> list[dict]:
-    if ctx.calibration:
-        return list(ctx.calibration)
-    return [example_inputs(model, batch=4, seed=s) for s in range(2)]
 
 
 def _weights(feed: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray | None:
@@ -190,7 +183,7 @@ class DepthPrunePass(GraphPass):
         if cfg.target == "units":
             self._count(units, cfg, others)  # a budget that removes none or all fails before anything runs
         warnings = []
-        calib = _calibration(model, self.context)
+        calib = self.context.feeds(model)
         if not self.context.real_data:
             warnings.append(f"depth importance measured on {'synthetic' if self.context.calibration else 'generated'}"
                             " inputs, which do not carry over to real data; pass --data with real samples")
