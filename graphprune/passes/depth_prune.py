@@ -93,11 +93,15 @@ def _weights(feed: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray 
     return None
 
 
+def _row_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``a`` [R, C] with the same row of ``b`` (float64)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
 def _angular(a: np.ndarray, b: np.ndarray, w: np.ndarray | None) -> tuple[float, float]:
     """(Σ w·(1 - cos(a_t, b_t)), Σ w) over the tokens of one feed."""
-    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
-    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
-    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+    cos = _row_cos(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
     w = np.ones_like(cos) if w is None else w.reshape(-1)
     return float((w * (1 - cos)).sum()), float(w.sum())
 
@@ -108,12 +112,9 @@ def _output_change(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
     for r, g in zip(ref, got):
         if not np.issubdtype(r.dtype, np.floating) or r.ndim == 0:
             continue
-        r2 = r.reshape(r.shape[0], -1).astype(np.float64)
-        g2 = g.reshape(g.shape[0], -1).astype(np.float64) if g.shape == r.shape else None
-        if g2 is None:
+        if g.shape != r.shape:
             return float("inf")
-        cos = (r2 * g2).sum(-1) / np.maximum(np.linalg.norm(r2, axis=-1) * np.linalg.norm(g2, axis=-1), 1e-12)
-        vals.append(float(np.mean(1 - cos)))
+        vals.append(float(np.mean(1 - _row_cos(r.reshape(r.shape[0], -1), g.reshape(g.shape[0], -1)))))
     return float(np.mean(vals)) if vals else 0.0
 
 
@@ -148,24 +149,17 @@ class _Rewired:
 
 
 def _remove(model: ir.Model, unit: _Unit, replaced: dict[int, ir.Value]) -> None:
-    """Remove ``unit`` for good: rewire, keeping graph output names (an Identity where the output was the unit's)."""
+    """Remove ``unit`` for good: rewire, keeping graph output names (an Identity of the replacement takes the name
+    where the unit's output was a graph output)."""
     old, new = unit.pair()
-    new = _resolve(new, replaced)
-    replaced[id(old)] = new
     graph = model.graph
     if any(v is old for v in graph.outputs):
         keep = ir.Value(name=old.name, shape=old.shape, type=old.type)
         old.name = f"{old.name}__depth_pruned"
-        ident = ir.Node("", "Identity", [new], outputs=[keep], name=f"{keep.name}__depth_identity")
-        graph.insert_after(old.producer(), ident)
-        for i, v in enumerate(graph.outputs):
-            if v is old:
-                graph.outputs[i] = keep
-        for node, idx in list(old.uses()):
-            if node is not ident:
-                node.replace_input_with(idx, keep)
-        return
-    ir.convenience.replace_all_uses_with(old, new)
+        graph.insert_after(old.producer(), ir.Node("", "Identity", [_resolve(new, replaced)], outputs=[keep],
+                                                   name=f"{keep.name}__depth_identity"))
+        new = keep
+    _Rewired(graph, old, new, replaced)
 
 
 @register
