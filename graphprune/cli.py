@@ -1,5 +1,5 @@
 """The ``graphprune`` command: optimize, inspect, bench, passes; deploy, serve, loadtest (in ``_cli_deploy``);
-lower, build (TensorRT, in ``_cli_trt``).
+lower, build (TensorRT, in ``_cli_trt``); search (``_cli_search``); generate, prune-pair (``_cli_decoder``).
 
 User errors (bad paths, malformed models, bad configs, failed verification) print one line to stderr and exit
 with code 2; ``--debug`` shows the traceback instead.
@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from graphprune._cli_decoder import register as _register_decoder
 from graphprune._cli_deploy import register as _register_deploy
 from graphprune._cli_search import ray_flag
 from graphprune._cli_search import register as _register_search
@@ -416,6 +417,7 @@ def list_passes(as_json: Annotated[bool, typer.Option("--json", help="Print one 
 _register_deploy(app, out, err)  # deploy, serve, loadtest
 _register_trt(app, out, err)  # lower, build (TensorRT)
 _register_search(app, out, err)  # search (Optuna; Ray)
+_register_decoder(app, out, err)  # generate, prune-pair (decoder prefill + decode graphs)
 
 
 def _exceptions(attr: str) -> tuple[type, ...]:

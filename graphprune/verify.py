@@ -509,7 +509,18 @@ def _compare_with(reference: _References, optimized, feeds, names, t, progress, 
 
     session = make_session(optimized, arena=False, prepack=False)
     if len(session.get_outputs()) != len(names):
-        raise VerificationError(f"optimized model has {len(session.get_outputs())} outputs, original has {len(names)}")
+        have = {o.name for o in session.get_outputs()}
+        missing = [n for n in names if n not in have]
+        hint = ""
+        if missing:
+            from graphprune.analysis.depth import CACHE_NAME
+
+            hint = f" (missing: {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})"
+            if all(CACHE_NAME.search(n) for n in missing):
+                hint += ("; removed blocks took their KV cache with them: prune a decoder's prefill and decode graphs "
+                         "together with `graphprune prune-pair`")
+        raise VerificationError(f"optimized model has {len(session.get_outputs())} outputs, original has "
+                                f"{len(names)}{hint}")
     for i, feed in enumerate(feeds):
         outs = run(session, feed)
         for (acc, _), a, b in zip(accs, reference.feed(i), outs):

@@ -26,6 +26,8 @@ whose second branch is a cross-attention) is a
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Collection
 
 import onnx_ir as ir
 
@@ -148,13 +150,14 @@ def interior(start: ir.Value, end: ir.Value) -> list[ir.Node]:
     return [n for n in order if id(n) in reads]
 
 
-def outside_reads(nodes: list[ir.Node], end: ir.Value, graph: ir.Graph) -> str | None:
-    """A value computed by ``nodes`` (other than ``end``) that something else reads, named; ``None`` if none."""
+def outside_reads(nodes: list[ir.Node], end: ir.Value, graph: ir.Graph, allowed: Collection[int] = ()) -> str | None:
+    """A value computed by ``nodes`` (other than ``end`` and the values whose ids are in ``allowed``) that something
+    else reads, named; ``None`` if none."""
     inside = {id(n) for n in nodes}
     outputs = {id(v) for v in graph.outputs}
     for n in nodes:
         for v in n.outputs:
-            if v is end:
+            if v is end or id(v) in allowed:
                 continue
             if id(v) in outputs:
                 return f"graph output {v.name!r}"
@@ -164,4 +167,59 @@ def outside_reads(nodes: list[ir.Node], end: ir.Value, graph: ir.Graph) -> str |
     return None
 
 
-__all__ = ["Branch", "ResidualBlock", "interior", "outside_reads", "residual_block", "residual_blocks"]
+#: Graph output / input names of a KV cache as exporters write them: ``present.3.key``, ``present_key_values.3``,
+#: ``past_key_values.3.value``, ``cache_k_3``, ``key_cache.3``, ``new_k_3``...
+CACHE_NAME = re.compile(r"present|past|cache|(^|[._/])(key|value|keys|values|k|v)([._/]|\d|$)", re.IGNORECASE)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheIO:
+    """A unit's KV cache: the graph outputs it computes (``present``) and the graph inputs they are computed from
+    (``past``; none in a prefill graph)."""
+
+    outputs: tuple[ir.Value, ...] = ()
+    inputs: tuple[ir.Value, ...] = ()
+
+
+def cache_io(nodes: list[ir.Node], end: ir.Value, graph: ir.Graph) -> CacheIO | str:
+    """The KV cache of the unit made of ``nodes`` (output ``end``), or why its graph outputs are not one.
+
+    A graph output computed inside the unit is its cache when it is computed from a graph input that the unit reads
+    (a decode step's ``past`` tensor, concatenated with the new keys or values), or, in a prefill graph, when its
+    name says so (:data:`CACHE_NAME`). Any other graph output inside the unit (exported hidden states) is returned
+    as a reason, as is a ``past`` input that something outside the unit reads other than by its ``Shape`` (the past
+    length, which the position ids and the mask read off one layer's cache, chosen by the exporter: the pass moves
+    such a read to a cache input of the same shape that stays)."""
+    inside = {id(n) for n in nodes}
+    graph_inputs = {id(v) for v in graph.inputs}
+    outs = [v for n in nodes for v in n.outputs if v is not end and any(v is o for o in graph.outputs)]
+    if not outs:
+        return CacheIO()
+    pasts: dict[int, ir.Value] = {}
+    for v in outs:
+        found: dict[int, ir.Value] = {}
+        stack, seen = [v.producer()], set()
+        while stack:  # the graph inputs this output is computed from, inside the unit
+            n = stack.pop()
+            if n is None or id(n) in seen or id(n) not in inside:
+                continue
+            seen.add(id(n))
+            for x in n.inputs:
+                if x is None:
+                    continue
+                if id(x) in graph_inputs:
+                    found[id(x)] = x
+                stack.append(x.producer())
+        if not found and not CACHE_NAME.search(v.name or ""):
+            return f"graph output {v.name!r}"
+        pasts.update(found)
+    for x in pasts.values():
+        for user, _ in x.uses():
+            if id(user) not in inside and user.op_type != "Shape":
+                return (f"its cache input {x.name!r} is also read outside it (by {user.op_type} {user.name!r}), so "
+                        "removing the unit could not drop it")
+    return CacheIO(tuple(outs), tuple(pasts.values()))
+
+
+__all__ = ["CACHE_NAME", "Branch", "CacheIO", "ResidualBlock", "cache_io", "interior", "outside_reads", "residual_block",
+           "residual_blocks"]

@@ -14,6 +14,6 @@ image folder or a text file is loaded.
 from graphprune.data._dataset import Dataset, synthetic_data
 from graphprune.data._images import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD
 from graphprune.data._loaders import load_data
-from graphprune.data._text import read_texts
+from graphprune.data._text import load_tokenizer, read_texts
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "Dataset", "load_data", "read_texts", "synthetic_data"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_SUFFIXES", "Dataset", "load_data", "load_tokenizer", "read_texts", "synthetic_data"]

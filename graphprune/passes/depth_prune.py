@@ -3,8 +3,10 @@
 Units come from ``analysis.depth.residual_blocks`` (pre-norm and post-norm blocks; a block of another shape is
 skipped with the reason). Removing a unit rewires the value it produces to the value it started from (a block:
 its output stream → its input stream; a branch: its residual Add's output → the stream it adds to), then removes
-what nothing reads any more. A unit whose inside is read from outside it (a KV cache's ``present`` outputs, a graph
-output of hidden states) is not removable and is skipped with the reason.
+what nothing reads any more. A unit whose inside is read from outside it (a graph output of hidden states, a value
+another block reads) is not removable and is skipped with the reason. A decoder's KV cache is the exception
+(``analysis.depth.cache_io``): a removed unit's ``present`` outputs and its ``past`` inputs leave the graph with it,
+and the result lists them (``cache_removed``), since the generation loop must stop feeding them.
 
 Config::
 
@@ -14,6 +16,7 @@ Config::
       importance: angular    # angular | output
       target: units          # units | flops | params: what ``ratio`` is a share of
       layers: null           # candidate blocks (0-based, as ``inspect`` numbers them); default every block
+      units: null            # or exactly these units ("block 3", "block 5 attention"): no importance, no ratio
 
 Importance is measured on the calibration feeds (the user's ``--data``; generated inputs otherwise, with a warning):
   * ``angular`` (ShortGPT, Men et al. 2024): ``1 - cos(x_in, x_out)`` of the unit's input and output stream per
@@ -39,7 +42,7 @@ import onnx_ir.passes.common as common
 import pydantic
 
 from graphprune.analysis.attention import NoMatch
-from graphprune.analysis.depth import ResidualBlock, interior, outside_reads, residual_blocks
+from graphprune.analysis.depth import CacheIO, ResidualBlock, cache_io, interior, outside_reads, residual_blocks
 from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skipped
@@ -51,6 +54,9 @@ class DepthPruneConfig(PassConfig):
     importance: Literal["angular", "output"] = "angular"
     target: Literal["units", "flops", "params"] = "units"
     layers: list[int] | None = pydantic.Field(default=None, description="candidate blocks (0-based); default all")
+    units: list[str] | None = pydantic.Field(default=None, description=(
+        "remove exactly these units, named as the result's 'removed' names them ('block 3', 'block 5 attention'); "
+        "no importance is measured and ratio is ignored"))
     search_feeds: int = pydantic.Field(4, ge=1, description="importance 'output': calibration feeds each trial runs")
 
 
@@ -71,6 +77,7 @@ class _Unit:
     block: ResidualBlock
     kind: str  # block | attention | mlp
     nodes: list[ir.Node]
+    cache: CacheIO = CacheIO()
     score: float = 0.0
     flops: int = 0
     params: int = 0
@@ -160,6 +167,23 @@ def _remove(model: ir.Model, unit: _Unit, replaced: dict[int, ir.Value]) -> None
                                                    name=f"{keep.name}__depth_identity"))
         new = keep
     _Rewired(graph, old, new, replaced)
+    cache = {id(v) for v in unit.cache.outputs}
+    keep_outputs = [v for v in graph.outputs if id(v) not in cache]
+    graph.outputs.clear()
+    graph.outputs.extend(keep_outputs)
+
+
+def _move_length_reads(graph: ir.Graph, unit: _Unit, pasts: set[int]) -> None:
+    """Point the ``Shape`` nodes outside ``unit`` that read one of its cache inputs (the past length) at a cache
+    input of the same shape that stays, so the removed one can leave the graph."""
+    inside = {id(n) for n in unit.nodes}
+    for x in unit.cache.inputs:
+        reads = [(n, i) for n, i in x.uses() if id(n) not in inside]
+        stay = next((v for v in graph.inputs if id(v) not in pasts and v.dtype == x.dtype and v.shape is not None
+                     and x.shape is not None and list(v.shape) == list(x.shape)), None)
+        if reads and stay is not None:
+            for node, i in reads:
+                node.replace_input_with(i, stay)
 
 
 @register
@@ -174,6 +198,8 @@ class DepthPrunePass(GraphPass):
         if not units:
             return GraphResult(model, False, skipped=skipped or [Skipped("model", "no attention blocks found")])
         kinds = ("block",) if cfg.unit == "block" else ("attention", "mlp")
+        if cfg.units is not None:
+            return self._remove_named(model, units, skipped, cfg, kinds)
         if cfg.target == "units":
             self._count(units, cfg, others)  # a budget that removes none or all fails before anything runs
         warnings = []
@@ -188,16 +214,47 @@ class DepthPrunePass(GraphPass):
             else:
                 chosen = self._by_output(model, units, calib, cfg, others)
             step(1)
+        return self._finish(model, chosen, units, skipped, cfg, kinds, warnings)
+
+    def _remove_named(self, model: ir.Model, units: list[_Unit], skipped: list[Skipped], cfg, kinds) -> GraphResult:
+        by_name = {u.where: u for u in units}
+        why = {s.where: s.reason for s in skipped}
+        for name in cfg.units:
+            if name not in by_name:
+                reason = why.get(name, f"not a unit of this model with unit: {cfg.unit}")
+                raise ConfigError(f"depth_prune: units: {name!r} cannot be removed ({reason})")
+        if len(set(cfg.units)) >= len(units) and not skipped:
+            raise ConfigError(f"depth_prune: units: removing all {len(units)} units of the model")
+        return self._finish(model, [by_name[n] for n in dict.fromkeys(cfg.units)], units, skipped, cfg, kinds, [])
+
+    def _finish(self, model: ir.Model, chosen: list[_Unit], units: list[_Unit], skipped: list[Skipped], cfg, kinds,
+                warnings: list[str]) -> GraphResult:
         before = sum(1 for _ in model.graph)
         replaced: dict[int, ir.Value] = {}
         for u in chosen:
             _remove(model, u, replaced)
+        pasts = {id(v) for u in chosen for v in u.cache.inputs}
+        for u in chosen:
+            _move_length_reads(model.graph, u, pasts)
         common.RemoveUnusedNodesPass()(model)
+        gone = [v for v in model.graph.inputs if id(v) in pasts and not v.uses()]
+        kept_inputs = [v for v in model.graph.inputs if not any(v is g for g in gone)]
+        model.graph.inputs.clear()
+        model.graph.inputs.extend(kept_inputs)
+        stuck = [v.name for v in model.graph.inputs if id(v) in pasts and v.uses()]
+        if stuck:  # no cache input of the same shape stayed to read the past length from
+            warnings.append(f"cache inputs {', '.join(stuck)} stay: the graph reads the past length off them, and "
+                            "no cache input of the same shape is left to read it from; keep feeding them")
+        cache_removed = [v.name for u in chosen for v in u.cache.outputs] + [v.name for v in gone]
+        if cache_removed:
+            warnings.append(f"the removed units' KV cache left the graph ({len(cache_removed)} inputs and outputs: "
+                            f"{', '.join(cache_removed[:4])}{', ...' if len(cache_removed) > 4 else ''}); a "
+                            "generation loop must stop feeding them")
         removed = before - sum(1 for _ in model.graph)
         info = {"unit": cfg.unit, "importance": cfg.importance, "target": cfg.target, "candidates": len(units),
                 "removed": [u.where for u in chosen],
                 "scores": {u.where: float(f"{u.score:.6g}") for u in units}, "nodes_removed": removed,
-                "kinds": list(kinds)}
+                "kinds": list(kinds), "cache_removed": cache_removed}
         rewritten: list[Rewrite] = [UnitRemoved(u.block.index, u.kind, float(f"{u.score:.6g}"), len(u.nodes),
                                                 u.flops or None, u.params or None) for u in chosen]
         return GraphResult(model, True, rewritten=rewritten, skipped=skipped, info=info, warnings=warnings)
@@ -223,13 +280,16 @@ class DepthPrunePass(GraphPass):
             for kind in (("block",) if cfg.unit == "block" else ("attention", "mlp")):
                 old, new = rb.unit(kind)
                 nodes = interior(new, old)
-                why = outside_reads(nodes, old, model.graph)
-                unit = _Unit(rb, kind, nodes)
+                cache = cache_io(nodes, old, model.graph)
+                why = cache if isinstance(cache, str) else outside_reads(
+                    nodes, old, model.graph, allowed={id(v) for v in cache.outputs})
+                unit = _Unit(rb, kind, nodes, cache if isinstance(cache, CacheIO) else CacheIO())
                 if not nodes:
                     skipped.append(Skipped(unit.where, "its output does not depend on its input stream"))
                 elif why is not None:
-                    skipped.append(Skipped(unit.where, f"{why} is computed inside it and read outside; removing it "
-                                           "would change that read (a KV cache or exported hidden states)"))
+                    skipped.append(Skipped(unit.where, why if why.startswith("its cache") else (
+                        f"{why} is computed inside it and read outside; removing it would change that read (exported "
+                        "hidden states)")))
                 else:
                     units.append(unit)
         others = bool(skipped) or (cfg.layers is not None and len(set(cfg.layers)) < len(found))
@@ -301,7 +361,9 @@ class DepthPrunePass(GraphPass):
     def _by_output(self, model: ir.Model, units: list[_Unit], calib: list[dict], cfg, others: bool) -> list[_Unit]:
         feeds = calib[:cfg.search_feeds]
         graph = model.graph
-        run = self.context.runtime.prober(model, list(graph.outputs))
+        cache = {id(v) for u in units for v in u.cache.outputs}
+        where = [i for i, v in enumerate(graph.outputs) if id(v) not in cache]  # a removed unit's KV cache is gone
+        run = self.context.runtime.prober(model, [graph.outputs[i] for i in where])
         ref = [run(f) for f in feeds]
         done = 0
         replaced: dict[int, ir.Value] = {}
@@ -310,7 +372,7 @@ class DepthPrunePass(GraphPass):
             nonlocal done
             trial = _Rewired(graph, *u.pair(), replaced)
             try:
-                probe = self.context.runtime.prober(model, list(graph.outputs))
+                probe = self.context.runtime.prober(model, [graph.outputs[i] for i in where])
                 return float(np.mean([_output_change(r, probe(f)) for r, f in zip(ref, feeds)]))
             finally:
                 trial.undo()

@@ -22,10 +22,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise GraphpruneError("graphprune.torch needs PyTorch: pip install torch==2.13.0 (then graphprune[torch])") from e
 
 from graphprune.torch._apply import apply_plan, count_parameters, load_pruned, save_pruned  # noqa: E402
+from graphprune.torch._decoder import export_decoder_pair  # noqa: E402
 from graphprune.torch._export import AXIS_RANGE, BATCH_RANGE, export, export_program  # noqa: E402
 from graphprune.torch._optimize import TorchResult, optimize  # noqa: E402
 from graphprune.torch._sparse_fx import sparse_attention  # noqa: E402
 from graphprune.torch._token_fx import token_drop  # noqa: E402
 
-__all__ = ["AXIS_RANGE", "BATCH_RANGE", "TorchResult", "apply_plan", "count_parameters", "export", "export_program",
-           "load_pruned", "optimize", "save_pruned", "sparse_attention", "token_drop"]
+__all__ = ["AXIS_RANGE", "BATCH_RANGE", "TorchResult", "apply_plan", "count_parameters", "export",
+           "export_decoder_pair", "export_program", "load_pruned", "optimize", "save_pruned", "sparse_attention", "token_drop"]

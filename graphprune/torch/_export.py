@@ -109,10 +109,15 @@ def export_program(
     """``export`` without writing: the ``torch.onnx.ONNXProgram`` (``.model``: the ONNX IR with the ai.graphprune
     bodies attached; ``.exported_program``: the torch.export program it was translated from, whose node names are
     the ONNX value names). Same arguments as :func:`export`."""
-    module.eval()
     if dynamic_axes is None and dynamic_batch:
         dynamic_axes = {0: "batch"}
     shapes = _dynamic_shapes(tuple(args), dynamic_axes) if dynamic_axes else None
+    return _to_onnx(module, args, opset, shapes, input_names, output_names)
+
+
+def _to_onnx(module: torch.nn.Module, args: tuple, opset: int, shapes, input_names, output_names):
+    """torch.onnx.export (dynamo) with ``torch.export`` ``shapes``, graphprune's ops translated and given bodies."""
+    module.eval()
     with torch.no_grad(), warnings.catch_warnings(), reused_registry():
         warnings.filterwarnings("ignore", message=_SAME_NAME_WARNING, category=UserWarning)
         program = torch.onnx.export(module, args, None, dynamo=True, opset_version=opset, dynamic_shapes=shapes,

@@ -1,0 +1,80 @@
+"""Export a transformers causal LM as a prefill graph and a decode-step graph with an explicit KV cache (the pair
+``graphprune.decoder`` runs and prunes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from graphprune.errors import GraphpruneError
+from graphprune.torch._export import _to_onnx
+
+
+class _Prefill(torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, layers: int) -> None:
+        super().__init__()
+        self.lm, self.layers = lm, layers
+
+    def forward(self, input_ids):
+        out = self.lm(input_ids=input_ids, use_cache=True)
+        return (out.logits, *_flat(out.past_key_values, self.layers))
+
+
+class _Step(torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, layers: int) -> None:
+        super().__init__()
+        self.lm, self.layers = lm, layers
+
+    def forward(self, input_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        start = past[0].shape[2]
+        pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        out = self.lm(input_ids=input_ids, past_key_values=cache, position_ids=pos, use_cache=True)
+        return (out.logits, *_flat(out.past_key_values, self.layers))
+
+
+def _flat(cache, layers: int) -> list[torch.Tensor]:
+    return [t for i in range(layers) for t in (cache.layers[i].keys, cache.layers[i].values)]
+
+
+def export_decoder_pair(lm: torch.nn.Module, folder: str | Path, *, opset: int = 18) -> tuple[Path, Path]:
+    """Export a transformers causal LM (Llama, Mistral, Qwen2... anything whose forward takes ``past_key_values``
+    as a ``DynamicCache``) to ``folder/prefill.onnx`` and ``folder/decode.onnx`` (each with its ``.data``).
+
+    * prefill: ``input_ids [batch, seq]`` → ``logits [batch, seq, vocab]``, ``present.{i}.key`` / ``.value``
+      ``[batch, kv_heads, seq, head_dim]`` per layer;
+    * decode step: ``input_ids [batch, seq]`` and ``past_key_values.{i}.key`` / ``.value`` ``[batch, kv_heads,
+      past, head_dim]`` → ``logits`` and ``present.{i}.*`` of length ``past + seq``.
+
+    Batch, sequence and past length are dynamic; no attention mask (unpadded batches). Returns the two paths."""
+    cfg = getattr(lm, "config", None)
+    if cfg is None or not hasattr(cfg, "num_hidden_layers"):
+        raise GraphpruneError("export_decoder_pair: expected a transformers causal LM (with .config)")
+    layers = cfg.num_hidden_layers
+    kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lm = lm.eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 5), generator=gen)
+    past = tuple(torch.randn(2, kv, 7, dim, generator=gen) for _ in range(2 * layers))
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=65536)
+    plen = torch.export.Dim("past", min=1, max=65536)
+    cache_out = [f"present.{i}.{kv_}" for i in range(layers) for kv_ in ("key", "value")]
+    cache_in = [f"past_key_values.{i}.{kv_}" for i in range(layers) for kv_ in ("key", "value")]
+    out = []
+    for name, module, args, shapes, inputs in (
+            ("prefill", _Prefill(lm, layers), (ids,), ({0: batch, 1: seq},), ["input_ids"]),
+            ("decode", _Step(lm, layers), (ids, *past), ({0: batch, 1: seq}, tuple({0: batch, 2: plen} for _ in past)),
+             ["input_ids", *cache_in])):
+        program = _to_onnx(module, args, opset, shapes, inputs, ["logits", *cache_out])
+        path = folder / f"{name}.onnx"
+        program.save(str(path), external_data=True)
+        out.append(path)
+    return out[0], out[1]
