@@ -105,6 +105,7 @@ class _Retarget:
                        "cannot retarget")
 
     def apply(self) -> None:
+        clones: dict[int, ir.Node] = {}  # one retargeted copy per shape Concat, shared by its readers
         for edit in self.edits:
             if edit[0] == "input":
                 _, node, i, val = edit
@@ -113,13 +114,16 @@ class _Retarget:
                 node.replace_input_with(i, val)
             else:
                 _, node, i, concat, parts = edit
-                for p in parts:
-                    if p.const_value is not None and p.name not in self.graph.initializers:
-                        self.graph.register_initializer(p)
-                clone = ir.Node("", "Concat", parts, concat.attributes.values(), num_outputs=1,
-                                name=f"{concat.name}_tok{self.n_new}")
-                clone.outputs[0].type = ir.TensorType(ir.DataType.INT64)
-                self.graph.insert_before(node, clone)
+                clone = clones.get(id(concat))
+                if clone is None:
+                    for p in parts:
+                        if p.const_value is not None and p.name not in self.graph.initializers:
+                            self.graph.register_initializer(p)
+                    clone = ir.Node("", "Concat", parts, concat.attributes.values(), num_outputs=1,
+                                    name=f"{concat.name}_tok{self.n_new}")
+                    clone.outputs[0].type = ir.TensorType(ir.DataType.INT64)
+                    self.graph.insert_before(node, clone)
+                    clones[id(concat)] = clone
                 node.replace_input_with(i, clone.outputs[0])
 
 
