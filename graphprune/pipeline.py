@@ -452,6 +452,21 @@ def optimize(
     return report
 
 
+def _skipped_tokens(records: list[dict]) -> dict:
+    """Output positions the passes ask verification to leave out (``info.verify_skip_tokens``: image tokens a
+    ``token_drop`` with ``scope: image`` dropped, whose restored rows carry no prediction)."""
+    from graphprune.verify import SkipTokens
+
+    out = {}
+    for rec in records:
+        spec = (rec.get("info") or {}).get("verify_skip_tokens")
+        if spec and rec.get("changed"):
+            for name in spec["outputs"]:
+                out[name] = SkipTokens(spec["why"], tuple(spec["span"]) if spec.get("span") else None,
+                                       spec.get("input"), spec.get("value"))
+    return out
+
+
 def _verify_bench_report(model_path, original, output, model, staged_path, records, pipeline, ver, verify_feeds,
                          data_info, warnings, force, bench, bench_batch, bench_runs, threads, context, timings) -> dict:
     """Verify the staged output against the original, build the report, benchmark; raise when verification fails."""
@@ -462,7 +477,8 @@ def _verify_bench_report(model_path, original, output, model, staged_path, recor
 
     t0 = time.perf_counter()
     report_verify = compare(original, staged_path, verify_feeds, pipeline.verify, real_data=ver.source == "user",
-                            progress=lambda d, t: _progress(context, "verify", d, t))
+                            progress=lambda d, t: _progress(context, "verify", d, t),
+                            skip_tokens=_skipped_tokens(records))
     timings["verify"] = time.perf_counter() - t0
     if report_verify.compute_dtype != "model":
         warnings.append(f"verification {BF16_NOTE}")

@@ -423,6 +423,7 @@ def compare(
     *,
     progress: Callable[[int, int], None] | None = None,
     real_data: bool = True,
+    skip_tokens: Mapping[str, SkipTokens] | None = None,
 ) -> VerifyReport:
     """Run the original, then the optimized model, on every feed and compare output by output.
 
@@ -433,6 +434,9 @@ def compare(
         thresholds: what to check; ``None`` checks the kind defaults.
         progress: called as ``progress(done, total)`` after each of the ``2 * len(feeds)`` runs.
         real_data: the feeds are real samples (``False``: generated ones, checked with :data:`SYNTHETIC_DEFAULTS`).
+        skip_tokens: output name → the token positions (axis 1) of that ``[B, N, ...]`` output left out of every
+            figure (:class:`SkipTokens`; a pass that drops image tokens and restores their rows from before the
+            decoder sets it). The output's notes say so.
 
     Returns:
         The report; ``failures`` lists every threshold missed (empty: passed).
@@ -472,7 +476,7 @@ def compare(
                 progress(i + 1, total)
         del session  # released before the optimized session exists: never two models in memory
         return_freed_memory(collect)
-        report = _compare_with(reference, optimized, feeds, names, t, progress, total, real_data)
+        report = _compare_with(reference, optimized, feeds, names, t, progress, total, real_data, skip_tokens or {})
         if up_a or up_b:
             report.compute_dtype = BF16_EMULATED
         return report
@@ -497,7 +501,39 @@ def _runnable(model: ModelLike) -> tuple[ModelLike, bool, int]:
 GC_MIN_WEIGHT_BYTES = 16 << 20
 
 
-def _compare_with(reference: _References, optimized, feeds, names, t, progress, total, real_data) -> VerifyReport:
+@dataclasses.dataclass(frozen=True)
+class SkipTokens:
+    """Token positions of one output not compared: a static ``span`` ``[start, stop)``, or, per sample, the
+    positions where the integer input ``input`` equals ``value`` (an image placeholder id); ``why`` goes to the
+    output's notes."""
+
+    why: str
+    span: tuple[int, int] | None = None
+    input: str | None = None
+    value: int | None = None
+
+    def keep(self, feed: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        """bool ``[B, N]``: the positions compared."""
+        if self.span is not None:
+            k = np.ones(shape[:2], dtype=bool)
+            k[:, self.span[0]:self.span[1]] = False
+            return k
+        ids = np.asarray(feed[self.input])
+        if ids.shape != tuple(shape[:2]):
+            raise VerificationError(f"input {self.input!r} {ids.shape} does not match the token axis of {shape}")
+        return ids != self.value
+
+
+def _kept_rows(x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``x [B, N, ...]`` without the positions ``keep`` leaves out, as ``[B, M, ...]`` (M the same for every row)."""
+    counts = keep.sum(1)
+    if len(set(counts.tolist())) > 1:
+        raise VerificationError(f"samples compare different numbers of token positions ({sorted(set(counts.tolist()))})")
+    return x[keep].reshape(x.shape[0], int(counts[0]) if len(counts) else 0, *x.shape[2:])
+
+
+def _compare_with(reference: _References, optimized, feeds, names, t, progress, total, real_data,
+                  skip_tokens: Mapping[str, SkipTokens]) -> VerifyReport:
     accs = []
     for j, name in enumerate(names):
         values = reference.output(j)
@@ -524,14 +560,19 @@ def _compare_with(reference: _References, optimized, feeds, names, t, progress, 
     for i, feed in enumerate(feeds):
         outs = run(session, feed)
         for (acc, _), a, b in zip(accs, reference.feed(i), outs):
-            acc.add(a, np.asarray(b))
+            b = np.asarray(b)
+            skip = skip_tokens.get(acc.name)
+            if skip is not None and a.ndim >= 2 and a.shape == b.shape:
+                keep = skip.keep(feed, a.shape)
+                a, b = _kept_rows(a, keep), _kept_rows(b, keep)
+            acc.add(a, b)
         if progress is not None:
             progress(len(feeds) + i + 1, total)
     del session
 
     outputs = []
     for acc, source in accs:
-        notes: list[str] = []
+        notes: list[str] = [skip_tokens[acc.name].why] if acc.name in skip_tokens else []
         out = OutputReport(acc.name, acc.kind, source, acc.metrics(notes), notes=notes)
         _check(out, t.for_output(acc.kind, acc.floating, real_data))
         outputs.append(out)

@@ -448,3 +448,34 @@ def test_report_dict_and_summary(tmp_path):
     legacy = VerifyReport(1.0, 0.5, None, [], ["cosine 0.5 < 0.95"])  # positional, as tests/test_pipeline.py builds it
     assert not legacy.passed and legacy.to_dict()["failures"] == ["cosine 0.5 < 0.95"]
     assert legacy.summary() == "min cosine 0.5000; 1 check(s) failed"
+
+
+# ---------------------------------------------------------------- positions left out (image tokens)
+
+
+def _offset_at(path: Path, bump: np.ndarray) -> Path:
+    """last_hidden_state = X[B, N, 4] + bump[N, 4]; an ``ids [B, N]`` input is read (ArgMax keeps it live)."""
+    nodes = [helper.make_node("Add", ["X", "Bump"], ["last_hidden_state"]),
+             helper.make_node("ArgMax", ["ids"], ["where"], axis=1, keepdims=0)]
+    return _save(path, nodes, [("X", F, ["B", 6, 4]), ("ids", I64, ["B", 6])],
+                 [("last_hidden_state", F, ["B", 6, 4]), ("where", I64, ["B"])], {"Bump": bump})
+
+
+def test_skip_tokens_leaves_out_a_span_or_the_positions_of_an_id(tmp_path):
+    rng = np.random.default_rng(0)
+    orig = _offset_at(tmp_path / "a.onnx", np.zeros((6, 4)))
+    bump = np.zeros((6, 4))
+    bump[2:4] = -5.0  # the optimized model is wrong at positions 2 and 3 only
+    opt = _offset_at(tmp_path / "b.onnx", bump)
+    ids = np.zeros((3, 6), np.int64)
+    ids[:, 2:4] = 99
+    feeds = [{"X": rng.standard_normal((3, 6, 4)).astype(np.float32) + 3.0, "ids": ids}]
+    plain = compare(orig, opt, feeds)
+    assert not plain.passed and plain.output("last_hidden_state").metrics["token_cosine"]["min"] < 0.9
+    for skip in (gv.SkipTokens("span", span=(2, 4)), gv.SkipTokens("ids", input="ids", value=99)):
+        rep = compare(orig, opt, feeds, skip_tokens={"last_hidden_state": skip})
+        out = rep.output("last_hidden_state")
+        assert rep.passed and out.notes[0] == skip.why
+        assert out.metrics["max_abs_err"] == 0.0 and out.metrics["token_cosine"]["min"] == pytest.approx(1.0)
+    wrong = gv.SkipTokens("too few", span=(0, 2))  # leaves the bad positions in: still fails
+    assert not compare(orig, opt, feeds, skip_tokens={"last_hidden_state": wrong}).passed
