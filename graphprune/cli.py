@@ -104,6 +104,13 @@ def optimize(
     bench: Annotated[bool, typer.Option("--bench", help="Benchmark original vs optimized in ONNX Runtime.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write the output even if verification fails.")] = False,
     token_keep: Annotated[float | None, typer.Option("--token-keep", help="Add token_drop with this keep ratio.")] = None,
+    token_scope: Annotated[str | None, typer.Option(
+        "--token-scope", help="With --token-keep: 'image' drops only the image tokens of a vision-language model "
+        "(the ratio is of the image tokens); default 'all'.")] = None,
+    token_stage: Annotated[str | None, typer.Option(
+        "--token-stage", help="With --token-scope image: 'projector' (default: after the projector, before the "
+        "decoder, scored by the vision tower's [CLS] attention as in FasterVLM) or 'decoder' (after decoder layer 2, "
+        "scored by the last token's attention as in FastV).")] = None,
     sparse_attention: Annotated[
         str | None, typer.Option("--sparse-attention", help="Add sparse_attention: PATTERN[:key=value,...].")
     ] = None,
@@ -155,7 +162,11 @@ def optimize(
         pipe.data = pipe.data.model_copy(update=data_overrides)
     shortcut = []  # (the flag, as the user typed it, for error messages; the pass entry)
     if token_keep is not None:
-        shortcut.append(("--token-keep", {"name": "token_drop", "keep_ratio": token_keep}))
+        entry = {"name": "token_drop", "keep_ratio": token_keep}
+        entry.update({k: v for k, v in (("scope", token_scope), ("stage", token_stage)) if v is not None})
+        shortcut.append(("--token-keep", entry))
+    elif token_scope is not None or token_stage is not None:
+        raise ConfigError("--token-scope / --token-stage: give --token-keep too (the share of tokens to keep)")
     if sparse_attention is not None:
         shortcut.append(("--sparse-attention", parse_sparse_spec(sparse_attention)))
     if prune_channels is not None:
@@ -294,6 +305,8 @@ def inspect(
     for b in blocks:
         t.add_row(*(str(b[k]) for k in keys), _fmt_window(b))
     out.print(t)
+    if info.get("vision_language"):
+        _print_vision_language(info["vision_language"])
     groups = info.get("channel_groups")
     if groups is not None:
         prunable = [g for g in groups if g.get("prunable")]
@@ -307,6 +320,22 @@ def inspect(
         out.print(g)
     if explain:
         _print_explain(info["explain"])
+
+
+def _print_vision_language(vl: dict) -> None:
+    """``inspect``: the vision tower, the projector and where the image tokens enter the decoder."""
+    where = (f"span [{vl['image_span'][0]}, {vl['image_span'][1]})" if vl["image_span"] is not None else
+             f"positions where {vl['text_input']} == {vl['image_token_id']}" if vl["image_token_id"] is not None else
+             "positions not known")
+    out.print(f"[bold]vision-language[/]: vision blocks {_ranges(vl['vision_blocks'])} "
+              f"({vl['vision_prefix_tokens']} prefix token(s)), decoder blocks {_ranges(vl['decoder_blocks'])}; "
+              f"projector {vl['projector']['linear_layers']} linear layer(s) → {vl['projector']['output']}; "
+              f"{vl['image_tokens'] if vl['image_tokens'] is not None else '?'} image tokens merged by "
+              f"{vl['merge']['op']} {vl['merge']['node']} at {where}")
+
+
+def _ranges(ix: list[int]) -> str:
+    return f"{ix[0]}–{ix[-1]}" if ix and ix == list(range(ix[0], ix[-1] + 1)) and len(ix) > 1 else ", ".join(map(str, ix))
 
 
 def _print_explain(ex: dict) -> None:

@@ -39,6 +39,8 @@ class CacheLayout:
     logits: str
     pairs: dict[str, str]
     length_axis: int = 2
+    positions: str | None = None  # the decode graph's position-id input, when it takes one
+    prefill_extra: tuple[str, ...] = ()  # other prefill inputs (pixel_values of a vision-language prefill)
 
 
 def _model(m: Any) -> ir.Model:
@@ -74,16 +76,20 @@ def _key(name: str) -> str:
     return _WORD.sub("", name, count=1)
 
 
-def cache_layout(prefill: Any, decode: Any) -> CacheLayout:
-    """The pair's :class:`CacheLayout`; raises ``GraphpruneError`` naming what does not fit."""
+def cache_layout(prefill: Any, decode: Any, prefill_inputs: Sequence[str] = ()) -> CacheLayout:
+    """The pair's :class:`CacheLayout`; raises ``GraphpruneError`` naming what does not fit. ``prefill_inputs``:
+    other prefill inputs the caller feeds (a vision-language prefill's ``pixel_values``)."""
     pre, dec = _model(prefill), _model(decode)
-    ids = [v for v in dec.graph.inputs if v.dtype in (ir.DataType.INT64, ir.DataType.INT32) and _rank(v) == 2]
-    if len(ids) != 1 or not any(v.name == ids[0].name for v in pre.graph.inputs):
+    ints = [v for v in dec.graph.inputs if v.dtype in (ir.DataType.INT64, ir.DataType.INT32) and _rank(v) == 2]
+    pos = [v for v in ints if "position" in v.name.lower()]
+    ids = [v for v in ints if v not in pos]
+    if len(ids) != 1 or len(pos) > 1 or not any(v.name == ids[0].name for v in pre.graph.inputs):
         raise GraphpruneError("decoder pair: expected one token-id input ([batch, seq] int64) shared by the prefill "
                               f"and decode graphs; the decode graph has {[v.name for v in dec.graph.inputs]}")
     past = [v for v in dec.graph.inputs if _is_float(v) and _rank(v) == 4]
-    for g, what in ((pre, "prefill"), (dec, "decode")):
-        extra = [v.name for v in g.graph.inputs if v.name != ids[0].name and not any(v is p for p in past)]
+    for g, what, fed in ((pre, "prefill", set(prefill_inputs)), (dec, "decode", {v.name for v in pos})):
+        extra = [v.name for v in g.graph.inputs
+                 if v.name != ids[0].name and v.name not in fed and not any(v is p for p in past)]
         if extra:
             raise GraphpruneError(f"decoder pair: the {what} graph has inputs this loop cannot feed: {extra}")
     logits = [v for v in dec.graph.outputs if _is_float(v) and _rank(v) == 3]
@@ -104,7 +110,8 @@ def cache_layout(prefill: Any, decode: Any) -> CacheLayout:
     if missing:
         raise GraphpruneError(f"decoder pair: the prefill graph lacks the decode graph's outputs {missing[:4]}; both "
                               "must write the same cache")
-    return CacheLayout(ids[0].name, logits[0].name, pairs)
+    return CacheLayout(ids[0].name, logits[0].name, pairs, positions=pos[0].name if pos else None,
+                       prefill_extra=tuple(prefill_inputs))
 
 
 def _session(m: Any, threads: int | None):
@@ -114,11 +121,18 @@ def _session(m: Any, threads: int | None):
 
 
 def generate(prefill: Any, decode: Any, input_ids: np.ndarray, max_new_tokens: int, *,
-             eos_token_id: int | None = None, threads: int | None = None) -> np.ndarray:
+             eos_token_id: int | None = None, threads: int | None = None,
+             prefill_inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Greedy decoding: ``input_ids [batch, n]`` (no padding) → ``[batch, n + new]``, at most ``max_new_tokens``
     new tokens (fewer when every row has produced ``eos_token_id``; finished rows repeat it). ``prefill`` /
-    ``decode``: paths or ``onnx_ir.Model``s."""
-    layout = cache_layout(prefill, decode)
+    ``decode``: paths or ``onnx_ir.Model``s. ``prefill_inputs``: other prefill inputs (``pixel_values``).
+
+    A decode graph with a ``position_ids`` input gets each new token's position in the full sequence: the
+    prefill's logits length (its sequence, image tokens included) plus the tokens generated so far. That is not
+    the cache length when the prefill kept only some tokens in its cache (``token_drop`` with ``scope: image``):
+    the cache holds the kept tokens at their original positions."""
+    extra = dict(prefill_inputs or {})
+    layout = cache_layout(prefill, decode, tuple(extra))
     ids = np.asarray(input_ids, dtype=np.int64)
     if ids.ndim != 2 or ids.shape[1] < 1:
         raise GraphpruneError(f"generate: input_ids must be [batch, n] with n ≥ 1, got shape {ids.shape}")
@@ -126,8 +140,9 @@ def generate(prefill: Any, decode: Any, input_ids: np.ndarray, max_new_tokens: i
         raise GraphpruneError(f"generate: max_new_tokens must be ≥ 1, got {max_new_tokens}")
     pre, dec = _session(prefill, threads), _session(decode, threads)
     names = [o.name for o in pre.get_outputs()]
-    out = dict(zip(names, pre.run(None, {layout.ids: ids})))
+    out = dict(zip(names, pre.run(None, {layout.ids: ids, **extra})))
     cache = {p: out[q] for p, q in layout.pairs.items()}
+    position = out[layout.logits].shape[1]  # the next token's position in the full sequence
     result = [ids]
     done = np.zeros(len(ids), dtype=bool)
     dnames = [o.name for o in dec.get_outputs()]
@@ -140,7 +155,10 @@ def generate(prefill: Any, decode: Any, input_ids: np.ndarray, max_new_tokens: i
         result.append(nxt[:, None])
         if step == max_new_tokens - 1 or done.all():
             break
-        got = dict(zip(dnames, dec.run(None, {layout.ids: nxt[:, None], **cache})))
+        feed = {layout.ids: nxt[:, None], **cache}
+        if layout.positions is not None:
+            feed[layout.positions] = np.full((len(nxt), 1), position + step, dtype=np.int64)
+        got = dict(zip(dnames, dec.run(None, feed)))
         for p, q in layout.pairs.items():
             want = cache[p].shape[layout.length_axis] + 1
             if got[q].shape[layout.length_axis] != want:

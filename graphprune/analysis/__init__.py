@@ -9,6 +9,7 @@ import onnx_ir as ir
 from graphprune.analysis.attention import AttentionBlock, NoMatch, find_attention_blocks, match_attention
 from graphprune.analysis.channels import find_channel_groups
 from graphprune.analysis.flops import FlopsReport, count_flops
+from graphprune.analysis.vision_language import VisionLanguage, find_vision_language
 
 
 def _value_info(v: ir.Value) -> dict[str, Any]:
@@ -17,8 +18,9 @@ def _value_info(v: ir.Value) -> dict[str, Any]:
 
 
 def summarize(model: ir.Model, flops: FlopsReport | None = None, explain: bool = False) -> dict[str, Any]:
-    """What ``graphprune inspect --json`` prints: inputs, outputs, opset, flops, params, attention_blocks and
-    channel_groups. With ``explain``, also ``explain``: ``unmatched_attention`` (every Softmax / Attention node that
+    """What ``graphprune inspect --json`` prints: inputs, outputs, opset, flops, params, attention_blocks,
+    channel_groups and vision_language (``null`` unless the model is a vision-language model: see
+    :mod:`graphprune.analysis.vision_language`). With ``explain``, also ``explain``: ``unmatched_attention`` (every Softmax / Attention node that
     did not become an attention block: node, op, reason) and ``unprunable_groups`` (every channel group that is not
     prunable: id, kind, size, members, reason) — the same reasons the passes give when they skip.
 
@@ -29,6 +31,7 @@ def summarize(model: ir.Model, flops: FlopsReport | None = None, explain: bool =
     fr = flops if flops is not None else count_flops(model)
     blocks, misses = match_attention(model)
     groups = [g.describe() for g in find_channel_groups(model)]
+    vl = find_vision_language(model, blocks)
     info: dict[str, Any] = {
         "inputs": [_value_info(v) for v in model.graph.inputs if v.name not in model.graph.initializers],
         "outputs": [_value_info(v) for v in model.graph.outputs],
@@ -39,6 +42,7 @@ def summarize(model: ir.Model, flops: FlopsReport | None = None, explain: bool =
         "params": fr.params,
         "attention_blocks": [b.describe() for b in blocks],
         "channel_groups": groups,
+        "vision_language": vl.describe() if vl is not None else None,
     }
     if explain:
         info["explain"] = {"unmatched_attention": [m.describe() for m in misses],
@@ -49,5 +53,5 @@ def summarize(model: ir.Model, flops: FlopsReport | None = None, explain: bool =
     return info
 
 
-__all__ = ["AttentionBlock", "FlopsReport", "NoMatch", "count_flops", "find_attention_blocks", "match_attention",
-           "summarize"]
+__all__ = ["AttentionBlock", "FlopsReport", "NoMatch", "VisionLanguage", "count_flops", "find_attention_blocks",
+           "find_vision_language", "match_attention", "summarize"]

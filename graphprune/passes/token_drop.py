@@ -75,6 +75,8 @@ class TokenDropConfig(PassConfig):
     query: Literal["auto", "cls", "last", "mean"] | tuple[int, int] = "auto"
     iterations: int = 3
     restore: bool | None = None
+    scope: Literal["all", "image"] = "all"
+    stage: Literal["projector", "decoder"] = "projector"
 
     @pydantic.field_validator("keep_ratio")
     @classmethod
@@ -199,6 +201,10 @@ class TokenDropPass(GraphPass):
 
     def call(self, model: ir.Model) -> GraphResult:
         cfg = self.config
+        if cfg.scope == "image":
+            from graphprune.passes import _token_image
+
+            return _token_image.run(self, model)
         decided = self.schedule(model)
         if decided is None:
             return GraphResult(model, False, skipped=[Skipped("model", "no attention blocks found; nothing to drop")])
@@ -287,19 +293,7 @@ class TokenDropPass(GraphPass):
                 env.n = n_new
                 step(1)
         if result.modified:
-            if restore:
-                _restore(model.graph, end, levels)
-                info["restored_outputs"] = per_token
-            model.graph.sort()
-            infer_shapes(model)
-            for out, shape in zip(model.graph.outputs, out_shapes):  # keep the declared output shapes (batch names)
-                if shape is not None:
-                    dims = list(shape)
-                    if out.name in per_token and not restore:
-                        dims[1] = env.n if env.n is not None else f"{dyn.symbol}_kept"
-                    out.shape = ir.Shape(dims)
-            if per_token and not restore:  # per-token outputs now carry the reduced tokens: reported, part of the contract
-                info["per_token_outputs"] = per_token
+            _finish(model, result, restore, end, levels, per_token, out_shapes, env.n, dyn)
         return result
 
     def _later_masks(self, blocks: list[AttentionBlock], blk: AttentionBlock, dynamic: bool = False) -> list[AttentionBlock]:
@@ -472,6 +466,25 @@ class _Env:
     data: DynamicTokens  # per-token tensors computed upstream (the dynamic tracker, or a static one)
     label: str = "N"
     restore: bool = False
+
+
+def _finish(model: ir.Model, result: GraphResult, restore: bool, end: ir.Value | None, levels: list[tuple],
+            per_token: list[str], out_shapes: list, n: int | None, dyn: DynamicTokens | None) -> None:
+    """After the reductions: restore the tokens, sort, infer shapes, keep the declared output shapes."""
+    info = result.info
+    if restore:
+        _restore(model.graph, end, levels)
+        info["restored_outputs"] = per_token
+    model.graph.sort()
+    infer_shapes(model)
+    for out, shape in zip(model.graph.outputs, out_shapes):  # keep the declared output shapes (batch names)
+        if shape is not None:
+            dims = list(shape)
+            if out.name in per_token and not restore:
+                dims[1] = n if n is not None else f"{dyn.symbol}_kept"
+            out.shape = ir.Shape(dims)
+    if per_token and not restore:  # per-token outputs now carry the reduced tokens: reported, part of the contract
+        info["per_token_outputs"] = per_token
 
 
 def _per_token_outputs(model: ir.Model, n: int | None, dyn: DynamicTokens | None) -> list[str]:

@@ -27,22 +27,37 @@ class _Step(torch.nn.Module):
         self.lm, self.layers = lm, layers
 
     def forward(self, input_ids, *past):
+        start = past[0].shape[2]
+        pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return self.step(input_ids, pos, past)
+
+    def step(self, input_ids, pos, past, **kw):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.lm.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        start = past[0].shape[2]
-        pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        out = self.lm(input_ids=input_ids, past_key_values=cache, position_ids=pos, use_cache=True)
+        out = self.lm(input_ids=input_ids, past_key_values=cache, position_ids=pos, use_cache=True, **kw)
         return (out.logits, *_flat(out.past_key_values, self.layers))
+
+
+class _PositionedStep(_Step):
+    """The decode step with the new tokens' positions as an input (a cache shorter than the positions: a prefill
+    that kept some tokens only). An all-ones attention mask tells transformers the positions are one sequence,
+    not packed ones (it reads jumps in ``position_ids`` as sequence starts when no mask is given)."""
+
+    def forward(self, input_ids, position_ids, *past):
+        mask = torch.ones(input_ids.shape[0], past[0].shape[2] + input_ids.shape[1], dtype=torch.long,
+                          device=input_ids.device)
+        return self.step(input_ids, position_ids, past, attention_mask=mask)
 
 
 def _flat(cache, layers: int) -> list[torch.Tensor]:
     return [t for i in range(layers) for t in (cache.layers[i].keys, cache.layers[i].values)]
 
 
-def export_decoder_pair(lm: torch.nn.Module, folder: str | Path, *, opset: int = 18) -> tuple[Path, Path]:
+def export_decoder_pair(lm: torch.nn.Module, folder: str | Path, *, opset: int = 18,
+                        position_ids: bool = False) -> tuple[Path, Path]:
     """Export a transformers causal LM (Llama, Mistral, Qwen2... anything whose forward takes ``past_key_values``
     as a ``DynamicCache``) to ``folder/prefill.onnx`` and ``folder/decode.onnx`` (each with its ``.data``).
 
@@ -51,7 +66,10 @@ def export_decoder_pair(lm: torch.nn.Module, folder: str | Path, *, opset: int =
     * decode step: ``input_ids [batch, seq]`` and ``past_key_values.{i}.key`` / ``.value`` ``[batch, kv_heads,
       past, head_dim]`` → ``logits`` and ``present.{i}.*`` of length ``past + seq``.
 
-    Batch, sequence and past length are dynamic; no attention mask (unpadded batches). Returns the two paths."""
+    Batch, sequence and past length are dynamic; no attention mask (unpadded batches). With ``position_ids`` the
+    decode step takes ``position_ids [batch, seq]`` (the new tokens' positions) instead of counting from the cache
+    length: for a cache that holds some positions only (image tokens dropped at the prefill). Returns the two
+    paths."""
     cfg = getattr(lm, "config", None)
     if cfg is None or not hasattr(cfg, "num_hidden_layers"):
         raise GraphpruneError("export_decoder_pair: expected a transformers causal LM (with .config)")
@@ -69,10 +87,16 @@ def export_decoder_pair(lm: torch.nn.Module, folder: str | Path, *, opset: int =
     cache_out = [f"present.{i}.{kv_}" for i in range(layers) for kv_ in ("key", "value")]
     cache_in = [f"past_key_values.{i}.{kv_}" for i in range(layers) for kv_ in ("key", "value")]
     out = []
+    if position_ids:
+        pos = torch.arange(7, 12).unsqueeze(0).expand(2, 5)
+        step = ("decode", _PositionedStep(lm, layers), (ids, pos, *past),
+                ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: plen} for _ in past)),
+                ["input_ids", "position_ids", *cache_in])
+    else:
+        step = ("decode", _Step(lm, layers), (ids, *past), ({0: batch, 1: seq}, tuple({0: batch, 2: plen} for _ in past)),
+                ["input_ids", *cache_in])
     for name, module, args, shapes, inputs in (
-            ("prefill", _Prefill(lm, layers), (ids,), ({0: batch, 1: seq},), ["input_ids"]),
-            ("decode", _Step(lm, layers), (ids, *past), ({0: batch, 1: seq}, tuple({0: batch, 2: plen} for _ in past)),
-             ["input_ids", *cache_in])):
+            ("prefill", _Prefill(lm, layers), (ids,), ({0: batch, 1: seq},), ["input_ids"]), step):
         program = _to_onnx(module, args, opset, shapes, inputs, ["logits", *cache_out])
         path = folder / f"{name}.onnx"
         program.save(str(path), external_data=True)

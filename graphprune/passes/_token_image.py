@@ -1,0 +1,273 @@
+"""``token_drop`` with ``scope: image``: drop image tokens of a vision-language model, never text tokens.
+
+The model's structure comes from :func:`graphprune.analysis.vision_language.find_vision_language` (vision and
+decoder blocks, the projector, the merge and the image positions). One ``TokenSelect`` goes on the decoder's
+sequence ``[B, S, C]``, scored so that only image tokens compete:
+
+  * ``stage: projector`` (FasterVLM, VTC-CLS, DivPrune: before the language model): on the merged sequence, right
+    after the merge. Scores: ``cls_attention`` — the vision tower's last live layer's [CLS] row (FasterVLM), or
+    without a [CLS] token the attention each patch receives there (mean over query rows); patches merged 4:1 by
+    the projector (Qwen2-VL) average their scores. ``diversity`` — DivPrune's greedy max-min selection on the
+    projector's output;
+  * ``stage: decoder`` (FastV): after decoder layer K (``layers: [K]``, counted among the decoder blocks; default
+    2). Scores: the last token's attention to each image token in layer K, head mean. Several layers
+    (``layers: [K1, K2, ...]``, PyramidDrop) drop again after each, ``keep_ratio`` of the image tokens left each
+    time; a later stage the token machinery refuses is skipped with its reason and the earlier ones stay.
+
+Every text token is kept (its score is +∞ before the top-k), and so is the order: the kept sequence is a
+subsequence of the original. The pass's token machinery then gathers every per-token tensor the decoder reads
+downstream with the kept indices: the rotary tables (so the kept tokens keep their **original positions**), the
+causal mask, and any padding mask. Each sample selects its own tokens; the batch stays dynamic. A per-token graph
+output (logits ``[B, S, V]``) keeps its shape: the tokens are put back at the end of the stream (``restore``).
+Key / value outputs of a prefill graph (``present.*``, ``[B, heads, S, D]``) of the layers after the drop hold the
+kept tokens only, in order (``info.cache_outputs``); a decode step that takes ``position_ids`` continues from them
+(:func:`graphprune.decoder.generate`). At ``stage: decoder`` the layers up to K keep a full cache: the layers'
+caches then differ in length, which the decode step exported by ``export_decoder_pair`` does not take.
+
+Static sequence lengths only (the image count fixes the sequence in every VLM export seen so far); a dynamic one
+is a skip with the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphprune._ir import dim
+from graphprune.analysis import streams
+from graphprune.analysis.attention import NoMatch, find_attention_blocks
+from graphprune.analysis.tokens import downstream_nodes, weight_dims
+from graphprune.analysis.vision_language import VisionLanguage, find_vision_language
+from graphprune.errors import ConfigError
+from graphprune.ops import Body, add_node_function, diversity_select, token_select
+from graphprune.passes import _token_scores as scores
+from graphprune.passes._token_dynamic import DynamicTokens
+from graphprune.passes.base import GraphResult, Skip
+
+_BIG = 3.0e38  # a text token's score: above any image token's
+FASTV_LAYER = 2  # FastV's K on LLaVA-1.5
+
+
+def run(pass_, model: ir.Model) -> GraphResult:
+    """``TokenDropPass.call`` for ``scope: image`` (module doc)."""
+    from graphprune.passes import token_drop as td
+
+    cfg = pass_.config
+    if cfg.method not in ("cls_attention", "diversity"):
+        raise ConfigError(f"method: {cfg.method!r} is not available with scope: image; use cls_attention "
+                          "(FasterVLM at the projector, FastV in the decoder) or diversity (DivPrune)")
+    blocks = find_attention_blocks(model)
+    vl = find_vision_language(model, blocks) if blocks else None
+    if vl is None:
+        raise ConfigError("scope: image: no image tokens found; the model is not a vision-language model graphprune "
+                          "recognises (an image input whose projected features are merged into the embeddings of a "
+                          "text decoder)")
+    info = {"method": cfg.method, "scope": "image", "stage": cfg.stage, "vision_language": vl.describe()}
+    result = GraphResult(model, False, info=info)
+    if cfg.stage == "decoder":
+        if cfg.method == "diversity":
+            raise ConfigError("method: diversity works at stage: projector (DivPrune selects among the projected "
+                              "image features)")
+        layers = cfg.layers if cfg.layers is not None else [FASTV_LAYER]
+        if not layers or max(layers) >= len(vl.decoder_blocks) - 1:
+            raise ConfigError(f"layers: decoder layer {max(layers or [-1])} does not exist or is the last one; the "
+                              f"model has {len(vl.decoder_blocks)} decoder blocks (0..{len(vl.decoder_blocks) - 1}) "
+                              "and tokens are dropped after layer K, before layer K + 1")
+        info["layers"] = layers
+        stages = [(k, vl.decoder_blocks[k], streams.stream_point(blocks, vl.decoder_blocks[k], "block"))
+                  for k in layers]
+    else:
+        if cfg.layers:
+            raise ConfigError("layers: not used at stage: projector (the tokens are dropped before the decoder); "
+                              "use stage: decoder to drop after a decoder layer")
+        # the blocks after the last vision block (the decoder's) read the reduced sequence
+        stages = [(None, vl.vision_blocks[-1], (vl.merge.outputs[0], vl.merge))]
+    try:
+        for _, _, point in stages:
+            if isinstance(point, NoMatch):
+                raise Skip(point.reason)
+        stream = stages[0][2][0]
+        n, p = dim(stream, 1), vl.image_tokens
+        if not isinstance(n, int) or p is None:
+            raise Skip("the decoder's sequence length is not static; scope: image needs it (and the image token "
+                       "count) fixed in the graph")
+        if token_select.kept_count(p, 0, keep_ratio=cfg.keep_ratio) >= p:
+            raise Skip(f"keep_ratio {cfg.keep_ratio} keeps all {p} image tokens; nothing to drop")
+        per_token = td._per_token_outputs(model, n, None)
+        restore = cfg.restore if cfg.restore is not None else bool(per_token)
+        end = None
+        if restore:
+            end = streams.stream_end(blocks[-1])
+            if isinstance(end, NoMatch):
+                raise Skip(end.reason)
+        after_end = {id(x) for x in downstream_nodes(end)} if end is not None else set()
+        data = DynamicTokens(model, stream, static=n, model_dims=td._model_dims(blocks) | weight_dims(model.graph))
+        env = td._Env(n, None, after_end, {}, data, restore=restore)
+        # every stage's retargeting is planned on the original graph (PyramidDrop's later stages only shorten
+        # further what the first one shortened), before anything changes
+        pass_._later_masks(blocks, stages[0][1])
+    except Skip as e:
+        result.skipped.append(e.record("model"))
+        return result
+    out_shapes = [o.shape for o in model.graph.outputs]
+    levels, first = [], None
+    n_cur, p_cur, mask = n, p, None
+    for j, (layer, blk, (stream, anchor)) in enumerate(stages):
+        k_img = token_select.kept_count(p_cur, 0, keep_ratio=cfg.keep_ratio)
+        k = n_cur - p_cur + k_img
+        try:
+            masked = pass_._later_masks(blocks, blk)
+            plan = pass_._retarget(model, blocks, blk, stream, env, k)
+            t, pre = Body(), []
+            mask = _image_mask(t, vl, n) if mask is None else mask
+            if cfg.stage == "decoder":
+                row_scores, note = scores.cls_attention(t, blk, (-1, 0))
+                label = f"last token's attention in decoder layer {layer} ({'PyramidDrop' if len(stages) > 1 else 'FastV'})"
+                s = t.op("Where", [mask, row_scores, t.op("CastLike", [t.const(np.float32(_BIG)), row_scores])])
+            else:
+                image_scores, note, label = _projector_scores(t, vl, k_img, p, cfg.method, pre)
+                s = _text_kept(t, vl, mask, image_scores, n)
+        except Skip as e:  # a later stage: the earlier ones stay (their record says what they did)
+            result.skipped.append(e.record(f"decoder layer {layer}" if layer is not None else "model"))
+            break
+        name = "token_select_image" + (f"_{j}" if j else "")
+        node = token_select.make_node(stream, s, name=name, dims={"N": n_cur}, k=k, protect=0, keep_order=True)
+        td._name_outputs(node, name, stream)
+        idx = node.outputs[1]
+        idx.type = ir.TensorType(ir.DataType.INT64)
+        pass_._commit(model, stream, [*pre, *t.nodes, node], node.outputs[0], anchor, plan, env, idx, node)
+        pass_._gather_masks(model.graph, masked, node, idx, env.mask_map)
+        add_node_function(model, node)
+        for extra in pre:  # DivPrune's DiversitySelect
+            add_node_function(model, extra)
+        result.rewritten.append(td.TokenReduction(blk.index, n_cur, k, cfg.method, note, label))
+        result.modified = True
+        levels.append(("select", stream, idx, False))
+        first = first or node
+        if j + 1 < len(stages):  # the image positions among the kept tokens, for the next stage
+            t2 = Body()
+            mask = _gathered_mask(t2, mask, idx)
+            model.graph.insert_after(node, list(t2.nodes))
+        env.n, n_cur, p_cur = k, k, k_img
+    if not result.modified:
+        return result
+    info.update(image_tokens_before=p, image_tokens_after=p_cur, tokens_before=n, tokens_after=n_cur,
+                after="the merge" if cfg.stage == "projector" else f"decoder layers {info['layers']}",
+                restore=restore)
+    if restore and per_token:  # the restored image rows hold the stream from the merge: no prediction to compare
+        where_img = ({"span": list(vl.image_span)} if vl.image_span is not None else
+                     {"input": vl.text_input.name, "value": vl.image_token_id})
+        info["verify_skip_tokens"] = {"outputs": per_token, **where_img, "why": (
+            "image-token positions not compared: token_drop (scope: image) dropped them and restored their rows "
+            "from before the decoder; every text position is compared")}
+    td._finish(model, result, restore, end, levels, per_token, out_shapes, n_cur, None)
+    cache = _cache_outputs(model, first.outputs[0], n, n_cur)
+    if cache:
+        info["cache_outputs"] = cache
+    return result
+
+
+def _gathered_mask(t: Body, mask: ir.Value, idx: ir.Value) -> ir.Value:
+    """The image-position mask ``[B|1, S]`` of the tokens ``idx [B, k]`` kept (in their order)."""
+    m = t.op("Cast", [mask], {"to": ir.DataType.INT64})
+    m = t.op("Expand", [m, t.op("Concat", [t.op("Shape", [idx], {"start": 0, "end": 1}),
+                                           t.op("Shape", [m], {"start": 1, "end": 2})], {"axis": 0})])
+    return t.op("Cast", [t.op("GatherElements", [m, idx], {"axis": 1})], {"to": ir.DataType.BOOL})
+
+
+def _cache_outputs(model: ir.Model, reduced: ir.Value, n: int, k: int) -> list[str]:
+    """Key / value outputs ``[B, heads, S, D]`` (a prefill's ``present``) computed after the drop: they hold the kept
+    tokens only, and their declared sequence dim says so. (Those of decoder layers before a ``stage: decoder`` drop
+    keep every token.)"""
+    after = {id(o) for n_ in downstream_nodes(reduced) for o in n_.outputs}
+    names = []
+    for o in model.graph.outputs:
+        if id(o) in after and o.shape is not None and len(o.shape) == 4 and o.shape[2] == n and o.shape[1] != n:
+            o.shape = ir.Shape([*o.shape[:2], k, o.shape[3]])
+            names.append(o.name)
+    return names
+
+
+def _image_mask(t: Body, vl: VisionLanguage, n: int) -> ir.Value:
+    """bool ``[B|1, S]``: which positions of the decoder's sequence hold image tokens."""
+    if vl.image_span is not None:
+        m = np.zeros((1, n), dtype=bool)
+        m[0, vl.image_span[0]:vl.image_span[1]] = True
+        return t.const(m)
+    cond = vl.merge.inputs[0]  # Where(input_ids == image_token_id, features, embeddings)
+    if cond.shape is not None and len(cond.shape) == 3:
+        cond = t.op("Squeeze", [cond, t.ints(2)])
+    if cond.dtype != ir.DataType.BOOL:
+        cond = t.op("Cast", [cond], {"to": ir.DataType.BOOL})
+    return cond
+
+
+def _text_kept(t: Body, vl: VisionLanguage, mask: ir.Value, image_scores: ir.Value, n: int) -> ir.Value:
+    """``[B, S]`` scores at the merge: +∞-like for text positions; the image positions (``mask``) score
+    ``image_scores`` (``[B, P]`` over the image tokens, placed where the merge put each)."""
+    if vl.image_span is not None:  # image tokens at [start, stop): pad the text positions with the big score
+        a, b = vl.image_span
+        return t.op("Pad", [image_scores, t.ints(0, a, 0, n - b),
+                            t.op("CastLike", [t.const(np.float32(_BIG)), image_scores])])
+    pos = t.op("Sub", [t.op("CumSum", [t.op("Cast", [mask], {"to": ir.DataType.INT64}), t.const(np.int64(1))]),
+                       t.const(np.int64(1))])  # the image token each image position holds (as the merge gathers)
+    pos = t.op("Max", [pos, t.const(np.int64(0))])
+    return t.op("Where", [mask, t.op("GatherElements", [_batched(t, image_scores, mask), pos], {"axis": 1}),
+                          t.op("CastLike", [t.const(np.float32(_BIG)), image_scores])])
+
+
+def _batched(t: Body, scores_p: ir.Value, mask: ir.Value) -> ir.Value:
+    """``scores_p`` expanded to the mask's batch (a vision tower that ran once for a batch-1 prompt)."""
+    shape = t.op("Concat", [t.op("Shape", [mask], {"start": 0, "end": 1}),
+                            t.op("Shape", [scores_p], {"start": 1, "end": 2})], {"axis": 0})
+    return t.op("Expand", [scores_p, shape])
+
+
+def _projector_scores(t: Body, vl: VisionLanguage, k_img: int, p: int, method: str, pre: list[ir.Node]
+                      ) -> tuple[ir.Value, str | None, str]:
+    """``[B, P]`` image-token scores at the projector; the note and the label of the report."""
+    if vl.features.shape is None or len(vl.features.shape) != 3:
+        raise Skip("the projector's output is not a [B, P, C] tensor")
+    if method == "diversity":
+        return _diversity_scores(t, vl, k_img, pre)
+    return _vision_attention(t, vl, p)
+
+
+def _vision_attention(t: Body, vl: VisionLanguage, p: int) -> tuple[ir.Value, str | None, str]:
+    blk = vl.vision_blocks[-1]
+    pre = vl.vision_prefix
+    if pre > 0:
+        s, note = scores.cls_attention(t, blk, (0, 1))  # [B, 1 + P0]
+        s = t.op("Slice", [s, t.ints(pre), t.ints(1 << 30), t.ints(1)])
+        label = f"[CLS] attention of vision block {blk.index} (FasterVLM)"
+    else:
+        s, note = scores.cls_attention(t, blk, (0, 0))  # column mean: the attention each patch receives
+        label = f"attention each patch receives in vision block {blk.index} (no [CLS] token)"
+    p0 = blk.tokens - pre if blk.tokens is not None else None
+    if p0 is None:
+        raise Skip(f"vision block {blk.index}: token count unknown")
+    if p0 != p:
+        if p0 % p:
+            raise Skip(f"{p0} vision tokens do not map onto {p} image features")
+        s = t.op("ReduceMean", [t.op("Reshape", [s, t.ints(0, p, p0 // p)]), t.ints(2)], {"keepdims": 0})
+        label += f"; {p0 // p} patches merged into each feature: their mean"
+    return s, note, label
+
+
+def _diversity_scores(t: Body, vl: VisionLanguage, k_img: int, pre: list[ir.Node]
+                      ) -> tuple[ir.Value, str | None, str]:
+    """DivPrune: the ``k_img`` features that greedy max-min cosine diversity picks score 1, the others 0. The
+    ``DiversitySelect`` node goes to ``pre`` (inserted before ``t``'s nodes)."""
+    div = diversity_select.make_node(vl.features, name="diversity_select_image", k=k_img, protect=0,
+                                     keep_order=True)
+    div.outputs[0].name, div.outputs[1].name = "diversity_select_image_tokens", "diversity_select_image_indices"
+    div.outputs[1].type = ir.TensorType(ir.DataType.INT64)
+    pre.append(div)
+    zeros = t.op("ReduceSum", [t.op("Mul", [vl.features, t.const(np.float32(0.0))]), t.ints(2)], {"keepdims": 0})
+    ones = t.op("Add", [t.op("Cast", [t.op("Mul", [div.outputs[1], t.const(np.int64(0))])], {"to": ir.DataType.FLOAT}),
+                        t.const(np.float32(1.0))])
+    return (t.op("ScatterElements", [zeros, div.outputs[1], ones], {"axis": 1}), None,
+            "diversity of the projected image features (DivPrune)")
+
+
+__all__ = ["FASTV_LAYER", "run"]

@@ -1,0 +1,544 @@
+"""Vision-language models: ``inspect``'s ``vision_language`` facts, and ``token_drop`` with ``scope: image`` at the
+projector (FasterVLM, DivPrune) and in the decoder (FastV), against torch references that make the same selection.
+
+Test models (transformers, random init from small configs, dynamo, opset 18, cached per session):
+  * ``llava``: LLaVA (CLIP tower with [CLS], 3 layers, ``hidden_states[-2][:, 1:]``; two-layer projector; Llama
+    decoder with 4 query heads over 2 KV heads), the image features concatenated after the first text token:
+    image span ``[1, 17)`` of 24 positions;
+  * ``llava_ids``: the same weights, the merge written as transformers' ``masked_scatter`` at static shapes
+    (``input_ids == 250`` → CumSum → gather of the features → Where): the positions are read from ``input_ids``;
+  * ``qwen2_vl``: Qwen2-VL (packed patches ``[P, C·T·p·p]`` without [CLS], 2D rotary, the patch merger as
+    projector, M-RoPE positions as an input), batch 1, the masked spelling.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from graphprune.analysis import find_vision_language, summarize
+from graphprune.errors import ConfigError
+from graphprune.ops import diversity_select
+from graphprune.passes.token_drop import TokenDropPass
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow
+
+IMG = 250  # LLaVA's image placeholder id in these tests
+QWEN_IMG = 103
+P = 16  # image tokens: 32×32 pixels, patch 8
+TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _llava(decoder_layers: int = 2):
+    torch.manual_seed(0)
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=4, image_size=32, patch_size=8)
+    text = transformers.LlamaConfig(**dict(TEXT, num_hidden_layers=decoder_layers))
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=text, image_token_index=IMG)
+    m = transformers.LlavaForConditionalGeneration(cfg).eval()
+    m.config._attn_implementation = "eager"
+    return m
+
+
+class _Llava(torch.nn.Module):
+    """LLaVA's forward with the merge written out: ``concat`` (the features after the first text token) or
+    ``ids`` (at the positions where ``input_ids == IMG``; the static-shape spelling of ``masked_scatter``)."""
+
+    def __init__(self, m, spelling: str) -> None:
+        super().__init__()
+        self.m, self.spelling = m, spelling
+
+    def features(self, pixel_values):
+        hs = self.m.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+        return self.m.model.multi_modal_projector(hs)
+
+    def merged(self, pixel_values, input_ids):
+        feats = self.features(pixel_values)
+        emb = self.m.model.get_input_embeddings()(input_ids)
+        if self.spelling == "concat":
+            return torch.cat([emb[:, :1], feats, emb[:, 1:]], 1)
+        mask = input_ids == IMG
+        idx = (mask.long().cumsum(1) - 1).clamp(min=0)
+        g = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        return torch.where(mask.unsqueeze(-1), g, emb)
+
+    def forward(self, pixel_values, input_ids):
+        emb = self.merged(pixel_values, input_ids)
+        return self.m.lm_head(self.m.model.language_model(inputs_embeds=emb, use_cache=False).last_hidden_state)
+
+
+def _ids(batch: int, spelling: str, seed: int = 0, offsets=None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if spelling == "concat":
+        return rng.integers(0, 240, (batch, 8)).astype(np.int64)
+    ids = rng.integers(0, 240, (batch, 24)).astype(np.int64)
+    for b in range(batch):  # each sample its own image position
+        o = offsets[b] if offsets is not None else 1 + b % 5
+        ids[b, o:o + P] = IMG
+    return ids
+
+
+def _export_llava(spelling: str, folder):
+    path = folder / f"llava_{spelling}.onnx"
+    px = torch.randn(2, 3, 32, 32)
+    ids = torch.from_numpy(_ids(2, spelling))
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(_Llava(_llava(), spelling).eval(), (px, ids), str(path), dynamo=True, opset_version=18,
+                      input_names=["pixel_values", "input_ids"], output_names=["logits"],
+                      dynamic_shapes={"pixel_values": {0: batch}, "input_ids": {0: batch}})
+    return path
+
+
+class _QwenVL(torch.nn.Module):
+    """Qwen2-VL for one image of 8×8 patches (16 tokens after the 2×2 merger), positions as an input (M-RoPE)."""
+
+    def __init__(self, m) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, pixel_values, input_ids, position_ids):
+        from transformers.models.qwen2_vl import modeling_qwen2_vl as q
+
+        vis = self.m.model.visual
+        grid = torch.tensor([[1, 8, 8]])
+        h = vis.patch_embed(pixel_values)
+        pe = vis.rotary_pos_emb(h, q.get_vision_position_ids(grid, vis.spatial_merge_size, kwargs={}))
+        cu = torch.tensor([0, h.shape[0]], dtype=torch.int32)  # one image: the packed split is a no-op
+        for blk in vis.blocks:
+            h = blk(h, cu_seqlens=cu, max_seqlen=h.shape[0], position_embeddings=pe)
+        feats = vis.merger(h).unsqueeze(0)
+        emb = self.m.model.get_input_embeddings()(input_ids)
+        mask = input_ids == QWEN_IMG
+        idx = (mask.long().cumsum(1) - 1).clamp(min=0)
+        emb = torch.where(mask.unsqueeze(-1), torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1])),
+                          emb)
+        out = self.m.model.language_model(inputs_embeds=emb, position_ids=position_ids, use_cache=False)
+        return self.m.lm_head(out.last_hidden_state)
+
+
+def _export_qwen(folder):
+    torch.manual_seed(0)
+    vc = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=4, spatial_merge_size=2,
+              temporal_patch_size=2, in_channels=3)
+    tc = dict(TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]})
+    m = transformers.Qwen2VLForConditionalGeneration(
+        transformers.Qwen2VLConfig(vision_config=vc, text_config=tc, image_token_id=QWEN_IMG)).eval()
+    m.config._attn_implementation = "eager"
+    for c in (m.config.vision_config, m.config.text_config):
+        c._attn_implementation = "eager"
+    px, ids, pos = _qwen_feed()
+    path = folder / "qwen2_vl.onnx"
+    torch.onnx.export(_QwenVL(m).eval(), tuple(torch.from_numpy(x) for x in (px, ids, pos)), str(path), dynamo=True,
+                      opset_version=18, input_names=["pixel_values", "input_ids", "position_ids"],
+                      output_names=["logits"])
+    return path
+
+
+def _qwen_feed(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    px = rng.standard_normal((64, 3 * 2 * 4 * 4)).astype(np.float32)
+    ids = rng.integers(110, 250, (1, 24)).astype(np.int64)
+    ids[:, 3:19] = QWEN_IMG
+    pos = np.broadcast_to(np.arange(24), (3, 1, 24)).copy().astype(np.int64)
+    return px, ids, pos
+
+
+@pytest.fixture(scope="module")
+def vlm(model_cache):
+    def get(name: str):
+        if name == "qwen2_vl":
+            return model_cache.get(("vlm", name), _export_qwen)
+        return model_cache.get(("vlm", name), lambda folder: _export_llava(name.split("_")[-1] if "_" in name
+                                                                            else "concat", folder))
+    return get
+
+
+@pytest.fixture(scope="module")
+def llava_torch():
+    return _llava()
+
+
+def _run(path, feed):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path)).run(None, feed)[0]
+
+
+def _apply(path, **cfg):
+    model = ir.load(str(path))
+    result = TokenDropPass(dict(scope="image", **cfg))(model)
+    return model, result
+
+
+def _save(model, tmp_path, name="pruned.onnx"):
+    out = tmp_path / name
+    ir.save(model, out, external_data=name + ".data")  # the export's weights are external: copied along
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- inspect
+@pytest.mark.parametrize("name", ["llava", "llava_ids"])
+def test_inspect_describes_llava(vlm, name):
+    model = ir.load(str(vlm(name)))
+    info = summarize(model)
+    vl = info["vision_language"]
+    # hidden_states[-2]: the last vision layer is dead code, dropped by the exporter: 2 vision + 2 decoder blocks
+    assert vl["vision_blocks"] == [0, 1] and vl["decoder_blocks"] == [2, 3]
+    assert (vl["image_input"], vl["text_input"], vl["vision_prefix_tokens"]) == ("pixel_values", "input_ids", 1)
+    assert vl["projector"]["linear_layers"] == 2 and vl["image_tokens"] == P
+    if name == "llava":
+        assert (vl["merge"]["op"], vl["image_span"], vl["image_token_id"]) == ("Concat", [1, 1 + P], None)
+    else:
+        assert (vl["merge"]["op"], vl["image_span"], vl["image_token_id"]) == ("Where", None, IMG)
+    blocks = info["attention_blocks"]
+    assert [(b["causal"], b["kv_heads"], b["prefix_tokens"]) for b in blocks[2:]] == [(True, 2, 0)] * 2
+    assert [(b["causal"], b["prefix_tokens"]) for b in blocks[:2]] == [(False, 1)] * 2
+
+
+def test_inspect_describes_qwen2_vl(vlm):
+    model = ir.load(str(vlm("qwen2_vl")))
+    info = summarize(model)
+    vl = info["vision_language"]
+    assert vl["vision_blocks"] == [0, 1] and vl["decoder_blocks"] == [2, 3] and vl["vision_prefix_tokens"] == 0
+    assert (vl["merge"]["op"], vl["image_span"], vl["image_token_id"], vl["image_tokens"]) == ("Where", None,
+                                                                                              QWEN_IMG, 16)
+    assert vl["projector"]["linear_layers"] == 2  # the patch merger's MLP
+    blocks = info["attention_blocks"]
+    assert [(b["tokens"], b["causal"]) for b in blocks[:2]] == [(64, False)] * 2
+    assert [(b["causal"], b["kv_heads"]) for b in blocks[2:]] == [(True, 2)] * 2
+
+
+def test_a_model_without_images_has_no_vision_language(hf_export):
+    model = ir.load(str(hf_export("vit")))
+    assert find_vision_language(model) is None
+    assert summarize(model)["vision_language"] is None
+
+
+def test_inspect_cli_prints_the_vision_language_line(vlm, capsys):
+    from graphprune.cli import main
+
+    main(["inspect", str(vlm("llava_ids")), "--json"])
+    vl = json.loads(capsys.readouterr().out)["vision_language"]
+    assert vl["image_token_id"] == IMG and vl["merge"]["op"] == "Where"
+    main(["inspect", str(vlm("llava"))])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "vision-language: vision blocks 0–1 (1 prefix token(s)), decoder blocks 2–3" in text
+    assert "16 image tokens merged by Concat" in text and "at span [1, 17)" in text
+
+
+# ---------------------------------------------------------------------------------------------- torch references
+def _decode_kept(m, full: torch.Tensor, kept: torch.Tensor) -> np.ndarray:
+    """The decoder on the kept rows of one sample's merged sequence, at their original positions."""
+    with torch.no_grad():
+        h = m.model.language_model(inputs_embeds=full[None, kept], position_ids=kept[None],
+                                   attention_mask=torch.ones(1, len(kept), dtype=torch.long),  # not a packed batch
+                                   use_cache=False).last_hidden_state
+        return m.lm_head(h)[0].numpy()
+
+
+def _image_positions(ids: np.ndarray, spelling: str, b: int) -> np.ndarray:
+    return np.arange(1, 1 + P) if spelling == "concat" else np.flatnonzero(ids[b] == IMG)
+
+
+def _check_text_rows(got: np.ndarray, ref_rows: np.ndarray, kept: np.ndarray, image_pos: np.ndarray) -> None:
+    """Every text position of ``got`` (the pruned model's restored output) equals the reference's row for it."""
+    n = got.shape[0]
+    text = np.setdiff1d(np.arange(n), image_pos)
+    assert np.isin(text, kept).all()  # text tokens are never dropped
+    rows = [int(np.flatnonzero(kept == t)[0]) for t in text]
+    np.testing.assert_allclose(got[text], ref_rows[rows], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("spelling", ["concat", "ids"])
+def test_projector_stage_matches_fastervlm_reference(vlm, llava_torch, tmp_path, spelling, batch):
+    """FasterVLM: the [CLS] attention of the last live vision layer picks 4 of 16 image tokens per sample; the
+    decoder sees the text and the kept image tokens at their original positions."""
+    name = "llava" if spelling == "concat" else "llava_ids"
+    model, result = _apply(vlm(name), keep_ratio=0.25)
+    assert result.modified and result.info["image_tokens_after"] == 4
+    rng = np.random.default_rng(batch)
+    px = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    ids = _ids(batch, spelling, seed=batch)
+    got = _run(_save(model, tmp_path), {"pixel_values": px, "input_ids": ids})
+    net = _Llava(llava_torch, spelling)
+    with torch.no_grad():
+        vo = llava_torch.model.vision_tower(torch.from_numpy(px), output_hidden_states=True, output_attentions=True)
+        cls = vo.attentions[1][:, :, 0, 1:].mean(1)  # the feature layer (hidden_states[-2]) is vision layer 1
+        full = net.merged(torch.from_numpy(px), torch.from_numpy(ids))
+    assert got.shape == (batch, full.shape[1], 256)
+    for b in range(batch):
+        img = _image_positions(ids, spelling, b)
+        top = np.sort(torch.topk(cls[b], 4).indices.numpy())
+        kept = np.sort(np.concatenate([np.setdiff1d(np.arange(full.shape[1]), img), img[top]]))
+        _check_text_rows(got[b], _decode_kept(llava_torch, full[b], torch.from_numpy(kept)), kept, img)
+
+
+def test_divprune_at_the_projector_matches_the_reference(vlm, llava_torch, tmp_path):
+    model, result = _apply(vlm("llava"), keep_ratio=0.25, method="diversity")
+    assert result.modified
+    rng = np.random.default_rng(5)
+    px = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ids = _ids(2, "concat", seed=5)
+    got = _run(_save(model, tmp_path), {"pixel_values": px, "input_ids": ids})
+    net = _Llava(llava_torch, "concat")
+    with torch.no_grad():
+        feats = net.features(torch.from_numpy(px)).numpy()
+        full = net.merged(torch.from_numpy(px), torch.from_numpy(ids))
+    _, picked = diversity_select.reference(feats, k=4, protect=0, keep_order=True)
+    for b in range(2):
+        img = np.arange(1, 1 + P)
+        kept = np.sort(np.concatenate([[0], img[picked[b]], np.arange(1 + P, 24)]))
+        _check_text_rows(got[b], _decode_kept(llava_torch, full[b], torch.from_numpy(kept)), kept, img)
+
+
+def _decoder_drop_reference(m, full: torch.Tensor, image_pos: np.ndarray, layers: list[int], keep: float
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """FastV / PyramidDrop in torch for one sample: the decoder layer by layer; after each layer K of ``layers``,
+    the last row's head-mean attention in K keeps ``kept_count`` of the image tokens left (text always kept); the
+    next layers run on the kept tokens with the rotary tables of their original positions. (logits, kept)."""
+    from graphprune.ops import token_select
+
+    lm = m.model.language_model
+    kept = np.arange(full.shape[0])
+    h = full[None]
+    with torch.no_grad():
+        for i, layer in enumerate(lm.layers):
+            n = len(kept)
+            mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
+            pe = lm.rotary_emb(h, torch.from_numpy(kept)[None])
+            if i in layers:
+                _, probs = layer.self_attn(layer.input_layernorm(h), attention_mask=mask, position_embeddings=pe)
+            h = layer(h, attention_mask=mask, position_embeddings=pe)
+            h = h[0] if isinstance(h, tuple) else h
+            if i in layers:
+                score = probs[0].mean(0)[-1].numpy()
+                img = np.flatnonzero(np.isin(kept, image_pos))
+                k = token_select.kept_count(len(img), 0, keep_ratio=keep)
+                top = img[np.argsort(-score[img], kind="stable")[:k]]
+                rows = np.sort(np.concatenate([np.flatnonzero(~np.isin(kept, image_pos)), top]))
+                h, kept = h[:, torch.from_numpy(rows)], kept[rows]
+        return m.lm_head(lm.norm(h))[0].numpy(), kept
+
+
+@pytest.mark.parametrize("spelling", ["concat", "ids"])
+def test_decoder_stage_matches_fastv_reference(vlm, llava_torch, tmp_path, spelling):
+    """FastV with K = 0: decoder layer 0 runs on every token; its last row's head-mean attention keeps 4 image
+    tokens; layer 1 runs on the kept tokens with the rotary tables of their original positions."""
+    name = "llava" if spelling == "concat" else "llava_ids"
+    model, result = _apply(vlm(name), keep_ratio=0.25, stage="decoder", layers=[0])
+    assert result.modified
+    rng = np.random.default_rng(9)
+    px = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+    ids = _ids(3, spelling, seed=9)
+    got = _run(_save(model, tmp_path), {"pixel_values": px, "input_ids": ids})
+    with torch.no_grad():
+        full = _Llava(llava_torch, spelling).merged(torch.from_numpy(px), torch.from_numpy(ids))
+    for b in range(3):
+        img = _image_positions(ids, spelling, b)
+        ref, kept = _decoder_drop_reference(llava_torch, full[b], img, [0], 0.25)
+        _check_text_rows(got[b], ref, kept, img)
+
+
+def test_pyramiddrop_schedule_matches_the_reference(model_cache, tmp_path):
+    """PyramidDrop: 75% of the image tokens left kept after decoder layers 0 and 1 of 3 (16 → 12 → 9; a count equal
+    to a model dimension, such as 16 = head_dim, would be refused), each stage scored among the image tokens the
+    last one kept; positions read from input_ids."""
+    def make(folder):
+        path = folder / "llava3.onnx"
+        batch = torch.export.Dim("batch")
+        torch.onnx.export(_Llava(_llava(3), "ids").eval(), (torch.randn(2, 3, 32, 32), torch.from_numpy(_ids(2, "ids"))),
+                          str(path), dynamo=True, opset_version=18, input_names=["pixel_values", "input_ids"],
+                          output_names=["logits"], dynamic_shapes={"pixel_values": {0: batch}, "input_ids": {0: batch}})
+        return path
+
+    model, result = _apply(model_cache.get(("vlm", "llava3"), make), keep_ratio=0.75, stage="decoder", layers=[0, 1])
+    assert [(r.tokens_before, r.tokens_after) for r in result.rewritten] == [(24, 20), (20, 17)]
+    assert result.info["image_tokens_after"] == 9 and not result.skipped
+    rng = np.random.default_rng(12)
+    px = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ids = _ids(2, "ids", seed=12, offsets=[2, 6])
+    got = _run(_save(model, tmp_path), {"pixel_values": px, "input_ids": ids})
+    m = _llava(3)
+    with torch.no_grad():
+        full = _Llava(m, "ids").merged(torch.from_numpy(px), torch.from_numpy(ids))
+    for b in range(2):
+        img = _image_positions(ids, "ids", b)
+        ref, kept = _decoder_drop_reference(m, full[b], img, [0, 1], 0.75)
+        _check_text_rows(got[b], ref, kept, img)
+
+
+def test_keep_ratio_one_is_an_identity(vlm, tmp_path):
+    path = vlm("llava")
+    model, result = _apply(path, keep_ratio=1.0)
+    assert not result.modified and "keeps all 16 image tokens" in result.skipped[0].reason
+    feed = {"pixel_values": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32),
+            "input_ids": _ids(2, "concat")}
+    np.testing.assert_array_equal(_run(_save(model, tmp_path), feed), _run(path, feed))
+
+
+def test_text_tokens_are_never_dropped_wherever_the_image_sits(vlm, tmp_path):
+    """The placeholder run sits at a different offset in each sample; the kept indices (a graph output added here)
+    hold every text position and exactly 4 image positions of that sample."""
+    model, _ = _apply(vlm("llava_ids"), keep_ratio=0.25)
+    idx = next(n for n in model.graph if n.op_type == "TokenSelect").outputs[1]
+    model.graph.outputs.append(idx)
+    offsets = [0, 3, 8]
+    ids = _ids(3, "ids", seed=2, offsets=offsets)
+    px = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    import onnxruntime as ort
+
+    kept = ort.InferenceSession(str(_save(model, tmp_path))).run([idx.name], {"pixel_values": px, "input_ids": ids})[0]
+    for b, o in enumerate(offsets):
+        img = set(range(o, o + P))
+        assert set(range(24)) - img <= set(kept[b].tolist())
+        assert len(set(kept[b].tolist()) & img) == 4 and list(kept[b]) == sorted(kept[b])
+
+
+def test_qwen2_vl_both_stages_keep_shapes_and_cut_flops(vlm, tmp_path):
+    from graphprune.analysis import count_flops
+
+    path = vlm("qwen2_vl")
+    px, ids, pos = _qwen_feed(3)
+    feed = {"pixel_values": px, "input_ids": ids, "position_ids": pos}
+    base = _run(path, feed)
+    f0 = count_flops(ir.load(str(path))).flops
+    for stage in ("projector", "decoder"):
+        model, result = _apply(path, keep_ratio=0.25, stage=stage, **({"layers": [0]} if stage == "decoder" else {}))
+        assert result.modified, result.skipped
+        got = _run(_save(model, tmp_path, f"{stage}.onnx"), feed)
+        assert got.shape == base.shape and np.isfinite(got).all()
+        assert count_flops(model).flops < f0
+
+
+def test_keep_ratio_one_on_positions_read_from_ids(vlm, tmp_path):
+    model, result = _apply(vlm("llava_ids"), keep_ratio=1.0, stage="decoder", layers=[0])
+    assert not result.modified
+
+
+# ------------------------------------------------------------------------------------------------- configuration
+def test_bad_configurations_are_config_errors(vlm, hf_export):
+    with pytest.raises(ConfigError, match="no image tokens found"):
+        _apply(hf_export("vit"), keep_ratio=0.5)
+    with pytest.raises(ConfigError, match="decoder layer 5 does not exist"):
+        _apply(vlm("llava"), keep_ratio=0.5, stage="decoder", layers=[5])
+    with pytest.raises(ConfigError, match="not available with scope: image"):
+        _apply(vlm("llava"), keep_ratio=0.5, method="tome")
+    with pytest.raises(ConfigError, match="stage: projector"):
+        _apply(vlm("llava"), keep_ratio=0.5, stage="decoder", method="diversity", layers=[0])
+    with pytest.raises(ConfigError, match="not used at stage: projector"):
+        _apply(vlm("llava"), keep_ratio=0.5, layers=[1])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--token-keep", "0.25", "--token-scope", "image"], "no image tokens found"),
+    (["--token-scope", "image"], "give --token-keep too"),
+    (["--token-keep", "0.25", "--token-scope", "pixels"], "scope"),
+    (["--token-keep", "0", "--token-scope", "image"], "keep_ratio"),
+])
+def test_cli_errors_are_one_line_and_exit_2(hf_export, tmp_path, capsys, args, needle):
+    _user_error(["optimize", hf_export("vit"), "-o", tmp_path / "o.onnx", *args], capsys, tmp_path / "o.onnx", needle)
+
+
+def test_cli_decoder_layer_out_of_range_exits_2(vlm, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    _user_error(["optimize", vlm("llava"), "-o", out, "--token-keep", "0.25", "--token-scope", "image",
+                 "--token-stage", "decoder"], capsys, out, "decoder layer 2 does not exist")
+
+
+def _user_error(args, capsys, out, needle: str) -> None:
+    from graphprune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_cli_verifies_text_positions_only(vlm, tmp_path):
+    """``--token-scope image`` through ``optimize``: the report says which positions were compared."""
+    from graphprune.cli import main
+
+    rep = tmp_path / "r.json"
+    main(["optimize", str(vlm("llava_ids")), "-o", str(tmp_path / "o.onnx"), "--token-keep", "0.5",
+          "--token-scope", "image", "--force", "--report", str(rep)])
+    r = json.loads(rep.read_text())
+    out = r["verify"]["outputs"][0]
+    assert any("image-token positions not compared" in n for n in out["notes"])
+    assert out["metrics"]["samples"] == 8
+    assert r["passes"][0]["info"]["image_tokens_after"] == 8
+
+
+# ------------------------------------------------------------------------------------------------------- KV cache
+class _Prefill(_Llava):
+    """The LLaVA prefill with its KV cache as outputs (``present.{i}.key`` / ``.value``)."""
+
+    def forward(self, pixel_values, input_ids):
+        out = self.m.model.language_model(inputs_embeds=self.merged(pixel_values, input_ids), use_cache=True)
+        c = out.past_key_values
+        return (self.m.lm_head(out.last_hidden_state),
+                *[t for i in range(TEXT["num_hidden_layers"]) for t in (c.layers[i].keys, c.layers[i].values)])
+
+
+def _export_pair(folder):
+    """A LLaVA prefill graph with a cache, and the decode step of its language model taking ``position_ids``."""
+    from graphprune.torch import export_decoder_pair
+
+    m = _llava()
+    names = ["logits"] + [f"present.{i}.{k}" for i in range(TEXT["num_hidden_layers"]) for k in ("key", "value")]
+    batch = torch.export.Dim("batch")
+    torch.onnx.export(_Prefill(m, "concat").eval(), (torch.randn(2, 3, 32, 32), torch.from_numpy(_ids(2, "concat"))),
+                      str(folder / "prefill.onnx"), dynamo=True, opset_version=18,
+                      input_names=["pixel_values", "input_ids"], output_names=names,
+                      dynamic_shapes={"pixel_values": {0: batch}, "input_ids": {0: batch}})
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT))
+    lm.model, lm.lm_head = m.model.language_model, m.lm_head
+    lm.config._attn_implementation = "eager"
+    _, decode = export_decoder_pair(lm.eval(), folder / "pair", position_ids=True)
+    return folder / "prefill.onnx", decode
+
+
+def test_pruned_prefill_cache_and_generation_keep_original_positions(model_cache, llava_torch, tmp_path):
+    """The pruned prefill writes the kept tokens' keys and values only (24 → 12 positions); greedy generation over
+    it, with the decode step at positions 24, 25, ..., gives the tokens a torch decoder gives from the kept
+    embeddings at their original positions."""
+    from graphprune.decoder import generate
+
+    prefill, decode = model_cache.get(("vlm", "pair"), _export_pair)
+    model, result = _apply(prefill, keep_ratio=0.25)
+    assert result.info["cache_outputs"] == [f"present.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    pruned = _save(model, tmp_path)
+    rng = np.random.default_rng(4)
+    px = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ids = _ids(2, "concat", seed=4)
+    import onnxruntime as ort
+
+    outs = ort.InferenceSession(str(pruned)).run(None, {"pixel_values": px, "input_ids": ids})
+    assert outs[0].shape == (2, 24, 256) and all(o.shape == (2, 2, 12, 16) for o in outs[1:])
+    got = generate(pruned, decode, ids, 4, prefill_inputs={"pixel_values": px})
+    assert got.shape == (2, 8 + 4) and (got[:, :8] == ids).all()
+    net, lm = _Llava(llava_torch, "concat"), llava_torch.model.language_model
+    with torch.no_grad():
+        vo = llava_torch.model.vision_tower(torch.from_numpy(px), output_hidden_states=True, output_attentions=True)
+        cls = vo.attentions[1][:, :, 0, 1:].mean(1)
+        full = net.merged(torch.from_numpy(px), torch.from_numpy(ids))
+        for b in range(2):
+            top = np.sort(torch.topk(cls[b], 4).indices.numpy())
+            pos = torch.from_numpy(np.concatenate([[0], 1 + top, np.arange(1 + P, 24)]))
+            emb, new = full[b:b + 1, pos], []
+            for t in range(4):
+                h = lm(inputs_embeds=emb, position_ids=pos[None], attention_mask=torch.ones(1, len(pos)),
+                       use_cache=False).last_hidden_state
+                nxt = int(llava_torch.lm_head(h)[0, -1].argmax())
+                new.append(nxt)
+                emb = torch.cat([emb, llava_torch.model.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
+                pos = torch.cat([pos, torch.tensor([24 + t])])
+            assert got[b, 8:].tolist() == new
