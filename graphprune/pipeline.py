@@ -325,11 +325,16 @@ class Rewritten:
 
 def load(model_path: str | Path, bench: bool = False) -> Loaded:
     """Load ``model_path`` with its weights mapped; refuse what the later stages cannot do (``bench`` of bfloat16)."""
-    from graphprune.analysis.inputs import static_batch
+    from graphprune.analysis.inputs import static_batch, unbatched_inputs
     from graphprune.io import load_model, mapped_from_file
 
     model_path = Path(model_path)
     model = load_model(model_path)
+    unbatched = unbatched_inputs(model)
+    if unbatched:
+        raise ConfigError(f"the inputs have no common batch axis 0 ({', '.join(unbatched[:3])}): calibration and "
+                          "verification feed samples stacked along axis 0, so optimize needs every input batched "
+                          "there (export with a batch axis, or run the passes through the Python API)")
     if bench and has_bfloat16(model):
         raise ConfigError("cannot benchmark a bfloat16 model: ONNX Runtime's CPU provider has no bfloat16 kernels "
                           "(verification emulates bfloat16 in float32; time the engine on a GPU backend, or drop --bench)")

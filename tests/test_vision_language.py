@@ -542,3 +542,11 @@ def test_pruned_prefill_cache_and_generation_keep_original_positions(model_cache
                 emb = torch.cat([emb, llava_torch.model.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
                 pos = torch.cat([pos, torch.tensor([24 + t])])
             assert got[b, 8:].tolist() == new
+
+
+def test_optimize_refuses_inputs_without_a_common_batch_axis(vlm, tmp_path, capsys):
+    """Qwen2-VL's packed patches [64, 96] beside input_ids [1, 24]: optimize cannot stack samples along axis 0;
+    one line, exit code 2, nothing written (the passes run through the Python API: the test above)."""
+    out = tmp_path / "o.onnx"
+    _user_error(["optimize", vlm("qwen2_vl"), "-o", out, "--token-keep", "0.25", "--token-scope", "image"], capsys,
+                out, "no common batch axis 0 (pixel_values [64, 96], input_ids [1, 24]")

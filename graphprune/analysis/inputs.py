@@ -57,6 +57,21 @@ def example_inputs(model: ir.Model, batch: int = 1, seed: int = 0, dims: dict[st
     return feeds
 
 
+def unbatched_inputs(model: ir.Model) -> list[str] | None:
+    """Inputs that cannot share a batch axis 0, as ``name [shape]``: every input's axis 0 is static and the sizes
+    differ (Qwen2-VL's ``pixel_values [patches, C·T·p·p]`` beside ``input_ids [1, S]``); else ``None``."""
+    inits = model.graph.initializers
+    shown, sizes = [], set()
+    for value in model.graph.inputs:
+        if value.name in inits:
+            continue
+        if value.shape is None or len(value.shape) == 0 or not isinstance(value.shape[0], int):
+            return None
+        sizes.add(value.shape[0])
+        shown.append(f"{value.name} {list(value.shape)}")
+    return shown if len(sizes) > 1 else None
+
+
 def static_batch(model: ir.Model) -> int | None:
     """The batch size every input fixes on its axis 0, or ``None`` when the batch is free (or not axis 0)."""
     inits = model.graph.initializers
