@@ -3,6 +3,8 @@ of the 64 image tokens kept.
 
 Settings (``token_drop`` with ``scope: image``, then ``cleanup``, training-free):
   * ``FasterVLM``: ``stage: projector``, ``method: cls_attention`` (the vision tower's [CLS] attention);
+  * ``received attention``: the same with ``query: mean``: the attention each patch receives in that layer, mean
+    over every query row and head (the score LLaVA-style models without a [CLS] token get);
   * ``DivPrune``: ``stage: projector``, ``method: diversity`` (max-min diversity of the projected features);
   * ``FastV``: ``stage: decoder``, ``layers: [1]`` (after the second of the 4 decoder layers; FastV's K = 2 of 32
     on LLaVA-1.5 leaves less of the decoder unpruned), the last token's attention;
@@ -35,6 +37,7 @@ from benchmarks import vlm
 from benchmarks.results import add_result_option, markdown_table, write_result
 
 SETTINGS = [("FasterVLM", dict(stage="projector", method="cls_attention")),
+            ("received attention", dict(stage="projector", method="cls_attention", query="mean")),
             ("DivPrune", dict(stage="projector", method="diversity")),
             ("FastV (K=1)", dict(stage="decoder", method="cls_attention", layers=[1])),
             ("PyramidDrop (K=0,1,2)", dict(stage="decoder", method="cls_attention", layers=[0, 1, 2]))]

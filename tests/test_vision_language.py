@@ -256,13 +256,14 @@ def _check_text_rows(got: np.ndarray, ref_rows: np.ndarray, kept: np.ndarray, im
     np.testing.assert_allclose(got[text], ref_rows[rows], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("spelling", ["concat", "ids"])
-def test_projector_stage_matches_fastervlm_reference(vlm, llava_torch, tmp_path, spelling, batch):
-    """FasterVLM: the [CLS] attention of the last live vision layer picks 4 of 16 image tokens per sample; the
-    decoder sees the text and the kept image tokens at their original positions."""
+@pytest.mark.parametrize("spelling,batch,query", [("concat", 1, "auto"), ("concat", 3, "auto"), ("ids", 1, "auto"),
+                                                  ("ids", 3, "auto"), ("ids", 3, "mean")])
+def test_projector_stage_matches_fastervlm_reference(vlm, llava_torch, tmp_path, spelling, batch, query):
+    """FasterVLM: the [CLS] attention of the last live vision layer picks 4 of 16 image tokens per sample (``query:
+    mean``: the attention each patch receives, over every query row); the decoder sees the text and the kept image
+    tokens at their original positions."""
     name = "llava" if spelling == "concat" else "llava_ids"
-    model, result = _apply(vlm(name), keep_ratio=0.25)
+    model, result = _apply(vlm(name), keep_ratio=0.25, query=query)
     assert result.modified and result.info["image_tokens_after"] == 4
     rng = np.random.default_rng(batch)
     px = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
@@ -271,7 +272,8 @@ def test_projector_stage_matches_fastervlm_reference(vlm, llava_torch, tmp_path,
     net = _Llava(llava_torch, spelling)
     with torch.no_grad():
         vo = llava_torch.model.vision_tower(torch.from_numpy(px), output_hidden_states=True, output_attentions=True)
-        cls = vo.attentions[1][:, :, 0, 1:].mean(1)  # the feature layer (hidden_states[-2]) is vision layer 1
+        att = vo.attentions[1]  # the feature layer (hidden_states[-2]) is vision layer 1
+        cls = att[:, :, 0, 1:].mean(1) if query == "auto" else att.mean((1, 2))[:, 1:]
         full = net.merged(torch.from_numpy(px), torch.from_numpy(ids))
     assert got.shape == (batch, full.shape[1], 256)
     for b in range(batch):
@@ -435,6 +437,10 @@ def test_bad_configurations_are_config_errors(vlm, hf_export):
         _apply(vlm("llava"), keep_ratio=0.5, stage="decoder", method="diversity", layers=[0])
     with pytest.raises(ConfigError, match="not used at stage: projector"):
         _apply(vlm("llava"), keep_ratio=0.5, layers=[1])
+    with pytest.raises(ConfigError, match="query: 'last' is not available at stage: projector"):
+        _apply(vlm("llava"), keep_ratio=0.5, query="last")
+    with pytest.raises(ConfigError, match="no \\[CLS\\] token"):
+        _apply(vlm("qwen2_vl"), keep_ratio=0.5, query="cls")
 
 
 @pytest.mark.parametrize("args,needle", [

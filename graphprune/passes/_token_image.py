@@ -7,8 +7,9 @@ sequence ``[B, S, C]``, scored so that only image tokens compete:
   * ``stage: projector`` (FasterVLM, VTC-CLS, DivPrune: before the language model): on the merged sequence, right
     after the merge. Scores: ``cls_attention`` — the vision tower's last live layer's [CLS] row (FasterVLM), or
     without a [CLS] token the attention each patch receives there (mean over query rows); patches merged 4:1 by
-    the projector (Qwen2-VL) average their scores. ``diversity`` — DivPrune's greedy max-min selection on the
-    projector's output;
+    the projector (Qwen2-VL) average their scores; ``query: mean`` takes the attention each patch receives even
+    with a [CLS] token (a [CLS] never trained scores nothing). ``diversity`` — DivPrune's greedy max-min selection
+    on the projector's output;
   * ``stage: decoder`` (FastV): after decoder layer K (``layers: [K]``, counted among the decoder blocks; default
     2). Scores: the last token's attention to each image token in layer K, head mean. Several layers
     (``layers: [K1, K2, ...]``, PyramidDrop) drop again after each, ``keep_ratio`` of the image tokens left each
@@ -64,6 +65,9 @@ def run(pass_, model: ir.Model) -> GraphResult:
                           "text decoder)")
     info = {"method": cfg.method, "scope": "image", "stage": cfg.stage, "vision_language": vl.describe()}
     result = GraphResult(model, False, info=info)
+    if cfg.query not in (("auto", "last") if cfg.stage == "decoder" else ("auto", "cls", "mean")):
+        raise ConfigError(f"query: {cfg.query!r} is not available at stage: {cfg.stage} with scope: image (projector: "
+                          "auto, cls or mean; decoder: the last token's row, auto or last)")
     if cfg.stage == "decoder":
         if cfg.method == "diversity":
             raise ConfigError("method: diversity works at stage: projector (DivPrune selects among the projected "
@@ -125,7 +129,7 @@ def run(pass_, model: ir.Model) -> GraphResult:
                 label = f"last token's attention in decoder layer {layer} ({'PyramidDrop' if len(stages) > 1 else 'FastV'})"
                 s = t.op("Where", [mask, row_scores, t.op("CastLike", [t.const(np.float32(_BIG)), row_scores])])
             else:
-                image_scores, note, label = _projector_scores(t, vl, k_img, p, cfg.method, pre)
+                image_scores, note, label = _projector_scores(t, vl, k_img, p, cfg.method, pre, cfg.query)
                 s = _text_kept(t, vl, mask, image_scores, n)
         except Skip as e:  # a later stage: the earlier ones stay (their record says what they did)
             result.skipped.append(e.record(f"decoder layer {layer}" if layer is not None else "model"))
@@ -223,26 +227,31 @@ def _batched(t: Body, scores_p: ir.Value, mask: ir.Value) -> ir.Value:
     return t.op("Expand", [scores_p, shape])
 
 
-def _projector_scores(t: Body, vl: VisionLanguage, k_img: int, p: int, method: str, pre: list[ir.Node]
-                      ) -> tuple[ir.Value, str | None, str]:
+def _projector_scores(t: Body, vl: VisionLanguage, k_img: int, p: int, method: str, pre: list[ir.Node],
+                      query: str = "auto") -> tuple[ir.Value, str | None, str]:
     """``[B, P]`` image-token scores at the projector; the note and the label of the report."""
     if vl.features.shape is None or len(vl.features.shape) != 3:
         raise Skip("the projector's output is not a [B, P, C] tensor")
     if method == "diversity":
         return _diversity_scores(t, vl, k_img, pre)
-    return _vision_attention(t, vl, p)
+    return _vision_attention(t, vl, p, query)
 
 
-def _vision_attention(t: Body, vl: VisionLanguage, p: int) -> tuple[ir.Value, str | None, str]:
+def _vision_attention(t: Body, vl: VisionLanguage, p: int, query: str = "auto") -> tuple[ir.Value, str | None, str]:
     blk = vl.vision_blocks[-1]
     pre = vl.vision_prefix
-    if pre > 0:
+    if query == "cls" and pre == 0:
+        raise ConfigError("query: cls: the vision tower has no [CLS] token; use query: mean (the attention each "
+                          "patch receives)")
+    if pre > 0 and query in ("auto", "cls"):
         s, note = scores.cls_attention(t, blk, (0, 1))  # [B, 1 + P0]
         s = t.op("Slice", [s, t.ints(pre), t.ints(1 << 30), t.ints(1)])
         label = f"[CLS] attention of vision block {blk.index} (FasterVLM)"
     else:
         s, note = scores.cls_attention(t, blk, (0, 0))  # column mean: the attention each patch receives
-        label = f"attention each patch receives in vision block {blk.index} (no [CLS] token)"
+        s = t.op("Slice", [s, t.ints(pre), t.ints(1 << 30), t.ints(1)]) if pre else s
+        label = (f"attention each patch receives in vision block {blk.index}"
+                 + (" (no [CLS] token)" if not pre else " (query: mean)"))
     p0 = blk.tokens - pre if blk.tokens is not None else None
     if p0 is None:
         raise Skip(f"vision block {blk.index}: token count unknown")
