@@ -6,6 +6,8 @@ Settings (``token_drop`` with ``scope: image``, then ``cleanup``, training-free)
   * ``received attention``: the same with ``query: mean``: the attention each patch receives in that layer, mean
     over every query row and head (the score LLaVA-style models without a [CLS] token get);
   * ``DivPrune``: ``stage: projector``, ``method: diversity`` (max-min diversity of the projected features);
+  * ``HiPrune``: ``stage: projector``, ``method: hiprune``: anchors by the attention received in the middle live
+    vision layer (10% of the budget), their 4 grid neighbours, the rest by the last live layer's;
   * ``FastV``: ``stage: decoder``, ``layers: [1]`` (after the second of the 4 decoder layers; FastV's K = 2 of 32
     on LLaVA-1.5 leaves less of the decoder unpruned), the last token's attention;
   * ``PyramidDrop``: ``stage: decoder``, ``layers: [0, 1, 2]``, each stage keeping the cube root of the share, so
@@ -16,9 +18,9 @@ unpruned model's; FLOPs of the graph (batch 1; shapes static inference misses ar
 against the original; prefill speedup on ORT CPU
 (batch ``--batch``, the original and the pruned graph interleaved in one process, medians of ``--runs`` runs over
 ``--repeats`` feeds, the median of the ratios); decode: one step of the language model's decode graph
-(``position_ids`` input) after the pruned prefill graph with its KV cache (``vlm.get_pair``), ms per token at batch
-``--batch`` and the cache length, interleaved with the step after the unpruned prefill (projector stage only: a
-decoder-stage drop leaves the first layers' caches longer than the others').
+(``position_ids`` input, a past length per layer) after the pruned prefill graph with its KV cache
+(``vlm.get_pair``), ms per token at batch ``--batch`` and the cache length (shortest–longest after a decoder-stage
+drop, which leaves the first layers' caches whole), interleaved with the step after the unpruned prefill.
 
     python -m benchmarks.vlm                          # once: train the VLM (about 30 min)
     python -m benchmarks.bench_vlm_tokens [--result benchmarks/results/vlm_tokens.json]
@@ -39,6 +41,7 @@ from benchmarks.results import add_result_option, markdown_table, write_result
 SETTINGS = [("FasterVLM", dict(stage="projector", method="cls_attention")),
             ("received attention", dict(stage="projector", method="cls_attention", query="mean")),
             ("DivPrune", dict(stage="projector", method="diversity")),
+            ("HiPrune", dict(stage="projector", method="hiprune")),
             ("FastV (K=1)", dict(stage="decoder", method="cls_attention", layers=[1])),
             ("PyramidDrop (K=0,1,2)", dict(stage="decoder", method="cls_attention", layers=[0, 1, 2]))]
 RATIOS = (0.5, 0.25, 0.11, 0.05)
@@ -68,8 +71,9 @@ def _speedup(a: Path, b: Path, feeds, runs: int) -> float:
     return float(np.median(ratios))
 
 
-def _caches(prefill: Path, feed: dict) -> tuple[dict, int]:
-    """The decode step's feed after ``prefill`` ran on ``feed``: the cache, the next token, its position."""
+def _caches(prefill: Path, feed: dict) -> tuple[dict, str]:
+    """The decode step's feed after ``prefill`` ran on ``feed``: the cache, the next token, its position; and the
+    cache length (``shortest–longest`` when the layers' differ: a decoder-stage drop)."""
     from graphprune.backends.onnxruntime import make_session
 
     sess = make_session(str(prefill))
@@ -79,7 +83,8 @@ def _caches(prefill: Path, feed: dict) -> tuple[dict, int]:
     nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
     step = {"input_ids": nxt, "position_ids": np.full_like(nxt, logits.shape[1])}
     step.update({k.replace("present", "past_key_values", 1): v for k, v in out.items()})
-    return step, next(iter(out.values())).shape[2]
+    lengths = sorted({v.shape[2] for v in out.values()})
+    return step, "–".join(str(n) for n in (lengths[0], lengths[-1]) if n) if len(lengths) > 1 else str(lengths[0])
 
 
 def decode_ms(decode: Path, feeds: list[dict], runs: int) -> list[float]:
@@ -142,13 +147,14 @@ def main(argv: list[str] | None = None) -> None:
             acc = vlm.accuracy(out)
             flops = measure_flops(ir.load(str(out))).flops
             speed = _speedup(src, out, feeds, a.runs)
-            dcell = "-"
-            if cfg["stage"] == "projector":  # a decoder-stage drop leaves caches of different lengths per layer
-                pre_k = work / f"prefill_{out.name}"
-                prune(pre, pre_k, keep, **cfg)
+            pre_k = work / f"prefill_{out.name}"
+            try:
+                prune(pre, pre_k, stage_keep, **cfg)
                 step, length = _caches(pre_k, feeds[0])
                 full, kept = decode_ms(dec, [full_step, step], a.runs * 2)
                 dcell = f"{kept:.2f} ({length}), {full / kept:.2f}×"
+            except RuntimeError as e:  # the prefill graph's own refusal
+                dcell = f"refused: {e}"
             row = [label, cfg["stage"], f"{info['image_tokens_after']} ({100 * keep:g}%)", f"{100 * acc['all']:.1f}%",
                    f"{100 * acc['all'] / base['all']:.1f}%", *(f"{100 * acc[t]:.1f}%" for t in vlm.TYPES),
                    f"{flops / f0:.2f}×", f"{speed:.2f}×", dcell]
@@ -163,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
             f"batch 1, against the original. Prefill: ORT CPU, batch {a.batch}, 72 tokens "
             f"(64 image + 8 text), interleaved, median of {a.repeats} feeds × {a.runs} runs. Decode: ms of one decode "
             f"step after the pruned prefill (cache length in brackets) and its speedup over the step after the full "
-            f"72-token cache, interleaved in one session; projector stage only (FastV leaves layers 0-1 with the full "
-            f"cache)."))
+            f"72-token cache, interleaved in one session (after a decoder-stage drop the layers up to K keep all 72: "
+            f"shortest–longest)."))
 
 
 if __name__ == "__main__":

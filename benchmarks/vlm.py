@@ -235,6 +235,10 @@ def text_lm(net):
     return lm.eval()
 
 
+#: bump when the pair's export changes (2: a past length per layer, for decoder-stage drops)
+PAIR_VERSION = 2
+
+
 def get_pair(out_dir: str | Path = DEFAULT_OUT, cfg: dict | None = None, log=print) -> tuple[Path, Path]:
     """The trained VLM as a prefill graph with a KV cache (``pixel_values``, ``input_ids`` → logits,
     ``present.*``) and its language model's decode step taking ``position_ids``
@@ -249,7 +253,8 @@ def get_pair(out_dir: str | Path = DEFAULT_OUT, cfg: dict | None = None, log=pri
     folder = out_dir / "pair"
     sha = _sha256(out_dir / "vlm.pt")
     rec = _read_meta(folder / "pair.json")
-    if not (rec and rec.get("weights_sha256") == sha and (folder / "decode.onnx").exists()):
+    if not (rec and rec.get("weights_sha256") == sha and rec.get("version") == PAIR_VERSION
+            and (folder / "decode.onnx").exists()):
         net = module(out_dir, cfg)
         with _locked(out_dir):
             log("exporting the prefill graph with its cache and the decode step")
@@ -263,7 +268,7 @@ def get_pair(out_dir: str | Path = DEFAULT_OUT, cfg: dict | None = None, log=pri
             export_decoder_pair(text_lm(net), folder / "text", position_ids=True)
             (folder / "text" / "decode.onnx").replace(folder / "decode.onnx")
             (folder / "text" / "decode.onnx.data").replace(folder / "decode.onnx.data")
-            _write_atomic(folder / "pair.json", json.dumps({"weights_sha256": sha}).encode())
+            _write_atomic(folder / "pair.json", json.dumps({"weights_sha256": sha, "version": PAIR_VERSION}).encode())
     return folder / "prefill.onnx", folder / "decode.onnx"
 
 

@@ -325,16 +325,11 @@ class Rewritten:
 
 def load(model_path: str | Path, bench: bool = False) -> Loaded:
     """Load ``model_path`` with its weights mapped; refuse what the later stages cannot do (``bench`` of bfloat16)."""
-    from graphprune.analysis.inputs import static_batch, unbatched_inputs
+    from graphprune.analysis.inputs import static_batch
     from graphprune.io import load_model, mapped_from_file
 
     model_path = Path(model_path)
     model = load_model(model_path)
-    unbatched = unbatched_inputs(model)
-    if unbatched:
-        raise ConfigError(f"the inputs have no common batch axis 0 ({', '.join(unbatched[:3])}): calibration and "
-                          "verification feed samples stacked along axis 0, so optimize needs every input batched "
-                          "there (export with a batch axis, or run the passes through the Python API)")
     if bench and has_bfloat16(model):
         raise ConfigError("cannot benchmark a bfloat16 model: ONNX Runtime's CPU provider has no bfloat16 kernels "
                           "(verification emulates bfloat16 in float32; time the engine on a GPU backend, or drop --bench)")
@@ -457,7 +452,7 @@ def optimize(
     return report
 
 
-def _skipped_tokens(records: list[dict]) -> dict:
+def skipped_tokens(records: list[dict]) -> dict:
     """Output positions the passes ask verification to leave out (``info.verify_skip_tokens``: image tokens a
     ``token_drop`` with ``scope: image`` dropped, whose restored rows carry no prediction)."""
     from graphprune.verify import SkipTokens
@@ -483,7 +478,7 @@ def _verify_bench_report(model_path, original, output, model, staged_path, recor
     t0 = time.perf_counter()
     report_verify = compare(original, staged_path, verify_feeds, pipeline.verify, real_data=ver.source == "user",
                             progress=lambda d, t: _progress(context, "verify", d, t),
-                            skip_tokens=_skipped_tokens(records))
+                            skip_tokens=skipped_tokens(records))
     timings["verify"] = time.perf_counter() - t0
     if report_verify.compute_dtype != "model":
         warnings.append(f"verification {BF16_NOTE}")

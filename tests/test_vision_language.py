@@ -283,6 +283,42 @@ def test_projector_stage_matches_fastervlm_reference(vlm, llava_torch, tmp_path,
         _check_text_rows(got[b], _decode_kept(llava_torch, full[b], torch.from_numpy(kept)), kept, img)
 
 
+@pytest.mark.parametrize("anchor_share,batch", [(None, 1), (0.25, 3)])
+def test_hiprune_at_the_projector_matches_the_reference(vlm, llava_torch, tmp_path, anchor_share, batch):
+    """HiPrune keeping 8 of 16 image tokens: anchors by the attention each patch receives in vision layer 0 (the
+    middle of the 2 live layers), their 4 grid neighbours on the 4×4 grid, then registers by layer 1's received
+    attention. With anchor_share 0.25 the 2 anchors and their buffers can exceed 8: the buffers then compete by
+    layer 1's score."""
+    kw = {} if anchor_share is None else {"anchor_share": anchor_share}
+    model, result = _apply(vlm("llava_ids"), keep_ratio=0.5, method="hiprune", **kw)
+    assert result.modified and result.info["image_tokens_after"] == 8
+    n_anchor = 1 if anchor_share is None else 2
+    assert f"{n_anchor} anchor(s)" in result.rewritten[0].scores
+    rng = np.random.default_rng(11 + batch)
+    px = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    ids = _ids(batch, "ids", seed=batch)
+    got = _run(_save(model, tmp_path), {"pixel_values": px, "input_ids": ids})
+    with torch.no_grad():
+        vo = llava_torch.model.vision_tower(torch.from_numpy(px), output_attentions=True)
+        middle = vo.attentions[0].mean((1, 2))[:, 1:].numpy()
+        deep = vo.attentions[1].mean((1, 2))[:, 1:].numpy()
+        full = _Llava(llava_torch, "ids").merged(torch.from_numpy(px), torch.from_numpy(ids))
+    for b in range(batch):
+        anchors = np.argsort(-middle[b], kind="stable")[:n_anchor]
+        near = np.zeros((4, 4), dtype=np.float32)
+        for a in anchors:
+            r, c = divmod(int(a), 4)
+            for dr, dc in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+                if 0 <= r + dr < 4 and 0 <= c + dc < 4:
+                    near[r + dr, c + dc] = 1.0
+        score = deep[b] + near.reshape(-1) + np.isin(np.arange(P), anchors)
+        top = np.sort(np.argsort(-score, kind="stable")[:8])
+        assert set(anchors) <= set(top)
+        img = _image_positions(ids, "ids", b)
+        kept = np.sort(np.concatenate([np.setdiff1d(np.arange(full.shape[1]), img), img[top]]))
+        _check_text_rows(got[b], _decode_kept(llava_torch, full[b], torch.from_numpy(kept)), kept, img)
+
+
 def test_divprune_at_the_projector_matches_the_reference(vlm, llava_torch, tmp_path):
     model, result = _apply(vlm("llava"), keep_ratio=0.25, method="diversity")
     assert result.modified
@@ -412,10 +448,11 @@ def test_qwen2_vl_both_stages_keep_shapes_and_cut_flops(vlm, tmp_path):
     feed = {"pixel_values": px, "input_ids": ids, "position_ids": pos}
     base = _run(path, feed)
     f0 = count_flops(ir.load(str(path))).flops
-    for stage in ("projector", "decoder"):
-        model, result = _apply(path, keep_ratio=0.25, stage=stage, **({"layers": [0]} if stage == "decoder" else {}))
+    for stage, method in (("projector", "cls_attention"), ("projector", "hiprune"), ("decoder", "cls_attention")):
+        model, result = _apply(path, keep_ratio=0.25, stage=stage, method=method,
+                               **({"layers": [0]} if stage == "decoder" else {}))
         assert result.modified, result.skipped
-        got = _run(_save(model, tmp_path, f"{stage}.onnx"), feed)
+        got = _run(_save(model, tmp_path, f"{stage}_{method}.onnx"), feed)
         assert got.shape == base.shape and np.isfinite(got).all()
         assert count_flops(model).flops < f0
 
@@ -441,6 +478,14 @@ def test_bad_configurations_are_config_errors(vlm, hf_export):
         _apply(vlm("llava"), keep_ratio=0.5, query="last")
     with pytest.raises(ConfigError, match="no \\[CLS\\] token"):
         _apply(vlm("qwen2_vl"), keep_ratio=0.5, query="cls")
+    with pytest.raises(ConfigError, match="method: hiprune works at stage: projector"):
+        _apply(vlm("llava"), keep_ratio=0.5, stage="decoder", method="hiprune", layers=[0])
+    with pytest.raises(ConfigError, match="anchor_share: only used by method: hiprune"):
+        _apply(vlm("llava"), keep_ratio=0.5, anchor_share=0.2)
+    with pytest.raises(ConfigError, match="use it with scope: image"):
+        TokenDropPass(dict(method="hiprune", keep_ratio=0.5))(ir.load(str(vlm("llava"))))
+    with pytest.raises(ValueError, match="anchor_share must be in"):
+        TokenDropPass(dict(method="hiprune", scope="image", anchor_share=0.0))
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -550,9 +595,139 @@ def test_pruned_prefill_cache_and_generation_keep_original_positions(model_cache
             assert got[b, 8:].tolist() == new
 
 
-def test_optimize_refuses_inputs_without_a_common_batch_axis(vlm, tmp_path, capsys):
-    """Qwen2-VL's packed patches [64, 96] beside input_ids [1, 24]: optimize cannot stack samples along axis 0;
-    one line, exit code 2, nothing written (the passes run through the Python API: the test above)."""
-    out = tmp_path / "o.onnx"
-    _user_error(["optimize", vlm("qwen2_vl"), "-o", out, "--token-keep", "0.25", "--token-scope", "image"], capsys,
-                out, "no common batch axis 0 (pixel_values [64, 96], input_ids [1, 24]")
+def test_generation_after_a_decoder_stage_drop(model_cache, llava_torch, tmp_path):
+    """FastV after decoder layer 0: layer 0's cache keeps all 24 prefill tokens, layer 1's the 12 kept; the decode
+    step takes caches of different lengths. Reference without a cache: every step runs layer 0 on the whole
+    sequence (prefill + generated), then layer 1 on the kept prefill tokens and the generated ones, at their
+    original positions (the selection made at the prefill, as the cache fixes it)."""
+    from graphprune.decoder import generate
+
+    prefill, decode = model_cache.get(("vlm", "pair"), _export_pair)
+    model, result = _apply(prefill, keep_ratio=0.25, stage="decoder", layers=[0])
+    assert result.info["cache_outputs"] == ["present.1.key", "present.1.value"]
+    pruned = _save(model, tmp_path)
+    rng = np.random.default_rng(6)
+    px = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ids = _ids(2, "concat", seed=6)
+    import onnxruntime as ort
+
+    outs = ort.InferenceSession(str(pruned)).run(None, {"pixel_values": px, "input_ids": ids})
+    assert [o.shape[2] for o in outs[1:]] == [24, 24, 12, 12]
+    got = generate(pruned, decode, ids, 4, prefill_inputs={"pixel_values": px})
+    lm = llava_torch.model.language_model
+    with torch.no_grad():
+        full = _Llava(llava_torch, "concat").merged(torch.from_numpy(px), torch.from_numpy(ids))
+        for b in range(2):
+            _, kept = _decoder_drop_reference(llava_torch, full[b], np.arange(1, 1 + P), [0], 0.25)
+            emb, new = full[b:b + 1], []
+            for t in range(4):
+                n = emb.shape[1]
+                h, pos = emb, torch.arange(n)
+                for i, layer in enumerate(lm.layers):
+                    if i == 1:
+                        rows = torch.from_numpy(np.concatenate([kept, np.arange(24, n)]))
+                        h, pos = h[:, rows], pos[rows]
+                    m = len(pos)
+                    h = layer(h, attention_mask=torch.full((m, m), float("-inf")).triu(1)[None, None],
+                              position_embeddings=lm.rotary_emb(h, pos[None]))
+                    h = h[0] if isinstance(h, tuple) else h
+                nxt = int(llava_torch.lm_head(lm.norm(h))[0, -1].argmax())
+                if t == 0:
+                    assert int(outs[0][b, -1].argmax()) == nxt  # the prefill's own prediction
+                new.append(nxt)
+                emb = torch.cat([emb, llava_torch.model.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
+            assert got[b, 8:].tolist() == new
+
+
+@pytest.mark.parametrize("stage", ["projector", "decoder"])
+def test_optimize_runs_qwen2_vl_on_whole_feeds(vlm, tmp_path, stage):
+    """Qwen2-VL's packed patches [64, 96] beside input_ids [1, 24] share no batch axis: optimize calibrates and
+    verifies on whole feeds, never stacked. Synthetic feeds get the 16 image tokens the model merges; the written
+    model equals the pass applied through the Python API."""
+    from graphprune.cli import main
+    from graphprune.data import synthetic_data
+
+    path = vlm("qwen2_vl")
+    ds = synthetic_data(ir.load(str(path)), 3)
+    assert ds.whole and "16 image tokens (id" in ds.description
+    feeds = ds.batches(8)
+    assert len(feeds) == 3 and feeds[0]["pixel_values"].shape == (64, 96)
+    assert [int((f["input_ids"] == QWEN_IMG).sum()) for f in feeds] == [16, 16, 16]
+    rep, out = tmp_path / "r.json", tmp_path / "o.onnx"
+    args = ["optimize", str(path), "-o", str(out), "--token-keep", "0.25", "--token-scope", "image",
+            "--token-stage", stage, "--force", "--report", str(rep)]
+    if stage == "decoder":  # 2 decoder layers: drop after layer 0 (through a config)
+        cfg = tmp_path / "p.yaml"
+        cfg.write_text("passes:\n  - name: token_drop\n    scope: image\n    stage: decoder\n    keep_ratio: 0.25\n"
+                       "    layers: [0]\n")
+        args = ["optimize", str(path), "-o", str(out), "--config", str(cfg), "--force", "--report", str(rep)]
+    main(args)
+    r = json.loads(rep.read_text())
+    assert r["passes"][0]["info"]["image_tokens_after"] == 4 and r["flops"]["ratio"] < 1
+    assert "whole" in r["data"]["description"]
+    px, ids, pos = _qwen_feed(7)
+    feed = {"pixel_values": px, "input_ids": ids, "position_ids": pos}
+    model, _ = _apply(path, keep_ratio=0.25, stage=stage, **({"layers": [0]} if stage == "decoder" else {}))
+    np.testing.assert_allclose(_run(out, feed), _run(_save(model, tmp_path, "api.onnx"), feed), atol=1e-5)
+
+
+def test_whole_feed_data_from_npz(vlm, tmp_path, capsys):
+    """An .npz for a model without a common batch axis holds [S, *input shape] per input; a sample axis missing
+    is one line, exit code 2."""
+    from graphprune.cli import main
+
+    path = vlm("qwen2_vl")
+    feeds = [_qwen_feed(s) for s in range(6)]
+    good = tmp_path / "d.npz"
+    np.savez(good, pixel_values=np.stack([f[0] for f in feeds]), input_ids=np.stack([f[1] for f in feeds]),
+             position_ids=np.stack([f[2] for f in feeds]))
+    rep = tmp_path / "r.json"
+    main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--token-keep", "0.25", "--token-scope", "image",
+          "--data", str(good), "--calibration-samples", "3", "--verify-samples", "3", "--force", "--report", str(rep)])
+    r = json.loads(rep.read_text())
+    assert r["data"]["source"] == "user" and r["verify"]["outputs"][0]["metrics"]["samples"] == 3
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pixel_values=feeds[0][0], input_ids=feeds[0][1], position_ids=feeds[0][2])
+    out = tmp_path / "o2.onnx"
+    _user_error(["optimize", path, "-o", out, "--token-keep", "0.25", "--token-scope", "image", "--data", bad],
+                capsys, out, "each sample is a whole feed")
+
+# ------------------------------------------------------------------------------------------------------- search
+def test_search_space_and_scores_on_a_vlm(vlm, tmp_path):
+    """The default search space drops image tokens only; a trial's agreement figures leave the image positions out
+    (as verification does) and its accuracy reads the last position of [B, T, V] logits."""
+    from graphprune.backends.onnxruntime import make_session
+    from graphprune.data import Dataset
+    from graphprune.pipeline import skipped_tokens
+    from graphprune.search.data import EvalSet
+    from graphprune.search.evaluate import Evaluator
+    from graphprune.search.space import default_space
+
+    path = vlm("llava_ids")
+    space = default_space(ir.load(str(path)))
+    td = {q.key: q for q in next(p for p in space.passes if p.name == "token_drop").params}
+    assert td["scope"].fixed == "image" and set(td["method"].choices) == {"cls_attention", "diversity", "hiprune"}
+    assert td["keep_ratio"].high <= 0.5 and "layers" not in td
+    rng = np.random.default_rng(3)
+    px = rng.standard_normal((6, 3, 32, 32)).astype(np.float32)
+    ids = _ids(6, "ids", seed=3)
+    ds = Dataset("user", "test", [{"pixel_values": px[i], "input_ids": ids[i]} for i in range(6)])
+    ref = _run(path, {"pixel_values": px, "input_ids": ids})
+    labels = ref[:, -1].argmax(-1)
+    labels[:2] = (labels[:2] + 1) % 256  # two answers the original gets wrong: accuracy 4/6
+    ev = Evaluator(make_session(str(path)), EvalSet(ds, labels=labels), batch=4, task="labels")
+    assert ev.original() == {"accuracy": pytest.approx(4 / 6)}
+    model = ir.load(str(path))
+    result = TokenDropPass(dict(scope="image", keep_ratio=0.25))(model)
+    rec = [{"changed": True, "info": result.info}]
+    pruned = _save(model, tmp_path)
+    got = _run(pruned, {"pixel_values": px, "input_ids": ids})
+    score = ev.score(make_session(str(pruned)), skip_tokens=skipped_tokens(rec))
+    text = ids != IMG
+    cos = [float(np.dot(a := ref[b][text[b]].ravel().astype(np.float64), c := got[b][text[b]].ravel())
+                 / np.linalg.norm(a) / np.linalg.norm(c)) for b in range(6)]
+    assert score["agreement"]["cosine"]["mean"] == pytest.approx(np.mean(cos), rel=1e-6)
+    acc = float((got[:, -1].argmax(-1) == labels).mean())
+    assert score["task"]["accuracy"]["value"] == pytest.approx(acc)
+    whole = ev.score(make_session(str(pruned)))  # without: the restored image rows lower the cosine
+    assert whole["agreement"]["cosine"]["mean"] < score["agreement"]["cosine"]["mean"]

@@ -15,6 +15,9 @@ input is padded with when the samples of one batch differ in length (pad token i
 
 ``synthetic_data(model, samples, seed)`` builds a dataset from the model's input specs with
 ``graphprune.analysis.inputs.example_inputs`` (for when the user brings no data).
+
+A model whose inputs share no batch axis 0 (Qwen2-VL: packed patches beside ``input_ids [1, S]``) cannot have its
+samples stacked: its dataset is ``whole``, each sample a complete feed that ``batches`` hands on as it is.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ class Dataset:
     description: str
     samples: list[Sample]
     pad_values: dict[str, int | float] = field(default_factory=dict)
+    #: each sample is a whole feed, never stacked: the model's inputs share no batch axis 0 (Qwen2-VL's packed
+    #: ``pixel_values [patches, C]`` beside ``input_ids [1, S]``); ``batches`` hands every sample on its own
+    whole: bool = False
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -54,7 +60,7 @@ class Dataset:
             if not 0 <= i < n:
                 raise IndexError(f"sample index {i} out of range for a dataset of {n} samples")
             picked.append(self.samples[i])
-        return Dataset(self.source, self.description, picked, dict(self.pad_values))
+        return Dataset(self.source, self.description, picked, dict(self.pad_values), self.whole)
 
     def split(
         self, calibration: int, verify: int, seed: int = 0, allow_overlap: bool = False
@@ -89,6 +95,8 @@ class Dataset:
         """
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1 (got {batch_size})")
+        if self.whole:
+            return [dict(s) for s in self.samples]
         chunks = [self.samples[i : i + batch_size] for i in range(0, len(self), batch_size)]
         if exact and chunks and len(chunks[-1]) < batch_size:
             fill = (self.samples * (batch_size // max(len(self.samples), 1) + 1))[: batch_size - len(chunks[-1])]
@@ -125,10 +133,15 @@ def unbatch(feed: dict[str, np.ndarray], count: int) -> list[Sample]:
 
 def synthetic_data(model: ir.Model, samples: int, seed: int = 0) -> Dataset:
     """``samples`` samples generated from the model's input specs (``example_inputs``), ``source="synthetic"``."""
-    from graphprune.analysis.inputs import example_inputs
+    from graphprune.analysis.inputs import example_inputs, unbatched_inputs
 
     if samples < 1:
         raise DataError(f"synthetic data needs at least 1 sample (got {samples})")
+    if unbatched_inputs(model):  # whole feeds, one per sample
+        rows = [example_inputs(model, batch=1, seed=seed + i) for i in range(samples)]
+        planted = _plant_image_tokens(model, rows)
+        return Dataset("synthetic", f"{samples} synthetic feeds generated from the input specs (whole: the inputs "
+                       f"share no batch axis){planted}", rows, {}, whole=True)
     feed = example_inputs(model, batch=samples, seed=seed)
     scalars = [name for name, arr in feed.items() if arr.ndim == 0]
     if scalars:
@@ -141,4 +154,31 @@ def synthetic_data(model: ir.Model, samples: int, seed: int = 0) -> Dataset:
             {name: arr[0] for name, arr in example_inputs(model, batch=1, seed=seed + i).items()}
             for i in range(samples)
         ]
-    return Dataset("synthetic", f"{samples} synthetic samples generated from the input specs", rows, {})
+    planted = _plant_image_tokens(model, rows)
+    return Dataset("synthetic", f"{samples} synthetic samples generated from the input specs{planted}", rows, {})
+
+
+def _plant_image_tokens(model: ir.Model, rows: list[Sample]) -> str:
+    """A vision-language model that reads its image positions from ``input_ids`` (``image_token_id``) merges as
+    many image features as there are image tokens: random ids hold none (or a few), which is no input the model
+    is made for. Put the ``P`` image tokens after the first id of every sample (and no stray one elsewhere); the
+    description's addition ("" when the model is no such VLM)."""
+    ints = [v for v in model.graph.inputs if v.dtype is not None and v.dtype.is_integer()]
+    floats = [v for v in model.graph.inputs if v.dtype is not None and v.dtype.is_floating_point()]
+    if not ints or not floats:
+        return ""
+    from graphprune.analysis.attention import find_attention_blocks
+    from graphprune.analysis.vision_language import find_vision_language
+
+    blocks = find_attention_blocks(model)
+    vl = find_vision_language(model, blocks) if blocks else None
+    if vl is None or vl.image_token_id is None or not vl.image_tokens:
+        return ""
+    name, tok, p = vl.text_input.name, vl.image_token_id, vl.image_tokens
+    for row in rows:
+        ids = row.get(name)
+        if ids is None or ids.shape[-1] < p + 1:
+            return ""
+        ids[ids == tok] = 0 if tok else 1
+        ids[..., 1:1 + p] = tok
+    return f"; {p} image tokens (id {tok}) after the first token of {name}"

@@ -17,6 +17,11 @@ Arrays from npz files and feed dicts are checked against the model's inputs (tho
     a float input, bool for either) is refused, naming the input, the dtype found and the one expected;
   * rank: array rank (sample axis included) must equal the model input's rank;
   * static dims other than the batch axis must match.
+
+A model whose inputs share no batch axis 0 (Qwen2-VL: ``pixel_values [patches, C]`` beside ``input_ids [1, S]``)
+takes whole feeds: an .npz array is ``[S, *the input's shape]`` (a sample axis before every model dim, all
+checked), a feed dict is one sample as the model takes it; the dataset is ``whole`` (never stacked). Images and
+texts cannot fill such inputs.
 Every problem the user can fix raises ``DataError`` with a one-line message naming the file, input or numbers.
 """
 
@@ -30,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from graphprune.data._checks import check_names, fit_array, model_inputs
+from graphprune.analysis.inputs import unbatched_inputs
+from graphprune.data._checks import check_names, fit_array, model_inputs, shape_text
 from graphprune.data._dataset import Dataset, unbatch
 from graphprune.data._images import IMAGE_SUFFIXES, load_images
 from graphprune.data._text import TEXT_SUFFIXES, load_texts
@@ -67,9 +73,13 @@ def load_data(
         path = Path(source)
         if not path.exists():
             raise DataError(f"data not found: {path}")
+        suffix = path.suffix.lower()
+        if (path.is_dir() or suffix in TEXT_SUFFIXES) and unbatched_inputs(model):
+            raise DataError(f"{path}: the model's inputs share no batch axis 0 "
+                            f"({', '.join(unbatched_inputs(model)[:3])}); images and texts cannot fill them: pass "
+                            "an .npz with one whole feed per sample ([S, *input shape] per input)")
         if path.is_dir():
             return load_images(path, model, mean=mean, std=std, normalize=normalize)
-        suffix = path.suffix.lower()
         if suffix == ".npz":
             return _load_npz(path, model)
         if suffix in TEXT_SUFFIXES:
@@ -86,8 +96,45 @@ def load_data(
     return _load_feeds(items, model)
 
 
+def _fit_whole(where: str, feed: Mapping[str, np.ndarray], model: ir.Model, stacked: bool
+               ) -> tuple[dict[str, np.ndarray], int]:
+    """``_fit_feed`` for a model whose inputs share no batch axis: ``stacked`` arrays carry a leading sample axis
+    before the input's whole shape (an .npz), else the feed is one sample."""
+    check_names(where, list(feed), model)
+    out: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for value in model_inputs(model):
+        arr = np.asarray(feed[value.name])
+        one = arr if stacked else arr[None]
+        if one.ndim == 0:
+            raise DataError(f"{where}: input {value.name!r} is a scalar; it needs a leading sample axis")
+        dims = list(value.shape) if value.shape is not None else None
+        if dims is not None and one.ndim != len(dims) + 1:
+            raise DataError(f"{where}: input {value.name!r} has shape {list(arr.shape)}; the model's inputs share no "
+                            f"batch axis, so each sample is a whole feed: "
+                            f"{'[samples, ' + shape_text(dims)[1:] if stacked else shape_text(dims)}")
+        for axis, d in enumerate(dims or []):
+            if isinstance(d, int) and one.shape[axis + 1] != d:
+                raise DataError(f"{where}: input {value.name!r} axis {axis} has size {one.shape[axis + 1]}; the model "
+                                f"expects {d} {shape_text(dims)}")
+        out[value.name] = fit_array(where, _AnyShape(value), one)
+        rows[value.name] = one.shape[0]
+    if len(set(rows.values())) > 1:
+        raise DataError(f"{where}: inputs have different sample counts {rows}")
+    return out, next(iter(rows.values()), 0)
+
+
+class _AnyShape:
+    """A model input seen by ``fit_array`` for its dtype only (``_fit_whole`` checked the dims)."""
+
+    def __init__(self, value: ir.Value) -> None:
+        self.name, self.dtype, self.shape = value.name, value.dtype, None
+
+
 def _fit_feed(where: str, feed: Mapping[str, np.ndarray], model: ir.Model) -> tuple[dict[str, np.ndarray], int]:
     """Validate one batched feed (names, dtypes, ranks, dims) and return it in model-input order with its row count."""
+    if unbatched_inputs(model):
+        return _fit_whole(where, feed, model, stacked=True)
     check_names(where, list(feed), model)
     out: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
@@ -122,21 +169,26 @@ def _load_npz(path: Path, model: ir.Model) -> Dataset:
     feed, count = _fit_feed(str(path), arrays, model)
     if count == 0:
         raise DataError(f"{path}: empty .npz (0 samples on axis 0)")
-    return Dataset("user", f"{path.name}: {count} samples", unbatch(feed, count), {})
+    return Dataset("user", f"{path.name}: {count} samples", unbatch(feed, count), {}, whole=bool(unbatched_inputs(model)))
 
 
 def _load_feeds(items: Iterable, model: ir.Model) -> Dataset:
+    whole = bool(unbatched_inputs(model))
     samples = []
     count = 0
     for i, item in enumerate(items):
         if not isinstance(item, Mapping):
             raise DataError(f"feed {i}: expected a dict of input name -> array, got {type(item).__name__}")
-        feed, rows = _fit_feed(f"feed {i}", item, model)
+        if whole:  # each feed dict is one sample
+            feed, rows = _fit_whole(f"feed {i}", item, model, stacked=False)
+        else:
+            feed, rows = _fit_feed(f"feed {i}", item, model)
         samples.extend(unbatch(feed, rows))
         count += 1
     if not samples:
         raise DataError("no samples: the feed dicts are empty" if count else "no feed dicts given")
-    return Dataset("user", f"{count} feed dict{'s' if count != 1 else ''}: {len(samples)} samples", samples, {})
+    return Dataset("user", f"{count} feed dict{'s' if count != 1 else ''}: {len(samples)} samples", samples, {},
+                   whole=whole)
 
 
 def _first_line(e: BaseException) -> str:

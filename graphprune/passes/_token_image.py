@@ -9,7 +9,9 @@ sequence ``[B, S, C]``, scored so that only image tokens compete:
     without a [CLS] token the attention each patch receives there (mean over query rows); patches merged 4:1 by
     the projector (Qwen2-VL) average their scores; ``query: mean`` takes the attention each patch receives even
     with a [CLS] token (a [CLS] never trained scores nothing). ``diversity`` — DivPrune's greedy max-min selection
-    on the projector's output;
+    on the projector's output. ``hiprune`` — HiPrune's anchors (the patches receiving the most attention in the
+    middle vision block, ``anchor_share`` of the budget), their four grid neighbours (buffers), and registers (the
+    rest, by the attention received in the last live block);
   * ``stage: decoder`` (FastV): after decoder layer K (``layers: [K]``, counted among the decoder blocks; default
     2). Scores: the last token's attention to each image token in layer K, head mean. Several layers
     (``layers: [K1, K2, ...]``, PyramidDrop) drop again after each, ``keep_ratio`` of the image tokens left each
@@ -23,7 +25,7 @@ output (logits ``[B, S, V]``) keeps its shape: the tokens are put back at the en
 Key / value outputs of a prefill graph (``present.*``, ``[B, heads, S, D]``) of the layers after the drop hold the
 kept tokens only, in order (``info.cache_outputs``); a decode step that takes ``position_ids`` continues from them
 (:func:`graphprune.decoder.generate`). At ``stage: decoder`` the layers up to K keep a full cache: the layers'
-caches then differ in length, which the decode step exported by ``export_decoder_pair`` does not take.
+caches then differ in length, which the decode step of ``export_decoder_pair(..., position_ids=True)`` takes.
 
 Static sequence lengths only (the image count fixes the sequence in every VLM export seen so far); a dynamic one
 is a skip with the reason.
@@ -47,6 +49,7 @@ from graphprune.passes.base import GraphResult, Skip
 
 _BIG = 3.0e38  # a text token's score: above any image token's
 FASTV_LAYER = 2  # FastV's K on LLaVA-1.5
+HIPRUNE_ANCHOR_SHARE = 0.1  # anchors per kept token: with their 4 buffers, about half the budget
 
 
 def run(pass_, model: ir.Model) -> GraphResult:
@@ -54,9 +57,11 @@ def run(pass_, model: ir.Model) -> GraphResult:
     from graphprune.passes import token_drop as td
 
     cfg = pass_.config
-    if cfg.method not in ("cls_attention", "diversity"):
+    if cfg.method not in ("cls_attention", "diversity", "hiprune"):
         raise ConfigError(f"method: {cfg.method!r} is not available with scope: image; use cls_attention "
-                          "(FasterVLM at the projector, FastV in the decoder) or diversity (DivPrune)")
+                          "(FasterVLM at the projector, FastV in the decoder), diversity (DivPrune) or hiprune")
+    if cfg.anchor_share is not None and cfg.method != "hiprune":
+        raise ConfigError("anchor_share: only used by method: hiprune")
     blocks = find_attention_blocks(model)
     vl = find_vision_language(model, blocks) if blocks else None
     if vl is None:
@@ -69,9 +74,9 @@ def run(pass_, model: ir.Model) -> GraphResult:
         raise ConfigError(f"query: {cfg.query!r} is not available at stage: {cfg.stage} with scope: image (projector: "
                           "auto, cls or mean; decoder: the last token's row, auto or last)")
     if cfg.stage == "decoder":
-        if cfg.method == "diversity":
-            raise ConfigError("method: diversity works at stage: projector (DivPrune selects among the projected "
-                              "image features)")
+        if cfg.method in ("diversity", "hiprune"):
+            raise ConfigError(f"method: {cfg.method} works at stage: projector (it selects among the image tokens "
+                              "before the decoder)")
         layers = cfg.layers if cfg.layers is not None else [FASTV_LAYER]
         if not layers or max(layers) >= len(vl.decoder_blocks) - 1:
             raise ConfigError(f"layers: decoder layer {max(layers or [-1])} does not exist or is the last one; the "
@@ -129,7 +134,8 @@ def run(pass_, model: ir.Model) -> GraphResult:
                 label = f"last token's attention in decoder layer {layer} ({'PyramidDrop' if len(stages) > 1 else 'FastV'})"
                 s = t.op("Where", [mask, row_scores, t.op("CastLike", [t.const(np.float32(_BIG)), row_scores])])
             else:
-                image_scores, note, label = _projector_scores(t, vl, k_img, p, cfg.method, pre, cfg.query)
+                image_scores, note, label = _projector_scores(t, vl, k_img, p, cfg.method, pre, cfg.query,
+                                                                 _anchor_share(cfg))
                 s = _text_kept(t, vl, mask, image_scores, n)
         except Skip as e:  # a later stage: the earlier ones stay (their record says what they did)
             result.skipped.append(e.record(f"decoder layer {layer}" if layer is not None else "model"))
@@ -169,6 +175,10 @@ def run(pass_, model: ir.Model) -> GraphResult:
     if cache:
         info["cache_outputs"] = cache
     return result
+
+
+def _anchor_share(cfg) -> float:
+    return cfg.anchor_share if cfg.anchor_share is not None else HIPRUNE_ANCHOR_SHARE
 
 
 def _gathered_mask(t: Body, mask: ir.Value, idx: ir.Value) -> ir.Value:
@@ -228,17 +238,56 @@ def _batched(t: Body, scores_p: ir.Value, mask: ir.Value) -> ir.Value:
 
 
 def _projector_scores(t: Body, vl: VisionLanguage, k_img: int, p: int, method: str, pre: list[ir.Node],
-                      query: str = "auto") -> tuple[ir.Value, str | None, str]:
+                      query: str = "auto", anchor_share: float = 0.1) -> tuple[ir.Value, str | None, str]:
     """``[B, P]`` image-token scores at the projector; the note and the label of the report."""
     if vl.features.shape is None or len(vl.features.shape) != 3:
         raise Skip("the projector's output is not a [B, P, C] tensor")
     if method == "diversity":
         return _diversity_scores(t, vl, k_img, pre)
+    if method == "hiprune":
+        return _hiprune_scores(t, vl, k_img, p, anchor_share)
     return _vision_attention(t, vl, p, query)
 
 
-def _vision_attention(t: Body, vl: VisionLanguage, p: int, query: str = "auto") -> tuple[ir.Value, str | None, str]:
-    blk = vl.vision_blocks[-1]
+def hiprune_layers(vl: VisionLanguage) -> tuple[int, int]:
+    """HiPrune's two vision blocks (positions among ``vl.vision_blocks``): the middle one (object-centric: anchors)
+    and the last live one (global: registers)."""
+    return (len(vl.vision_blocks) - 1) // 2, len(vl.vision_blocks) - 1
+
+
+def _hiprune_scores(t: Body, vl: VisionLanguage, k_img: int, p: int, anchor_share: float
+                    ) -> tuple[ir.Value, str | None, str]:
+    """HiPrune: ``max(1, round(anchor_share · k))`` anchors, the patches that receive the most attention in the
+    middle vision block; buffers, the four grid neighbours of each anchor; registers, the rest of the budget, by the
+    attention received in the last live block. One score so that a single top-k picks anchors first, then buffers
+    (by their register score), then registers: ``deep + [buffer or anchor] + [anchor]`` (``deep`` ≤ 1)."""
+    side = int(round(p ** 0.5))
+    if side * side != p:
+        raise Skip(f"hiprune: the {p} image tokens do not form a square grid; its buffers are grid neighbours")
+    mid, last = hiprune_layers(vl)
+    middle, note, _ = _vision_attention(t, vl, p, "mean", vl.vision_blocks[mid])
+    deep, note2, _ = _vision_attention(t, vl, p, "mean", vl.vision_blocks[last])
+    f32 = {"to": ir.DataType.FLOAT}
+    middle, deep = t.op("Cast", [middle], f32), t.op("Cast", [deep], f32)
+    n_anchor = max(1, min(k_img, round(anchor_share * k_img)))
+    _, idx = t.op_multi_out("TopK", [middle, t.ints(n_anchor)], {"axis": 1}, num_outputs=2)
+    hot = t.op("OneHot", [idx, t.ints(p), t.const(np.array([0.0, 1.0], dtype=np.float32))], {"axis": -1})
+    anchor = t.op("ReduceMax", [hot, t.ints(1)], {"keepdims": 0})  # [B, P]: 1 at the anchors
+    cross = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    cross[0, 0, 1, :] = cross[0, 0, :, 1] = 1.0
+    near = t.op("Conv", [t.op("Reshape", [anchor, t.ints(0, 1, side, side)]), t.const(cross)], {"pads": [1, 1, 1, 1]})
+    near = t.op("Cast", [t.op("Greater", [t.op("Reshape", [near, t.ints(0, p)]), t.const(np.float32(0.5))])], f32)
+    s = t.op("Add", [deep, t.op("Add", [near, anchor])])  # anchors and buffers first, then the registers
+    label = (f"HiPrune: {n_anchor} anchor(s) by the attention received in vision block {vl.vision_blocks[mid].index}, "
+             f"their grid neighbours, registers by vision block {vl.vision_blocks[last].index}")
+    return s, note or note2, label
+
+
+def _vision_attention(t: Body, vl: VisionLanguage, p: int, query: str = "auto", blk=None
+                      ) -> tuple[ir.Value, str | None, str]:
+    """``[B, P]``: the [CLS] row (FasterVLM) or the attention each patch receives in vision block ``blk`` (default:
+    the last live one), patches the projector merges averaged."""
+    blk = blk if blk is not None else vl.vision_blocks[-1]
     pre = vl.vision_prefix
     if query == "cls" and pre == 0:
         raise ConfigError("query: cls: the vision tower has no [CLS] token; use query: mean (the attention each "
@@ -279,4 +328,4 @@ def _diversity_scores(t: Body, vl: VisionLanguage, k_img: int, pre: list[ir.Node
             "diversity of the projected image features (DivPrune)")
 
 
-__all__ = ["FASTV_LAYER", "run"]
+__all__ = ["FASTV_LAYER", "HIPRUNE_ANCHOR_SHARE", "hiprune_layers", "run"]

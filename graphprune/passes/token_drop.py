@@ -62,7 +62,7 @@ from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, 
 class TokenDropConfig(PassConfig):
     """YAML keys of ``token_drop``."""
 
-    method: Literal["cls_attention", "attention_graph", "tome", "diversity"] = "cls_attention"
+    method: Literal["cls_attention", "attention_graph", "tome", "diversity", "hiprune"] = "cls_attention"
     keep_ratio: float = 0.7
     layers: list[int] | None = None
     r: int = 8
@@ -77,6 +77,14 @@ class TokenDropConfig(PassConfig):
     restore: bool | None = None
     scope: Literal["all", "image"] = "all"
     stage: Literal["projector", "decoder"] = "projector"
+    anchor_share: float | None = None
+
+    @pydantic.field_validator("anchor_share")
+    @classmethod
+    def _share(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError(f"anchor_share must be in (0, 1], got {v}")
+        return v
 
     @pydantic.field_validator("keep_ratio")
     @classmethod
@@ -157,6 +165,11 @@ class TokenDropPass(GraphPass):
 
     def _plan(self, blocks: list[AttentionBlock], model: ir.Model, protect: int) -> tuple[list[int], list[float], dict]:
         cfg, depth, info = self.config, len(blocks), {}
+        if cfg.method == "hiprune":
+            raise ConfigError("method: hiprune selects image tokens of a vision-language model; use it with scope: "
+                              "image")
+        if cfg.anchor_share is not None:
+            raise ConfigError("anchor_share: only used by method: hiprune (scope: image)")
         if cfg.method == "diversity" and cfg.fuse_rest:
             raise ConfigError("fuse_rest: not available with method 'diversity' (it has no scores to weight by)")
         if cfg.layers is not None and cfg.layers and max(cfg.layers) >= depth:

@@ -68,14 +68,16 @@ class Evaluator:
         self.feeds = ds.subset(self.order).batches(batch)
         self.name, outs = _outputs(reference, self.feeds)
         self.kind = classify_output(self.name, outs)
+        self.ref_outs = outs
         self.ref = _stack(outs, self.order)
         self.base = self._task(outs)
         self.limits = (thresholds or VerifyThresholds()).for_output(self.kind)
 
     def _task(self, outs: list[np.ndarray]) -> dict[str, np.ndarray] | None:
         es = self.evalset
-        if self.task == "labels":
-            return {"accuracy": M.accuracy(_stack(outs, self.order), es.labels)}
+        if self.task == "labels":  # per-token logits [B, T, V]: the prediction after the prompt, at its last position
+            return {"accuracy": M.accuracy(_stack([o[:, -1] if o.ndim == 3 else o for o in outs], self.order),
+                                           es.labels)}
         if self.task == "retrieval":
             x = _stack(outs, self.order)
             return M.retrieval(x[: es.queries], x[es.queries: 2 * es.queries])
@@ -93,10 +95,20 @@ class Evaluator:
             return {"metric": back}
         return None
 
-    def score(self, session: Any) -> dict[str, Any]:
+    def score(self, session: Any, skip_tokens: Any = None) -> dict[str, Any]:
+        """The candidate's figures; ``skip_tokens`` (output name → ``verify.SkipTokens``, from the trial's pass
+        records) leaves those token positions out of the agreement figures, in both models (``token_drop`` with
+        ``scope: image`` restores image rows that carry no prediction)."""
         _, outs = _outputs(session, self.feeds)
-        x = _stack(outs, self.order)
-        agree = M.agreement(self.ref, x, self.kind)
+        x, ref = _stack(outs, self.order), self.ref
+        skip = (skip_tokens or {}).get(self.name)
+        if skip is not None:
+            keeps = [skip.keep(f, o.shape) for f, o in zip(self.feeds, outs)]
+            x = _stack([np.where(k.reshape(*k.shape, *[1] * (o.ndim - 2)), o, 0) for k, o in zip(keeps, outs)],
+                       self.order)
+            ref = _stack([np.where(k.reshape(*k.shape, *[1] * (o.ndim - 2)), o, 0)
+                          for k, o in zip(keeps, self.ref_outs)], self.order)
+        agree = M.agreement(ref, x, self.kind)
         fig = {k: {"mean": float(v.mean()), "ci": M.bootstrap(v, None, self.confidence, seed=self.seed)}
                for k, v in agree.items()}
         out: dict[str, Any] = {"agreement": fig, "kind": self.kind}

@@ -2,8 +2,9 @@
 
 Every metric returns a vector of per-sample scores (its mean is the figure), computed from the original's and the
 candidate's outputs on the same samples:
-  * task metrics: ``accuracy`` (labels; argmax of logits), ``recall@1`` and ``mrr`` (retrieval: query i's document
-    is document i; cosine similarity over all documents of the split);
+  * task metrics: ``accuracy`` (labels; argmax of logits; of per-token logits ``[B, T, V]``, the last position's:
+    the answer after the prompt), ``recall@1`` and ``mrr`` (retrieval: query i's document is document i; cosine
+    similarity over all documents of the split);
   * agreement metrics (no task): for embeddings, ``knn_overlap`` (|N_k(a) ∩ N_k(b)| / k with N_k the k nearest other
     samples by cosine, k = 10), ``neighbor_agreement`` (k = 1, as verification) and ``rank_corr`` (each sample's
     Spearman correlation between its cosine similarities to all others, original vs candidate); for logits,

@@ -20,7 +20,8 @@ configs refuse together, is pruned with the reason recorded.
 
 :func:`default_space` derives the space from the model (``inspect``): depth pruning (blocks or branches, up to
 :data:`DEPTH_MAX_RATIO`) where at least three blocks are removable, channel pruning where channel groups are
-prunable, token drop where attention blocks are found, sparse attention only where the data's sequences reach
+prunable, token drop where attention blocks are found (in a vision-language model: image tokens only, at the
+projector, with each scoring method), sparse attention only where the data's sequences reach
 :data:`SPARSE_MIN_TOKENS` (below that, measured, dense attention is cheaper); what it leaves out says why.
 """
 
@@ -215,6 +216,7 @@ def default_space(model: Any, max_tokens: int | None = None) -> Space:
     from graphprune.analysis.attention import find_attention_blocks
     from graphprune.analysis.channels import analyze_channels
     from graphprune.analysis.depth import residual_blocks
+    from graphprune.analysis.vision_language import find_vision_language
 
     passes: dict[str, Any] = {}
     excluded = []
@@ -225,7 +227,14 @@ def default_space(model: Any, max_tokens: int | None = None) -> Space:
                                               "allocate": ["sensitivity", "score"]}}
     else:
         excluded.append("channel_prune: no prunable channel group")
-    if blocks:
+    vl = find_vision_language(model, blocks) if blocks else None
+    if vl is not None:  # image tokens only: every text token stays
+        passes["token_drop"] = {"params": {"scope": "image", "keep_ratio": {"low": 0.05, "high": 0.5, "step": 0.05},
+                                           "method": ["cls_attention", "diversity", "hiprune"],
+                                           "query": ["auto", "mean"]}}
+        excluded.append("token_drop: image tokens only, after the projector (a vision-language model; the decoder "
+                        "stage goes in a --space); sparse_attention: not on a vision-language model's short prefill")
+    elif blocks:
         n = len(blocks)
         starts = sorted({max(1, n // 4), max(1, n // 3), max(1, n // 2)})
         passes["token_drop"] = {"params": {"keep_ratio": {"low": 0.5, "high": 0.95, "step": 0.05},

@@ -159,7 +159,7 @@ class Runner:
     def run(self, entries: list[dict], evalset: EvalSet | None = None, timed: bool = True) -> dict[str, Any]:
         from graphprune.backends.onnxruntime import make_session
         from graphprune.errors import GraphpruneError
-        from graphprune.pipeline import HOUSEKEEPING_PASSES, unchanged_reason
+        from graphprune.pipeline import HOUSEKEEPING_PASSES, skipped_tokens, unchanged_reason
 
         result: dict[str, Any] = {"pipeline": entries}
         t0 = time.perf_counter()
@@ -183,7 +183,7 @@ class Runner:
                           if any(k in r.get("info", {}) for k in keep)}
         t0 = time.perf_counter()
         session = make_session(model, self.setup.threads)
-        result.update(self.evaluator(evalset).score(session))
+        result.update(self.evaluator(evalset).score(session, skip_tokens=skipped_tokens(recs)))
         seconds["score"] = time.perf_counter() - t0
         if timed:
             t0 = time.perf_counter()
