@@ -731,3 +731,31 @@ def test_search_space_and_scores_on_a_vlm(vlm, tmp_path):
     assert score["task"]["accuracy"]["value"] == pytest.approx(acc)
     whole = ev.score(make_session(str(pruned)))  # without: the restored image rows lower the cosine
     assert whole["agreement"]["cosine"]["mean"] < score["agreement"]["cosine"]["mean"]
+
+
+def test_flops_fall_as_the_kept_share_predicts(vlm):
+    """At the projector, keeping 4 of 16 image tokens leaves 12 of the decoder's 24: the decoder blocks' FLOPs (the
+    nodes after the merge, up to the final norm, where the logits' rows are restored) fall to between (12/24)² (attention scores) and 12/24 (every linear layer) of what they were,
+    and the vision tower's stay. After decoder layer 0 (FastV), layer 0 still sees 24: less is saved."""
+    from graphprune.analysis import streams
+    from graphprune.analysis.attention import find_attention_blocks
+    from graphprune.analysis.tokens import downstream_nodes
+    from graphprune.backends.onnxruntime import measure_flops
+
+    path = vlm("llava")
+    model = ir.load(str(path))
+    blocks = find_attention_blocks(model)
+    vl = find_vision_language(model, blocks)
+    per_node = measure_flops(model).per_node  # static inference leaves some shapes unknown: measured in one run
+    # the decoder's blocks; after the stream's end (final norm, lm_head) every position is restored: full length
+    tail = {n.name for n in downstream_nodes(streams.stream_end(blocks[-1]))}
+    dec = {n.name for n in downstream_nodes(vl.merge.outputs[0])} - tail
+    f_dec = sum(f for name, f in per_node.items() if name in dec)
+    f_rest = sum(per_node.values()) - f_dec
+    assert f_dec > 0.2 * f_rest
+    proj, _ = _apply(path, keep_ratio=0.25)
+    f_proj = measure_flops(proj).flops
+    r = 12 / 24
+    assert f_rest + f_dec * r * r <= f_proj <= f_rest + f_dec * r * 1.02
+    fastv, _ = _apply(path, keep_ratio=0.25, stage="decoder", layers=[0])
+    assert f_proj < measure_flops(fastv).flops < f_rest + f_dec
