@@ -336,8 +336,8 @@ _CROSS_PRIVATE = {
     ("backends/plugins/__init__.py", "graphprune.ops._dims"), ("backends/tensorrt.py", "graphprune.ops._dims"),
     ("kernels/sparse_attention.py", "graphprune.ops.sparse_attention"),
     ("kernels/sparse_attention_routed.py", "graphprune.ops.sparse_attention"),
-    ("passes/_token_dynamic.py", "graphprune.ops._base"), ("passes/_token_scores.py", "graphprune.ops._base"),
-    ("passes/sparse_attention.py", "graphprune.ops._base"), ("passes/token_drop.py", "graphprune.ops._base"),
+    ("passes/token_drop/dynamic.py", "graphprune.ops._base"), ("passes/token_drop/scores.py", "graphprune.ops._base"),
+    ("passes/sparse_attention.py", "graphprune.ops._base"), ("passes/token_drop/drop.py", "graphprune.ops._base"),
     ("torch/_ops.py", "graphprune.ops._dims"),
 }
 
@@ -458,3 +458,12 @@ def test_passes_run_models_only_through_their_context_runtime(tmp_path):
     assert result.modified and "probe" in rt.calls and "flops" in rt.calls
     hidden = result.model.graph.initializers["W1"].const_value.numpy().shape[1]
     assert hidden < 32 and result.model.graph.initializers["W2"].const_value.numpy().shape[0] == hidden
+
+
+def test_split_modules_stay_small():
+    """Issue 21: token_drop is a package of one idea per module, and the whole-head rule is three modules
+    (chains and claims, rotary steps, edits); none grows back past about 400 lines."""
+    paths = [*sorted((PKG / "passes" / "token_drop").glob("*.py")), *sorted((PKG / "analysis").glob("_attention_*.py"))]
+    assert len(paths) >= 12
+    sizes = {p.relative_to(PKG).as_posix(): len(p.read_text().splitlines()) for p in paths}
+    assert max(sizes.values()) <= 400, sizes

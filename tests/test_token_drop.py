@@ -298,7 +298,7 @@ def test_split_of_the_token_axis_is_refused():
     from onnx import TensorProto, helper
 
     from graphprune.passes import Skip
-    from graphprune.passes import _token_rewire as rewire
+    from graphprune.passes.token_drop import rewire
 
     g = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Split", ["h", "sizes"], ["cls", "patches"], axis=1)],
@@ -343,7 +343,7 @@ def test_hf_vit_opset23_matches_opset18(hf_export, cfg):
 
 
 def test_default_layers_stay_inside_the_model():
-    from graphprune.passes._token_schedule import default_layers
+    from graphprune.passes.token_drop.plan import default_layers
 
     assert default_layers(12) == [3, 6, 9]
     assert default_layers(2) == [1] and default_layers(1) == []  # a one-block model: nothing to place, no IndexError

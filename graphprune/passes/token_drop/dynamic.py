@@ -1,6 +1,6 @@
 """``token_drop`` on a graph whose token count is a runtime dimension (NLP exports: ``[batch, sequence, C]``).
 
-A static graph hard-codes the count in constants (``_token_rewire`` retargets those). A dynamic export reads it
+A static graph hard-codes the count in constants (``rewire`` retargets those). A dynamic export reads it
 at run time instead, from ``Shape`` of a value upstream of the stream (``Shape(input_ids)[1:2]``) and feeds it
 into the ``Concat`` targets of every later ``Reshape``; and per-token tensors computed upstream (the attention
 mask ``[B, 1, N, N]``, a mean-pooling mask ``[B, N]``) meet the stream downstream. After a reduction both are
@@ -117,7 +117,7 @@ class DynamicTokens:
     def plan(self, stream: ir.Value, exclude: set[int] = frozenset(), masks: tuple[ir.Value, ...] = ()) -> _Plan:
         """What the reduction at ``stream`` needs downstream (raises :class:`Skip` before anything changes);
         readers in ``exclude`` (node ids past a restore point) keep what they read. Static graphs: only the
-        per-token data (constants hold the counts: ``_token_rewire``), and not ``masks`` nor values computed from
+        per-token data (constants hold the counts: ``rewire``), and not ``masks`` nor values computed from
         them (the pass gathers the attention masks itself)."""
         nodes = [n for n in downstream_nodes(stream) if id(n) not in exclude]
         down = {id(n) for n in downstream_nodes(stream)}

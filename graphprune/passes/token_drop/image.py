@@ -43,9 +43,13 @@ from graphprune.analysis.tokens import downstream_nodes, weight_dims
 from graphprune.analysis.vision_language import VisionLanguage, find_vision_language
 from graphprune.errors import ConfigError
 from graphprune.ops import Body, add_node_function, diversity_select, token_select
-from graphprune.passes import _token_scores as scores
-from graphprune.passes._token_dynamic import DynamicTokens
 from graphprune.passes.base import GraphResult, Skip
+from graphprune.passes.token_drop import scores
+from graphprune.passes.token_drop.config import TokenReduction
+from graphprune.passes.token_drop.dynamic import DynamicTokens
+from graphprune.passes.token_drop.env import Env, commit, gather_masks, later_masks, model_dims, retarget
+from graphprune.passes.token_drop.restore import Selected, finish, per_token_outputs
+from graphprune.passes.token_drop.select import name_outputs
 
 _BIG = 3.0e38  # a text token's score: above any image token's
 FASTV_LAYER = 2  # FastV's K on LLaVA-1.5
@@ -54,8 +58,6 @@ HIPRUNE_ANCHOR_SHARE = 0.1  # anchors per kept token: with their 4 buffers, abou
 
 def run(pass_, model: ir.Model) -> GraphResult:
     """``TokenDropPass.call`` for ``scope: image`` (module doc)."""
-    from graphprune.passes import token_drop as td
-
     cfg = pass_.config
     if cfg.method not in ("cls_attention", "diversity", "hiprune"):
         raise ConfigError(f"method: {cfg.method!r} is not available with scope: image; use cls_attention "
@@ -102,7 +104,7 @@ def run(pass_, model: ir.Model) -> GraphResult:
                        "count) fixed in the graph")
         if token_select.kept_count(p, 0, keep_ratio=cfg.keep_ratio) >= p:
             raise Skip(f"keep_ratio {cfg.keep_ratio} keeps all {p} image tokens; nothing to drop")
-        per_token = td._per_token_outputs(model, n, None)
+        per_token = per_token_outputs(model, n, None)
         restore = cfg.restore if cfg.restore is not None else bool(per_token)
         end = None
         if restore:
@@ -110,11 +112,11 @@ def run(pass_, model: ir.Model) -> GraphResult:
             if isinstance(end, NoMatch):
                 raise Skip(end.reason)
         after_end = {id(x) for x in downstream_nodes(end)} if end is not None else set()
-        data = DynamicTokens(model, stream, static=n, model_dims=td._model_dims(blocks) | weight_dims(model.graph))
-        env = td._Env(n, None, after_end, {}, data, restore=restore)
+        data = DynamicTokens(model, stream, static=n, model_dims=model_dims(blocks) | weight_dims(model.graph))
+        env = Env(n, None, after_end, {}, data, restore=restore)
         # every stage's retargeting is planned on the original graph (PyramidDrop's later stages only shorten
         # further what the first one shortened), before anything changes
-        pass_._later_masks(blocks, stages[0][1])
+        later_masks(cfg, blocks, stages[0][1])
     except Skip as e:
         result.skipped.append(e.record("model"))
         return result
@@ -125,8 +127,8 @@ def run(pass_, model: ir.Model) -> GraphResult:
         k_img = token_select.kept_count(p_cur, 0, keep_ratio=cfg.keep_ratio)
         k = n_cur - p_cur + k_img
         try:
-            masked = pass_._later_masks(blocks, blk)
-            plan = pass_._retarget(model, blocks, blk, stream, env, k)
+            masked = later_masks(cfg, blocks, blk)
+            plan = retarget(model, blocks, blk, stream, env, k)
             t, pre = Body(), []
             mask = _image_mask(t, vl, n) if mask is None else mask
             if cfg.stage == "decoder":
@@ -142,17 +144,17 @@ def run(pass_, model: ir.Model) -> GraphResult:
             break
         name = "token_select_image" + (f"_{j}" if j else "")
         node = token_select.make_node(stream, s, name=name, dims={"N": n_cur}, k=k, protect=0, keep_order=True)
-        td._name_outputs(node, name, stream)
+        name_outputs(node, name, stream)
         idx = node.outputs[1]
         idx.type = ir.TensorType(ir.DataType.INT64)
-        pass_._commit(model, stream, [*pre, *t.nodes, node], node.outputs[0], anchor, plan, env, idx, node)
-        pass_._gather_masks(model.graph, masked, node, idx, env.mask_map)
+        commit(model, stream, [*pre, *t.nodes, node], node.outputs[0], anchor, plan, env, idx, node)
+        gather_masks(model.graph, masked, node, idx, env.mask_map)
         add_node_function(model, node)
         for extra in pre:  # DivPrune's DiversitySelect
             add_node_function(model, extra)
-        result.rewritten.append(td.TokenReduction(blk.index, n_cur, k, cfg.method, note, label))
+        result.rewritten.append(TokenReduction(blk.index, n_cur, k, cfg.method, note, label))
         result.modified = True
-        levels.append(("select", stream, idx, False))
+        levels.append(Selected(stream, idx, False))
         first = first or node
         if j + 1 < len(stages):  # the image positions among the kept tokens, for the next stage
             t2 = Body()
@@ -170,7 +172,7 @@ def run(pass_, model: ir.Model) -> GraphResult:
         info["verify_skip_tokens"] = {"outputs": per_token, **where_img, "why": (
             "image-token positions not compared: token_drop (scope: image) dropped them and restored their rows "
             "from before the decoder; every text position is compared")}
-    td._finish(model, result, restore, end, levels, per_token, out_shapes, n_cur, None)
+    finish(model, result, restore, end, levels, per_token, out_shapes, n_cur, None)
     cache = _cache_outputs(model, first.outputs[0], n, n_cur)
     if cache:
         info["cache_outputs"] = cache
