@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 # the rule modules register their per-op rules in _channel_core.RULES when imported
-from graphprune.analysis import _attention_heads, _channel_layout, _channel_rules  # noqa: F401
+from graphprune.analysis import _attention_head_edits, _attention_heads, _channel_layout, _channel_rules  # noqa: F401
 from graphprune.analysis._channel_core import (
     Builder,
     CostTerm,
@@ -162,7 +162,7 @@ def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), 
     outputs = set(model.graph.outputs)
     for node in model.graph:
         if node in heads.finishers:
-            _attention_heads.apply(b, heads.finishers[node])
+            _attention_head_edits.apply(b, heads.finishers[node])
         elif node not in b.claimed:
             apply(b, node)
         if any(v is not None and (v in b.derived or v in b.labels) for v in node.inputs):
