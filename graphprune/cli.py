@@ -107,6 +107,9 @@ def optimize(
     token_scope: Annotated[str | None, typer.Option(
         "--token-scope", help="With --token-keep: 'image' drops only the image tokens of a vision-language model "
         "(the ratio is of the image tokens); default 'all'.")] = None,
+    token_layers: Annotated[str | None, typer.Option(
+        "--token-layers", help="With --token-keep: the blocks to reduce after, comma-separated (token_drop's "
+        "'layers'); with --token-stage decoder, the decoder layers K to drop after (default 2, as FastV).")] = None,
     token_stage: Annotated[str | None, typer.Option(
         "--token-stage", help="With --token-scope image: 'projector' (default: after the projector, before the "
         "decoder, scored by the vision tower's [CLS] attention as in FasterVLM) or 'decoder' (after decoder layer 2, "
@@ -164,9 +167,12 @@ def optimize(
     if token_keep is not None:
         entry = {"name": "token_drop", "keep_ratio": token_keep}
         entry.update({k: v for k, v in (("scope", token_scope), ("stage", token_stage)) if v is not None})
+        if token_layers is not None:
+            entry["layers"] = _ints(token_layers, "--token-layers")
         shortcut.append(("--token-keep", entry))
-    elif token_scope is not None or token_stage is not None:
-        raise ConfigError("--token-scope / --token-stage: give --token-keep too (the share of tokens to keep)")
+    elif token_scope is not None or token_stage is not None or token_layers is not None:
+        raise ConfigError("--token-scope / --token-stage / --token-layers: give --token-keep too (the share of "
+                          "tokens to keep)")
     if sparse_attention is not None:
         shortcut.append(("--sparse-attention", parse_sparse_spec(sparse_attention)))
     if prune_channels is not None:
@@ -200,6 +206,16 @@ def optimize(
     _summary(rep)
     for w in rep.get("warnings", []):
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated block indices, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{flag}: expected comma-separated block indices, got {text!r}")
+    return values
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:

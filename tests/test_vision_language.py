@@ -8,7 +8,9 @@ Test models (transformers, random init from small configs, dynamo, opset 18, cac
   * ``llava_ids``: the same weights, the merge written as transformers' ``masked_scatter`` at static shapes
     (``input_ids == 250`` → CumSum → gather of the features → Where): the positions are read from ``input_ids``;
   * ``qwen2_vl``: Qwen2-VL (packed patches ``[P, C·T·p·p]`` without [CLS], 2D rotary, the patch merger as
-    projector, M-RoPE positions as an input), batch 1, the masked spelling.
+    projector, M-RoPE positions as an input), batch 1, the masked spelling;
+  * ``paligemma`` (below, its own tests): PaliGemma (SigLIP without [CLS], its last layer's features; one linear
+    projector; a Gemma decoder with one KV head), the image tokens first, positions read from ``input_ids``.
 """
 
 from __future__ import annotations
@@ -224,10 +226,12 @@ def test_a_model_without_images_has_no_vision_language(hf_export):
 def test_inspect_cli_prints_the_vision_language_line(vlm, capsys):
     from graphprune.cli import main
 
-    main(["inspect", str(vlm("llava_ids")), "--json"])
+    ids, concat = str(vlm("llava_ids")), str(vlm("llava"))
+    capsys.readouterr()  # an export made here prints its progress to stdout
+    main(["inspect", ids, "--json"])
     vl = json.loads(capsys.readouterr().out)["vision_language"]
     assert vl["image_token_id"] == IMG and vl["merge"]["op"] == "Where"
-    main(["inspect", str(vlm("llava"))])
+    main(["inspect", concat])
     text = " ".join(capsys.readouterr().out.split())
     assert "vision-language: vision blocks 0–1 (1 prefix token(s)), decoder blocks 2–3" in text
     assert "16 image tokens merged by Concat" in text and "at span [1, 17)" in text
@@ -493,6 +497,8 @@ def test_bad_configurations_are_config_errors(vlm, hf_export):
     (["--token-scope", "image"], "give --token-keep too"),
     (["--token-keep", "0.25", "--token-scope", "pixels"], "scope"),
     (["--token-keep", "0", "--token-scope", "image"], "keep_ratio"),
+    (["--token-keep", "0.25", "--token-layers", "1,x"], "--token-layers: expected comma-separated block indices"),
+    (["--token-layers", "1"], "give --token-keep too"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(hf_export, tmp_path, capsys, args, needle):
     _user_error(["optimize", hf_export("vit"), "-o", tmp_path / "o.onnx", *args], capsys, tmp_path / "o.onnx", needle)
@@ -656,11 +662,8 @@ def test_optimize_runs_qwen2_vl_on_whole_feeds(vlm, tmp_path, stage):
     rep, out = tmp_path / "r.json", tmp_path / "o.onnx"
     args = ["optimize", str(path), "-o", str(out), "--token-keep", "0.25", "--token-scope", "image",
             "--token-stage", stage, "--force", "--report", str(rep)]
-    if stage == "decoder":  # 2 decoder layers: drop after layer 0 (through a config)
-        cfg = tmp_path / "p.yaml"
-        cfg.write_text("passes:\n  - name: token_drop\n    scope: image\n    stage: decoder\n    keep_ratio: 0.25\n"
-                       "    layers: [0]\n")
-        args = ["optimize", str(path), "-o", str(out), "--config", str(cfg), "--force", "--report", str(rep)]
+    if stage == "decoder":  # 2 decoder layers: drop after layer 0
+        args += ["--token-layers", "0"]
     main(args)
     r = json.loads(rep.read_text())
     assert r["passes"][0]["info"]["image_tokens_after"] == 4 and r["flops"]["ratio"] < 1
@@ -759,3 +762,104 @@ def test_flops_fall_as_the_kept_share_predicts(vlm):
     assert f_rest + f_dec * r * r <= f_proj <= f_rest + f_dec * r * 1.02
     fastv, _ = _apply(path, keep_ratio=0.25, stage="decoder", layers=[0])
     assert f_proj < measure_flops(fastv).flops < f_rest + f_dec
+
+
+
+# ---------------------------------------------------------------------------------------------------- PaliGemma
+PG_IMG = 257
+
+
+def _paligemma():
+    torch.manual_seed(0)
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+              patch_size=8)
+    tc = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=1, head_dim=16)
+    cfg = transformers.PaliGemmaConfig(vision_config=vc, text_config=tc, image_token_index=PG_IMG, projection_dim=64)
+    m = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    m.config._attn_implementation = "eager"
+    return m
+
+
+class _PaliGemma(torch.nn.Module):
+    """PaliGemma's forward with the merge written as a static ``masked_scatter`` and a causal decoder (the
+    prefix-LM mask left out: the image tokens attend causally, as in LLaVA)."""
+
+    def __init__(self, m) -> None:
+        super().__init__()
+        self.m = m
+
+    def merged(self, pixel_values, input_ids):
+        feats = self.m.model.get_image_features(pixel_values)
+        feats = getattr(feats, "pooler_output", feats)
+        emb = self.m.model.get_input_embeddings()(input_ids)
+        mask = input_ids == PG_IMG
+        idx = (mask.long().cumsum(1) - 1).clamp(min=0)
+        gathered = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+        return torch.where(mask.unsqueeze(-1), gathered, emb)
+
+    def forward(self, pixel_values, input_ids):
+        h = self.m.model.language_model(inputs_embeds=self.merged(pixel_values, input_ids), use_cache=False)
+        return self.m.lm_head(h.last_hidden_state)
+
+
+def _pg_ids(batch: int, seed: int) -> np.ndarray:
+    ids = np.random.default_rng(seed).integers(0, 250, (batch, 24)).astype(np.int64)
+    ids[:, :P] = PG_IMG
+    return ids
+
+
+@pytest.fixture(scope="module")
+def paligemma(model_cache):
+    def export(folder):
+        path = folder / "paligemma.onnx"
+        batch = torch.export.Dim("batch")
+        torch.onnx.export(_PaliGemma(_paligemma()).eval(), (torch.randn(2, 3, 32, 32), torch.from_numpy(_pg_ids(2, 0))),
+                          str(path), dynamo=True, opset_version=18, input_names=["pixel_values", "input_ids"],
+                          output_names=["logits"], dynamic_shapes={"pixel_values": {0: batch}, "input_ids": {0: batch}})
+        return path
+
+    return model_cache.get(("vlm", "paligemma"), export)
+
+
+def test_paligemma_is_described_and_pruned_as_the_reference(paligemma, tmp_path):
+    """A spelling the pass was not written for: no [CLS] (SigLIP), the image first, one KV head. ``inspect`` finds
+    it; at the projector the attention each patch receives in SigLIP's last layer keeps 4 of 16 image tokens, and
+    the text rows equal Gemma's on the kept rows at their original positions."""
+    model = ir.load(str(paligemma))
+    vl = summarize(model)["vision_language"]
+    assert vl["vision_prefix_tokens"] == 0 and vl["image_token_id"] == PG_IMG and vl["image_tokens"] == P
+    decoder = [b for b in summarize(model)["attention_blocks"] if b["index"] in vl["decoder_blocks"]]
+    assert len(decoder) == 3 and all(b["causal"] and b["kv_heads"] == 1 and b["prefix_tokens"] == 0 for b in decoder)
+    pruned, result = _apply(paligemma, keep_ratio=0.25)
+    assert result.modified and result.info["image_tokens_after"] == 4
+    rng = np.random.default_rng(2)
+    px = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ids = _pg_ids(2, 2)
+    got = _run(_save(pruned, tmp_path), {"pixel_values": px, "input_ids": ids})
+    m = _paligemma()
+    with torch.no_grad():
+        att = m.model.vision_tower(torch.from_numpy(px), output_attentions=True).attentions[-1]
+        received = att.mean((1, 2))
+        full = _PaliGemma(m).merged(torch.from_numpy(px), torch.from_numpy(ids))
+    img = np.arange(P)
+    for b in range(2):
+        top = np.sort(torch.topk(received[b], 4).indices.numpy())
+        kept = np.sort(np.concatenate([top, np.arange(P, 24)]))
+        with torch.no_grad():
+            h = m.model.language_model(inputs_embeds=full[b:b + 1, kept], position_ids=torch.from_numpy(kept)[None],
+                                       attention_mask=torch.ones(1, len(kept), dtype=torch.long), use_cache=False)
+            ref = m.lm_head(h.last_hidden_state)[0].numpy()
+        _check_text_rows(got[b], ref, kept, img)
+
+
+def test_paligemma_through_the_cli_at_both_stages(paligemma, tmp_path):
+    from graphprune.cli import main
+
+    for stage, extra in (("projector", []), ("decoder", ["--token-layers", "1"])):
+        rep = tmp_path / f"{stage}.json"
+        main(["optimize", str(paligemma), "-o", str(tmp_path / f"{stage}.onnx"), "--token-keep", "0.25",
+              "--token-scope", "image", "--token-stage", stage, *extra, "--force", "--report", str(rep)])
+        r = json.loads(rep.read_text())
+        assert r["passes"][0]["info"]["image_tokens_after"] == 4 and r["flops"]["ratio"] < 0.9
+        assert r["verify"]["passed"], r["verify"]

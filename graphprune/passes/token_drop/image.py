@@ -83,7 +83,7 @@ def run(pass_, model: ir.Model) -> GraphResult:
         if not layers or max(layers) >= len(vl.decoder_blocks) - 1:
             raise ConfigError(f"layers: decoder layer {max(layers or [-1])} does not exist or is the last one; the "
                               f"model has {len(vl.decoder_blocks)} decoder blocks (0..{len(vl.decoder_blocks) - 1}) "
-                              "and tokens are dropped after layer K, before layer K + 1")
+                              "and tokens are dropped after layer K, before layer K + 1 (set layers: [K], or --token-layers K)")
         info["layers"] = layers
         stages = [(k, vl.decoder_blocks[k], streams.stream_point(blocks, vl.decoder_blocks[k], "block"))
                   for k in layers]
