@@ -863,3 +863,55 @@ def test_paligemma_through_the_cli_at_both_stages(paligemma, tmp_path):
         r = json.loads(rep.read_text())
         assert r["passes"][0]["info"]["image_tokens_after"] == 4 and r["flops"]["ratio"] < 0.9
         assert r["verify"]["passed"], r["verify"]
+
+
+# ------------------------------------------------------------- LLaVA with vision_feature_select_strategy: full
+class _LlavaFull(_Llava):
+    """LLaVA keeping the [CLS] feature (``vision_feature_select_strategy: full``): 17 image tokens."""
+
+    def features(self, pixel_values):
+        hs = self.m.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2]
+        return self.m.model.multi_modal_projector(hs)
+
+
+@pytest.mark.parametrize("method", ["cls_attention", "hiprune"])
+def test_image_features_that_keep_the_cls_token(model_cache, llava_torch, tmp_path, method):
+    """The [CLS] feature is one of the 17 image tokens: it keeps its own score and competes with the patches
+    ([CLS] row: its attention to itself; HiPrune: a register), and the patch grid is the other 16."""
+
+    def export(folder):
+        path = folder / "llava_full.onnx"
+        batch = torch.export.Dim("batch")
+        torch.onnx.export(_LlavaFull(_llava(), "concat").eval(),
+                          (torch.randn(2, 3, 32, 32), torch.from_numpy(_ids(2, "concat"))), str(path), dynamo=True,
+                          opset_version=18, input_names=["pixel_values", "input_ids"], output_names=["logits"],
+                          dynamic_shapes={"pixel_values": {0: batch}, "input_ids": {0: batch}})
+        return path
+
+    path = model_cache.get(("vlm", "llava_full"), export)
+    model, result = _apply(path, keep_ratio=0.25 if method == "cls_attention" else 0.5, method=method)
+    k = 5 if method == "cls_attention" else 9
+    assert result.modified and result.info["image_tokens_after"] == k
+    rng = np.random.default_rng(8)
+    px = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ids = _ids(2, "concat", seed=8)
+    got = _run(_save(model, tmp_path), {"pixel_values": px, "input_ids": ids})
+    with torch.no_grad():
+        att = llava_torch.model.vision_tower(torch.from_numpy(px), output_attentions=True).attentions
+        full = _LlavaFull(llava_torch, "concat").merged(torch.from_numpy(px), torch.from_numpy(ids))
+    img = np.arange(1, 1 + P + 1)
+    for b in range(2):
+        if method == "cls_attention":
+            score = att[1][b, :, 0, :].mean(0).numpy()  # over all 17, [CLS] included
+        else:
+            middle, deep = att[0][b].mean((0, 1)).numpy(), att[1][b].mean((0, 1)).numpy()
+            anchor = int(np.argmax(middle[1:]))  # one anchor (0.1 · 9 rounds to 1) on the 4×4 grid
+            near = np.zeros(P, dtype=np.float32)
+            r, c = divmod(anchor, 4)
+            for dr, dc in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)):
+                if 0 <= r + dr < 4 and 0 <= c + dc < 4:
+                    near[(r + dr) * 4 + c + dc] = 1.0
+            score = np.concatenate([deep[:1], deep[1:] + near + (np.arange(P) == anchor)])
+        top = np.sort(np.argsort(-score, kind="stable")[:k])
+        kept = np.sort(np.concatenate([[0], img[top], np.arange(1 + P + 1, full.shape[1])]))
+        _check_text_rows(got[b], _decode_kept(llava_torch, full[b], torch.from_numpy(kept)), kept, img)

@@ -263,14 +263,21 @@ def _hiprune_scores(t: Body, vl: VisionLanguage, k_img: int, p: int, anchor_shar
     middle vision block; buffers, the four grid neighbours of each anchor; registers, the rest of the budget, by the
     attention received in the last live block. One score so that a single top-k picks anchors first, then buffers
     (by their register score), then registers: ``deep + [buffer or anchor] + [anchor]`` (``deep`` ≤ 1)."""
-    side = int(round(p ** 0.5))
-    if side * side != p:
-        raise Skip(f"hiprune: the {p} image tokens do not form a square grid; its buffers are grid neighbours")
+    lead = vl.vision_prefix if vl.vision_blocks[-1].tokens == p else 0  # prefix tokens among the features
+    side = int(round((p - lead) ** 0.5))
+    if side * side != p - lead:
+        raise Skip(f"hiprune: the {p - lead} image patches do not form a square grid; its buffers are grid "
+                   "neighbours")
     mid, last = hiprune_layers(vl)
     middle, note, _ = _vision_attention(t, vl, p, "mean", vl.vision_blocks[mid])
     deep, note2, _ = _vision_attention(t, vl, p, "mean", vl.vision_blocks[last])
     f32 = {"to": ir.DataType.FLOAT}
     middle, deep = t.op("Cast", [middle], f32), t.op("Cast", [deep], f32)
+    deep_lead = None
+    if lead:  # the prefix features compete as registers; the grid is the rest
+        deep_lead = t.op("Slice", [deep, t.ints(0), t.ints(lead), t.ints(1)])
+        middle, deep = (t.op("Slice", [x, t.ints(lead), t.ints(1 << 30), t.ints(1)]) for x in (middle, deep))
+    p = p - lead
     n_anchor = max(1, min(k_img, round(anchor_share * k_img)))
     _, idx = t.op_multi_out("TopK", [middle, t.ints(n_anchor)], {"axis": 1}, num_outputs=2)
     hot = t.op("OneHot", [idx, t.ints(p), t.const(np.array([0.0, 1.0], dtype=np.float32))], {"axis": -1})
@@ -280,6 +287,8 @@ def _hiprune_scores(t: Body, vl: VisionLanguage, k_img: int, p: int, anchor_shar
     near = t.op("Conv", [t.op("Reshape", [anchor, t.ints(0, 1, side, side)]), t.const(cross)], {"pads": [1, 1, 1, 1]})
     near = t.op("Cast", [t.op("Greater", [t.op("Reshape", [near, t.ints(0, p)]), t.const(np.float32(0.5))])], f32)
     s = t.op("Add", [deep, t.op("Add", [near, anchor])])  # anchors and buffers first, then the registers
+    if deep_lead is not None:
+        s = t.op("Concat", [deep_lead, s], {"axis": 1})
     label = (f"HiPrune: {n_anchor} anchor(s) by the attention received in vision block {vl.vision_blocks[mid].index}, "
              f"their grid neighbours, registers by vision block {vl.vision_blocks[last].index}")
     return s, note or note2, label
@@ -294,18 +303,23 @@ def _vision_attention(t: Body, vl: VisionLanguage, p: int, query: str = "auto", 
     if query == "cls" and pre == 0:
         raise ConfigError("query: cls: the vision tower has no [CLS] token; use query: mean (the attention each "
                           "patch receives)")
+    if blk.tokens is None:
+        raise Skip(f"vision block {blk.index}: token count unknown")
+    # the projector's features hold the prefix tokens too (LLaVA's ``vision_feature_select_strategy: full``): they
+    # keep their own scores and compete with the patches
+    keep_prefix = pre > 0 and blk.tokens == p
+    cut = 0 if keep_prefix else pre
     if pre > 0 and query in ("auto", "cls"):
         s, note = scores.cls_attention(t, blk, (0, 1))  # [B, 1 + P0]
-        s = t.op("Slice", [s, t.ints(pre), t.ints(1 << 30), t.ints(1)])
         label = f"[CLS] attention of vision block {blk.index} (FasterVLM)"
     else:
         s, note = scores.cls_attention(t, blk, (0, 0))  # column mean: the attention each patch receives
-        s = t.op("Slice", [s, t.ints(pre), t.ints(1 << 30), t.ints(1)]) if pre else s
         label = (f"attention each patch receives in vision block {blk.index}"
                  + (" (no [CLS] token)" if not pre else " (query: mean)"))
-    p0 = blk.tokens - pre if blk.tokens is not None else None
-    if p0 is None:
-        raise Skip(f"vision block {blk.index}: token count unknown")
+    s = t.op("Slice", [s, t.ints(cut), t.ints(1 << 30), t.ints(1)]) if cut else s
+    if keep_prefix:
+        label += f"; the {pre} prefix token(s) among the image features scored as the patches"
+    p0 = blk.tokens - cut
     if p0 != p:
         if p0 % p:
             raise Skip(f"{p0} vision tokens do not map onto {p} image features")
