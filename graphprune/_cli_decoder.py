@@ -84,7 +84,8 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         prefill: Annotated[Path, typer.Argument(help="Prefill graph (never modified).")],
         decode: Annotated[Path, typer.Argument(help="Decode-step graph (never modified).")],
         output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the pruned prefill.onnx and decode.onnx (written atomically).")],
-        prune_depth: Annotated[float, typer.Option("--prune-depth", help="Share of the transformer blocks (or, with --unit sublayer, of the attention and MLP branches) to remove.")],
+        prune_depth: Annotated[float | None, typer.Option("--prune-depth", help="Share of the transformer blocks (or, with --unit sublayer, of the attention and MLP branches) to remove.")] = None,
+        prune_channels: Annotated[float | None, typer.Option("--prune-channels", help="Share of the channels to remove from every group prunable in both graphs (the MLPs' hidden units; chosen on the prefill graph, with a refit from --data), before any depth pruning.")] = None,
         unit: Annotated[str, typer.Option("--unit", help="block | sublayer.")] = "block",
         importance: Annotated[str, typer.Option("--importance", help="angular (ShortGPT) | output (FinerCut).")] = "angular",
         data: Annotated[Path | None, typer.Option("--data", help="Real text: .txt (one sample per line) or .jsonl, with --tokenizer; or .npz with input_ids.")] = None,
@@ -97,16 +98,21 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         force: Annotated[bool, typer.Option("--force", help="Write the pair even if verification fails.")] = False,
         report: Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")] = None,
     ) -> None:
-        """Depth-prune a prefill + decode pair consistently: the same blocks leave both graphs, with their KV cache,
-        so the cache one writes is the cache the other reads. Verified against the original pair on held-out
+        """Depth- and/or width-prune a prefill + decode pair consistently: the same blocks leave both graphs, with
+        their KV cache, and the same channels (MLP hidden units), so the cache one writes is the cache the other
+        reads. Verified against the original pair on held-out
         samples (next-token accuracy on your text with --data; agreement on generated tokens without, and it says
         so), and by generating from the pruned pair."""
         from graphprune.data import load_data
-        from graphprune.decoder import cache_layout, compare_prefill, depth_prune_pair, generate
+        from graphprune.decoder import cache_layout, channel_prune_pair, compare_prefill, depth_prune_pair, generate
         from graphprune.io import load_model, save_model
 
         if unit not in ("block", "sublayer") or importance not in ("angular", "output"):
             raise ConfigError("--unit must be block or sublayer, --importance angular or output")
+        if prune_depth is None and prune_channels is None:
+            raise ConfigError("prune-pair: give --prune-depth R and/or --prune-channels R")
+        if prune_channels is not None and not 0 < prune_channels < 1:
+            raise ConfigError(f"--prune-channels must be in (0, 1), got {prune_channels}")
         pre, dec = load_model(prefill), load_model(decode)
         layout = cache_layout(pre, dec)
         for f in (prefill, decode):
@@ -133,15 +139,23 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
             source = "generated token ids"
             err.print("[yellow]warning:[/] no --data: importance and verification use generated token ids, which "
                       "say nothing of your task; pass --data with real text", highlight=False, soft_wrap=True)
-        p2, d2, info = depth_prune_pair(pre, dec, {"ratio": prune_depth, "unit": unit, "importance": importance},
-                                        feeds[0], data_source="user" if data is not None else "synthetic")
+        kind = "user" if data is not None else "synthetic"
+        p2, d2, rep = pre, dec, {}
+        if prune_channels is not None:
+            p2, d2, cinfo = channel_prune_pair(p2, d2, {"ratio": prune_channels}, feeds[0], data_source=kind)
+            rep["channels"] = {k: cinfo.get(k) for k in ("channel_ratio", "predicted_flops_ratio", "pair_groups",
+                                                           "reconstructed_layers", "method")}
+        if prune_depth is not None:
+            p2, d2, info = depth_prune_pair(p2, d2, {"ratio": prune_depth, "unit": unit, "importance": importance},
+                                            feeds[0], data_source=kind)
+            rep.update({"removed": info["removed"], "scores": info["scores"], "cache_removed": {
+                "prefill": info["cache_removed"], "decode": info["decode_cache_removed"]}})
         cmp = compare_prefill(pre, p2, feeds[1])
         first = feeds[1][0][layout.ids]
         steps = 8
         same = generate(p2, d2, first, steps)[0, first.shape[1]:] == generate(pre, dec, first, steps)[0, first.shape[1]:]
-        rep = {"removed": info["removed"], "scores": info["scores"], "cache_removed": {
-            "prefill": info["cache_removed"], "decode": info["decode_cache_removed"]}, "data": source,
-            "real_data": data is not None, "verify": cmp, "generation_agreement": float(same.mean())}
+        rep.update({"data": source, "real_data": data is not None, "verify": cmp,
+                    "generation_agreement": float(same.mean())})
         if data is not None:
             kept = cmp["accuracy_kept"]
             passed = kept >= accuracy_kept_min if kept is not None else accuracy_kept_min <= 0
@@ -157,9 +171,14 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
             with tmp:
                 json.dump(rep, tmp, indent=1)
             os.replace(tmp.name, report)
-        out.print(f"removed {', '.join(info['removed'])}; cache inputs/outputs removed: "
-                  f"{len(info['decode_cache_removed'])} (decode), {len(info['cache_removed'])} (prefill)",
-                  highlight=False)
+        if "channels" in rep:
+            c = rep["channels"]
+            out.print(f"channels: {c['pair_groups']} group(s) pruned in both graphs, {100 * c['channel_ratio']:.0f}% of "
+                      f"their channels, FLOPs ×{c['predicted_flops_ratio']:.3f} (prefill, predicted)", highlight=False)
+        if "removed" in rep:
+            out.print(f"removed {', '.join(rep['removed'])}; cache inputs/outputs removed: "
+                      f"{len(rep['cache_removed']['decode'])} (decode), {len(rep['cache_removed']['prefill'])} "
+                      "(prefill)", highlight=False)
         acc = cmp["next_token_accuracy"]
         out.print(f"verified on {source}: {gate}; next-token accuracy {100 * acc['original']:.1f}% -> "
                   f"{100 * acc['pruned']:.1f}%; greedy tokens equal to the original's on {steps} steps: "

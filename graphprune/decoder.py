@@ -210,6 +210,113 @@ def depth_prune_pair(prefill: Any, decode: Any, config: dict | None = None,
     return pre, dec, info
 
 
+def _weight_keys(model: ir.Model) -> dict[str, bytes]:
+    """Initializer name → a digest of its dtype, shape and bytes: the same weight exported into two graphs (under
+    different names: the exporter's ``val_N``) has the same digest."""
+    import hashlib
+
+    out = {}
+    for name, v in model.graph.initializers.items():
+        if v.const_value is None:
+            continue
+        arr = v.const_value.numpy()
+        if arr.size < 2:  # scalars and single values repeat everywhere: no identity
+            continue
+        out[name] = hashlib.sha1(str((arr.dtype, arr.shape)).encode() + arr.tobytes()).digest()
+    return out
+
+
+def _group_keys(analysis: Any, keys: dict[str, bytes]) -> dict[int, frozenset]:
+    """Prunable channel group id → the digests of the weights it slices (its identity across the two graphs)."""
+    members: dict[int, set] = {}
+    for g in analysis.groups:
+        if g.prunable:
+            members[g.id] = set()
+    cls_group = {int(c): g.id for g in analysis.groups if g.prunable for c in np.asarray(g.classes).ravel()}
+    for m in analysis.members:
+        if m.value.name not in keys:
+            continue
+        gids = {cls_group.get(int(analysis.root[a])) for a in np.asarray(m.atoms).ravel()} - {None}
+        for gid in gids:
+            members[gid].add(keys[m.value.name])
+    return {gid: frozenset(k) for gid, k in members.items() if k}
+
+
+def channel_prune_pair(prefill: Any, decode: Any, config: dict | None = None,
+                       calibration: Sequence[dict[str, np.ndarray]] | None = None, *,
+                       data_source: str = "user") -> tuple[ir.Model, ir.Model, dict]:
+    """``channel_prune`` (``config`` as the pass takes it) on a prefill + decode pair, consistently: the channels are
+    chosen on the prefill graph (importance, allocation and refit from ``calibration``) among the groups prunable
+    in both graphs (matched by the weights they slice), then the same channels are removed from the decode graph
+    and its weights set to the prefill's pruned (refitted) ones. Groups prunable in one graph only stay whole: the
+    attention heads of a decode step that concatenates its cache are not followed today, so a pair prunes its MLPs.
+    Returns the two pruned models (copies) and the prefill pass's ``info`` plus ``pair_groups``."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from graphprune.analysis.channels import analyze_channels
+    from graphprune.passes import get_pass
+    from graphprune.passes.base import PassContext
+    from graphprune.passes.channel_prune import ChannelPruneConfig, apply_plan, build_plan
+
+    pre, dec = _copy(prefill), _copy(decode)
+    cache_layout(pre, dec)
+    cfg = ChannelPruneConfig(**(config or {}))
+    if cfg.plan_in or cfg.plan_out:
+        raise ConfigError("channel_prune_pair: plan_in / plan_out are not used (the plan is made on the prefill graph)")
+    kp, kd = _weight_keys(pre), _weight_keys(dec)
+    ap = analyze_channels(pre, cfg.ignore, cfg.ignore_stem, folded_biases=cfg.folded_biases)
+    ad = analyze_channels(dec, cfg.ignore, cfg.ignore_stem, folded_biases=cfg.folded_biases)
+    gp, gd = _group_keys(ap, kp), _group_keys(ad, kd)
+    in_dec = {k: gid for gid, k in gd.items()}
+    shared = {gid: in_dec[k] for gid, k in gp.items() if k in in_dec}
+    if not shared:
+        raise GraphpruneError("decoder pair: no channel group is prunable in both graphs")
+    # the prefill's other groups stay whole: their weights go to `ignore`
+    names_by_key = {v: n for n, v in kp.items()}
+    alone = sorted({names_by_key[k] for gid, ks in gp.items() if gid not in shared for k in ks})
+    before = {n: kp[n] for n in kp}
+    ctx = PassContext(calibration=list(calibration) if calibration else None, data_source=data_source)
+    with tempfile.TemporaryDirectory() as tmp:  # the prefill's plan says which classes each group kept
+        plan_path = str(Path(tmp) / "plan.json")
+        update = {"ignore": [*cfg.ignore, *alone], "plan_out": plan_path}
+        res = get_pass("channel_prune")(cfg.model_copy(update=update).model_dump(by_alias=True), ctx)(pre)
+        pre_plan = json.loads(Path(plan_path).read_text())
+    # the prefill's group ids are those of its own analysis (the pass re-analyses with `ignore`): match by weights
+    ap2 = analyze_channels(_copy(prefill), [*cfg.ignore, *alone], cfg.ignore_stem, folded_biases=cfg.folded_biases)
+    gp2 = _group_keys(ap2, kp)
+    kept = np.ones(len(ad.root), dtype=bool)
+    groups = {g.id: g for g in ad.groups}
+    for g in pre_plan["groups"]:
+        gid_d = in_dec.get(gp2.get(g["id"]))
+        if gid_d is None:
+            raise GraphpruneError(f"decoder pair: the prefill's pruned group {g['id']} has no match in the decode graph")
+        drop = np.setdiff1d(np.arange(g["size"]), np.asarray(g["keep"], dtype=int))
+        kept[np.asarray(groups[gid_d].classes)[drop]] = False
+    plan = build_plan(ad, kept)
+    apply_plan(dec, plan)
+    # the decode graph's weights become the prefill's pruned (and refitted) ones, matched by their original digest
+    new_pre = {n: pre.graph.initializers[n] for n in before if n in pre.graph.initializers}
+    by_key = {before[n]: v for n, v in new_pre.items()}
+    copied = 0
+    for name, key in kd.items():
+        src = by_key.get(key)
+        dst = dec.graph.initializers.get(name)
+        if src is None or dst is None or src.const_value is None:
+            continue
+        if dst.const_value is None or tuple(dst.const_value.shape) != tuple(src.const_value.shape):
+            raise GraphpruneError(f"decoder pair: weight {name} does not match the prefill's after pruning")
+        dst.const_value = src.const_value
+        copied += 1
+    from graphprune._ir import infer_shapes
+
+    infer_shapes(dec)
+    cache_layout(pre, dec)
+    info = dict(res.info, pair_groups=len(pre_plan["groups"]), decode_weights_copied=copied)
+    return pre, dec, info
+
+
 def compare_prefill(original: Any, pruned: Any, feeds: Sequence[dict[str, np.ndarray]], *,
                     threads: int | None = None) -> dict[str, Any]:
     """The pruned prefill graph against the original on ``feeds`` (token ids, one sequence or several of one length

@@ -10,6 +10,7 @@ whole sequence), so a cache that one graph writes and the other misreads would s
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -18,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from graphprune.decoder import cache_layout, depth_prune_pair, generate  # noqa: E402
+from graphprune.decoder import cache_layout, channel_prune_pair, depth_prune_pair, generate  # noqa: E402
 from graphprune.errors import ConfigError, GraphpruneError  # noqa: E402
 
 pytestmark = pytest.mark.slow  # two torch exports (~30 s) before the first test
@@ -195,7 +196,70 @@ def test_cli_prune_pair_writes_a_verified_pair_that_generates(pair, tmp_path, ca
     assert 0 <= r["verify"]["top1_agreement"] <= 1 and r["verify"]["next_token_accuracy"]["original"] < 0.2
 
 
+def _greedy_prefill(prefill, ids, new):
+    """Greedy tokens from the prefill graph alone, recomputing the whole sequence each step: no cache."""
+    import onnxruntime as ort
+
+    path = prefill
+    if isinstance(prefill, ir.Model):
+        import tempfile
+
+        path = Path(tempfile.mkdtemp()) / "p.onnx"
+        ir.save(prefill, path, external_data="p.onnx.data")
+    s = ort.InferenceSession(str(path))
+    for _ in range(new):
+        ids = np.concatenate([ids, s.run(None, {"input_ids": ids})[0][:, -1].argmax(-1)[:, None]], 1)
+    return ids
+
+
+def _mlp_widths(model):
+    """The MLP hidden widths: the widths of the [64, W] weights other than the k/v projections (32) and the
+    lm_head (128, the vocabulary; the MLPs' own 128 when unpruned), with their counts."""
+    from collections import Counter
+
+    return Counter(v.const_value.shape[1] for v in model.graph.initializers.values()
+                   if v.const_value is not None and len(v.const_value.shape) == 2 and v.const_value.shape[0] == 64
+                   and v.const_value.shape[1] not in (32, 64))
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_channel_pruned_pair_decodes_what_its_prefill_computes(pair, real):
+    """The MLPs' hidden units chosen on the prefill graph (magnitude; with calibration, activations, measured
+    sensitivity and a least-squares refit) leave the decode graph too, with the same (refitted) weights: greedy
+    decoding over the pair's cache equals the pruned prefill recomputing the whole sequence, and the heads (not
+    followed through the decode step's cache) stay whole."""
+    calib = [{"input_ids": _ids(2, 24, seed=s)} for s in (1, 2)] if real else None
+    pre, dec, info = channel_prune_pair(*pair, {"ratio": 0.3}, calib, data_source="user" if real else "synthetic")
+    # magnitude: 30% of every MLP (128 → 88); measured sensitivity may leave the most sensitive layers whole
+    assert info["pair_groups"] == 4 if not real else 1 <= info["pair_groups"] <= 4
+    assert (info.get("reconstructed_layers", 0) > 0) == real
+    widths = _mlp_widths(dec)
+    assert widths == _mlp_widths(pre) and widths[128] == 1 + 2 * (4 - info["pair_groups"])  # the lm_head + whole MLPs
+    assert len(cache_layout(pre, dec).pairs) == 8
+    ids = _ids(2, 5, seed=4)
+    np.testing.assert_array_equal(generate(pre, dec, ids, 8), _greedy_prefill(pre, ids, 8))
+    assert _greedy_prefill(pre, ids, 1).shape == (2, 6)
+
+
+def test_cli_prune_pair_channels_and_depth(pair, tmp_path, capsys):
+    from tests.helpers import cli
+
+    out, rep = tmp_path / "pruned", tmp_path / "r.json"
+    code, stdout, err = cli(["prune-pair", *pair, "-o", out, "--prune-channels", "0.3", "--prune-depth", "0.25",
+                             "--top1-min", "0", "--report", rep], capsys)
+    assert code == 0, err
+    import json
+
+    r = json.loads(rep.read_text())
+    assert r["channels"]["pair_groups"] == 4 and len(r["removed"]) == 1 and "channels: 4 group(s)" in stdout
+    ids = _ids(1, 4, seed=9)
+    np.testing.assert_array_equal(generate(out / "prefill.onnx", out / "decode.onnx", ids, 6),
+                                  _greedy_prefill(out / "prefill.onnx", ids, 6))
+
+
 @pytest.mark.parametrize(("args", "message"), [
+    ([], "give --prune-depth R and/or --prune-channels R"),
+    (["--prune-channels", "1.5"], "--prune-channels must be in (0, 1)"),
     (["--prune-depth", "0.99"], "removes all 4 units"),
     (["--prune-depth", "0.25", "--unit", "layer"], "--unit must be"),
     (["--prune-depth", "0.25", "--top1-min", "1.01"], "verification failed"),

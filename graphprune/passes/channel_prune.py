@@ -262,4 +262,5 @@ class ChannelPrunePass(GraphPass):
         return GraphResult(model, True, rewritten=rewritten, skipped=skipped, info=info, warnings=warnings)
 
 
-__all__ = ["DATA_AWARE", "DATA_FREE", "ChannelPruneConfig", "ChannelPrunePass", "GroupPruned", "resolve_method"]
+__all__ = ["DATA_AWARE", "DATA_FREE", "ChannelPruneConfig", "ChannelPrunePass", "GroupPruned", "apply_plan", "build_plan",
+           "resolve_method"]
