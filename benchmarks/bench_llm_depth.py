@@ -11,6 +11,11 @@ pruned pair checks that the cache one graph writes fits the other.
 
     python -m benchmarks.llm                  # once: train the decoder (about 30 min)
     python -m benchmarks.bench_llm_depth [--repeats 3] [--runs 10] [--result benchmarks/results/depth_llm.json]
+    python -m benchmarks.bench_llm_depth --width-only --result benchmarks/results/width_llm.json
+
+Width rows: ``graphprune.decoder.channel_prune_pair`` removes 10-40% of every MLP's hidden units that the
+data-aware allocation picks (activation importance, measured sensitivity, least-squares refit, from the same
+calibration windows) from both graphs, alone and followed by one block (FinerCut's output criterion).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ SETTINGS = [  # (unit, importance, ratio): ratio of the 8 blocks (or of the 16 b
     ("block", "output", 1 / 8), ("block", "output", 2 / 8), ("block", "output", 3 / 8),
     ("sublayer", "output", 2 / 16), ("sublayer", "output", 4 / 16), ("sublayer", "output", 6 / 16),
 ]
+#: width pruning of the pair (``channel_prune_pair``: the MLPs' hidden units, data-aware), alone and then with one
+#: block removed (FinerCut's output criterion)
+WIDTH = [0.1, 0.2, 0.3, 0.4]
+COMBINED = [(0.2, 1 / 8), (0.3, 1 / 8)]
 SEQ = 1024
 
 
@@ -70,12 +79,13 @@ def _pct(x: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from graphprune.analysis.flops import count_flops
-    from graphprune.decoder import depth_prune_pair, generate
+    from graphprune.decoder import channel_prune_pair, depth_prune_pair, generate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="timed feeds (medians over them)")
     p.add_argument("--runs", type=int, default=10, help="timed runs per model and feed")
     p.add_argument("--calibration", type=int, default=8, help="calibration windows of 512 training tokens")
+    p.add_argument("--width-only", action="store_true", help="only the width (and width + depth) rows")
     add_result_option(p)
     a = p.parse_args(argv)
     pre, dec = llm.get_pair()
@@ -92,16 +102,31 @@ def main(argv: list[str] | None = None) -> None:
     rows = [["—", "—", "0", "—", "100.0%", f"{base['perplexity']:.2f}", _pct(base["passkey"]),
              "1.00×", "1.00×", "1.00×", "—"]]
     prompt = windows[-1:, :64]
-    for unit, importance, ratio in SETTINGS:
+    runs = [("depth", s_) for s_ in (SETTINGS if not a.width_only else [])]
+    runs += [("width", w) for w in WIDTH] + [("both", c) for c in COMBINED]
+    for kind, setting in runs:
         t = time.perf_counter()
-        p2, d2, info = depth_prune_pair(pre, dec, {"ratio": ratio, "unit": unit, "importance": importance}, calib)
+        if kind == "depth":
+            unit, importance, ratio = setting
+            p2, d2, info = depth_prune_pair(pre, dec, {"ratio": ratio, "unit": unit, "importance": importance}, calib)
+            removed = ", ".join(info["removed"])
+        else:
+            width, depth = (setting, None) if kind == "width" else setting
+            p2, d2, cinfo = channel_prune_pair(pre, dec, {"ratio": width}, calib)
+            unit, importance, ratio = f"MLP channels {100 * width:.0f}%", "data-aware", f"{width:.2f}"
+            removed = f"{cinfo['pair_groups']} MLP groups pruned"
+            if depth is not None:
+                p2, d2, info = depth_prune_pair(p2, d2, {"ratio": depth, "unit": "block", "importance": "output"},
+                                                calib)
+                unit, ratio = f"{unit} + block", f"{width:.2f} + {depth:.3f}"
+                removed += "; " + ", ".join(info["removed"])
         secs = time.perf_counter() - t
         generate(p2, d2, prompt, 16)  # raises when a cache does not fit
         q = _quality(p2, windows, passkey)
         flops = flops0 / count_flops(p2, batch=1, dims=dims).flops
         sp = _speedup(pre, p2, timed, a.runs)
         sd = _speedup(dec, d2, step_feeds, 5 * a.runs)
-        row = [unit, importance, f"{ratio:.3f}", ", ".join(info["removed"]),
+        row = [unit, importance, ratio if isinstance(ratio, str) else f"{ratio:.3f}", removed,
                f"{100 * q['next_token_accuracy'] / base['next_token_accuracy']:.1f}%", f"{q['perplexity']:.2f}",
                _pct(q["passkey"]), f"{flops:.2f}×", f"{sp:.2f}×", f"{sd:.2f}×", f"{secs:.1f}"]
         print(" | ".join(row), flush=True)
@@ -115,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             f"The decoder trained here (benchmarks/llm.py: Llama-style, 8 layers, width 256, GQA 8/2, "
             f"{m['train_seconds'] / 60:.0f} min on 2 CPU cores) as a prefill + decode-step pair; held-out stdlib "
             f"modules ({windows.size} tokens; unpruned next-token accuracy {base['next_token_accuracy']:.4f}, "
-            f"perplexity {base['perplexity']:.2f}). Training-free depth pruning of both graphs with importance from "
+            f"perplexity {base['perplexity']:.2f}). Training-free depth (and width: MLP channels, data-aware, refitted) pruning of both graphs with importance from "
             f"{len(calib)} windows of 512 training tokens. Speedups: batch 1, ORT CPU, interleaved, median of "
             f"{a.repeats} feeds x {a.runs} runs (decode step: {5 * a.runs} runs, one token after a {SEQ}-token "
             f"cache)."))
