@@ -276,7 +276,6 @@ def channel_prune_pair(prefill: Any, decode: Any, config: dict | None = None,
     # the prefill's other groups stay whole: their weights go to `ignore`
     names_by_key = {v: n for n, v in kp.items()}
     alone = sorted({names_by_key[k] for gid, ks in gp.items() if gid not in shared for k in ks})
-    before = {n: kp[n] for n in kp}
     ctx = PassContext(calibration=list(calibration) if calibration else None, data_source=data_source)
     with tempfile.TemporaryDirectory() as tmp:  # the prefill's plan says which classes each group kept
         plan_path = str(Path(tmp) / "plan.json")
@@ -297,8 +296,7 @@ def channel_prune_pair(prefill: Any, decode: Any, config: dict | None = None,
     plan = build_plan(ad, kept)
     apply_plan(dec, plan)
     # the decode graph's weights become the prefill's pruned (and refitted) ones, matched by their original digest
-    new_pre = {n: pre.graph.initializers[n] for n in before if n in pre.graph.initializers}
-    by_key = {before[n]: v for n, v in new_pre.items()}
+    by_key = {key: pre.graph.initializers[n] for n, key in kp.items() if n in pre.graph.initializers}
     copied = 0
     for name, key in kd.items():
         src = by_key.get(key)
