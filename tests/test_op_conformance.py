@@ -71,7 +71,7 @@ def _sparse(pattern: str, bias: str | None = None, **params):
         h, d = 2, 8
         q, k, v = (_rand(rng, (b, h, n, d), dtype) for _ in range(3))
         attrs = dict(pattern=pattern, **params)
-        if pattern not in ("sliding_window", "block_topk"):  # built for one N (a grid, a block layout)
+        if pattern not in ("sliding_window", "block_topk", "vertical_slash"):  # built for one N (a grid, a block layout)
             attrs["seq_len"] = n
         if pattern == "neighborhood_2d":
             g = params.get("num_global", 0)
@@ -120,6 +120,10 @@ CASES = {
         export_dynamic=False),
     "SparseAttention-block_layout": Case(
         "SparseAttention", _sparse("block_layout", block_size=8), (24, 29), 2, False),
+    # 24 tokens: 3 blocks; 29: 4, the last one short. The estimate reads 7 queries, i.e. rows in two blocks
+    "SparseAttention-vertical_slash": Case(
+        "SparseAttention", _sparse("vertical_slash", block_size=8, vertical=5, slash=2, last_q=7, num_global=2),
+        (24, 29), 2),
 }
 
 # (batch, which n, dynamic dims in the model)

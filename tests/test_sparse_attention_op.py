@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array_api_compat.numpy as xnp
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -9,6 +10,7 @@ import pytest
 
 from graphprune.errors import ConfigError
 from graphprune.ops import SparseAttention, add_function
+from graphprune.ops import _vertical_slash as vs
 from graphprune.ops import sparse_attention as sa
 
 H, D = 2, 16
@@ -71,6 +73,8 @@ def _exact(pattern: str, n: int):
         return {"grid": list(grid), "kernel": max(grid), "num_global": n - grid[0] * grid[1]}, None
     if pattern == "block_topk":
         return {"block_size": 64, "topk": -(-n // 64)}, None
+    if pattern == "vertical_slash":  # every block offset kept: causal dense
+        return {"block_size": 64, "slash": -(-n // 64), "vertical": 1}, None
     nb = -(-n // 64)
     return {"block_size": 64, "topk": nb}, np.ones((1, nb, nb), dtype=np.float32)
 
@@ -82,7 +86,8 @@ def test_exact_settings_match_dense(pattern, n, batch):
     q, k, v = _inputs(batch, n, seed=n + batch)
     params, layout = _exact(pattern, n)
     y, _ = _run(pattern, q, k, v, layout=layout, **params)
-    np.testing.assert_allclose(y, _dense(q, k, v), atol=1e-5, rtol=0)
+    causal = np.where(np.tril(np.ones((n, n), dtype=bool)), 0.0, -np.inf) if pattern == "vertical_slash" else None
+    np.testing.assert_allclose(y, _dense(q, k, v, causal), atol=1e-5, rtol=0)
 
 
 AGREEMENT = [
@@ -98,6 +103,25 @@ AGREEMENT = [
     ("block_topk", 256, {"block_size": 64, "topk": 1, "keep_first": False}),
     ("block_topk", 197, {"block_size": 16, "topk": 2, "num_global": 1}),
 ]
+
+
+@pytest.mark.parametrize("n", [150, 300])
+def test_vertical_slash_agrees_with_reference_and_is_sparse(n):
+    """The body at a static N against the op definition; a planted key column is found at run time (every query
+    after it sees it) although it lies outside every kept block diagonal of most query blocks."""
+    q, k, v = _inputs(2, n, seed=n)
+    q += 0.5
+    k[:, :, 70] = 2.5  # a column that every query attends to (score about 5 against about ±1)
+    params = {"block_size": 16, "vertical": 12, "slash": 3, "last_q": 32, "num_global": 1}
+    y, attrs = _run("vertical_slash", q, k, v, **params)
+    ref = sa.reference(q, k, v, **{a: b for a, b in attrs.items() if a not in ("seq_len", "bias")})
+    np.testing.assert_allclose(y, ref, atol=2e-5, rtol=0)
+    allowed = vs.allowed(xnp, attrs, q, k)
+    assert allowed[:, :, 71:, 70].all() and allowed[:, :, :, 0].any(-1).all()  # planted column, sink
+    causal = np.tril(np.ones((n, n), dtype=bool))
+    assert not (allowed & ~causal).any() and allowed.sum() < 0.6 * causal.sum() * 2 * H
+    dense = _dense(q, k, v, np.where(causal, 0.0, -np.inf))
+    assert np.abs(y - dense).max() > 1e-3
 
 
 @pytest.mark.parametrize(("pattern", "n", "params"), AGREEMENT)

@@ -84,6 +84,9 @@ def test_aot_ptx(arch):
                                          num_global=1, bias_shape=(8, 1, 1, 1024))
     assert sw.name == "_sparse_attention_static" and f".target sm_{arch}" in sw.ptx
     assert len(aot.entry_params(sw.ptx, sw.name)) == 10  # Q K V Bias Layout, H N D DV, Out
+    vs = aot.sparse_attention_vs_ptx("float16", arch=arch, head_dim=64, block=64)
+    assert vs.name == "_vertical_slash_fwd" and f".target sm_{arch}" in vs.ptx
+    assert len(aot.entry_params(vs.ptx, vs.name)) == 12  # Q K V Offsets Columns Out, N D DV SK VK, scale
     sel = aot.token_select_ptx("float32", arch=arch, keep_ratio=0.5, protect=1, fuse_rest=1)
     assert sel.name == "_token_select" and f".target sm_{arch}" in sel.ptx
     assert len(aot.entry_params(sel.ptx, sel.name)) == 6  # X, S, N, C, Y, Idx: Triton's scratch pointers dropped

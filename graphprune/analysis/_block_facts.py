@@ -114,3 +114,23 @@ def is_causal_mask(mask: ir.Value | None, graph: ir.Graph, cache: dict | None = 
     upper = np.triu(np.ones(m.shape[-2:], dtype=bool), 1)
     blocked = m <= _MASKED
     return bool(blocked[..., upper].all() and not blocked[..., ~upper].any())
+
+
+def mask_data_inputs(mask: ir.Value, graph: ir.Graph) -> list[str]:
+    """The integer or bool graph inputs whose *values* change the additive ``mask`` (a padding mask does; the
+    shapes of ``input_ids`` do not): the mask is evaluated as in :func:`is_causal_mask` with every such input set
+    to ones, then with each in turn set to zeros. A mask that cannot be evaluated reads all of them."""
+    inputs = {}
+    for v in graph.inputs:
+        shape = _index_trace.static_shape(v, _MASK_LEN)
+        if shape is not None and (v.dtype is not None and v.dtype.is_integer() or v.dtype == ir.DataType.BOOL):
+            inputs[v] = np.ones(shape, dtype=v.dtype.numpy())
+
+    def evaluate(env):
+        return np.asarray(_index_trace.eval_shape(mask, env, _MASK_LEN, limit=256), dtype=np.float64)
+
+    try:
+        base = evaluate(inputs)
+        return [v.name for v in inputs if not np.array_equal(evaluate(inputs | {v: np.zeros_like(inputs[v])}), base)]
+    except (_index_trace.TraceStop, ValueError, TypeError, IndexError, OverflowError):
+        return [v.name for v in inputs]

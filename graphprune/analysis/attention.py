@@ -536,6 +536,12 @@ def _set_partition(blk: AttentionBlock, part: _windows.Partition | None, reverse
     blk.shifted = part.shift != (0, 0)
 
 
+def mask_data_inputs(mask: ir.Value, model: ir.Model | ir.Graph) -> list[str]:
+    """Names of the integer/bool graph inputs whose values change an attention ``mask`` (a padding mask's input;
+    not ``input_ids``, whose shape only builds a causal mask). See ``_block_facts.mask_data_inputs``."""
+    return _block_facts.mask_data_inputs(mask, model.graph if isinstance(model, ir.Model) else model)
+
+
 def find_attention_blocks(model: ir.Model | ir.Graph) -> list[AttentionBlock]:
     """All attention cores of the main graph, in graph order, with stream facts attached."""
     return match_attention(model)[0]

@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 _MODULES = ("graphprune.kernels.sparse_attention", "graphprune.kernels.sparse_attention_routed",
+            "graphprune.kernels.sparse_attention_vs",
             "graphprune.kernels.token_select", "graphprune.kernels.token_merge",
             "graphprune.kernels.diversity_select")
 _PTR = {"float32": "*fp32", "float16": "*fp16"}
@@ -153,6 +154,17 @@ def sparse_attention_routed_ptx(dtype: str = "float16", arch: int = 90, head_dim
     const = sr.routed_constexprs(attrs, n, head_dim, head_dim, bias_shape, layout_heads)
     return compile_ptx("sparse_attention_routed", {"Q": t, "K": t, "V": t, "Bias": t, "Layout": "*i64", "Out": t},
                        const, arch=arch, num_warps=sr.num_warps(const))
+
+
+def sparse_attention_vs_ptx(dtype: str = "float16", arch: int = 90, head_dim: int = 64, block: int = 64,
+                            block_c: int = 16) -> Compiled:
+    """The ``vertical_slash`` attention kernel (selection done before it: offsets and columns are inputs) for one
+    dtype, head size and block; any N, kept counts and scale (runtime arguments)."""
+    t = _PTR[dtype]
+    d = max(16, 1 << (head_dim - 1).bit_length())
+    return compile_ptx("sparse_attention_vs",
+                       {"Q": t, "K": t, "V": t, "Offsets": "*i32", "Columns": "*i32", "Out": t},
+                       dict(BS=block, BLOCK_C=block_c, BLOCK_D=d, BLOCK_DV=d), floats=("scale",), arch=arch)
 
 
 def token_select_ptx(dtype: str = "float16", arch: int = 90, **attrs) -> Compiled:

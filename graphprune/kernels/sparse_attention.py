@@ -253,6 +253,10 @@ def sparse_attention(q, k, v, attn_bias=None, layout=None, block_m: int = 16, bl
     import torch
     from array_api_compat import torch as xp
 
+    if attrs.get("pattern") == "vertical_slash":
+        from graphprune.kernels.sparse_attention_vs import vertical_slash
+
+        return vertical_slash(q, k, v, **attrs)
     bsz, heads, n, d = q.shape
     dv = v.shape[3]
     a = at_length(SparseAttention.normalize(**attrs), n, d)

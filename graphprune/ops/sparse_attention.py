@@ -22,6 +22,10 @@ Semantics: ``Softmax(Q·Kᵀ·scale + max(bias, -1e30) + M)·V`` with ``M`` 0 on
   4. ``block_layout`` (``block_size`` b, ``topk`` = most ones in a layout row, ``num_global``): the static 0/1
      ``layout`` input says which K blocks each Q block sees, per head; global queries see every key. An
      all-ones layout is dense.
+  5. ``vertical_slash`` (``block_size`` b, ``vertical``, ``slash``, ``last_q``, ``num_global`` = sink tokens):
+     causal; per head, the top key columns and the top block diagonals, estimated at run time from the attention
+     of the last ``last_q`` queries (MInference). Definition and body: ``_vertical_slash``. ``bias`` must be
+     ``none``.
 
 Masked rows: the bias is clamped to >= -1e30, so a query whose allowed keys are all masked (-inf) gets the mean
 of V over its allowed keys, never NaN. This equals what dense attention gives with HF's finite min mask; a dense
@@ -42,6 +46,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphprune.errors import ConfigError
+from graphprune.ops import _vertical_slash
 from graphprune.ops._base import Attr, Body, OpDef, Port, register
 from graphprune.ops._dims import Dim
 from graphprune.ops._sparse_body import (
@@ -61,19 +66,20 @@ from graphprune.ops._sparse_plan import (
 )
 
 OP = "SparseAttention"
-PATTERNS = ("sliding_window", "neighborhood_2d", "block_topk", "block_layout")
+PATTERNS = ("sliding_window", "neighborhood_2d", "block_topk", "block_layout", "vertical_slash")
 BIAS_KINDS = ("none", "key", "full")
 #: Patterns whose body also follows a runtime N (the others are defined for one N: a grid, a block layout).
-DYNAMIC_PATTERNS = ("sliding_window", "block_topk")
+DYNAMIC_PATTERNS = ("sliding_window", "block_topk", "vertical_slash")
 
 PATTERN_KEYS = {
     "sliding_window": ("window", "causal", "num_global", "block_size"),
     "neighborhood_2d": ("grid", "kernel", "dilation", "num_global", "block_size"),
     "block_topk": ("block_size", "topk", "keep_diagonal", "keep_first", "num_global"),
     "block_layout": ("block_size", "topk", "num_global"),
+    "vertical_slash": _vertical_slash.KEYS,
 }
 _DEFAULTS = {"window": 256, "causal": 0, "num_global": 0, "kernel": 7, "dilation": 1, "block_size": 0, "topk": 8,
-             "keep_diagonal": 1, "keep_first": 1}
+             "keep_diagonal": 1, "keep_first": 1, "vertical": 128, "slash": 4, "last_q": 64}
 _OPTIONAL = tuple(dict.fromkeys(k for keys in PATTERN_KEYS.values() for k in keys))
 
 
@@ -98,6 +104,9 @@ class SparseAttention(OpDef):
         Attr("topk", int, None, "key blocks per query block (block_topk, block_layout)", min=1),
         Attr("keep_diagonal", bool, None, "always keep the diagonal block (block_topk)"),
         Attr("keep_first", bool, None, "always keep the first block (block_topk)"),
+        Attr("vertical", int, None, "key columns kept per head (vertical_slash)", min=1),
+        Attr("slash", int, None, "block diagonals kept per head, the local one included (vertical_slash)", min=1),
+        Attr("last_q", int, None, "queries the pattern is estimated from (vertical_slash)", min=1),
     )
     inputs = (Port("Q", ("B", "H", "N", "D")), Port("K", ("B", "H", "N", "D")), Port("V", ("B", "H", "N", "Dv")),
               Port("attn_bias", None, optional=True, doc="rank 4, broadcastable to [B, H, N, N]"),
@@ -111,14 +120,19 @@ class SparseAttention(OpDef):
             if key not in PATTERN_KEYS[pattern]:
                 a[key] = None
             elif a[key] is None:
-                a[key] = cls.attr(key).check(OP, _DEFAULTS.get(key))
+                default = _vertical_slash.DEFAULTS[key] if pattern == "vertical_slash" and key in \
+                    _vertical_slash.DEFAULTS else _DEFAULTS.get(key)
+                a[key] = cls.attr(key).check(OP, default)
+        if pattern == "vertical_slash" and a["bias"] != "none":
+            raise ConfigError("bias: vertical_slash is causal by itself and takes no bias (a padding mask is not "
+                              "supported)")
         if pattern == "neighborhood_2d":
             if a["grid"] is None or len(a["grid"]) != 2:
                 raise ConfigError("grid: neighborhood_2d needs the token grid [h, w]")
         if pattern == "block_topk" and a["keep_diagonal"] + a["keep_first"] > a["topk"]:
             raise ConfigError(f"topk: {a['topk']} is fewer than the blocks always kept (keep_diagonal/keep_first)")
         if seq_len:
-            if a["num_global"] >= seq_len:
+            if a["num_global"] >= seq_len and pattern != "vertical_slash":  # sinks: min(num_global, N)
                 raise ConfigError(f"num_global: {a['num_global']} leaves no tokens of the {seq_len} for the pattern")
             if pattern == "neighborhood_2d" and a["num_global"] + a["grid"][0] * a["grid"][1] != seq_len:
                 raise ConfigError(f"grid: {a['grid']} plus {a['num_global']} prefix tokens != sequence length "
@@ -152,6 +166,8 @@ class SparseAttention(OpDef):
         f64 = xp.float64
         if a["pattern"] in ("sliding_window", "neighborhood_2d"):
             allowed = xp.asarray(_allowed_static(a)[None, None], device=_device(q))
+        elif a["pattern"] == "vertical_slash":
+            allowed = _vertical_slash.allowed(xp, a, q, k)
         else:
             allowed = _allowed_routed(xp, a, q, k, layout, bias)
             g = a["num_global"]
@@ -177,6 +193,8 @@ class SparseAttention(OpDef):
         d = qs[3] if qs is not None else None
         if not a["scale"] and not isinstance(d, int):
             raise ValueError("SparseAttention: without a scale attribute the body needs a static head size")
+        if a["pattern"] == "vertical_slash":  # one body for every N (read at run time)
+            return [_vertical_slash.body(t, dict(a, scale=a["scale"] or 1.0 / math.sqrt(d)), list(inputs))]
         if not isinstance(n, int):
             if a["pattern"] not in DYNAMIC_PATTERNS:
                 raise ValueError(f"SparseAttention: pattern {a['pattern']} needs a static sequence length "
@@ -196,6 +214,10 @@ class SparseAttention(OpDef):
             force = _force(a, plan) if a["pattern"] == "block_topk" else None
             out = routed_body(t, plan, a["scale"], a["bias"], force, a["pattern"] == "block_layout", ins)
         return [out]
+
+
+#: ``(columns, offsets, block)`` that vertical_slash keeps (``_vertical_slash.select``), for kernels.
+vertical_slash_select = _vertical_slash.select
 
 
 def _device(x):
@@ -376,6 +398,8 @@ def bias_kind(bias: ir.Value | None, seq_len: int) -> str:
 
 def scores_per_head(attrs: dict) -> int:
     """Score entries (q·k products) the body computes per (batch, head)."""
+    if attrs["pattern"] == "vertical_slash":
+        return _vertical_slash.scores_per_head(attrs, attrs["seq_len"])
     return _plan(attrs).scores_per_head()
 
 
@@ -386,6 +410,8 @@ def effective_block(attrs: dict) -> int:
         return a["block_size"] or min(128, max(16, a["window"]))
     if a["pattern"] == "neighborhood_2d":
         return a["block_size"] or max(2, (a["kernel"] + 1) // 2)
+    if a["pattern"] == "vertical_slash":
+        return _vertical_slash.geometry(a, a["seq_len"])[0]
     return _plan(a).block
 
 

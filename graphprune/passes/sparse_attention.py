@@ -41,7 +41,7 @@ import onnx_ir as ir
 import pydantic
 
 from graphprune._ir import NameScope, additive_mask
-from graphprune.analysis.attention import AttentionBlock, find_attention_blocks
+from graphprune.analysis.attention import AttentionBlock, find_attention_blocks, mask_data_inputs
 from graphprune.errors import ConfigError
 from graphprune.ops import FLOAT_TYPES, add_function
 from graphprune.ops import sparse_attention as op
@@ -49,7 +49,8 @@ from graphprune.passes import register
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skip, Skipped
 
 _PATTERN_KEYS = ("pattern", "window", "num_global", "causal", "kernel", "dilation", "grid", "block_size", "topk",
-                 "keep_diagonal", "keep_first", "layout")
+                 "keep_diagonal", "keep_first", "layout", "vertical", "slash", "last_q")
+_PatternName = Literal["sliding_window", "neighborhood_2d", "block_topk", "block_layout", "vertical_slash"]
 
 
 #: Token count at which the report predicts the attention-FLOPs ratio of a block whose N is dynamic.
@@ -64,7 +65,7 @@ def _length(blk: AttentionBlock):
 class PatternParams(PassConfig):
     """The pattern's keys; ``None`` means the op default or a value taken from the block."""
 
-    pattern: Literal["sliding_window", "neighborhood_2d", "block_topk", "block_layout"] | None = None
+    pattern: _PatternName | None = None
     window: int | None = pydantic.Field(default=None, ge=1, description="sliding_window: keys per query")
     num_global: int | None = pydantic.Field(default=None, ge=0, description="leading global tokens (default: prefix)")
     causal: bool | None = None
@@ -76,6 +77,9 @@ class PatternParams(PassConfig):
     keep_diagonal: bool | None = None
     keep_first: bool | None = None
     layout: str | None = pydantic.Field(default=None, description="block_layout: .npy file, [nb, nb] or [H, nb, nb]")
+    vertical: int | None = pydantic.Field(default=None, ge=1, description="vertical_slash: key columns per head")
+    slash: int | None = pydantic.Field(default=None, ge=1, description="vertical_slash: block diagonals per head")
+    last_q: int | None = pydantic.Field(default=None, ge=1, description="vertical_slash: queries it is estimated from")
 
     @pydantic.field_validator("grid")
     @classmethod
@@ -93,7 +97,7 @@ class HeadGroup(PatternParams):
 
 
 class SparseAttentionConfig(PatternParams):
-    pattern: Literal["sliding_window", "neighborhood_2d", "block_topk", "block_layout"] = "sliding_window"
+    pattern: _PatternName = "sliding_window"
     layers: list[int] | None = pydantic.Field(default=None, description="0-based attention blocks; default all")
     per_layer: dict[int, PatternParams] = pydantic.Field(default_factory=dict)
     head_groups: list[HeadGroup] | None = None
@@ -230,14 +234,26 @@ def plan_block(blk: AttentionBlock, config: SparseAttentionConfig, opset: int) -
         if blk.mask.dtype not in (blk.q.dtype, ir.DataType.BOOL):
             raise Skip(f"mask {blk.mask.name!r} has dtype {blk.mask.dtype}, not the attention's "
                        f"{blk.q.dtype} or bool")
-    bkind = "none" if shape4 is None else ("key" if shape4[2] == 1 else "full")
     groups = config.head_groups
+    names = {_params_for(blk, config, g).get("pattern", config.pattern) for g in (groups or [None])}
+    if "vertical_slash" in names:
+        if not blk.causal:
+            raise ConfigError(f"pattern: vertical_slash is causal; attention block {blk.index} is not")
+        reads = mask_data_inputs(blk.mask, blk.nodes[0].graph) if blk.mask is not None else []
+        if reads:  # a padding mask: vertical_slash has no bias input
+            raise Skip(f"mask {blk.mask.name!r} reads input {reads[0]!r} (padding); vertical_slash supports only "
+                       "a causal mask")
+        if names == {"vertical_slash"}:
+            shape4 = None  # the mask is exactly the causal one the pattern applies itself
+    bkind = "none" if shape4 is None else ("key" if shape4[2] == 1 else "full")
     if groups is not None:
         covered = sorted(h for g in groups for h in g.heads)
         if covered != list(range(heads)):
             raise ConfigError(f"head_groups: heads {covered} must cover 0..{heads - 1} once (block {blk.index})")
     parts = [_group_plan(blk, config, g, g.heads if g else list(range(heads)), bkind) for g in (groups or [None])]
-    explicit = any({"window", "kernel", "topk", "layout"} & set(_params_for(blk, config, g)) for g in (groups or [None]))
+    explicit = any({"window", "kernel", "topk", "layout"} & set(_params_for(blk, config, g))
+                   or _params_for(blk, config, g).get("pattern", config.pattern) == "vertical_slash"
+                   for g in (groups or [None]))
     if not isinstance(n, int) and not explicit:
         raise Skip(f"the sequence length is dynamic ({n}): set window / kernel / topk for the lengths you run (the "
                    f"default {parts[0].attrs['pattern']} saves nothing below its reach)")
@@ -325,7 +341,8 @@ def _group_plan(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadG
     if not isinstance(n, int) and pattern not in op.DYNAMIC_PATTERNS:
         raise Skip(f"the sequence length is dynamic; {pattern} is defined for one N "
                    f"({' and '.join(op.DYNAMIC_PATTERNS)} run at any N)")
-    params.setdefault("num_global", blk.prefix_tokens)
+    if pattern != "vertical_slash":  # its num_global is the sink tokens (op default), not the prefix
+        params.setdefault("num_global", blk.prefix_tokens)
     if pattern == "sliding_window":
         params.setdefault("causal", blk.causal)
     elif blk.causal and blk.mask is None:  # a causal mask input is kept as the bias; an is_causal flag is not
@@ -347,6 +364,8 @@ def _group_plan(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadG
         params["topk"] = int(lay.sum(-1).max())
     params = {k: v for k, v in params.items() if k in op.PATTERN_KEYS[pattern]}  # other patterns' keys do not apply
     scale = blk.scale if blk.scale else 1.0 / math.sqrt(blk.head_dim)
+    if pattern == "vertical_slash":  # causal by itself: the (causal) mask is not its input
+        bkind = "none"
     return GroupPlan(group, head_ids, op.normalize(pattern, n if isinstance(n, int) else 0, scale, bkind, **params), lay)
 
 
@@ -370,7 +389,7 @@ class _Rewriter:
         """The block's mask as a rank-4 float bias (bool → 0 / finfo.min, ``_ir.additive_mask``); converted once per
         shared mask."""
         mask = blk.mask
-        if mask is None:
+        if mask is None or shape4 is None:  # shape4 None: a causal mask the pattern applies itself
             return None
         if id(mask) in self.mask_cache:
             return self.mask_cache[id(mask)]
@@ -436,7 +455,7 @@ class _Rewriter:
         layout_val = None
         if lay is not None:
             layout_val = self.names.initializer(f"sparse_layout_{blk.index}_{head_ids[0]}", lay)
-        node, fn = op.make_node(q, k, v, attrs, bias=bias, layout=layout_val,
+        node, fn = op.make_node(q, k, v, attrs, bias=bias if attrs["bias"] != "none" else None, layout=layout_val,
                                 name=f"sparse_attention_{blk.index}" + (f"_h{head_ids[0]}" if group else ""),
                                 opset=self.opset)
         out = self._insert(anchor, node)

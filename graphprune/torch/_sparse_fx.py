@@ -113,7 +113,7 @@ class _FxRewriter:
                 k = self.nodes[blk.k.name]
             else:
                 k = self.op(aten.transpose.int, self.node(blk.k_transposed, blk, "kᵀ"), -2, -1)
-            bias = self.bias(blk, q) if blk.mask is not None else None
+            bias = self.bias(blk, q) if blk.mask is not None and bp.mask_shape is not None else None
             if self.config.head_groups is None:
                 result = self.sparse(blk, q, k, v, bias, bp.groups[0])
             else:
@@ -138,6 +138,7 @@ class _FxRewriter:
             name = f"graphprune_sparse_layout_{blk.index}_{group.heads[0]}"
             self.gm.register_buffer(name, torch.from_numpy(np.ascontiguousarray(group.layout)))
             layout = self.graph.get_attr(name)
+        bias = bias if group.attrs["bias"] != "none" else None  # vertical_slash: causal by itself
         return self.op(torch.ops.graphprune.sparse_attention.default, q, k, v, bias, layout,
                        **_torch_kwargs(group.attrs))
 
