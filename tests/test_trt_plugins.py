@@ -163,14 +163,14 @@ def test_used_inputs_drop_only_the_placeholders():
     assert plugins.used_inputs("TokenMerge", ["x", "m", "s"], TokenMerge.normalize(r=2)) == ["x", "m", "s"]
 
 
-def test_aot_refusal_takes_every_op_and_pattern():
+def test_aot_refusal_takes_every_op_and_pattern_but_vertical_slash():
     pytest.importorskip("triton")
     from graphprune.kernels.sparse_attention import STATIC_PATTERNS
     from graphprune.kernels.sparse_attention_routed import ROUTED_PATTERNS
     from graphprune.ops.sparse_attention import PATTERNS
 
     assert plugins.AOT_STATIC_PATTERNS == STATIC_PATTERNS and plugins.AOT_ROUTED_PATTERNS == ROUTED_PATTERNS
-    assert set(plugins.AOT_PATTERNS) == set(PATTERNS)
+    assert set(plugins.AOT_PATTERNS) == set(PATTERNS) - {"vertical_slash"}
     sparse = [SparseAttention.normalize(pattern="sliding_window", window=8),
               SparseAttention.normalize(pattern="block_topk", block_size=8, topk=2),
               SparseAttention.normalize(pattern="block_layout", block_size=8, topk=2)]
@@ -180,6 +180,9 @@ def test_aot_refusal_takes_every_op_and_pattern():
     assert why.startswith("--aot: Fancy has no one-launch kernel") and "\n" not in why
     with pytest.raises(GraphpruneError, match="^--aot: Fancy has no one-launch kernel"):
         plugins.aot_plan("Fancy", [[1, 2, 3]], {}, True)
+    vs = SparseAttention.normalize(pattern="vertical_slash")
+    assert plugins.aot_refusal(ok + [("SparseAttention", vs)]).startswith(
+        "--aot: SparseAttention vertical_slash has no one-launch kernel")
 
 
 def test_aot_plan_needs_a_static_token_count():

@@ -116,15 +116,21 @@ def is_causal_mask(mask: ir.Value | None, graph: ir.Graph, cache: dict | None = 
     return bool(blocked[..., upper].all() and not blocked[..., ~upper].any())
 
 
+def _ones(graph: ir.Graph) -> dict[ir.Value, np.ndarray]:
+    """Every integer or bool graph input of a static (or ``_MASK_LEN``-filled) shape, set to ones."""
+    env = {}
+    for v in graph.inputs:
+        shape = _index_trace.static_shape(v, _MASK_LEN)
+        if shape is not None and (v.dtype is not None and v.dtype.is_integer() or v.dtype == ir.DataType.BOOL):
+            env[v] = np.ones(shape, dtype=v.dtype.numpy())
+    return env
+
+
 def mask_data_inputs(mask: ir.Value, graph: ir.Graph) -> list[str]:
     """The integer or bool graph inputs whose *values* change the additive ``mask`` (a padding mask does; the
     shapes of ``input_ids`` do not): the mask is evaluated as in :func:`is_causal_mask` with every such input set
     to ones, then with each in turn set to zeros. A mask that cannot be evaluated reads all of them."""
-    inputs = {}
-    for v in graph.inputs:
-        shape = _index_trace.static_shape(v, _MASK_LEN)
-        if shape is not None and (v.dtype is not None and v.dtype.is_integer() or v.dtype == ir.DataType.BOOL):
-            inputs[v] = np.ones(shape, dtype=v.dtype.numpy())
+    inputs = _ones(graph)
 
     def evaluate(env):
         return np.asarray(_index_trace.eval_shape(mask, env, _MASK_LEN, limit=256), dtype=np.float64)
@@ -134,3 +140,21 @@ def mask_data_inputs(mask: ir.Value, graph: ir.Graph) -> list[str]:
         return [v.name for v in inputs if not np.array_equal(evaluate(inputs | {v: np.zeros_like(inputs[v])}), base)]
     except (_index_trace.TraceStop, ValueError, TypeError, IndexError, OverflowError):
         return [v.name for v in inputs]
+
+
+def not_plain_causal(mask: ir.Value, graph: ir.Graph) -> str | None:
+    """``None`` when the additive ``mask`` is exactly the causal one (keys after each query blocked, 0 elsewhere)
+    whatever the inputs' values; else why not, in a few words (a padding input, a position bias such as ALiBi)."""
+    reads = mask_data_inputs(mask, graph)
+    if reads:
+        return f"it reads input {reads[0]!r} (padding)"
+    if not is_causal_mask(mask, graph):
+        return "it is not the causal mask"
+    try:
+        m = np.asarray(_index_trace.eval_shape(mask, _ones(graph), _MASK_LEN, limit=256), dtype=np.float64)
+    except (_index_trace.TraceStop, ValueError, TypeError, IndexError, OverflowError):
+        return "it cannot be evaluated"
+    lower = ~np.triu(np.ones(m.shape[-2:], dtype=bool), 1)
+    if np.any(m[..., lower] != 0):
+        return "it adds values besides blocking later keys (a position bias such as ALiBi)"
+    return None

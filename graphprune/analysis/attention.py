@@ -536,10 +536,10 @@ def _set_partition(blk: AttentionBlock, part: _windows.Partition | None, reverse
     blk.shifted = part.shift != (0, 0)
 
 
-def mask_data_inputs(mask: ir.Value, model: ir.Model | ir.Graph) -> list[str]:
-    """Names of the integer/bool graph inputs whose values change an attention ``mask`` (a padding mask's input;
-    not ``input_ids``, whose shape only builds a causal mask). See ``_block_facts.mask_data_inputs``."""
-    return _block_facts.mask_data_inputs(mask, model.graph if isinstance(model, ir.Model) else model)
+def not_plain_causal(mask: ir.Value, model: ir.Model | ir.Graph) -> str | None:
+    """``None`` when an attention ``mask`` is exactly the causal one whatever the inputs (a pattern that is causal
+    by itself may drop it), else why not (a padding input, a position bias). See ``_block_facts``."""
+    return _block_facts.not_plain_causal(mask, model.graph if isinstance(model, ir.Model) else model)
 
 
 def find_attention_blocks(model: ir.Model | ir.Graph) -> list[AttentionBlock]:

@@ -22,7 +22,9 @@ For each op in ``graphprune.ops.REGISTRY``, :func:`plugin_specs` derives from ``
     TokenSelect, and SparseAttention in two table-free kernels, one for the static patterns (sliding window, 2-D
     neighborhood: each query tile's KV span computed in the kernel) and one for the routed patterns
     (``block_topk``: each query block routes itself in the kernel; ``block_layout``: each query block reads its
-    layout row). :func:`aot_refusal` names any op without one (none today).
+    layout row). :func:`aot_refusal` names any op or pattern without one: SparseAttention ``vertical_slash``,
+    whose run-time selection (a top-k over N per head) runs before its attention kernel (the JIT ``impl`` does
+    both).
 
 **Optional inputs.** A plugin has a fixed list of inputs, and a Python plugin cannot be registered twice under one
 name (``plugin_version`` is always 1), so there is one plugin per op taking every port. The lowering
@@ -133,8 +135,8 @@ def used_inputs(op: str, tensors: list, attrs: dict) -> list:
 
 def aot_refusal(nodes) -> str | None:
     """Why ``--aot`` cannot build a model holding ``nodes`` (``(op type, normalized attributes)`` pairs), one line,
-    or ``None``: an op (or SparseAttention pattern) without a one-launch kernel. Every op and pattern has one
-    today; shape limits are :func:`aot_plan`'s."""
+    or ``None``: an op (or SparseAttention pattern) without a one-launch kernel (``vertical_slash``: its selection
+    runs before its kernel); shape limits are :func:`aot_plan`'s."""
     bad = set()
     for op, attrs in nodes:
         if op not in AOT_KERNELS:
