@@ -164,15 +164,7 @@ class SparseAttention(OpDef):
         n, d = q.shape[2], q.shape[3]
         a = at_length(a, n, d)
         f64 = xp.float64
-        if a["pattern"] in ("sliding_window", "neighborhood_2d"):
-            allowed = xp.asarray(_allowed_static(a)[None, None], device=_device(q))
-        elif a["pattern"] == "vertical_slash":
-            allowed = _vertical_slash.allowed(xp, a, q, k)
-        else:
-            allowed = _allowed_routed(xp, a, q, k, layout, bias)
-            g = a["num_global"]
-            rows = xp.asarray((np.arange(n) < g)[None, None, :, None], device=_device(q))
-            allowed = xp.logical_or(allowed, rows)
+        allowed = _allowed(xp, a, q, k, layout, bias)
         s = (xp.astype(q, f64) @ xp.permute_dims(xp.astype(k, f64), (0, 1, 3, 2))) * a["scale"]
         if bias is not None:
             s = s + xp.maximum(xp.astype(bias, f64), xp.asarray(-1e30, dtype=f64))
@@ -218,6 +210,28 @@ class SparseAttention(OpDef):
 
 #: ``(columns, offsets, block)`` that vertical_slash keeps (``_vertical_slash.select``), for kernels.
 vertical_slash_select = _vertical_slash.select
+
+
+def _allowed(xp, a: dict, q, k, layout, bias):
+    """[B|1, H|1, N, N] bool: the (query, key) pairs the pattern lets through (``a`` resolved at the length)."""
+    if a["pattern"] in ("sliding_window", "neighborhood_2d"):
+        return xp.asarray(_allowed_static(a)[None, None], device=_device(q))
+    if a["pattern"] == "vertical_slash":
+        return _vertical_slash.allowed(xp, a, q, k)
+    allowed = _allowed_routed(xp, a, q, k, layout, bias)
+    rows = xp.asarray((np.arange(q.shape[2]) < a["num_global"])[None, None, :, None], device=_device(q))
+    return xp.logical_or(allowed, rows)
+
+
+def allowed_mask(q: np.ndarray, k: np.ndarray, attn_bias: np.ndarray | None = None,
+                 layout: np.ndarray | None = None, **attrs) -> np.ndarray:
+    """[B|1, H|1, N, N] bool: which keys each query sees under the pattern (``attrs`` as for ``normalize``; a
+    routed or run-time pattern reads ``q``, ``k`` and the bias). For analyses, such as the share of the attention
+    mass a pattern keeps."""
+    from array_api_compat import numpy as xp
+
+    a = at_length(SparseAttention.normalize(**attrs), q.shape[2], q.shape[3])
+    return np.asarray(_allowed(xp, a, q, k, layout, attn_bias))
 
 
 def _device(x):

@@ -12,6 +12,10 @@ Masks are kept: an additive mask of rank < 4 gets leading axes; a key mask ([..,
 are both supported (see the op module for the fully-masked-row rule). Projections and everything outside the
 core are untouched.
 
+Patterns: those of ``ops.sparse_attention``; ``vertical_slash`` drops a purely causal mask (the pattern is causal);
+``auto`` chooses one per head on the calibration data (``_sparse_choice``: recall of the dense attention mass at
+``budget`` keys per query) and writes per-layer head groups.
+
 Config: the pattern keys apply to every selected block (``layers``, 0-based as ``inspect`` numbers attention
 blocks; default all); ``per_layer: {i: {key: value}}`` overrides them for block i; ``head_groups: [{heads: [...],
 key: value...}]`` splits the heads (the groups must cover every head once) into separate SparseAttention nodes
@@ -41,10 +45,11 @@ import onnx_ir as ir
 import pydantic
 
 from graphprune._ir import NameScope, additive_mask
-from graphprune.analysis.attention import AttentionBlock, find_attention_blocks, mask_data_inputs
+from graphprune.analysis.attention import AttentionBlock, find_attention_blocks, not_plain_causal
 from graphprune.errors import ConfigError
 from graphprune.ops import FLOAT_TYPES, add_function
 from graphprune.ops import sparse_attention as op
+from graphprune.passes import _sparse_choice as _choice
 from graphprune.passes import register
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skip, Skipped
 
@@ -96,11 +101,34 @@ class HeadGroup(PatternParams):
     heads: list[int] = pydantic.Field(min_length=1)
 
 
-class SparseAttentionConfig(PatternParams):
-    pattern: _PatternName = "sliding_window"
-    layers: list[int] | None = pydantic.Field(default=None, description="0-based attention blocks; default all")
-    per_layer: dict[int, PatternParams] = pydantic.Field(default_factory=dict)
+def _distinct_heads(groups):
+    if groups is not None:
+        heads = [h for g in groups for h in g.heads]
+        if len(heads) != len(set(heads)):
+            raise ValueError("a head appears in two groups")
+    return groups
+
+
+class LayerParams(PatternParams):
+    """A ``per_layer`` entry: pattern keys for one block, and optionally its own head groups."""
+
     head_groups: list[HeadGroup] | None = None
+
+    @pydantic.field_validator("head_groups")
+    @classmethod
+    def _groups(cls, v):
+        return _distinct_heads(v)
+
+
+class SparseAttentionConfig(PatternParams):
+    pattern: _PatternName | Literal["auto"] = "sliding_window"
+    layers: list[int] | None = pydantic.Field(default=None, description="0-based attention blocks; default all")
+    per_layer: dict[int, LayerParams] = pydantic.Field(default_factory=dict)
+    head_groups: list[HeadGroup] | None = None
+    budget: int = pydantic.Field(512, ge=1, description="auto: keys per query every candidate pattern gets")
+    candidates: list[Literal["a_shape", "vertical_slash", "block_topk"]] = pydantic.Field(
+        default_factory=lambda: ["a_shape", "vertical_slash", "block_topk"], min_length=1,
+        description="auto: the patterns each head chooses from (by recall on the calibration data)")
     allow_more_flops: bool = pydantic.Field(
         False, description="rewrite a block even where the pattern executes more FLOPs than the dense core (to check "
         "a pattern's numerics, e.g. a window over every key; never faster)")
@@ -108,11 +136,7 @@ class SparseAttentionConfig(PatternParams):
     @pydantic.field_validator("head_groups")
     @classmethod
     def _groups(cls, v):
-        if v is not None:
-            heads = [h for g in v for h in g.heads]
-            if len(heads) != len(set(heads)):
-                raise ValueError("a head appears in two groups")
-        return v
+        return _distinct_heads(v)
 
 
 def _load_layout(path: str, heads: int, nb: int) -> np.ndarray:
@@ -234,15 +258,15 @@ def plan_block(blk: AttentionBlock, config: SparseAttentionConfig, opset: int) -
         if blk.mask.dtype not in (blk.q.dtype, ir.DataType.BOOL):
             raise Skip(f"mask {blk.mask.name!r} has dtype {blk.mask.dtype}, not the attention's "
                        f"{blk.q.dtype} or bool")
-    groups = config.head_groups
+    groups = _groups_for(blk, config)
     names = {_params_for(blk, config, g).get("pattern", config.pattern) for g in (groups or [None])}
     if "vertical_slash" in names:
         if not blk.causal:
-            raise ConfigError(f"pattern: vertical_slash is causal; attention block {blk.index} is not")
-        reads = mask_data_inputs(blk.mask, blk.nodes[0].graph) if blk.mask is not None else []
-        if reads:  # a padding mask: vertical_slash has no bias input
-            raise Skip(f"mask {blk.mask.name!r} reads input {reads[0]!r} (padding); vertical_slash supports only "
-                       "a causal mask")
+            raise ConfigError(f"pattern: vertical_slash is causal; attention block {blk.index} is not (no causal flag, "
+                              "and no mask that is exactly the causal one)")
+        why = not_plain_causal(blk.mask, blk.nodes[0].graph) if blk.mask is not None else None
+        if why:  # vertical_slash has no bias input: only a mask it applies itself may go
+            raise Skip(f"mask {blk.mask.name!r}: {why}; vertical_slash takes no mask but the plain causal one")
         if names == {"vertical_slash"}:
             shape4 = None  # the mask is exactly the causal one the pattern applies itself
     bkind = "none" if shape4 is None else ("key" if shape4[2] == 1 else "full")
@@ -284,6 +308,11 @@ def _core_flops(parts: list[GroupPlan], blk: AttentionBlock) -> tuple[int, int]:
     dv = blk.v.shape[-1] if blk.v.shape is not None and isinstance(blk.v.shape[-1], int) else d
     pairs = [op.attention_flops(p.attrs, 1, len(p.heads), d, dv) for p in parts]
     return sum(e for e, _ in pairs), sum(x for _, x in pairs)
+
+
+def _groups_for(blk: AttentionBlock, config: SparseAttentionConfig) -> list[HeadGroup] | None:
+    layer = config.per_layer.get(blk.index)
+    return layer.head_groups if layer is not None and layer.head_groups is not None else config.head_groups
 
 
 def _params_for(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadGroup | None) -> dict[str, Any]:
@@ -413,7 +442,8 @@ class _Rewriter:
 
     def rewrite(self, bp: BlockPlan) -> ir.Value:
         """Edit one planned block (``plan_block``: nothing here skips); return the new [B, H, N, Dv] output."""
-        blk, shape4, groups = bp.block, bp.mask_shape, self.config.head_groups
+        blk, shape4 = bp.block, bp.mask_shape
+        groups = None if bp.groups[0].group is None else [g.group for g in bp.groups]
         heads = blk.heads
         plans = [(g.group, g.heads, g.attrs, g.layout) for g in bp.groups]
         anchor = blk.nodes[-1]
@@ -517,19 +547,52 @@ class _Rewriter:
 class SparseAttentionPass(GraphPass):
     name = "sparse_attention"
     Config = SparseAttentionConfig
-    summary = "replace attention cores with SparseAttention (window, 2-D neighborhood, block top-k, block layout)"
+    summary = ("replace attention cores with SparseAttention (window, 2-D neighborhood, block top-k, block layout, "
+               "vertical-slash, or a per-head choice)")
 
     def call(self, model: ir.Model) -> GraphResult:
-        decided = plan(model, self.config)  # every check and ConfigError before the first edit
-        rw = _Rewriter(model, self.config)
+        config, chosen, skipped = self.config, None, []
+        if config.pattern == "auto":
+            config, chosen, skipped = self._choose(model)
+        decided = plan(model, config)  # every check and ConfigError before the first edit
+        decided.skipped[:0] = skipped
+        rw = _Rewriter(model, config)
         with self.context.task("sparse_attention", len(decided.planned)) as step:
             for bp in decided.planned:
                 rw.replace(bp.block, rw.rewrite(bp))
                 step()
         info = {"blocks_found": len(decided.blocks), "blocks_replaced": len({r.block for r in rw.rewritten})}
+        if chosen is not None:
+            info["head_patterns"] = chosen
         if rw.flops[0]:
             info["attention_flops_ratio"] = round(rw.flops[1] / rw.flops[0], 3)
         return GraphResult(model, bool(rw.rewritten), rewritten=rw.rewritten, skipped=decided.skipped, info=info)
+
+
+    def _choose(self, model: ir.Model) -> tuple[SparseAttentionConfig, dict, list[Skipped]]:
+        """``pattern: auto``: the per-head choice on the calibration feeds (``_sparse_choice``), as a config with
+        per-layer head groups; non-causal blocks are skipped with their reason."""
+        cfg = self.config
+        blocks = [b for b in find_attention_blocks(model) if cfg.layers is None or b.index in cfg.layers]
+        skipped = [Skipped(f"block {b.index}", "pattern auto chooses among causal patterns; the block is not causal")
+                   for b in blocks if not b.causal]
+        usable = [b for b in blocks if b.causal and b.q is not None and b.heads and isinstance(b.head_dim, int)]
+        skipped += [Skipped(f"block {b.index}", "pattern auto: the block's heads or head size are not known")
+                    for b in blocks if b.causal and b not in usable]
+        per_layer, report = {}, {}
+        if usable:
+            feeds = self.context.feeds(model)
+            probes = []
+            with self.context.task("sparse_attention: reading queries and keys", len(feeds)) as step:
+                for arrays in self.context.runtime.probe(model, _choice.probe_values(usable), feeds):
+                    probes.append(arrays)
+                    step()
+            per_layer, report = _choice.choose(usable, probes, cfg.budget, list(cfg.candidates))
+        keep = cfg.model_dump(exclude={"pattern", "budget", "candidates", "per_layer", "head_groups", "layers"},
+                              exclude_none=True)
+        resolved = SparseAttentionConfig(**keep, layers=[b.index for b in usable],
+                                         per_layer={i: {"head_groups": g} for i, g in per_layer.items()})
+        return resolved, report, skipped
 
 
 __all__ = ["BlockPlan", "GroupPlan", "SparseAttentionConfig", "SparseAttentionPass", "SparsePlan", "SparseRewrite", "plan",

@@ -49,10 +49,14 @@ def _config(config: dict):
     from graphprune.passes.sparse_attention import SparseAttentionConfig
 
     try:
-        return SparseAttentionConfig.model_validate(config)
+        cfg = SparseAttentionConfig.model_validate(config)
     except pydantic.ValidationError as e:
         first = e.errors()[0]
         raise ConfigError(f"sparse_attention: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    if cfg.pattern == "auto":
+        raise ConfigError("sparse_attention: pattern auto chooses on calibration data in the ONNX pass; run it there "
+                          "and pass its per_layer head groups here")
+    return cfg
 
 
 def sparse_attention(module: nn.Module, example_inputs: tuple, *, dynamic_axes: dict[int, str] | None = None,
@@ -114,7 +118,7 @@ class _FxRewriter:
             else:
                 k = self.op(aten.transpose.int, self.node(blk.k_transposed, blk, "kᵀ"), -2, -1)
             bias = self.bias(blk, q) if blk.mask is not None and bp.mask_shape is not None else None
-            if self.config.head_groups is None:
+            if bp.groups[0].group is None:
                 result = self.sparse(blk, q, k, v, bias, bp.groups[0])
             else:
                 outs = []
