@@ -9,13 +9,18 @@ pattern, and the same graphs run at every N. Budget ``K`` keys per query (defaul
   included), estimated from the last 64 queries at run time; the causal mask is dropped (the pattern is causal);
 * ``a_shape``: ``sliding_window`` causal, ``window = K - 4``, ``num_global = 4`` sink tokens;
 * ``block_topk``: blocks of 64, ``topk = K/64`` (the first and the diagonal block among them), over the model's
-  causal mask (kept as the node's bias).
+  causal mask (kept as the node's bias);
+* ``auto``: per head, the best of the three by recall of the dense attention mass on 4 training windows of 1,024
+  tokens (MInference's offline choice; ``pattern: auto``).
 
 Reported per N, on ``--windows`` held-out windows of N tokens (whole held-out modules, never trained on): next-token
 accuracy as a share of the dense model's at the same N, perplexity, and top-1 agreement with dense; the whole
 prefill's speedup (batch 1, ORT CPU, every model interleaved in one call, median of ``--runs``); and the attention
 core's speedup: one block's core alone at ``[1, 8, N, 32]``, the exported dense chain (MatMul, scale, causal-mask
-Add, Softmax, MatMul) against the pattern's SparseAttention node as the pass built it, interleaved, median.
+Add, Softmax, MatMul) against the pattern's SparseAttention node as the pass built it, interleaved, median (not for
+``auto``, whose blocks hold one node per chosen pattern). Each pattern is timed against dense in fresh processes
+(its models in one, its cores in another), so ORT's memory arenas do not pile up: the dense 8k prefill alone needs
+about 12 GB; the dense row gives the median over those runs.
 Passkey accuracy is not reported: the trained decoder retrieves no pass key even dense (docs/llm.md).
 
     python -m benchmarks.llm                      # once: train the decoder (about 30 min)
@@ -25,8 +30,13 @@ Passkey accuracy is not reported: the trained decoder retrieves no pass key even
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -35,6 +45,8 @@ from benchmarks import llm
 from benchmarks.results import add_result_option, markdown_table, write_result
 
 HEADS, HEAD_DIM = 8, 32
+#: training windows of 1,024 tokens the ``auto`` choice is calibrated on
+CALIBRATION = 4
 
 
 def patterns(budget: int) -> dict[str, dict]:
@@ -44,18 +56,29 @@ def patterns(budget: int) -> dict[str, dict]:
                            "block_size": 64, "last_q": 64},
         "a_shape": {"pattern": "sliding_window", "causal": True, "window": budget - 4, "num_global": 4},
         "block_topk": {"pattern": "block_topk", "block_size": 64, "topk": budget // 64},
+        "auto": {"pattern": "auto", "budget": budget},
     }
 
 
 def rewrite(path, config: dict) -> ir.Model:
     from graphprune.io import load_model
+    from graphprune.passes import PassContext
     from graphprune.passes.sparse_attention import SparseAttentionPass
 
     model = load_model(path)
-    result = SparseAttentionPass(config)(model)
+    context = PassContext(calibration=[{"input_ids": w[None]} for w in llm.calibration_windows(CALIBRATION, 1024)],
+                          data_source="user")
+    result = SparseAttentionPass(config, context)(model)
     if not result.modified or result.skipped:
         raise RuntimeError(f"{config['pattern']}: not every block was rewritten: {result.skipped}")
-    return model
+    label = config["pattern"] if config["pattern"] != "sliding_window" else "a_shape"
+    if config["pattern"] == "auto":
+        counts: dict[str, int] = {}
+        for heads in result.info["head_patterns"].values():
+            for h in heads.values():
+                counts[h["pattern"]] = counts.get(h["pattern"], 0) + 1
+        label = "auto (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + " heads)"
+    return model, label
 
 
 def core_model(node_attrs: dict | None, with_mask: bool) -> ir.Model:
@@ -109,6 +132,81 @@ def quality(logits_of, windows: np.ndarray) -> dict[str, np.ndarray]:
     return {"pred": np.stack(preds), "nll": np.stack(nll)}
 
 
+def measure_core(n: int, name: str, budget: int, core_runs: int) -> dict[str, float]:
+    """Median ms of the dense attention core and of ``name``'s (the node as the pass built it), interleaved."""
+    from graphprune.backends.onnxruntime import benchmark, make_session
+
+    cores = {"dense": core_model(None, True),
+             name: core_model(*node_of(rewrite(llm.get_decoder(), patterns(budget)[name])[0]))}
+    sessions = {k: make_session(m, threads=2) for k, m in cores.items()}
+    rng = np.random.default_rng(n)
+    feeds = {x: rng.standard_normal((1, HEADS, n, HEAD_DIM)).astype(np.float32) for x in "qkv"}
+    feeds["mask"] = np.where(np.tril(np.ones((n, n), dtype=bool)), 0, np.finfo(np.float32).min
+                             ).astype(np.float32)[None, None]
+    lat = benchmark(sessions, feeds, warmup=2, runs=core_runs)
+    return {k: v["median_ms"] for k, v in lat.items()}
+
+
+def measure_model(n: int, name: str, budget: int, windows: int, runs: int, dense_file: str) -> dict:
+    """``name``'s quality and the prefill ms of it and of dense (interleaved); the dense quality is computed once
+    per N and kept in ``dense_file`` (.npz) for the other patterns' processes."""
+    from graphprune.backends.onnxruntime import benchmark, make_session
+    from graphprune.io import load_model
+
+    path = llm.get_decoder()
+    model, label = rewrite(path, patterns(budget)[name])
+    sessions = {"dense": make_session(load_model(path), threads=2), name: make_session(model, threads=2)}
+    ids = llm.eval_windows(windows, n)
+    q = {}
+    if Path(dense_file).exists():
+        with np.load(dense_file) as f:
+            q["dense"] = {"pred": f["pred"], "nll": f["nll"]}
+    for k, sess in sessions.items():
+        if k not in q:
+            t0 = time.perf_counter()
+            q[k] = quality(lambda x, s=sess: s.run(None, {"input_ids": x})[0], ids)
+            print(f"N={n} {k}: quality in {time.perf_counter() - t0:.0f} s", flush=True)
+    if not Path(dense_file).exists():
+        np.savez(dense_file, **q["dense"])
+    lat = benchmark(sessions, {"input_ids": ids[:1]}, warmup=1, runs=runs)
+    out = {"label": label, "dense_ms": lat["dense"]["median_ms"], "ms": lat[name]["median_ms"]}
+    for k in ("dense", name):
+        out[k] = {"acc": float((q[k]["pred"] == ids[:, 1:]).mean()),
+                  "agree": float((q[k]["pred"] == q["dense"]["pred"]).mean()),
+                  "ppl": math.exp(float(q[k]["nll"].mean()))}
+    return out
+
+
+def rows_for(n: int, models: dict[str, dict], cores: dict[str, dict]) -> list[list[str]]:
+    """The table rows of one N from the pair measurements (each pattern against dense in its own process)."""
+    first = next(iter(models.values()))
+    dense = first["dense"]
+    dense_ms = float(np.median([m["dense_ms"] for m in models.values()]))
+    dense_core = float(np.median([c["dense"] for c in cores.values()])) if cores else None
+    rows = [[str(n), "dense", f"{100 * dense['acc']:.2f}%", "100.0%", f"{dense['ppl']:.1f}", "100.0%",
+             f"{dense_ms / 1e3:.2f}", "1.00x", f"{dense_core:.1f}" if dense_core else "—", "1.00x"]]
+    for name, m in models.items():
+        r = m[name]
+        core = cores.get(name)
+        rows.append([str(n), m["label"], f"{100 * r['acc']:.2f}%", f"{100 * r['acc'] / dense['acc']:.1f}%",
+                     f"{r['ppl']:.1f}", f"{100 * r['agree']:.1f}%", f"{m['ms'] / 1e3:.2f}",
+                     f"{m['dense_ms'] / m['ms']:.2f}x", f"{core[name]:.1f}" if core else "—",
+                     f"{core['dense'] / core[name]:.2f}x" if core else "—"])
+    return rows
+
+
+def _child(args: list[str], n: int):
+    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_llm_sparse", *args], capture_output=True, text=True,
+                         check=False)
+    found = [ln for ln in res.stdout.splitlines() if ln.startswith("ROWS ")]
+    if res.returncode != 0 or not found:
+        raise RuntimeError(f"N={n} failed (exit {res.returncode}): {res.stderr.strip().splitlines()[-1:]}")
+    for ln in res.stdout.splitlines():
+        if not ln.startswith("ROWS "):
+            print(ln, flush=True)
+    return json.loads(found[0][5:])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ns", type=int, nargs="+", default=[2048, 4096, 8192])
@@ -116,47 +214,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=2, help="held-out windows per N (default 2)")
     p.add_argument("--runs", type=int, default=3, help="interleaved prefill runs per N (default 3)")
     p.add_argument("--core-runs", type=int, default=10, help="interleaved attention-core runs per N (default 10)")
+    p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)  # (model|core, N, pattern): JSON out
+    p.add_argument("--dense-file", default=None, help=argparse.SUPPRESS)
     add_result_option(p)
     a = p.parse_args(argv)
-    from graphprune.backends.onnxruntime import benchmark, make_session
-
+    if a.child is not None:
+        part, n, name = a.child[0], int(a.child[1]), a.child[2]
+        out = measure_core(n, name, a.budget, a.core_runs) if part == "core" else \
+            measure_model(n, name, a.budget, a.windows, a.runs, a.dense_file)
+        print("ROWS " + json.dumps(out), flush=True)
+        return
     t_start = time.perf_counter()
-    from graphprune.io import load_model
-
-    path = llm.get_decoder()
-    configs = patterns(a.budget)
-    models = {"dense": load_model(path)} | {name: rewrite(path, cfg) for name, cfg in configs.items()}
-    sessions = {name: make_session(m, threads=2) for name, m in models.items()}
-    cores = {"dense": core_model(None, True)}
-    for name in configs:
-        attrs, with_mask = node_of(models[name])
-        cores[name] = core_model(attrs, with_mask)
-    core_sessions = {name: make_session(m, threads=2) for name, m in cores.items()}
+    llm.get_decoder()
     rows = []
-    for n in a.ns:
-        windows = llm.eval_windows(a.windows, n)
-        q = {}
-        for name, sess in sessions.items():
-            t0 = time.perf_counter()
-            q[name] = quality(lambda ids, s=sess: s.run(None, {"input_ids": ids})[0], windows)
-            print(f"N={n} {name}: quality in {time.perf_counter() - t0:.0f} s", flush=True)
-        lat = benchmark(sessions, {"input_ids": windows[:1]}, warmup=1, runs=a.runs)
-        rng = np.random.default_rng(n)
-        feeds = {x: rng.standard_normal((1, HEADS, n, HEAD_DIM)).astype(np.float32) for x in "qkv"}
-        feeds["mask"] = np.where(np.tril(np.ones((n, n), dtype=bool)), 0, np.finfo(np.float32).min
-                                 ).astype(np.float32)[None, None]
-        core = benchmark(core_sessions, feeds, warmup=2, runs=a.core_runs)
-        dense_acc = float((q["dense"]["pred"] == windows[:, 1:]).mean())
-        for name in models:
-            acc = float((q[name]["pred"] == windows[:, 1:]).mean())
-            agree = float((q[name]["pred"] == q["dense"]["pred"]).mean())
-            ppl = math.exp(float(q[name]["nll"].mean()))
-            pre = lat["dense"]["median_ms"] / lat[name]["median_ms"]
-            att = core["dense"]["median_ms"] / core[name]["median_ms"]
-            rows.append([str(n), name, f"{100 * acc:.2f}%", f"{100 * acc / dense_acc:.1f}%", f"{ppl:.1f}",
-                         f"{100 * agree:.1f}%", f"{lat[name]['median_ms'] / 1e3:.2f}", f"{pre:.2f}x",
-                         f"{core[name]['median_ms']:.1f}", f"{att:.2f}x"])
-            print(" | ".join(rows[-1]), flush=True)
+    common = ["--budget", str(a.budget), "--windows", str(a.windows), "--runs", str(a.runs),
+              "--core-runs", str(a.core_runs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in a.ns:  # each pattern against dense in its own processes: ORT's arenas of several N x N models do
+            dense_file = str(Path(tmp) / f"dense_{n}.npz")  # not pile up (8k: dense prefill ~12 GB, core ~8 GB)
+            models, cores = {}, {}
+            for name, cfg in patterns(a.budget).items():
+                models[name] = _child(["--child", "model", str(n), name, "--dense-file", dense_file, *common], n)
+                if cfg["pattern"] != "auto":  # auto: several nodes per block (timed in the whole prefill only)
+                    cores[name] = _child(["--child", "core", str(n), name, *common], n)
+            rows += rows_for(n, models, cores)
+            for r in rows[-len(models) - 1:]:
+                print(" | ".join(r), flush=True)
     cols = ["N", "attention", "next-token acc", "acc kept", "perplexity", "top-1 = dense", "prefill s",
             "prefill speedup", "core ms", "core speedup"]
     print(markdown_table(cols, rows))
@@ -167,11 +250,14 @@ def main(argv: list[str] | None = None) -> None:
             f"1,024 tokens), every attention block rewritten by the sparse_attention pass at a budget of {a.budget} "
             f"keys per query: vertical_slash (vertical {a.budget // 2}, slash {max(1, a.budget // 128)} blocks of 64, "
             f"estimated from the last 64 queries), a_shape (causal window {a.budget - 4} + 4 sink tokens), "
-            f"block_topk (blocks of 64, top {a.budget // 64}, over the causal mask). Quality on {a.windows} held-out "
+            f"block_topk (blocks of 64, top {a.budget // 64}, over the causal mask), and auto (each head's best of "
+            f"the three by recall of the dense attention mass on {CALIBRATION} training windows of 1,024 tokens; "
+            f"its core is several nodes per block, timed in the prefill only). Quality on {a.windows} held-out "
             f"windows of N tokens per N (acc kept: share of dense next-token accuracy at the same N). Prefill: batch "
             f"1, ORT CPU, 2 threads, all models interleaved, median of {a.runs}. Core: one attention core "
             f"[1, 8, N, 32] alone (dense chain with the causal mask vs the SparseAttention node), interleaved, median "
-            f"of {a.core_runs}."))
+            f"of {a.core_runs}. Each pattern is measured against dense in its own processes (dense figures: the "
+            f"median over them)."))
 
 
 if __name__ == "__main__":
