@@ -333,3 +333,41 @@ def test_vertical_slash_drops_only_the_plain_causal_mask(alibi):
     got = make_session(model).run(None, {"q": q, "k": k, "v": v})[0]
     want = SparseAttention.reference(q, k, v, pattern="vertical_slash", scale=d ** -0.5, **attrs)[0]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "gemma"])
+def test_vertical_slash_on_other_decoder_spellings(family, tmp_path):
+    """GPT-2 (learned positions, mask from its own causal buffer), Qwen2 (GQA with biases) and Gemma (one KV head):
+    the causal mask is dropped and the decoder equals transformers with the op definition as its attention."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register("graphprune_vs_reference", _vs_attention)
+    AttentionMaskInterface.register("graphprune_vs_reference", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    small = dict(vocab_size=128, num_hidden_layers=2, max_position_embeddings=256)
+    make = {
+        "gpt2": lambda impl: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, attn_implementation=impl)),
+        "qwen2": lambda impl: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **small, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            attn_implementation=impl)),
+        "gemma": lambda impl: transformers.GemmaForCausalLM(transformers.GemmaConfig(
+            **small, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
+            head_dim=16, attn_implementation=impl)),
+    }[family]
+    torch.manual_seed(0)
+    lm = make("sdpa").eval()
+    ref = make("graphprune_vs_reference").eval()
+    ref.load_state_dict(lm.state_dict())
+    path = gtorch.export(_Logits(lm), (torch.randint(0, 128, (2, 40)),), tmp_path / f"{family}.onnx",
+                         dynamic_axes={0: "batch", 1: "seq"}, input_names=["input_ids"], output_names=["logits"])
+    model = gp.load_model(path)
+    records = gp.Pipeline().add("sparse_attention", pattern="vertical_slash", **VS).run(model)
+    assert [r["mask"] for r in records[0]["rewritten"]] == ["none", "none"]
+    ids = np.random.default_rng(2).integers(0, 128, (2, 80))
+    got = make_session(model).run(None, {"input_ids": ids})[0]
+    with torch.no_grad():
+        want = ref(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+        dense = lm(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    assert np.abs(got - dense).max() > 1e-2
