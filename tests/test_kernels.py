@@ -37,6 +37,7 @@ SPARSE = [
     dict(pattern="sliding_window", window=64),  # window >= N: dense
     dict(pattern="block_topk", block_size=8, topk=2, num_global=1),
     dict(pattern="block_topk", block_size=5, topk=2, keep_first=0),  # routing block not a tile multiple
+    dict(pattern="block_topk", block_size=8, topk=2, causal=1, num_global=1),
     dict(pattern="neighborhood_2d", grid=None, kernel=3, num_global=1),
     dict(pattern="neighborhood_2d", grid=None, kernel=3, dilation=2, num_global=1),
     dict(pattern="block_layout", block_size=8, num_global=1),
@@ -271,6 +272,7 @@ ROUTED = [
     dict(pattern="block_topk", block_size=8, topk=2, num_global=1),
     dict(pattern="block_topk", block_size=5, topk=3, keep_first=0),  # block not a power of two; diagonal kept
     dict(pattern="block_topk", block_size=8, topk=2, keep_first=0, keep_diagonal=0, num_global=10),  # 2 global blocks
+    dict(pattern="block_topk", block_size=8, topk=2, causal=1, num_global=1),  # causal: no N x N mask read
     dict(pattern="block_layout", block_size=8, num_global=1),  # one layout per head
     dict(pattern="block_layout", block_size=6, layout_heads=1),  # one layout for every head
 ]

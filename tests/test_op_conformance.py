@@ -120,6 +120,11 @@ CASES = {
         export_dynamic=False),
     "SparseAttention-block_layout": Case(
         "SparseAttention", _sparse("block_layout", block_size=8), (24, 29), 2, False),
+    "SparseAttention-block_topk-causal": Case(
+        "SparseAttention", _sparse("block_topk", block_size=8, topk=2, causal=1), (24, 29), 2),
+    "SparseAttention-block_topk-causal-global-nofirst": Case(
+        "SparseAttention", _sparse("block_topk", block_size=8, topk=3, causal=1, num_global=2, keep_first=0),
+        (24, 29), 2),
     # 24 tokens: 3 blocks; 29: 4, the last one short. The estimate reads 7 queries, i.e. rows in two blocks
     "SparseAttention-vertical_slash": Case(
         "SparseAttention", _sparse("vertical_slash", block_size=8, vertical=5, slash=2, last_q=7, num_global=2),

@@ -124,6 +124,33 @@ def test_vertical_slash_agrees_with_reference_and_is_sparse(n):
     assert np.abs(y - dense).max() > 1e-3
 
 
+@pytest.mark.parametrize("n", [197, 256])
+@pytest.mark.parametrize("bias_kind", ["none", "key"])
+def test_causal_block_topk(n, bias_kind):
+    """``causal``: later key blocks are never routed to, no key after its query is seen (global rows: every earlier
+    key), all blocks kept is causal dense; the static body agrees with the definition."""
+    q, k, v = _inputs(2, n, seed=n)
+    bias = None
+    if bias_kind == "key":
+        bias = np.zeros((2, 1, 1, n), dtype=np.float32)
+        bias[1, ..., n - n // 4:] = -np.inf
+    causal = np.tril(np.ones((n, n), dtype=bool))
+    cbias = np.where(causal, 0.0, -np.inf)
+    for params in ({"block_size": 16, "topk": 3, "causal": True},
+                   {"block_size": 32, "topk": 2, "causal": True, "num_global": 2, "keep_first": False}):
+        y, attrs = _run("block_topk", q, k, v, bias=bias, **params)
+        ref = sa.reference(q, k, v, bias=bias, **{a: b for a, b in attrs.items() if a not in ("seq_len", "bias")})
+        np.testing.assert_allclose(y, ref, atol=2e-5, rtol=0)
+        allowed = sa.allowed_mask(q, k, bias, **{a: b for a, b in attrs.items() if a != "seq_len"})
+        assert not (allowed & ~causal).any() and allowed[:, :, np.arange(n), np.arange(n)].all()
+        assert np.abs(y - _dense(q, k, v, cbias + (0 if bias is None else bias))).max() > 1e-3
+    nb = -(-n // 16)
+    y, _ = _run("block_topk", q, k, v, block_size=16, topk=nb, causal=True)
+    np.testing.assert_allclose(y, _dense(q, k, v, cbias), atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="keeps the diagonal block"):
+        sa.normalize("block_topk", n, 0.25, causal=True, keep_diagonal=False)
+
+
 @pytest.mark.parametrize(("pattern", "n", "params"), AGREEMENT)
 @pytest.mark.parametrize("bias_kind", ["none", "key", "full"])
 def test_agrees_with_reference(pattern, n, params, bias_kind):

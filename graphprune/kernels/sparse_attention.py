@@ -99,6 +99,8 @@ def _sparse_attention_fwd(
                 ch = tl.load(Chosen + b * scb + h * sch + (i // RB) * NBR + j // RB,
                              mask=row_ok[:, None] & col_ok[None, :], other=0)
                 allowed = (ch != 0) | (i < G)
+                if CAUSAL:  # block_topk causal: no key after the query
+                    allowed = allowed & (j <= i)
             elif MODE == 1:
                 if CAUSAL:
                     allowed = tl.where(i < G, j <= i, ((j <= i) & (j > i - W)) | (j < G))

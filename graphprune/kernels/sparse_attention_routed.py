@@ -20,8 +20,9 @@ tile ``BLOCK`` = the next power of two >= 16, masked). Nothing is built on the h
 
 Then the flash-style online softmax (running max, sum, fp32 accumulator) over only those key blocks; a query block
 holding global rows (``< num_global``) walks every key block, and its global rows see every key. The bias is added
-floored at -1e30 (masked rows average V over their allowed keys). ``block_topk`` and ``block_layout`` have no
-causal variant in the op definition. The routing block size is ``min(block_size, N)`` at run time, so a dynamic N
+floored at -1e30 (masked rows average V over their allowed keys). A causal ``block_topk`` (``CAUSAL``) routes over
+the key blocks up to its own only and masks the keys after each query: a decoder's prefill without reading an
+N × N mask. The routing block size is ``min(block_size, N)`` at run time, so a dynamic N
 works (``BS`` is ``block_size``, or the resolved block at a static N). Semantics: :meth:`SparseAttention.compute`;
 tests compare against ``SparseAttention.reference``.
 """
@@ -58,6 +59,7 @@ def _block_mean(base, lo, cnt, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, CH
 def _sparse_attention_routed(Q, K, V, Bias, Layout, H, N, D, DV, Out,
                              SCALE: tl.constexpr, BS: tl.constexpr, TOPK: tl.constexpr, G: tl.constexpr,
                              ROUTE: tl.constexpr, KEEP_FIRST: tl.constexpr, KEEP_DIAG: tl.constexpr,
+                             CAUSAL: tl.constexpr,
                              HAS_BIAS: tl.constexpr, BIAS_B: tl.constexpr, BIAS_H: tl.constexpr,
                              BIAS_FULL: tl.constexpr, LAYOUT_H: tl.constexpr, KK: tl.constexpr,
                              BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
@@ -105,6 +107,8 @@ def _sparse_attention_routed(Q, K, V, Bias, Layout, H, N, D, DV, Out,
                     t = tl.load(bp + cols, mask=col_ok, other=float("-inf"))
                     tmax = tl.max(t.to(tl.float32), 0)
                 score = score + tl.maximum(tmax.to(tl.float64), tl.full([], -1e30, tl.float64))  # exact in fp64
+            if CAUSAL:  # a key block after the query block never enters a slot (-inf is not > any slot's score)
+                score = tl.where(r > qb, float("-inf"), score)
             if KEEP_FIRST:
                 score = tl.where(r == 0, float("inf"), score)
             if KEEP_DIAG:
@@ -142,6 +146,8 @@ def _sparse_attention_routed(Q, K, V, Bias, Layout, H, N, D, DV, Out,
                                other=0.0)
                 s = s + tl.maximum(bias.to(tl.float32), -1e30)
             allowed = (glob_rows | chosen) & col_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                allowed = allowed & (cols[None, :] <= rows[:, None])
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -188,7 +194,7 @@ def routed_constexprs(attrs: dict, n: int | None, d: int, dv: int, bias_shape: t
     topk = a["topk"] if a["pattern"] == "block_topk" else 1
     return dict(SCALE=float(a["scale"] or 1.0 / math.sqrt(d)), BS=bs, TOPK=topk, G=a["num_global"] or 0,
                 ROUTE=ROUTED_PATTERNS.index(a["pattern"]), KEEP_FIRST=bool(a.get("keep_first")),
-                KEEP_DIAG=bool(a.get("keep_diagonal")), HAS_BIAS=bias_shape is not None,
+                KEEP_DIAG=bool(a.get("keep_diagonal")), CAUSAL=bool(a.get("causal")), HAS_BIAS=bias_shape is not None,
                 BIAS_B=bias_shape is not None and bias_shape[0] != 1,
                 BIAS_H=bias_shape is not None and bias_shape[1] != 1,
                 BIAS_FULL=bias_shape is not None and bias_shape[2] != 1, LAYOUT_H=layout_heads != 1,

@@ -29,6 +29,9 @@ from graphprune.ops._sparse_plan import GatheredPlan, RoutedPlan
 
 BIAS_FLOOR = np.float32(-1e30)
 FORCE = np.float32(np.inf)  # added to forced routing scores (biases are floored, so never inf - inf)
+#: a causal block_topk's forced first block: above any real score, below the diagonal's +inf (which TopK then always
+#: puts in slot 0, where the body masks it by a triangle)
+CAUSAL_FIRST = np.float32(1e30)
 
 
 def bias_floor(dtype: ir.DataType) -> float:
@@ -109,13 +112,18 @@ def gathered_body(body: SparseBody, plan: GatheredPlan, scale: float, bias_kind:
 
 
 def _global_rows(body: SparseBody, qs: ir.Value, k: ir.Value, v: ir.Value, fb: ir.Value | None, bias_kind: str, g: int,
-                 n: int, causal: bool) -> ir.Value:
-    """Dense attention of the first ``g`` (global) queries: [B, H, g, Dv]."""
+                 n: int | ir.Value, causal: bool) -> ir.Value:
+    """Dense attention of the first ``g`` (global) queries: [B, H, g, Dv]; ``n`` a 1-element value at a dynamic N."""
     sg = body.op("MatMul", [body.slice(qs, 0, g, 2), body.t_last(k, 4)])
-    if causal:
+    if causal and isinstance(n, int):
         pos = np.arange(n)
         cb = np.where(pos[None, :] <= np.arange(g)[:, None], np.float32(0), np.float32(-np.inf))
         sg = body.op("Add", [sg, body.const(cb.astype(np.float32))])
+    elif causal:
+        pos = body.op("Range", [body.const(np.int64(0)), body.op("Squeeze", [n]), body.const(np.int64(1))])
+        later = body.op("Greater", [pos, body.const(np.arange(g, dtype=np.int64)[:, None])])  # [g, N]
+        sg = body.op("Add", [sg, body.op("Where", [later, body.const(np.float32(-np.inf)),
+                                                   body.const(np.float32(0))])])
     if fb is not None:
         sg = body.op("Add", [sg, fb if bias_kind == "key" else body.slice(fb, 0, g, 2)])
     return body.op("MatMul", [body.op("Softmax", [sg], {"axis": -1}), v])
@@ -144,8 +152,24 @@ def _gathered_run(body: SparseBody, plan: GatheredPlan, start: int, end: int, sh
     return body.op("MatMul", [probs, vb])
 
 
+def _causal_scores(body: SparseBody, scores: ir.Value, idx: ir.Value, blocks: ir.Value, b: int, kk) -> ir.Value:
+    """A causal block_topk's scores [B, H, nb, b, k*b]: slot 0 is the diagonal block (its routing score is the only
+    +inf), masked by a triangle; a later slot's block after the query block is masked whole. Small additive
+    biases, no N × N tensor."""
+    tri = np.where(np.arange(b)[None, :] <= np.arange(b)[:, None], np.float32(0), np.float32(-np.inf))
+    diag = body.op("Add", [body.slice(scores, 0, b, 4), body.const(tri)])
+    width = body.value(kk * b) if isinstance(kk, int) else body.op("Mul", [kk, body.ints(b)])
+    rest = body.op("Slice", [scores, body.ints(b), width, body.ints(4)])
+    later = body.op("Greater", [body.slice(idx, 1, 2**62, 3), body.op("Unsqueeze", [blocks, body.ints(1)])])
+    mask = body.op("Where", [later, body.const(np.float32(-np.inf)), body.const(np.float32(0))])  # [B, H, nb, k-1]
+    mask = body.op("Expand", [body.op("Unsqueeze", [mask, body.ints(4)]),
+                              body.op("Concat", [body.op("Shape", [mask]), body.ints(b)], {"axis": 0})])
+    mask = body.op("Reshape", [mask, body.ints(0, 0, 0, 1, -1)])  # [B, H, nb, 1, (k-1)*b]
+    return body.op("Concat", [diag, body.op("Add", [rest, mask])], {"axis": -1})
+
+
 def routed_body(body: SparseBody, plan: RoutedPlan, scale: float, bias_kind: str, force: np.ndarray | None, layout: bool,
-                inputs: list[ir.Value]) -> ir.Value:
+                inputs: list[ir.Value], causal: bool = False) -> ir.Value:
     """Record block_topk (``layout`` False) or block_layout (``layout`` True) on ``body``; returns the output."""
     q, k, v = inputs[:3]
     bias = inputs[3] if bias_kind != "none" else None
@@ -202,6 +226,8 @@ def routed_body(body: SparseBody, plan: RoutedPlan, scale: float, bias_kind: str
         else:  # [B, H, nb, k, b] → [B, H, nb, 1, k*b]
             extra = body.op("Reshape", [extra, body.ints(0, 0, 0, 1, kk * b)])
         scores = body.op("Add", [scores, extra])
+    if causal:
+        scores = _causal_scores(body, scores, idx, body.const(np.arange(nb, dtype=np.int64)), b, kk)
     probs = body.op("Softmax", [scores], {"axis": -1})
     ob = body.op("MatMul", [probs, vg])  # [B, H, nb, b, Dv]
     out = body.op("Reshape", [ob, body.ints(0, 0, nb * b, -1)])
@@ -210,7 +236,7 @@ def routed_body(body: SparseBody, plan: RoutedPlan, scale: float, bias_kind: str
         out = body.slice(out, g, n, 2)
     if g:
         fb = _floor(body, bias) if bias is not None else None
-        out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, n, False), out], {"axis": 2})
+        out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, n, causal), out], {"axis": 2})
     return out
 
 
@@ -371,7 +397,8 @@ def _window_lo(body: SparseBody, pos: ir.Value, n: ir.Value, w: int, causal: boo
 
 
 def dynamic_topk_body(body: SparseBody, block: int, topk: int, keep_first: bool, keep_diagonal: bool,
-                      num_global: int, scale: float, bias_kind: str, inputs: list[ir.Value]) -> ir.Value:
+                      num_global: int, scale: float, bias_kind: str, inputs: list[ir.Value],
+                      causal: bool = False) -> ir.Value:
     """``block_topk`` for any N read at run time: the routed body with its block counts, padding, pooling
     weights, forced blocks and padding-key bias computed in the graph (``nb = ceil(N / block)``)."""
     q, k, v = inputs[:3]
@@ -421,8 +448,17 @@ def dynamic_topk_body(body: SparseBody, block: int, topk: int, keep_first: bool,
                                        body.ints(b)], {"axis": 0})
             tiles = body.op("Reshape", [full, shape])
             route = body.op("Add", [route, body.op("ReduceMax", [tiles, body.ints(3, 5)], {"keepdims": 0})])
-    if keep_first or keep_diagonal:
-        rows, cols = body.op("Unsqueeze", [blocks, body.ints(1)]), body.op("Unsqueeze", [blocks, body.ints(0)])
+    rows, cols = body.op("Unsqueeze", [blocks, body.ints(1)]), body.op("Unsqueeze", [blocks, body.ints(0)])
+    if causal:  # later key blocks rank last; the diagonal (+inf) above the first block (1e30): slot 0
+        zero_f = body.const(np.float32(0))
+        route = body.op("Add", [route, body.op("Where", [body.op("Greater", [cols, rows]),
+                                                         body.const(np.float32(-np.inf)), zero_f])])
+        if keep_first:
+            first = body.op("Equal", [cols, body.op("Mul", [rows, body.ints(0)])])
+            route = body.op("Add", [route, body.op("Where", [first, body.const(CAUSAL_FIRST), zero_f])])
+        route = body.op("Add", [route, body.op("Where", [body.op("Equal", [rows, cols]), body.const(FORCE),
+                                                         zero_f])])
+    elif keep_first or keep_diagonal:
         forced = None
         if keep_first:
             forced = body.op("Equal", [cols, body.op("Mul", [rows, body.ints(0)])])  # column 0, [nb, nb]
@@ -469,9 +505,11 @@ def dynamic_topk_body(body: SparseBody, block: int, topk: int, keep_first: bool,
     else:  # padding keys of the last block
         extra = body.op("Gather", [key_pad, idx], {"axis": 0})  # [B, H, nb, k, b]
         scores = body.op("Add", [scores, body.op("Reshape", [extra, body.ints(0, 0, 0, 1, -1)])])
+    if causal:
+        scores = _causal_scores(body, scores, idx, blocks, b, kk)
     ob = body.op("MatMul", [body.op("Softmax", [scores], {"axis": -1}), vg])  # [B, H, nb, b, Dv]
     shape4 = body.op("Concat", [body.ints(0, 0, -1), body.op("Shape", [v], {"start": 3})], {"axis": 0})
     out = body.op("Slice", [body.op("Reshape", [ob, shape4]), body.ints(g), n, body.ints(2)])
     if g:
-        out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, 0, False), out], {"axis": 2})
+        out = body.op("Concat", [_global_rows(body, qs, k, v, fb, bias_kind, g, n, causal), out], {"axis": 2})
     return out

@@ -19,6 +19,8 @@ Semantics: ``Softmax(Q·Kᵀ·scale + max(bias, -1e30) + M)·V`` with ``M`` 0 on
      last (ties: lower block first; the diagonal / first block are always kept when asked, and count towards k).
      The means include masked tokens. ``topk >= nb`` is dense. The first ``num_global`` queries (CLS) attend
      to every key; with ``keep_first`` (default) and ``num_global <= block_size`` every query also sees them.
+     ``causal`` (needs ``keep_diagonal``): key blocks after the query block score -inf, and no query sees a key
+     after it (a causal decoder without an N × N mask).
   4. ``block_layout`` (``block_size`` b, ``topk`` = most ones in a layout row, ``num_global``): the static 0/1
      ``layout`` input says which K blocks each Q block sees, per head; global queries see every key. An
      all-ones layout is dense.
@@ -50,6 +52,7 @@ from graphprune.ops import _vertical_slash
 from graphprune.ops._base import Attr, Body, OpDef, Port, register
 from graphprune.ops._dims import Dim
 from graphprune.ops._sparse_body import (
+    CAUSAL_FIRST,
     FORCE,
     SparseBody,
     dynamic_topk_body,
@@ -74,7 +77,7 @@ DYNAMIC_PATTERNS = ("sliding_window", "block_topk", "vertical_slash")
 PATTERN_KEYS = {
     "sliding_window": ("window", "causal", "num_global", "block_size"),
     "neighborhood_2d": ("grid", "kernel", "dilation", "num_global", "block_size"),
-    "block_topk": ("block_size", "topk", "keep_diagonal", "keep_first", "num_global"),
+    "block_topk": ("block_size", "topk", "keep_diagonal", "keep_first", "num_global", "causal"),
     "block_layout": ("block_size", "topk", "num_global"),
     "vertical_slash": _vertical_slash.KEYS,
 }
@@ -94,7 +97,7 @@ class SparseAttention(OpDef):
         Attr("scale", float, 0.0, "multiplies Q·Kᵀ (0: 1/sqrt(D))"),
         Attr("bias", str, "none", "none | key ([.., 1, N]) | full ([.., N, N])", choices=BIAS_KINDS),
         Attr("window", int, None, "keys per query (sliding_window)", min=1),
-        Attr("causal", bool, None, "causal window (sliding_window)"),
+        Attr("causal", bool, None, "causal window (sliding_window); no key after the query (block_topk)"),
         Attr("num_global", int, None, "leading global tokens (block_*: global queries only)", min=0),
         Attr("grid", "ints", None, "token grid [h, w] (neighborhood_2d)", min=1),
         Attr("kernel", int, None, "neighborhood side (neighborhood_2d)", min=1),
@@ -131,6 +134,9 @@ class SparseAttention(OpDef):
                 raise ConfigError("grid: neighborhood_2d needs the token grid [h, w]")
         if pattern == "block_topk" and a["keep_diagonal"] + a["keep_first"] > a["topk"]:
             raise ConfigError(f"topk: {a['topk']} is fewer than the blocks always kept (keep_diagonal/keep_first)")
+        if pattern == "block_topk" and a["causal"] and not a["keep_diagonal"]:
+            raise ConfigError("keep_diagonal: a causal block_topk keeps the diagonal block (without it a query block "
+                              "may see no key at all)")
         if seq_len:
             if a["num_global"] >= seq_len and pattern != "vertical_slash":  # sinks: min(num_global, N)
                 raise ConfigError(f"num_global: {a['num_global']} leaves no tokens of the {seq_len} for the pattern")
@@ -196,7 +202,8 @@ class SparseAttention(OpDef):
                 return [dynamic_window_body(t, a["window"], bool(a["causal"]), a["num_global"], effective_block(a),
                                             a["scale"], a["bias"], list(inputs))]
             return [dynamic_topk_body(t, a["block_size"] or 64, a["topk"], bool(a["keep_first"]),
-                                      bool(a["keep_diagonal"]), a["num_global"], a["scale"], a["bias"], list(inputs))]
+                                      bool(a["keep_diagonal"]), a["num_global"], a["scale"], a["bias"], list(inputs),
+                                      causal=bool(a["causal"]))]
         a = at_length(a, n, d)
         plan = _plan(a)
         ins = [x for x in inputs]
@@ -204,7 +211,8 @@ class SparseAttention(OpDef):
             out = gathered_body(t, plan, a["scale"], a["bias"], ins)
         else:
             force = _force(a, plan) if a["pattern"] == "block_topk" else None
-            out = routed_body(t, plan, a["scale"], a["bias"], force, a["pattern"] == "block_layout", ins)
+            out = routed_body(t, plan, a["scale"], a["bias"], force, a["pattern"] == "block_layout", ins,
+                              causal=bool(a.get("causal")))
         return [out]
 
 
@@ -219,8 +227,12 @@ def _allowed(xp, a: dict, q, k, layout, bias):
     if a["pattern"] == "vertical_slash":
         return _vertical_slash.allowed(xp, a, q, k)
     allowed = _allowed_routed(xp, a, q, k, layout, bias)
-    rows = xp.asarray((np.arange(q.shape[2]) < a["num_global"])[None, None, :, None], device=_device(q))
-    return xp.logical_or(allowed, rows)
+    n = q.shape[2]
+    rows = xp.asarray((np.arange(n) < a["num_global"])[None, None, :, None], device=_device(q))
+    allowed = xp.logical_or(allowed, rows)
+    if a.get("causal"):  # block_topk: no key after the query (global rows: every earlier key)
+        allowed = xp.logical_and(allowed, xp.asarray(np.tril(np.ones((n, n), dtype=bool)), device=_device(q)))
+    return allowed
 
 
 def allowed_mask(q: np.ndarray, k: np.ndarray, attn_bias: np.ndarray | None = None,
@@ -266,13 +278,18 @@ def _plan(a: dict) -> GatheredPlan | RoutedPlan:
 
 
 def _force(a: dict, plan: RoutedPlan) -> np.ndarray | None:
-    if not (a.get("keep_diagonal") or a.get("keep_first")):
+    """[nb, nb] added to the routing scores: +inf on the kept blocks; causal: -inf after the diagonal, and the
+    first block only 1e30, so that the diagonal is always the first pick (the body masks it by a triangle)."""
+    if not (a.get("keep_diagonal") or a.get("keep_first") or a.get("causal")):
         return None
-    f = np.zeros((plan.nb, plan.nb), dtype=np.float32)
+    nb = plan.nb
+    f = np.zeros((nb, nb), dtype=np.float32)
+    if a.get("causal"):
+        f[np.arange(nb)[None, :] > np.arange(nb)[:, None]] = -np.inf
     if a.get("keep_first"):
-        f[:, 0] = FORCE
+        f[:, 0] = CAUSAL_FIRST if a.get("causal") else FORCE
     if a.get("keep_diagonal"):
-        f[np.arange(plan.nb), np.arange(plan.nb)] = FORCE
+        f[np.arange(nb), np.arange(nb)] = FORCE
     return f
 
 
@@ -359,6 +376,9 @@ def routed_blocks(xp, a: dict, q, k, layout, bias):
             if bias.shape[2] == 1:  # a key bias is the same for every query block (padded query rows aside)
                 tile_max = xp.broadcast_to(tile_max[:, :, :1], tile_max.shape)
             score = score + tile_max
+        if a.get("causal"):  # key blocks after the query block rank last (and are masked below)
+            later = np.arange(nb)[None, :] > np.arange(nb)[:, None]
+            score = xp.where(xp.asarray(later, device=dev), xp.asarray(-math.inf, dtype=f64), score)
         score = xp.where(xp.asarray(forced, device=dev), xp.asarray(math.inf, dtype=f64), score)
         order = xp.argsort(score, axis=-1, descending=True, stable=True)[..., :kk]
         chosen = xp.any(order[..., :, None] == xp.arange(nb, device=dev), axis=-2)
