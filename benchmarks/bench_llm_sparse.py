@@ -9,7 +9,8 @@ pattern, and the same graphs run at every N. Budget ``K`` keys per query (defaul
   included), estimated from the last 64 queries at run time; the causal mask is dropped (the pattern is causal);
 * ``a_shape``: ``sliding_window`` causal, ``window = K - 4``, ``num_global = 4`` sink tokens;
 * ``block_topk``: blocks of 64, ``topk = K/64`` (the first and the diagonal block among them), over the model's
-  causal mask (kept as the node's bias);
+  causal mask (kept as the node's bias); ``block_topk causal``: the same with ``causal: true``, which routes over
+  the blocks up to the query's own and masks later keys itself, so the plain causal mask is dropped;
 * ``auto``: per head, the best of the three by recall of the dense attention mass on 4 training windows of 1,024
   tokens (MInference's offline choice; ``pattern: auto``).
 
@@ -56,6 +57,7 @@ def patterns(budget: int) -> dict[str, dict]:
                            "block_size": 64, "last_q": 64},
         "a_shape": {"pattern": "sliding_window", "causal": True, "window": budget - 4, "num_global": 4},
         "block_topk": {"pattern": "block_topk", "block_size": 64, "topk": budget // 64},
+        "block_topk_causal": {"pattern": "block_topk", "block_size": 64, "topk": budget // 64, "causal": True},
         "auto": {"pattern": "auto", "budget": budget},
     }
 
@@ -72,6 +74,8 @@ def rewrite(path, config: dict) -> ir.Model:
     if not result.modified or result.skipped:
         raise RuntimeError(f"{config['pattern']}: not every block was rewritten: {result.skipped}")
     label = config["pattern"] if config["pattern"] != "sliding_window" else "a_shape"
+    if config.get("causal") and config["pattern"] == "block_topk":
+        label = "block_topk causal"
     if config["pattern"] == "auto":
         counts: dict[str, int] = {}
         for heads in result.info["head_patterns"].values():
@@ -214,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=2, help="held-out windows per N (default 2)")
     p.add_argument("--runs", type=int, default=3, help="interleaved prefill runs per N (default 3)")
     p.add_argument("--core-runs", type=int, default=10, help="interleaved attention-core runs per N (default 10)")
+    p.add_argument("--patterns", nargs="+", default=None, help="only these (default: every pattern)")
     p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)  # (model|core, N, pattern): JSON out
     p.add_argument("--dense-file", default=None, help=argparse.SUPPRESS)
     add_result_option(p)
@@ -234,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
             dense_file = str(Path(tmp) / f"dense_{n}.npz")  # not pile up (8k: dense prefill ~12 GB, core ~8 GB)
             models, cores = {}, {}
             for name, cfg in patterns(a.budget).items():
+                if a.patterns and name not in a.patterns:
+                    continue
                 models[name] = _child(["--child", "model", str(n), name, "--dense-file", dense_file, *common], n)
                 if cfg["pattern"] != "auto":  # auto: several nodes per block (timed in the whole prefill only)
                     cores[name] = _child(["--child", "core", str(n), name, *common], n)
@@ -250,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
             f"1,024 tokens), every attention block rewritten by the sparse_attention pass at a budget of {a.budget} "
             f"keys per query: vertical_slash (vertical {a.budget // 2}, slash {max(1, a.budget // 128)} blocks of 64, "
             f"estimated from the last 64 queries), a_shape (causal window {a.budget - 4} + 4 sink tokens), "
-            f"block_topk (blocks of 64, top {a.budget // 64}, over the causal mask), and auto (each head's best of "
+            f"block_topk (blocks of 64, top {a.budget // 64}, over the causal mask; 'causal': causal: true, the mask "
+            f"dropped), and auto (each head's best of "
             f"the three by recall of the dense attention mass on {CALIBRATION} training windows of 1,024 tokens; "
             f"its core is several nodes per block, timed in the prefill only). Quality on {a.windows} held-out "
             f"windows of N tokens per N (acc kept: share of dense next-token accuracy at the same N). Prefill: batch "

@@ -136,6 +136,21 @@ def test_vertical_slash_decoder_matches_the_op_definition(decoder, vs_reference,
     np.testing.assert_allclose(got[:, :8], dense[:, :8], atol=2e-4, rtol=1e-4)  # the first block sees every key
 
 
+def test_causal_block_topk_drops_the_causal_mask_and_matches_the_decoder(decoder):
+    """``block_topk`` with ``causal: true`` on the decoder: the plain causal mask goes (no N x N bias), and the
+    result equals the same routing over the kept mask (``causal: false``), which the test above checks."""
+    path, llama, _ = decoder
+    ids = np.random.default_rng(4).integers(0, 128, (2, 70))
+    outs = {}
+    for causal in (False, True):
+        model = gp.load_model(path)
+        records = gp.Pipeline().add("sparse_attention", pattern="block_topk", block_size=16, topk=2,
+                                    causal=causal).run(model)
+        assert {r["mask"] for r in records[0]["rewritten"]} == {"none" if causal else "full"}
+        outs[causal] = make_session(model).run(None, {"input_ids": ids})[0]
+    np.testing.assert_allclose(outs[True], outs[False], atol=2e-4, rtol=1e-4)
+
+
 def test_vertical_slash_torch_fx_matches_the_op_definition(decoder, vs_reference):
     """``graphprune.torch.sparse_attention`` places the same pattern in the module (no mask input), at another N
     than the export's."""
@@ -180,7 +195,7 @@ def test_vertical_slash_refuses_a_padding_mask_and_a_non_causal_model(tmp_path, 
     code, out, err = cli(["optimize", hf_export("bert"), "-o", tmp_path / "out.onnx", "--sparse-attention",
                           "vertical_slash"], capsys)
     assert code == 2, err
-    assert "vertical_slash is causal" in err and "Traceback" not in err + out
+    assert "vertical_slash (causal) on attention block 0, which is not causal" in err and "Traceback" not in err + out
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -242,8 +257,9 @@ def test_auto_chooses_a_pattern_per_head_by_recall(decoder):
 
 
 def test_mixed_head_groups_per_layer_match_the_op_definitions(decoder):
-    """Per-layer head groups of three patterns in one block: the vertical_slash heads run without the causal mask,
-    the others with it; the decoder equals the per-head reference and differs from dense."""
+    """Per-layer head groups of three patterns in one block: the vertical_slash and causal block_topk heads run
+    without the causal mask, the A-shape heads with it; the decoder equals the per-head reference and differs from
+    dense."""
     from graphprune.passes._sparse_choice import candidate_params
 
     path, llama, _ = decoder
@@ -257,8 +273,8 @@ def test_mixed_head_groups_per_layer_match_the_op_definitions(decoder):
     model = gp.load_model(path)
     records = gp.Pipeline().add("sparse_attention", per_layer=per_layer).run(model)
     assert {(r["block"], r["pattern"], r["mask"]) for r in records[0]["rewritten"]} == {
-        (0, "vertical_slash", "none"), (0, "sliding_window", "full"), (0, "block_topk", "full"),
-        (1, "block_topk", "full"), (1, "sliding_window", "full"), (1, "vertical_slash", "none")}
+        (0, "vertical_slash", "none"), (0, "sliding_window", "full"), (0, "block_topk", "none"),
+        (1, "block_topk", "none"), (1, "sliding_window", "full"), (1, "vertical_slash", "none")}
     ids = np.random.default_rng(6).integers(0, 128, (2, 90))
     got = make_session(model).run(None, {"input_ids": ids})[0]
     with torch.no_grad():
@@ -371,3 +387,28 @@ def test_vertical_slash_on_other_decoder_spellings(family, tmp_path):
         dense = lm(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
     assert np.abs(got - dense).max() > 1e-2
+
+
+@pytest.mark.parametrize("pattern", [dict(pattern="vertical_slash", **VS),
+                                     dict(pattern="block_topk", block_size=8, topk=2, causal=True)],
+                         ids=["vertical_slash", "block_topk-causal"])
+def test_causal_patterns_replace_an_is_causal_attention_op(pattern):
+    """The standard ``Attention`` op with ``is_causal`` (no mask input): the causal patterns replace it (a
+    non-causal one is skipped), and the node equals the op definition."""
+    import onnx_ir as ir
+
+    from graphprune.ops import SparseAttention
+    from graphprune.passes.sparse_attention import SparseAttentionPass
+
+    n, h, d = 40, 2, 8
+    vals = [ir.Value(name=x, shape=ir.Shape([1, h, n, d]), type=ir.TensorType(ir.DataType.FLOAT)) for x in "qkv"]
+    att = ir.node("Attention", vals, {"is_causal": 1, "scale": 0.3})
+    att.outputs[0].name = "y"
+    model = ir.Model(ir.Graph(vals, att.outputs, nodes=[att], opset_imports={"": 23}), ir_version=10)
+    result = SparseAttentionPass(pattern)(model)
+    assert [r.mask for r in result.rewritten] == ["none"], result.skipped
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, h, n, d)).astype(np.float32) for _ in range(3))
+    got = make_session(model).run(None, {"q": q, "k": k, "v": v})[0]
+    want = SparseAttention.reference(q, k, v, scale=0.3, **pattern)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -9,7 +9,7 @@ Each head gets the candidate with the highest recall (ties: the earlier candidat
 
 * ``a_shape``: ``sliding_window``, causal, ``window = K - 4`` and 4 sink tokens (``num_global``);
 * ``vertical_slash``: ``K/2`` columns and ``K/2`` keys of block diagonals, 4 sinks;
-* ``block_topk``: ``K/b`` blocks, routed over the block's causal mask;
+* ``block_topk``: ``K/b`` blocks, ``causal`` (routed over the blocks up to the query's own);
 
 with blocks of ``b = clamp(K/8, 4, 64)`` tokens (64 from K = 512 up).
 
@@ -42,7 +42,7 @@ def candidate_params(name: str, budget: int) -> dict[str, Any]:
         return {"pattern": "vertical_slash", "vertical": max(1, budget // 2), "slash": max(1, budget // (2 * block)),
                 "block_size": block, "num_global": SINKS}
     if name == "block_topk":
-        return {"pattern": "block_topk", "block_size": block, "topk": max(2, budget // block)}
+        return {"pattern": "block_topk", "block_size": block, "topk": max(2, budget // block), "causal": True}
     raise ConfigError(f"candidates: unknown {name!r}; known: {', '.join(CANDIDATES)}")
 
 
@@ -57,13 +57,8 @@ def _softmax_causal(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
 def head_recall(p: np.ndarray, q: np.ndarray, k: np.ndarray, scale: float, params: dict[str, Any]) -> np.ndarray:
     """[H]: the share of the causal attention ``p`` [B, H, N, N] (of ``q``, ``k`` [B, H, N, D]) that the pattern
     keeps, mean over batch and queries."""
-    n = q.shape[2]
     keys = {x: v for x, v in params.items() if x != "pattern"}
-    bias = None
-    if params["pattern"] == "block_topk":  # routed over the causal mask, as the pass runs it
-        bias = np.where(np.tril(np.ones((n, n), dtype=bool)), 0.0, -np.inf).astype(np.float32)[None, None]
-        keys["bias"] = "full"
-    allowed = op.allowed_mask(q, k, bias, pattern=params["pattern"], seq_len=0, scale=scale, **keys)
+    allowed = op.allowed_mask(q, k, pattern=params["pattern"], seq_len=0, scale=scale, **keys)
     return (p * allowed).sum(-1).mean(axis=(0, 2))
 
 

@@ -259,16 +259,18 @@ def plan_block(blk: AttentionBlock, config: SparseAttentionConfig, opset: int) -
             raise Skip(f"mask {blk.mask.name!r} has dtype {blk.mask.dtype}, not the attention's "
                        f"{blk.q.dtype} or bool")
     groups = _groups_for(blk, config)
-    names = {_params_for(blk, config, g).get("pattern", config.pattern) for g in (groups or [None])}
-    if "vertical_slash" in names:
+    params = [_params_for(blk, config, g) for g in (groups or [None])]
+    own = [_causal_by_itself(p, config) for p in params]  # patterns that apply the causal mask themselves
+    if any(own):
+        name = next(p.get("pattern", config.pattern) for p, o in zip(params, own) if o)
         if not blk.causal:
-            raise ConfigError(f"pattern: vertical_slash is causal; attention block {blk.index} is not (no causal flag, "
-                              "and no mask that is exactly the causal one)")
+            raise ConfigError(f"pattern: {name} (causal) on attention block {blk.index}, which is not causal (no "
+                              "causal flag, and no mask that is exactly the causal one)")
         why = not_plain_causal(blk.mask, blk.nodes[0].graph) if blk.mask is not None else None
-        if why:  # vertical_slash has no bias input: only a mask it applies itself may go
+        if why and any(p.get("pattern", config.pattern) == "vertical_slash" for p in params):
             raise Skip(f"mask {blk.mask.name!r}: {why}; vertical_slash takes no mask but the plain causal one")
-        if names == {"vertical_slash"}:
-            shape4 = None  # the mask is exactly the causal one the pattern applies itself
+        if why is None and all(own):
+            shape4 = None  # the mask is exactly the causal one the patterns apply themselves
     bkind = "none" if shape4 is None else ("key" if shape4[2] == 1 else "full")
     if groups is not None:
         covered = sorted(h for g in groups for h in g.heads)
@@ -308,6 +310,12 @@ def _core_flops(parts: list[GroupPlan], blk: AttentionBlock) -> tuple[int, int]:
     dv = blk.v.shape[-1] if blk.v.shape is not None and isinstance(blk.v.shape[-1], int) else d
     pairs = [op.attention_flops(p.attrs, 1, len(p.heads), d, dv) for p in parts]
     return sum(e for e, _ in pairs), sum(x for _, x in pairs)
+
+
+def _causal_by_itself(params: dict[str, Any], config: SparseAttentionConfig) -> bool:
+    """Does the group's pattern apply the causal mask itself (vertical_slash; block_topk with ``causal``)?"""
+    pattern = params.get("pattern", config.pattern)
+    return pattern == "vertical_slash" or (pattern == "block_topk" and bool(params.get("causal")))
 
 
 def _groups_for(blk: AttentionBlock, config: SparseAttentionConfig) -> list[HeadGroup] | None:
@@ -374,8 +382,10 @@ def _group_plan(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadG
         params.setdefault("num_global", blk.prefix_tokens)
     if pattern == "sliding_window":
         params.setdefault("causal", blk.causal)
-    elif blk.causal and blk.mask is None:  # a causal mask input is kept as the bias; an is_causal flag is not
-        raise Skip(f"the block is causal; {pattern} is not (use sliding_window with causal: true)")
+    elif blk.causal and blk.mask is None and not _causal_by_itself(dict(params, pattern=pattern), config):
+        # a causal mask input is kept as the bias; an is_causal flag is not
+        raise Skip(f"the block is causal; {pattern} is not (use sliding_window or block_topk with causal: true, or "
+                   "vertical_slash)")
     if pattern == "neighborhood_2d" and "grid" not in params:
         side = math.isqrt(n - params["num_global"])
         if side * side != n - params["num_global"]:
@@ -395,6 +405,9 @@ def _group_plan(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadG
     scale = blk.scale if blk.scale else 1.0 / math.sqrt(blk.head_dim)
     if pattern == "vertical_slash":  # causal by itself: the (causal) mask is not its input
         bkind = "none"
+    elif pattern == "block_topk" and params.get("causal") and bkind != "none" and blk.mask is not None \
+            and not_plain_causal(blk.mask, blk.nodes[0].graph) is None:
+        bkind = "none"  # the plain causal mask: the pattern applies it without reading N x N
     return GroupPlan(group, head_ids, op.normalize(pattern, n if isinstance(n, int) else 0, scale, bkind, **params), lay)
 
 
