@@ -69,7 +69,7 @@ def rewrite(path, config: dict) -> ir.Model:
 
     model = load_model(path)
     context = PassContext(calibration=[{"input_ids": w[None]} for w in llm.calibration_windows(CALIBRATION, 1024)],
-                          data_source="user")
+                          data_source="user") if config["pattern"] == "auto" else None
     result = SparseAttentionPass(config, context)(model)
     if not result.modified or result.skipped:
         raise RuntimeError(f"{config['pattern']}: not every block was rewritten: {result.skipped}")

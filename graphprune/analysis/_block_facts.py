@@ -99,16 +99,21 @@ def is_causal_mask(mask: ir.Value | None, graph: ir.Graph, cache: dict | None = 
     A mask that reads a float input, or whose computation cannot be evaluated, is not causal here."""
     if mask is None:
         return False
-    env = {}
-    for v in graph.inputs:
-        shape = _index_trace.static_shape(v, _MASK_LEN)
-        if v.dtype is not None and v.dtype.is_integer() or v.dtype == ir.DataType.BOOL:
-            if shape is not None:
-                env[v] = np.ones(shape, dtype=v.dtype.numpy())
     try:
-        m = np.asarray(_index_trace.eval_shape(mask, env, _MASK_LEN, limit=256, cache=cache), dtype=np.float64)
-    except (_index_trace.TraceStop, ValueError, TypeError, IndexError, OverflowError):
+        return _blocks_later_keys(_evaluate(mask, _ones(graph), cache))
+    except _EVAL_ERRORS:
         return False
+
+
+_EVAL_ERRORS = (_index_trace.TraceStop, ValueError, TypeError, IndexError, OverflowError)
+
+
+def _evaluate(mask: ir.Value, env: dict, cache: dict | None = None) -> np.ndarray:
+    return np.asarray(_index_trace.eval_shape(mask, env, _MASK_LEN, limit=256, cache=cache), dtype=np.float64)
+
+
+def _blocks_later_keys(m: np.ndarray) -> bool:
+    """Does the evaluated mask block exactly the keys after each query?"""
     if m.ndim < 2 or m.shape[-1] != m.shape[-2] or m.shape[-1] < 2:
         return False
     upper = np.triu(np.ones(m.shape[-2:], dtype=bool), 1)
@@ -126,35 +131,23 @@ def _ones(graph: ir.Graph) -> dict[ir.Value, np.ndarray]:
     return env
 
 
-def mask_data_inputs(mask: ir.Value, graph: ir.Graph) -> list[str]:
-    """The integer or bool graph inputs whose *values* change the additive ``mask`` (a padding mask does; the
-    shapes of ``input_ids`` do not): the mask is evaluated as in :func:`is_causal_mask` with every such input set
-    to ones, then with each in turn set to zeros. A mask that cannot be evaluated reads all of them."""
-    inputs = _ones(graph)
-
-    def evaluate(env):
-        return np.asarray(_index_trace.eval_shape(mask, env, _MASK_LEN, limit=256), dtype=np.float64)
-
-    try:
-        base = evaluate(inputs)
-        return [v.name for v in inputs if not np.array_equal(evaluate(inputs | {v: np.zeros_like(inputs[v])}), base)]
-    except (_index_trace.TraceStop, ValueError, TypeError, IndexError, OverflowError):
-        return [v.name for v in inputs]
-
-
 def not_plain_causal(mask: ir.Value, graph: ir.Graph) -> str | None:
     """``None`` when the additive ``mask`` is exactly the causal one (keys after each query blocked, 0 elsewhere)
-    whatever the inputs' values; else why not, in a few words (a padding input, a position bias such as ALiBi)."""
-    reads = mask_data_inputs(mask, graph)
-    if reads:
-        return f"it reads input {reads[0]!r} (padding)"
-    if not is_causal_mask(mask, graph):
-        return "it is not the causal mask"
+    whatever the inputs' values; else why not, in a few words (a padding input, a position bias such as ALiBi).
+
+    Evaluated as in :func:`is_causal_mask` with the integer or bool inputs at ones, then with each in turn at
+    zeros: an input whose values change the mask is read by it (a padding mask; ``input_ids`` only lends its
+    shape)."""
+    env = _ones(graph)
     try:
-        m = np.asarray(_index_trace.eval_shape(mask, _ones(graph), _MASK_LEN, limit=256), dtype=np.float64)
-    except (_index_trace.TraceStop, ValueError, TypeError, IndexError, OverflowError):
+        base = _evaluate(mask, env)
+        for v in env:
+            if not np.array_equal(_evaluate(mask, env | {v: np.zeros_like(env[v])}), base):
+                return f"it reads input {v.name!r} (padding)"
+    except _EVAL_ERRORS:
         return "it cannot be evaluated"
-    lower = ~np.triu(np.ones(m.shape[-2:], dtype=bool), 1)
-    if np.any(m[..., lower] != 0):
+    if not _blocks_later_keys(base):
+        return "it is not the causal mask"
+    if np.any(base[..., ~np.triu(np.ones(base.shape[-2:], dtype=bool), 1)] != 0):
         return "it adds values besides blocking later keys (a position bias such as ALiBi)"
     return None

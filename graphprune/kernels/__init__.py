@@ -15,3 +15,8 @@ import os
 def interpreted() -> bool:
     """Whether kernels were decorated for Triton's CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def pow2(x: int, lo: int = 16) -> int:
+    """The next power of two >= ``x`` and >= ``lo``: a Triton block size for ``x`` elements."""
+    return max(lo, 1 << (max(1, x) - 1).bit_length())

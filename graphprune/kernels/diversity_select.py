@@ -27,6 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from graphprune.kernels import pow2
 from graphprune.ops import DiversitySelect
 
 #: Largest candidate count M (and k) the kernel holds in registers.
@@ -132,16 +133,12 @@ diversity_select_kernel = triton.jit(_diversity_select)
 SOURCES = {"diversity_select": _diversity_select}
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, 1 << (max(1, x) - 1).bit_length())
-
-
 def constexprs(n: int, c: int, attrs: dict) -> dict:
     """The kernel's compile-time constants for ``N = n`` (``n`` bounds ``BLOCK_M``: the kernel also runs for any
     smaller N >= protect + k) and ``c`` channels."""
     a = DiversitySelect.normalize(**attrs)
-    return dict(P=a["protect"], K=a["k"], KEEP_ORDER=bool(a["keep_order"]), BLOCK_M=_pow2(n - a["protect"]),
-                BLOCK_I=32, BLOCK_C=min(_pow2(c), 32 if n - a["protect"] > 256 else 64), BLOCK_K=_pow2(a["k"]))
+    return dict(P=a["protect"], K=a["k"], KEEP_ORDER=bool(a["keep_order"]), BLOCK_M=pow2(n - a["protect"]),
+                BLOCK_I=32, BLOCK_C=min(pow2(c), 32 if n - a["protect"] > 256 else 64), BLOCK_K=pow2(a["k"]))
 
 
 def supported(n: int, attrs: dict) -> bool:

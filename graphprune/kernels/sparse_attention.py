@@ -26,6 +26,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
+from graphprune.kernels import pow2
 from graphprune.ops import SparseAttention
 from graphprune.ops.sparse_attention import at_length, routed_blocks
 
@@ -176,10 +177,6 @@ SOURCES = {"sparse_attention_fwd": _sparse_attention_fwd, "sparse_attention_stat
 STATIC_PATTERNS = ("sliding_window", "neighborhood_2d")
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, 1 << (max(1, x) - 1).bit_length())
-
-
 def key_intervals(a: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Per query ``[lo, hi)``: a key interval covering its allowed non-global keys (window / neighborhood)."""
     i = np.arange(n)
@@ -287,7 +284,7 @@ def sparse_attention(q, k, v, attn_bias=None, layout=None, block_m: int = 16, bl
         heads, n, d, dv, float(a["scale"]), a["window"] or 1, a["num_global"] or 0, gh, gw, a["kernel"] or 1,
         a["dilation"] or 1, rb, nbr, table.shape[-1],
         MODE=mode, CAUSAL=bool(a["causal"]), HAS_BIAS=attn_bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv),
     )
     return out
 
@@ -311,7 +308,7 @@ def static_constexprs(attrs: dict, n: int | None, d: int, dv: int, bias_shape: t
                 GW=gw, KS=a["kernel"] or 1, DIL=a["dilation"] or 1, MODE=MODES[a["pattern"]], CAUSAL=bool(a["causal"]),
                 HAS_BIAS=bias_shape is not None, BIAS_B=bias_shape is not None and bias_shape[0] != 1,
                 BIAS_H=bias_shape is not None and bias_shape[1] != 1, BIAS_FULL=full, BLOCK_M=block, BLOCK_N=block,
-                BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv))
+                BLOCK_D=pow2(d), BLOCK_DV=pow2(dv))
 
 
 def sparse_attention_table_free(q, k, v, attn_bias=None, layout=None, block: int = 16, **attrs):

@@ -34,6 +34,7 @@ import math
 import triton
 import triton.language as tl
 
+from graphprune.kernels import pow2
 from graphprune.ops import SparseAttention
 from graphprune.ops.sparse_attention import DYNAMIC_PATTERNS, at_length
 
@@ -168,10 +169,6 @@ sparse_attention_routed = triton.jit(_sparse_attention_routed)
 SOURCES = {"sparse_attention_routed": _sparse_attention_routed}
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, 1 << (max(1, x) - 1).bit_length())
-
-
 def routed_constexprs(attrs: dict, n: int | None, d: int, dv: int, bias_shape: tuple | None,
                       layout_heads: int = 1) -> dict:
     """Compile-time constants of :data:`sparse_attention_routed` for one attribute set, head sizes, bias shape
@@ -198,7 +195,7 @@ def routed_constexprs(attrs: dict, n: int | None, d: int, dv: int, bias_shape: t
                 BIAS_B=bias_shape is not None and bias_shape[0] != 1,
                 BIAS_H=bias_shape is not None and bias_shape[1] != 1,
                 BIAS_FULL=bias_shape is not None and bias_shape[2] != 1, LAYOUT_H=layout_heads != 1,
-                KK=_pow2(topk, 1), BLOCK=_pow2(bs), BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv))
+                KK=pow2(topk, 1), BLOCK=pow2(bs), BLOCK_D=pow2(d), BLOCK_DV=pow2(dv))
 
 
 def num_warps(const: dict) -> int:

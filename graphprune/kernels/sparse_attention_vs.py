@@ -21,6 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from graphprune.kernels import pow2
 from graphprune.ops import SparseAttention
 from graphprune.ops.sparse_attention import at_length
 from graphprune.ops.sparse_attention import vertical_slash_select as select
@@ -87,10 +88,6 @@ vertical_slash_fwd = triton.jit(_vertical_slash_fwd)
 SOURCES = {"sparse_attention_vs": _vertical_slash_fwd}
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, 1 << (max(1, x) - 1).bit_length())
-
-
 def vertical_slash(q, k, v, block_c: int = 16, **attrs):
     """``SparseAttention`` ``vertical_slash`` on torch tensors ``[B, H, N, D]`` (CUDA, or CPU under
     ``TRITON_INTERPRET=1``): the selection on the device, then one launch over (query blocks, batch·head)."""
@@ -111,5 +108,5 @@ def vertical_slash(q, k, v, block_c: int = 16, **attrs):
     columns = columns.to(torch.int32).contiguous()
     grid = (-(-n // b), bsz * heads)
     vertical_slash_fwd[grid](q, k, v, offsets, columns, out, n, d, dv, offsets.shape[-1], columns.shape[-1],
-                              float(a["scale"]), BS=b, BLOCK_C=block_c, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv))
+                              float(a["scale"]), BS=b, BLOCK_C=block_c, BLOCK_D=pow2(d), BLOCK_DV=pow2(dv))
     return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from graphprune.kernels import pow2
 from graphprune.ops import TokenMerge
 
 #: Largest |A| (and |B|) the kernel holds in registers.
@@ -128,17 +129,13 @@ token_merge_kernel = triton.jit(_token_merge)
 SOURCES = {"token_merge": _token_merge}
 
 
-def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, 1 << (max(1, x) - 1).bit_length())
-
-
 def constexprs(n: int, c: int, d: int, attrs: dict) -> dict:
     """The kernel's compile-time constants for ``N = n`` (``n`` bounds the block sizes: the kernel also runs for
     any smaller N), channels ``c`` and metric dim ``d``."""
     a = TokenMerge.normalize(**attrs)
     m = n - a["protect"]
-    return dict(P=a["protect"], R=a["r"], BLOCK_A=_pow2((m + 1) // 2), BLOCK_B=_pow2(m // 2),
-                BLOCK_D=min(_pow2(d), 64), BLOCK_C=min(_pow2(c), 64))
+    return dict(P=a["protect"], R=a["r"], BLOCK_A=pow2((m + 1) // 2), BLOCK_B=pow2(m // 2),
+                BLOCK_D=min(pow2(d), 64), BLOCK_C=min(pow2(c), 64))
 
 
 def supported(n: int, attrs: dict) -> bool:

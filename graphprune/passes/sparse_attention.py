@@ -261,6 +261,7 @@ def plan_block(blk: AttentionBlock, config: SparseAttentionConfig, opset: int) -
     groups = _groups_for(blk, config)
     params = [_params_for(blk, config, g) for g in (groups or [None])]
     own = [_causal_by_itself(p, config) for p in params]  # patterns that apply the causal mask themselves
+    plain = False  # is the mask exactly the causal one (only asked when a pattern applies it itself)?
     if any(own):
         name = next(p.get("pattern", config.pattern) for p, o in zip(params, own) if o)
         if not blk.causal:
@@ -269,6 +270,7 @@ def plan_block(blk: AttentionBlock, config: SparseAttentionConfig, opset: int) -
         why = not_plain_causal(blk.mask, blk.nodes[0].graph) if blk.mask is not None else None
         if why and any(p.get("pattern", config.pattern) == "vertical_slash" for p in params):
             raise Skip(f"mask {blk.mask.name!r}: {why}; vertical_slash takes no mask but the plain causal one")
+        plain = blk.mask is not None and why is None
         if why is None and all(own):
             shape4 = None  # the mask is exactly the causal one the patterns apply themselves
     bkind = "none" if shape4 is None else ("key" if shape4[2] == 1 else "full")
@@ -276,7 +278,8 @@ def plan_block(blk: AttentionBlock, config: SparseAttentionConfig, opset: int) -
         covered = sorted(h for g in groups for h in g.heads)
         if covered != list(range(heads)):
             raise ConfigError(f"head_groups: heads {covered} must cover 0..{heads - 1} once (block {blk.index})")
-    parts = [_group_plan(blk, config, g, g.heads if g else list(range(heads)), bkind) for g in (groups or [None])]
+    parts = [_group_plan(blk, config, g, g.heads if g else list(range(heads)), bkind, plain)
+             for g in (groups or [None])]
     explicit = any({"window", "kernel", "topk", "layout"} & set(_params_for(blk, config, g))
                    or _params_for(blk, config, g).get("pattern", config.pattern) == "vertical_slash"
                    for g in (groups or [None]))
@@ -369,9 +372,10 @@ def _check(blk: AttentionBlock, opset: int) -> tuple[int, int]:
 
 
 def _group_plan(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadGroup | None, head_ids: list[int],
-                bkind: str) -> GroupPlan:
+                bkind: str, plain_causal: bool = False) -> GroupPlan:
     """The node for one head group: pattern keys merged (block, per-layer, group), defaults taken from the block
-    (``num_global``: prefix tokens, ``causal``, a square ``grid``), then ``op.normalize`` at the block's N."""
+    (``num_global``: prefix tokens, ``causal``, a square ``grid``), then ``op.normalize`` at the block's N.
+    ``plain_causal``: the block's mask is exactly the causal one (a causal block_topk then takes no bias)."""
     params = _params_for(blk, config, group)
     pattern = params.pop("pattern", config.pattern)
     n = _length(blk)
@@ -405,8 +409,7 @@ def _group_plan(blk: AttentionBlock, config: SparseAttentionConfig, group: HeadG
     scale = blk.scale if blk.scale else 1.0 / math.sqrt(blk.head_dim)
     if pattern == "vertical_slash":  # causal by itself: the (causal) mask is not its input
         bkind = "none"
-    elif pattern == "block_topk" and params.get("causal") and bkind != "none" and blk.mask is not None \
-            and not_plain_causal(blk.mask, blk.nodes[0].graph) is None:
+    elif pattern == "block_topk" and params.get("causal") and plain_causal:
         bkind = "none"  # the plain causal mask: the pattern applies it without reading N x N
     return GroupPlan(group, head_ids, op.normalize(pattern, n if isinstance(n, int) else 0, scale, bkind, **params), lay)
 
