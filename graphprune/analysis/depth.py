@@ -25,6 +25,7 @@ whose second branch is a cross-attention) is a
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from collections.abc import Collection
@@ -221,5 +222,69 @@ def cache_io(nodes: list[ir.Node], end: ir.Value, graph: ir.Graph) -> CacheIO | 
     return CacheIO(tuple(outs), tuple(pasts.values()))
 
 
-__all__ = ["CACHE_NAME", "Branch", "CacheIO", "ResidualBlock", "cache_io", "interior", "outside_reads", "residual_block",
-           "residual_blocks"]
+#: Node metadata the torch dynamo exporter writes: the module path of the node, outermost first, then the ATen
+#: node's own name (``['', 'lm', 'lm.model', 'lm.model.layers.0', 'lm.model.layers.0.self_attn', 'neg_3']``).
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def module_scopes(node: ir.Node) -> list[str] | None:
+    """The module paths ``node`` was computed in, outermost first (the exporter's name scopes without the node's own
+    name); ``None`` when the export did not record them."""
+    raw = node.metadata_props.get(NAME_SCOPES) if node.metadata_props else None
+    if not raw:
+        return None
+    try:
+        chain = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(chain, list) or not chain or not all(isinstance(s, str) for s in chain):
+        return None
+    return chain[:-1]
+
+
+def unit_module(block: ResidualBlock, kind: str, nodes: list[ir.Node], graph: ir.Graph,
+                allowed: Collection[int] = ()) -> str:
+    """The module of the exported ``nn.Module`` that computes exactly this unit, by its path (``model.layers.3`` for
+    a block, ``model.layers.3.self_attn`` / ``.mlp`` for a pre-norm branch, the output projection for a post-norm
+    one), or raises :class:`ValueError` with why there is none.
+
+    A block is the innermost module that holds all its nodes. A branch is the module, directly inside the one that
+    adds it to the stream, that computes the value added: removing the branch is that module returning zeros. In
+    both cases no value computed inside the module may be read outside it but the unit's own output (and the
+    values whose ids are in ``allowed``: the KV cache the pass removes with the unit)."""
+    if kind == "block":
+        chains = [module_scopes(n) for n in nodes]
+        if not chains or any(c is None for c in chains):
+            raise ValueError("the export records no module scopes for it (not a torch dynamo export)")
+        common = chains[0]
+        for c in chains[1:]:
+            k = 0
+            while k < min(len(common), len(c)) and common[k] == c[k]:
+                k += 1
+            common = common[:k]
+        target = common[-1] if common else ""
+        end = block.out
+    else:
+        br = block.attention if kind == "attention" else block.mlp
+        value = next((x for x in br.add.inputs if x is not br.stream), None)
+        prod = value.producer() if value is not None else None
+        outer = module_scopes(br.add)
+        inner = module_scopes(prod) if prod is not None else None
+        if outer is None or inner is None:
+            raise ValueError("the export records no module scopes for it (not a torch dynamo export)")
+        if inner[:len(outer)] != outer or len(inner) <= len(outer):
+            raise ValueError(f"the {kind} branch is not computed by a module inside the one that adds it to the "
+                             "stream")
+        target = inner[len(outer)]
+        end = value
+    if not target:
+        raise ValueError("its nodes share no module below the model itself")
+    inside = [n for n in graph if target in (module_scopes(n) or ())]
+    why = outside_reads(inside, end, graph, allowed)
+    if why is not None:
+        raise ValueError(f"module {target!r} also computes {why}")
+    return target
+
+
+__all__ = ["CACHE_NAME", "NAME_SCOPES", "Branch", "CacheIO", "ResidualBlock", "cache_io", "interior", "module_scopes",
+           "outside_reads", "residual_block", "residual_blocks", "unit_module"]

@@ -42,7 +42,8 @@ import onnx_ir.passes.common as common
 import pydantic
 
 from graphprune.analysis.attention import NoMatch
-from graphprune.analysis.depth import CacheIO, ResidualBlock, cache_io, interior, outside_reads, residual_blocks
+from graphprune.analysis.depth import (CacheIO, ResidualBlock, cache_io, interior, outside_reads, residual_blocks,
+                                       unit_module)
 from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skipped
@@ -230,6 +231,13 @@ class DepthPrunePass(GraphPass):
     def _finish(self, model: ir.Model, chosen: list[_Unit], units: list[_Unit], skipped: list[Skipped], cfg, kinds,
                 warnings: list[str]) -> GraphResult:
         before = sum(1 for _ in model.graph)
+        modules = {}  # what graphprune.torch.apply_plan replaces: the module computing each unit, or why none does
+        for u in chosen:
+            try:
+                modules[u.where] = unit_module(u.block, u.kind, u.nodes, model.graph,
+                                               allowed={id(v) for v in u.cache.outputs})
+            except ValueError as e:
+                modules[u.where] = {"none": str(e)}
         replaced: dict[int, ir.Value] = {}
         for u in chosen:
             _remove(model, u, replaced)
@@ -254,7 +262,7 @@ class DepthPrunePass(GraphPass):
         info = {"unit": cfg.unit, "importance": cfg.importance, "target": cfg.target, "candidates": len(units),
                 "removed": [u.where for u in chosen],
                 "scores": {u.where: float(f"{u.score:.6g}") for u in units}, "nodes_removed": removed,
-                "kinds": list(kinds), "cache_removed": cache_removed}
+                "kinds": list(kinds), "cache_removed": cache_removed, "modules": modules}
         rewritten: list[Rewrite] = [UnitRemoved(u.block.index, u.kind, float(f"{u.score:.6g}"), len(u.nodes),
                                                 u.flops or None, u.params or None) for u in chosen]
         return GraphResult(model, True, rewritten=rewritten, skipped=skipped, info=info, warnings=warnings)

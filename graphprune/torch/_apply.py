@@ -21,6 +21,10 @@ GroupNorm ``num_groups`` / ``num_channels`` (channels per group kept), Embedding
 with a q (``qkv``, ``query``, ``q_proj``, ``q``) projection child: timm-style ``num_heads`` / ``heads`` (head_dim
 kept), Hugging Face ``num_attention_heads`` / ``all_head_size`` (``attention_head_size`` kept).
 
+A plan with ``depth`` entries (``depth_prune`` in the pipeline) first has those modules replaced, in a copy, by
+:class:`~graphprune.torch._depth.RemovedUnit` (a removed block returns its input, a removed branch zeros); slices of
+nodes inside them are dropped with them (:mod:`._depth`).
+
 Where ``forward`` hard-codes a shape (``reshape(B, N, C)`` with ``C`` read from the input), the eager copy fails
 to run; with ``example_inputs`` the module is then rewritten as a torch.fx GraphModule (:mod:`._fx`); without them
 apply_plan refuses such a module at once (:mod:`._runcheck`, a shape-only run on the plan's recorded input shapes).
@@ -34,6 +38,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import GraphpruneError
+from graphprune.torch._depth import outside_removed, remove_units
 from graphprune.torch._fx import FX_META, rewrite_shapes
 from graphprune.torch._tensors import Slicing, slice_module, split_fqn
 
@@ -248,7 +253,8 @@ def apply_plan(module: nn.Module, plan: dict, example_inputs: tuple | None = Non
 
     Args:
         module: the module the plan was computed for (its dynamo export).
-        plan: the channel plan (``graphprune.torch.optimize(...).plan`` or a ``plan_out`` JSON file's content).
+        plan: the prune plan (``graphprune.torch.optimize(...).plan`` or a ``plan_out`` JSON file's content): channel
+            slices, and the blocks and branches ``depth_prune`` removed (``depth``).
         example_inputs: positional inputs; when given, the eager copy is run once, and if it fails (a ``forward``
             that hard-codes a shape) the module is rewritten with torch.fx instead (``mode="auto"``). Without
             them, the eager copy is checked on fake tensors shaped like the inputs the plan records (``info.torch
@@ -268,6 +274,9 @@ def apply_plan(module: nn.Module, plan: dict, example_inputs: tuple | None = Non
     """
     if mode not in ("auto", "eager", "fx"):
         raise GraphpruneError(f"apply_plan: mode must be auto, eager or fx, got {mode!r}")
+    _check_plan(plan)
+    if plan.get("depth"):  # removed blocks and branches first: their weights take no slices
+        module, plan = remove_units(module, plan), outside_removed(plan)
     slicing = resolve(module, plan)
     example_inputs = tuple(example_inputs) if example_inputs is not None else None
     if mode == "fx":

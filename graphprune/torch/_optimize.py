@@ -10,6 +10,8 @@ Steps
      (``report["torch"]["export"]``) and with the optimized graph's (``report["torch"]["optimized"]``). An export
      that does not reproduce the module (``max_abs_err`` above ``export_atol`` + 1e-3 · max |output|) is a
      :class:`VerificationError`: nothing the ONNX verification said would hold for the module then.
+A ``depth_prune`` step adds the plan's ``depth`` entries (the modules that computed the removed units, and what
+they return: :mod:`._depth`); a pipeline with depth_prune and no channel_prune gets a plan with no slices.
 The plan gets ``info.torch`` (the export's dynamic axes and opset, which :func:`apply_plan` reads for its FX path,
 and the example inputs' shapes and dtypes, on which it checks an eager copy when it is given no inputs).
 """
@@ -27,8 +29,11 @@ import torch
 from torch import nn
 
 from graphprune.errors import ConfigError, GraphpruneError, VerificationError
+from graphprune.torch._depth import record_units
 from graphprune.torch._export import export
 from graphprune.torch._tensors import flat_tensors
+
+CHANNEL_PLAN = "graphprune.channel_plan/1"
 
 
 @dataclasses.dataclass
@@ -40,7 +45,8 @@ class TorchResult:
     report: dict
     """:func:`graphprune.optimize`'s report plus ``torch`` (module vs export, module vs optimized)."""
     plan: dict | None
-    """The channel plan (``graphprune.channel_plan/1``), or ``None`` when no ``channel_prune`` pass ran."""
+    """The prune plan (``graphprune.channel_plan/1``: channel slices, and ``depth`` for removed blocks), or ``None``
+    when neither ``channel_prune`` nor ``depth_prune`` changed the model."""
     source_path: Path
     """The unoptimized export of the module."""
 
@@ -186,12 +192,29 @@ def optimize(module: nn.Module, example_inputs: tuple, pipeline: Any, data: Any 
         raise VerificationError(f"the ONNX export does not reproduce the module: max abs error "
                                 f"{exported['max_abs_err']:.3g} > {tol:.3g} on {len(ver)} samples")
     plan = None
-    if plan_path is not None:
-        plan = json.loads(plan_path.read_text())
+    try:
+        module.eval()
+        depth = record_units(module, args, report.get("passes", []))
+    finally:
+        module.train(was_training)
+    if plan_path is not None or depth:
+        plan = json.loads(plan_path.read_text()) if plan_path is not None and plan_path.exists() else {
+            "format": CHANNEL_PLAN, "info": {}, "groups": [], "slices": [], "shape_edits": [], "gather_edits": [],
+            "value_shapes": []}
+        if depth:
+            plan["depth"] = depth
+            for e in depth:
+                if not e["module"]:
+                    report["warnings"].append(f"depth_prune removed {e['unit']}, which apply_plan cannot remove "
+                                              f"from the module: {e['why']}")
+        if plan_path is None:
+            plan_path = out.with_name(out.stem + ".plan.json")
         plan.setdefault("info", {})["torch"] = {
             "dynamic_axes": {str(k): v for k, v in axes.items()}, "opset": opset,
             "inputs": [[list(a.shape), str(a.dtype).removeprefix("torch.")] for a in args]}  # apply_plan's check
-        plan_path.write_text(json.dumps(plan))
+        tmp = plan_path.with_name(f".{plan_path.name}.tmp")
+        tmp.write_text(json.dumps(plan))
+        tmp.replace(plan_path)
         if plan["info"].get("reconstructed"):
             report["warnings"].append(
                 "channel_prune refitted layers (reconstruct): apply_plan slices the original weights, so the pruned "
