@@ -85,7 +85,7 @@ def register(app: typer.Typer, out: Console, err: Console) -> None:
         decode: Annotated[Path, typer.Argument(help="Decode-step graph (never modified).")],
         output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the pruned prefill.onnx and decode.onnx (written atomically).")],
         prune_depth: Annotated[float | None, typer.Option("--prune-depth", help="Share of the transformer blocks (or, with --unit sublayer, of the attention and MLP branches) to remove.")] = None,
-        prune_channels: Annotated[float | None, typer.Option("--prune-channels", help="Share of the channels to remove from every group prunable in both graphs (the MLPs' hidden units; chosen on the prefill graph, with a refit from --data), before any depth pruning.")] = None,
+        prune_channels: Annotated[float | None, typer.Option("--prune-channels", help="Share of the channels to remove from every group prunable in both graphs (the MLPs' hidden units and the attention heads in whole KV groups, the cache with them; chosen on the prefill graph, with a refit from --data), before any depth pruning.")] = None,
         unit: Annotated[str, typer.Option("--unit", help="block | sublayer.")] = "block",
         importance: Annotated[str, typer.Option("--importance", help="angular (ShortGPT) | output (FinerCut).")] = "angular",
         data: Annotated[Path | None, typer.Option("--data", help="Real text: .txt (one sample per line) or .jsonl, with --tokenizer; or .npz with input_ids.")] = None,

@@ -248,8 +248,9 @@ def channel_prune_pair(prefill: Any, decode: Any, config: dict | None = None,
     """``channel_prune`` (``config`` as the pass takes it) on a prefill + decode pair, consistently: the channels are
     chosen on the prefill graph (importance, allocation and refit from ``calibration``) among the groups prunable
     in both graphs (matched by the weights they slice), then the same channels are removed from the decode graph
-    and its weights set to the prefill's pruned (refitted) ones. Groups prunable in one graph only stay whole: the
-    attention heads of a decode step that concatenates its cache are not followed today, so a pair prunes its MLPs.
+    and its weights set to the prefill's pruned (refitted) ones. Groups prunable in one graph only stay whole. The
+    MLPs and the attention heads (whole key/value groups) are prunable in both: the decode step's cache ``Concat`` is
+    followed, so the KV cache's head axis shrinks alike in both graphs.
     Returns the two pruned models (copies) and the prefill pass's ``info`` plus ``pair_groups``."""
     import json
     import tempfile

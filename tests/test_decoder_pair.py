@@ -222,19 +222,35 @@ def _mlp_widths(model):
                    and v.const_value.shape[1] not in (32, 64))
 
 
+def _cache_heads(model):
+    """Layer → the head axis of every cache tensor it declares (``past_key_values.i.*`` inputs, ``present.i.*``
+    outputs)."""
+    out = {}
+    for v in (*model.graph.inputs, *model.graph.outputs):
+        if v.name.startswith(("past_key_values.", "present.")):
+            out.setdefault(int(v.name.split(".")[1]), []).append(v.shape[1])
+    return out
+
+
 @pytest.mark.parametrize("real", [False, True])
 def test_channel_pruned_pair_decodes_what_its_prefill_computes(pair, real):
-    """The MLPs' hidden units chosen on the prefill graph (magnitude; with calibration, activations, measured
-    sensitivity and a least-squares refit) leave the decode graph too, with the same (refitted) weights: greedy
-    decoding over the pair's cache equals the pruned prefill recomputing the whole sequence, and the heads (not
-    followed through the decode step's cache) stay whole."""
+    """The MLPs' hidden units and the attention heads (whole KV groups: a key/value head with its query heads)
+    chosen on the prefill graph (magnitude; with calibration, activations, measured sensitivity and a least-squares
+    refit) leave the decode graph too, with the same (refitted) weights; the decode step's cache Concat carries the
+    heads, so its past inputs and both graphs' present outputs lose the same heads. Greedy decoding over the pair's
+    cache equals the pruned prefill recomputing the whole sequence."""
     calib = [{"input_ids": _ids(2, 24, seed=s)} for s in (1, 2)] if real else None
     pre, dec, info = channel_prune_pair(*pair, {"ratio": 0.3}, calib, data_source="user" if real else "synthetic")
-    # magnitude: 30% of every MLP (128 → 88); measured sensitivity may leave the most sensitive layers whole
-    assert info["pair_groups"] == 4 if not real else 1 <= info["pair_groups"] <= 4
+    # magnitude: 30% of every MLP (128 → 88) and one of the two KV groups of every layer; measured sensitivity
+    # may leave the most sensitive groups whole
+    assert info["pair_groups"] == 8 if not real else 1 <= info["pair_groups"] <= 8
     assert (info.get("reconstructed_layers", 0) > 0) == real
-    widths = _mlp_widths(dec)
-    assert widths == _mlp_widths(pre) and widths[128] == 1 + 2 * (4 - info["pair_groups"])  # the lm_head + whole MLPs
+    assert _mlp_widths(dec) == _mlp_widths(pre)
+    heads_pre, heads_dec = _cache_heads(pre), _cache_heads(dec)
+    for layer in range(4):  # present k/v of the prefill; past k/v and present k/v of the decode step
+        assert len(set(heads_pre[layer] + heads_dec[layer])) == 1, (layer, heads_pre, heads_dec)
+    if not real:
+        assert all(h == [1, 1] for h in heads_pre.values())
     assert len(cache_layout(pre, dec).pairs) == 8
     ids = _ids(2, 5, seed=4)
     np.testing.assert_array_equal(generate(pre, dec, ids, 8), _greedy_prefill(pre, ids, 8))
@@ -251,7 +267,7 @@ def test_cli_prune_pair_channels_and_depth(pair, tmp_path, capsys):
     import json
 
     r = json.loads(rep.read_text())
-    assert r["channels"]["pair_groups"] == 4 and len(r["removed"]) == 1 and "channels: 4 group(s)" in stdout
+    assert r["channels"]["pair_groups"] == 8 and len(r["removed"]) == 1 and "channels: 8 group(s)" in stdout
     ids = _ids(1, 4, seed=9)
     np.testing.assert_array_equal(generate(out / "prefill.onnx", out / "decode.onnx", ids, 6),
                                   _greedy_prefill(out / "prefill.onnx", ids, 6))

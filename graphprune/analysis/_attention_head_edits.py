@@ -10,15 +10,24 @@ import onnx_ir as ir
 
 from graphprune._ir import const_value
 from graphprune.analysis import _index_trace
-from graphprune.analysis._attention_heads import _Block, _flat, _mask_heads
+from graphprune.analysis._attention_heads import _Block, _flat, _mask_heads, cache_concat
 from graphprune.analysis._attention_rope import _check_rope, _rope_step
 from graphprune.analysis._channel_core import Builder, static_shape
 from graphprune.analysis._channel_layout import const_slot
 
 
+def _step(step, env: dict) -> list[np.ndarray] | None:
+    """The interpreter's hook: rotary steps, and a decode step's cache ``Concat`` (its new part's map passes on)."""
+    if isinstance(step, ir.Node):
+        new = cache_concat(step)
+        if new is not None:
+            return None if new not in env else [env[new]]
+    return _rope_step(step, env)
+
+
 def _simulate(chain: list, start: ir.Value, arr: np.ndarray, env: dict) -> str | None:
     """Push ``arr`` at ``start`` through ``chain`` (the index-tracing interpreter); why it stopped, else ``None``."""
-    return _index_trace.trace(chain, {start: arr}, custom=_rope_step, env=env).reason
+    return _index_trace.trace(chain, {start: arr}, custom=_step, env=env).reason
 
 
 def _index_array(value: ir.Value, width: int) -> np.ndarray | None:
@@ -102,6 +111,16 @@ def _edits(b: Builder, rec: _Block, env: dict, atoms_of, allowed: set, forbidden
                 if cur != y.shape[p + off]:
                     return f"{node.op_type} {node.name!r}: target entry {cur} is not the dim {y.shape[p + off]}"
                 b.count_edit(snode, sidx, spos, lines)
+        elif cache_concat(node) is not None:  # the cache fed back: its declared heads follow
+            y = env.get(node.outputs[0])
+            axis = node.attributes.get_int("axis", 0) % (y.ndim if y is not None else 1)
+            for x in node.inputs:
+                if y is None or x is None or not x.is_graph_input():
+                    continue
+                for ax in range(y.ndim):
+                    lines = lines_of(y, ax)
+                    if ax != axis and not (lines == lines[:1]).all():
+                        b.shape_line(x, ax, lines)
         elif node.op_type == "Split":
             ys = [env.get(o) for o in node.outputs]
             if any(y is None for y in ys):

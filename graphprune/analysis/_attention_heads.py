@@ -5,6 +5,8 @@ Pattern (any layout the exporter writes between the projections and the core):
                           | Mul/Div by scalar | rotary embedding)*-->
         q [B, H, N, D], k (or kᵀ) [B, Hk, N, D], v [B, Hk, N, D] --core--> out [B, H, N, D]
         --(Transpose | Reshape)*--> merged [.., H·D] --> output projection
+A decode step's KV cache, ``Concat(past, new)`` on the sequence axis with the past a graph input, is a chain step
+too: the heads pass through it, and the past input's declared head axis is rewritten with them.
 The root values are the outputs of the q/k/v projections (plus bias), labeled on their last axis. One root may feed
 all three (a fused qkv projection: timm's ``[B, N, 3, H, D]`` view picked apart with Gather or, for ``unbind(0)``,
 Slice + Squeeze; GPT-2's ``c_attn`` split in three). A rotary embedding (``x·cos + rotate_half(x)·sin``, halves
@@ -69,6 +71,22 @@ class Claims:
     finishers: dict[ir.Node, _Block]
 
 
+def cache_concat(node: ir.Node) -> ir.Value | None:
+    """The new keys or values of a decode step's ``Concat(past, new)`` (every other input a graph input: the KV
+    cache fed back), joined on an axis that is not the last (the sequence axis); else ``None``. The head atoms pass
+    through it as through an ``Identity``: the past tensor is the same heads, written by an earlier step."""
+    if node.op_type != "Concat" or node.domain != "" or len(node.inputs) < 2:
+        return None
+    data = [v for v in node.inputs if v is not None and not v.is_graph_input()]
+    if len(data) != 1 or data[0].shape is None:
+        return None
+    rank = len(data[0].shape)
+    axis = node.attributes.get_int("axis", 0)
+    if rank < 3 or axis % rank == rank - 1 or any(v.shape is None or len(v.shape) != rank for v in node.inputs):
+        return None
+    return data[0]
+
+
 def _data_input(node: ir.Node) -> ir.Value | None:
     if node.op_type in ("Mul", "Div"):
         consts = [v for v in node.inputs if const_value(v) is not None and const_value(v).size == 1]
@@ -92,6 +110,11 @@ def _walk_back(value: ir.Value) -> tuple[list[ir.Node], ir.Value]:
             cur = rope.inputs[0]
             continue
         p = cur.producer()
+        new = cache_concat(p) if p is not None else None
+        if new is not None:
+            chain.append(p)
+            cur = new
+            continue
         if p is None or p.domain != "" or p.op_type not in _CHAIN:
             return list(reversed(chain)), cur
         data = _data_input(p)

@@ -152,12 +152,24 @@ def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         graph.remove(prod, safe=True)
 
 
+def _set_io_shapes(model: ir.Model, entries: list[dict]) -> None:
+    """The declared dims the plan changes on graph inputs and outputs (a decoder's KV cache: its head axis)."""
+    io = {v.name: v for v in (*model.graph.inputs, *model.graph.outputs) if v.name}
+    for e in entries:
+        v = io.get(e["value"])
+        if v is not None and v.shape is not None and e["axis"] < len(v.shape):
+            dims = list(v.shape)
+            dims[e["axis"]] = int(e["dim"])
+            v.shape = ir.Shape(dims)
+
+
 def _set_shapes(model: ir.Model, entries: list[dict]) -> None:
     """Re-infer value shapes. Inference runs on shapes cleared but for the inputs' dim names (``_ir.symbol_hint``:
     later passes compare those names, e.g. the queries' and keys' sequence axes); where it infers nothing beyond
     that (e.g. behind Hugging Face mask logic), the value keeps its old shape with the new channel dims the plan
     lists (exact, from the analysis)."""
     outputs = set(model.graph.outputs)
+    _set_io_shapes(model, entries)
     values = {o.name: o for node in model.graph for o in node.outputs if o not in outputs}
     saved = {name: (list(v.shape) if v.shape is not None else None) for name, v in values.items()}
     for e in entries:
