@@ -11,11 +11,16 @@ No LLM can be downloaded here, so this module makes one:
 - **Model**: ``transformers.LlamaForCausalLM`` (RoPE, grouped-query attention, SwiGLU, RMSNorm, tied embeddings)
   from :data:`CONFIG` ``arch``: 8 layers, width 256, 8 query heads over 2 KV heads, intermediate 688: 6.7 M
   parameters.
-- **Training**: windows of 256, 512 and 1,024 tokens in turn (4,096 tokens a step) from the training modules. In
-  every window a pass key (``# The pass key is 52817. Remember it. 52817 is the pass key.``) is written after a
-  random line, and the window ends with ``# What is the pass key? The pass key is 52817``. Loss: the mean
-  next-token loss over the window plus the mean loss on the answer digits (so that the retrieval signal is not lost
-  among a thousand tokens). AdamW, linear warm-up then cosine decay, fixed seeds, ``TRAIN_THREADS`` threads.
+- **Training**: first :data:`CONFIG` ``copy_warmup_steps`` steps on copying (a random token segment of 32 written
+  twice), then ``steps`` steps of text: 256-token windows for the first ``short_steps``, then windows of 256, 512
+  and 1,024 tokens in turn (4,096 tokens a step). A quarter of each step's windows are copy rows (a random segment
+  of half the window, written twice), the rest text with a pass key (``# The pass key is 52817. Remember it. 52817
+  is the pass key.``) written after a random line, and ending with ``# What is the pass key? The pass key is
+  52817``. Loss: the mean next-token loss over the text windows, plus the mean loss on the answer digits (so that
+  the retrieval signal is not lost among a thousand tokens), plus the copy rows' loss on their second half.
+  Retrieval by content needs induction heads, which text alone forms later than a CPU budget allows; copying
+  forms them, and the short windows first let the pass key be learned before the long ones. AdamW, linear warm-up
+  then cosine decay, fixed seeds, ``TRAIN_THREADS`` threads.
 - **Report** (``decoder.json``): held-out perplexity and next-token accuracy (48 windows of 1,024 tokens spread
   evenly over the held-out modules), the unigram perplexity of the same tokens (training-token frequencies, add-one smoothing),
   and passkey accuracy (all 5 digits right, greedy) by context length, including lengths past the training one.
@@ -57,7 +62,7 @@ TRAIN_THREADS = 2
 
 # Bump "version" when the recipe changes: a mismatch with the cached JSON retrains.
 CONFIG: dict[str, Any] = {
-    "version": 3,
+    "version": 4,
     "arch": {"vocab_size": 4096, "hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 8,
              "num_key_value_heads": 2, "intermediate_size": 688, "max_position_embeddings": 8192,
              "rope_theta": 10000.0, "tie_word_embeddings": True},
@@ -66,9 +71,12 @@ CONFIG: dict[str, Any] = {
     "tokens_per_step": 4096,
     "steps": 750,
     "warmup": 40,
-    "lr": 3e-3,
+    "lr": 1e-3,
     "weight_decay": 0.1,
     "passkey_share": 1.0,
+    "copy_warmup_steps": 220,
+    "copy_share": 0.25,
+    "short_steps": 300,
     "seed": 0,
 }
 EVAL_WINDOWS = 48
@@ -244,33 +252,59 @@ def _train(cfg: dict, out_dir: Path, log) -> tuple[Any, float]:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
     rng = np.random.default_rng(cfg["seed"])
+    gen = torch.Generator().manual_seed(cfg["seed"])
     t0 = time.perf_counter()
     lm.train()
-    for step in range(cfg["steps"]):
-        seq = cfg["lengths"][step % len(cfg["lengths"])]
-        batch = cfg["tokens_per_step"] // seq
-        n_key = int(round(batch * cfg["passkey_share"]))
-        starts = rng.integers(0, len(stream) - seq - 1, size=batch - n_key)
-        plain = np.stack([stream[i:i + seq] for i in starts]) if len(starts) else np.zeros((0, seq), np.int64)
-        keyed, mask = passkey_batch(tok, stream, n_key, seq, rng)
-        x = torch.from_numpy(np.concatenate([plain, keyed]))
-        m = torch.from_numpy(np.concatenate([np.zeros_like(plain, dtype=bool), mask]))[:, :-1]
+    vocab = CONFIG["arch"]["vocab_size"]
+
+    def step_on(loss, lr):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg)
-        logits = lm(input_ids=x, use_cache=False).logits[:, :-1]
-        tgt = x[:, 1:]
-        tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
-        lm_loss = tok_loss.mean()
-        key_loss = tok_loss.view_as(tgt)[m].mean()
-        loss = lm_loss + key_loss
+            g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
         opt.step()
+
+    def copy_rows(n, seq):
+        """``n`` rows of a random token segment written twice (the second half is predictable only by copying)."""
+        half = torch.randint(1, vocab, (n, seq // 2), generator=gen)
+        return torch.cat([half, half], 1)
+
+    # Copying first: retrieval by content needs induction heads, which the text alone forms too late.
+    warm = cfg.get("copy_warmup_steps", 0)
+    for step in range(warm):
+        x = copy_rows(cfg["tokens_per_step"] // 64, 64)
+        logits = lm(input_ids=x, use_cache=False).logits[:, 32:-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 33:].reshape(-1))
+        step_on(loss, cfg["lr"] * min(1.0, (step + 1) / 30))
+        if step % 20 == 0 or step == warm - 1:
+            log(f"copy warm-up {step + 1}/{warm}  copy loss {loss.item():.3f}  {time.perf_counter() - t0:.0f} s")
+    for step in range(cfg["steps"]):
+        # the shortest windows first: retrieval is learned there, then carried to the longer ones
+        short = step < cfg.get("short_steps", 0)
+        seq = cfg["lengths"][0] if short else cfg["lengths"][step % len(cfg["lengths"])]
+        batch = cfg["tokens_per_step"] // seq
+        n_copy = int(round(batch * cfg.get("copy_share", 0.0)))
+        n_key = int(round((batch - n_copy) * cfg["passkey_share"]))
+        starts = rng.integers(0, len(stream) - seq - 1, size=batch - n_copy - n_key)
+        plain = np.stack([stream[i:i + seq] for i in starts]) if len(starts) else np.zeros((0, seq), np.int64)
+        keyed, mask = passkey_batch(tok, stream, n_key, seq, rng)
+        text = len(plain) + n_key
+        x = torch.cat([torch.from_numpy(np.concatenate([plain, keyed])), copy_rows(n_copy, seq)])
+        m = torch.from_numpy(np.concatenate([np.zeros_like(plain, dtype=bool), mask]))[:, :-1]
+        logits = lm(input_ids=x, use_cache=False).logits[:, :-1]
+        tgt = x[:, 1:]
+        tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                   reduction="none").view_as(tgt)
+        lm_loss = tok_loss[:text].mean()
+        key_loss = tok_loss[:text][m].mean()
+        copy_loss = tok_loss[text:, seq // 2:].mean() if n_copy else torch.zeros(())
+        step_on(lm_loss + key_loss + copy_loss, _lr(step, cfg))
         if step % 20 == 0 or step == cfg["steps"] - 1:
             el = time.perf_counter() - t0
             log(f"step {step + 1}/{cfg['steps']}  lm loss {lm_loss.item():.3f}  key loss {key_loss.item():.3f}  "
-                f"{el:.0f} s elapsed, ~{el / (step + 1) * (cfg['steps'] - step - 1):.0f} s left")
+                f"copy loss {copy_loss.item():.3f}  {el:.0f} s elapsed, "
+                f"~{el / (warm + step + 1) * (cfg['steps'] - step - 1):.0f} s left")
     lm.eval()
     return lm, time.perf_counter() - t0
 
@@ -442,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quiet", action="store_true", help="no training progress")
     add_result_option(p)
     a = p.parse_args(argv)
-    cfg = dict(CONFIG, steps=a.steps) if a.steps else CONFIG
+    cfg = (dict(CONFIG, steps=a.steps, copy_warmup_steps=min(a.steps, CONFIG["copy_warmup_steps"])) if a.steps
+           else CONFIG)
     t = time.perf_counter()
     get_decoder(a.out, cfg, log=(lambda *_: None) if a.quiet else (lambda m: print(m, flush=True)))
     m = json.loads((a.out / "decoder.json").read_text())
@@ -458,8 +493,9 @@ def main(argv: list[str] | None = None) -> None:
                *(f"{100 * v:.0f}%" for v in r["passkey"].values()), f"{m['train_seconds'] / 60:.0f} min"]
         write_result(a.result, cols, [row], description=(
             f"benchmarks/llm.py: a Llama-style decoder (8 layers, width 256, 8 query heads over 2 KV heads, SwiGLU, "
-            f"RoPE; 6.7 M parameters) trained here from scratch on Python's standard library ({cfg['steps']} steps "
-            f"of {cfg['tokens_per_step']} tokens, windows of 256 to 1,024 tokens, seed {cfg['seed']}). Held-out: "
+            f"RoPE; 6.7 M parameters) trained here from scratch on Python's standard library ({cfg['copy_warmup_steps']} "
+            f"steps of copying, then {cfg['steps']} steps of {cfg['tokens_per_step']} tokens, windows of 256 to 1,024 "
+            f"tokens, a quarter of them copy rows, seed {cfg['seed']}). Held-out: "
             f"{r['tokens']} tokens of whole modules never trained on; unigram: training-token frequencies. Passkey: "
             f"{PASSKEY_SAMPLES} keys of 5 digits at evenly spread depths in held-out code, all digits right; "
             f"2,048 is twice the longest training window."))
