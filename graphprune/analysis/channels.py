@@ -177,7 +177,27 @@ def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), 
     for value, lab in b.labels.items():
         if value.is_graph_output():
             b.block(lab.atoms, f"reaches graph output {value.name!r}")
+    _couple_shared_counts(b)
     return _groups(b, set(ignore), ignore_stem)
+
+
+def _couple_shared_counts(b: Builder) -> None:
+    """One shape constant counted by several edits (a reshape target the exporter computes once and every block
+    reuses, as transformers' ``repeat_kv`` exports): its rows are removed together in every block that reads it,
+    or the blocks would need different values in one slot. Row ``r`` of every such edit joins one class."""
+    slots: dict[tuple, list] = {}
+    for e in b.count_edits:
+        slots.setdefault((id(e.node), e.input_index, e.pos, e.attr), []).append(e)
+    for edits in slots.values():
+        if len(edits) < 2 or len({len(e.lines) for e in edits}) != 1:
+            continue
+        # rows of one class each (a head count): row r of every edit is one unit. A row spanning classes (a head's
+        # width, which every kept head keeps) keeps its count whatever is removed: nothing to couple.
+        roots = [np.vectorize(b.find)(e.lines) for e in edits]
+        if not all((r == r[:, :1]).all() for r in roots):
+            continue
+        if len({tuple(r[:, 0].tolist()) for r in roots}) > 1:
+            b.union(np.concatenate([r[:, 0] for r in roots[:-1]]), np.concatenate([roots[-1][:, 0]] * (len(roots) - 1)))
 
 
 def find_channel_groups(model: ir.Model) -> list[ChannelGroup]:
