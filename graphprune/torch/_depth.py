@@ -35,7 +35,7 @@ class RemovedUnit(nn.Module):
         return f"{self.replace}, returns={self.returns}, features={self.features}"
 
     def forward(self, *args, **kwargs):
-        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        x = _first_tensor(args, kwargs)
         if x is None:
             raise GraphpruneError("a removed unit was called without a tensor input")
         if self.replace == "zeros":
