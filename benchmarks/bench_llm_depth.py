@@ -10,12 +10,13 @@ pruned graph interleaved in one process, medians over ``--repeats`` feeds. A gen
 pruned pair checks that the cache one graph writes fits the other.
 
     python -m benchmarks.llm                  # once: train the decoder (about 30 min)
-    python -m benchmarks.bench_llm_depth [--repeats 3] [--runs 10] [--result benchmarks/results/depth_llm.json]
+    python -m benchmarks.bench_llm_depth --depth-only [--repeats 3] [--runs 10] [--result benchmarks/results/depth_llm.json]
     python -m benchmarks.bench_llm_depth --width-only --result benchmarks/results/width_llm.json
 
-Width rows: ``graphprune.decoder.channel_prune_pair`` removes 10-40% of every MLP's hidden units that the
-data-aware allocation picks (activation importance, measured sensitivity, least-squares refit, from the same
-calibration windows) from both graphs, alone and followed by one block (FinerCut's output criterion).
+Width rows: ``graphprune.decoder.channel_prune_pair`` removes 10-40% of the channels of every group the data-aware
+allocation picks (the MLPs' hidden units and the attention heads in whole KV groups; activation importance,
+measured sensitivity, least-squares refit, from the same calibration windows) from both graphs, the KV cache with
+the heads, alone and followed by one block (FinerCut's output criterion).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ SETTINGS = [  # (unit, importance, ratio): ratio of the 8 blocks (or of the 16 b
     ("block", "output", 1 / 8), ("block", "output", 2 / 8), ("block", "output", 3 / 8),
     ("sublayer", "output", 2 / 16), ("sublayer", "output", 4 / 16), ("sublayer", "output", 6 / 16),
 ]
-#: width pruning of the pair (``channel_prune_pair``: the MLPs' hidden units, data-aware), alone and then with one
+#: width pruning of the pair (``channel_prune_pair``: MLP units and KV head groups, data-aware), alone and then with one
 #: block removed (FinerCut's output criterion)
 WIDTH = [0.1, 0.2, 0.3, 0.4]
 COMBINED = [(0.2, 1 / 8), (0.3, 1 / 8)]
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs", type=int, default=10, help="timed runs per model and feed")
     p.add_argument("--calibration", type=int, default=8, help="calibration windows of 512 training tokens")
     p.add_argument("--width-only", action="store_true", help="only the width (and width + depth) rows")
+    p.add_argument("--depth-only", action="store_true", help="only the depth rows")
     add_result_option(p)
     a = p.parse_args(argv)
     pre, dec = llm.get_pair()
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
              "1.00×", "1.00×", "1.00×", "—"]]
     prompt = windows[-1:, :64]
     runs = [("depth", s_) for s_ in (SETTINGS if not a.width_only else [])]
-    runs += [("width", w) for w in WIDTH] + [("both", c) for c in COMBINED]
+    if not a.depth_only:
+        runs += [("width", w) for w in WIDTH] + [("both", c) for c in COMBINED]
     for kind, setting in runs:
         t = time.perf_counter()
         if kind == "depth":
@@ -113,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             width, depth = (setting, None) if kind == "width" else setting
             p2, d2, cinfo = channel_prune_pair(pre, dec, {"ratio": width}, calib)
-            unit, importance, ratio = f"MLP channels {100 * width:.0f}%", "data-aware", f"{width:.2f}"
-            removed = f"{cinfo['pair_groups']} MLP groups pruned"
+            unit, importance, ratio = f"channels {100 * width:.0f}%", "data-aware", f"{width:.2f}"
+            removed = f"{cinfo['pair_groups']} groups pruned"
             if depth is not None:
                 p2, d2, info = depth_prune_pair(p2, d2, {"ratio": depth, "unit": "block", "importance": "output"},
                                                 calib)
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             f"The decoder trained here (benchmarks/llm.py: Llama-style, 8 layers, width 256, GQA 8/2, "
             f"{m['train_seconds'] / 60:.0f} min on 2 CPU cores) as a prefill + decode-step pair; held-out stdlib "
             f"modules ({windows.size} tokens; unpruned next-token accuracy {base['next_token_accuracy']:.4f}, "
-            f"perplexity {base['perplexity']:.2f}). Training-free depth (and width: MLP channels, data-aware, refitted) pruning of both graphs with importance from "
+            f"perplexity {base['perplexity']:.2f}). Training-free depth (and width: MLP units and KV head groups, data-aware, refitted) pruning of both graphs with importance from "
             f"{len(calib)} windows of 512 training tokens. Speedups: batch 1, ORT CPU, interleaved, median of "
             f"{a.repeats} feeds x {a.runs} runs (decode step: {5 * a.runs} runs, one token after a {SEQ}-token "
             f"cache)."))
