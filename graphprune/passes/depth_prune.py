@@ -42,8 +42,15 @@ import onnx_ir.passes.common as common
 import pydantic
 
 from graphprune.analysis.attention import NoMatch
-from graphprune.analysis.depth import (CacheIO, ResidualBlock, cache_io, interior, outside_reads, residual_blocks,
-                                       unit_module)
+from graphprune.analysis.depth import (
+    CacheIO,
+    ResidualBlock,
+    cache_io,
+    interior,
+    outside_reads,
+    residual_blocks,
+    unit_module,
+)
 from graphprune.errors import ConfigError
 from graphprune.passes import register
 from graphprune.passes.base import GraphPass, GraphResult, PassConfig, Rewrite, Skipped
