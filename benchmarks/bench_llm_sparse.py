@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
             measure_model(n, name, a.budget, a.windows, a.runs, a.dense_file)
         print("ROWS " + json.dumps(out), flush=True)
         return
+    if a.passkey and len(a.samples) not in (1, len(a.ns)):
+        p.error("--samples: one value, or one per --ns")
     t_start = time.perf_counter()
     llm.get_decoder()
     if a.passkey:
@@ -284,8 +286,6 @@ def passkey_table(a, t_start: float) -> None:
         if not a.patterns or name in a.patterns:
             model, label = rewrite(path, cfg)
             models[label] = model
-    if len(a.samples) not in (1, len(a.ns)):
-        raise SystemExit("--samples: one value, or one per --ns")
     samples = dict(zip(a.ns, a.samples * len(a.ns) if len(a.samples) == 1 else a.samples))
     rows = []
     for n in a.ns:
