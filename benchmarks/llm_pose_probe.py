@@ -11,7 +11,7 @@ the held-out perplexity of the result (nothing is written to the cache; the weig
 
 Measured 2026-12-07 (docs/llm.md): with this row mix at 5e-4, and in a first try at 3e-4 with 3 pass-key rows
 and one copy row of two half-windows a step, the answer and copy losses stayed at guessing (answer ~1.9-2.1, copy
-~8.4-8.7, about ln 4,096) for 90 steps each, so both runs were stopped: on a 2-core CPU the model does not learn
+~8.4-8.7, about ln 4,096) for 80-90 steps each, so both runs were stopped: on a 2-core CPU the model does not learn
 retrieval across skipped positions in minutes.
 """
 import sys
