@@ -175,10 +175,15 @@ def test_timm_vit_pruned_like_separate_qkv(vits, key, tmp_path):
     """30%: FLOPs within 2% of the separate-q/k/v ViT of the same size; whole heads leave the fused qkv weight
     (the same head's rows in each third) and the projection; output equals the torch rebuild on sliced weights."""
     m, path = vits[key]
-    model, plan, _ = _prune(path, tmp_path)
-    sep_model, _, _ = _prune(vits["separate"][1], tmp_path)
+    # the embedding width kept: the rebuild below slices heads and MLP units only
+    model, plan, _ = _prune(path, tmp_path, ignore_stem=True)
+    sep_model, _, _ = _prune(vits["separate"][1], tmp_path, ignore_stem=True)
     r, r_sep = _flops_ratio(path, model), _flops_ratio(vits["separate"][1], sep_model)
     assert r <= 0.75 and abs(r - r_sep) <= 0.02, (r, r_sep)
+    # the default (ignore_stem: auto) prunes the embedding width too, alike in every spelling
+    wide, wide_sep = _prune(path, tmp_path)[0], _prune(vits["separate"][1], tmp_path)[0]
+    rw, rw_sep = _flops_ratio(path, wide), _flops_ratio(vits["separate"][1], wide_sep)
+    assert rw < r - 0.1 and abs(rw - rw_sep) <= 0.02, (rw, rw_sep, r)
     qkv = [e for e in plan["slices"] if ".attn.qkv" in e["scope"] and e["role"] == "out"]
     assert len(qkv) == DEPTH
     nodes = {n.name: n for n in model.graph}

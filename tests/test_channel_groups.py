@@ -80,9 +80,14 @@ def test_grouped_and_depthwise_conv_groups(channel_zoo_export):
 def test_vit_heads_and_mlp_groups_describe(channel_zoo_export):
     groups = find_channel_groups(ir.load(channel_zoo_export("vit")))
     heads = [g for g in groups if g.kind == "heads"]
-    mlp = [g for g in groups if g.prunable and g.kind == "channels"]
+    mlp = [g for g in groups if g.prunable and g.kind == "channels" and g.size == 256]
     assert len(heads) == 4 and all(g.size == 4 and g.prunable for g in heads)
-    assert len(mlp) == 4 and all(g.size == 256 for g in mlp)
+    assert len(mlp) == 4
+    # the embedding width (the patch-embedding stem's group, read by every block) is prunable by default
+    stream = [g for g in groups if g.kind == "channels" and g.size == 64]
+    assert len(stream) == 1 and stream[0].prunable and {"blocks.3.mlp.fc2.bias", "head.weight"} <= set(stream[0].describe()["members"])
+    kept = [g for g in analyze_channels(ir.load(channel_zoo_export("vit")), ignore_stem=True).groups if g.size == 64]
+    assert len(kept) == 1 and not kept[0].prunable and "input stem" in kept[0].reason
     d = json.loads(json.dumps(heads[0].describe()))
     assert set(d) >= {"id", "size", "members", "prunable", "reason"}
     assert "blocks.0.attn.qkv.bias" in d["members"] and "blocks.0.attn.proj.bias" not in d["members"]

@@ -45,7 +45,9 @@ def test_zoo_prunes_30_percent_flops(exported, name, tmp_path):
     path = exported(name)
     original = ir.load(path)
     plan_path = tmp_path / "plan.json"
-    model, result = _prune(path, ratio=0.3, target="flops", round_to=1, plan_out=str(plan_path))
+    # the embedding width stays whole: a LayerNorm over fewer channels is not the masked model (the ViT's pruned
+    # stream has its own reference, test_vit_stream_matches_the_narrower_network)
+    model, result = _prune(path, ratio=0.3, target="flops", round_to=1, plan_out=str(plan_path), ignore_stem=True)
     assert result.modified, result.skipped
     r0, r1 = count_flops(original), count_flops(model)
     f0, f1 = (r0.flops, r1.flops) if not r0.unknown else (zoo.compute_flops(original), zoo.compute_flops(model))
@@ -165,7 +167,8 @@ def test_reconstruct_lowers_output_error(exported, name, tmp_path):
     errs = {}
     for refit in (False, True):
         model = ir.load(path)
-        result = get_pass("channel_prune")({"ratio": 0.5, "reconstruct": refit}, PassContext(calibration=calib))(model)
+        cfg = {"ratio": 0.5, "reconstruct": refit, "ignore_stem": True}  # the refit, not the LayerNorm statistics
+        result = get_pass("channel_prune")(cfg, PassContext(calibration=calib))(model)
         out = zoo.run(model, held_out, tmp_path, f"r{refit}")[0]
         errs[refit] = float(np.mean((out - ref) ** 2))
         if refit:
@@ -205,3 +208,54 @@ def test_params_target(exported, name):
     model, result = _prune(path, ratio=0.3, target="params", round_to=1, **{"global": True})
     p0, p1 = count_flops(ir.load(path)).params, count_flops(model).params
     assert abs(p1 / p0 - 0.7) <= 0.05, (p1 / p0, result.info)
+
+
+def _vit_on_channels(module, x, s):
+    """``examples/models.py``'s ViT written out in torch on the stream channels ``s`` only: every LayerNorm
+    normalizes over those channels, every layer reads and writes only them (independent of the surgery code)."""
+    import torch
+    import torch.nn.functional as F
+
+    sd = {k: v.detach() for k, v in module.state_dict().items()}
+
+    def ln(t, p):
+        return F.layer_norm(t, (len(s),), sd[p + ".weight"][s], sd[p + ".bias"][s])
+
+    with torch.no_grad():
+        h = F.conv2d(x, sd["patch_embed.weight"][s], sd["patch_embed.bias"][s], stride=module.patch_embed.stride)
+        h = h.flatten(2).transpose(1, 2)
+        h = torch.cat([sd["cls_token"][..., s].expand(h.shape[0], -1, -1), h], 1) + sd["pos_embed"][..., s]
+        for i, blk in enumerate(module.blocks):
+            p = f"blocks.{i}."
+            a = ln(h, p + "norm1")
+            b, n, _ = a.shape
+            qkv = F.linear(a, sd[p + "attn.qkv.weight"][:, s], sd[p + "attn.qkv.bias"])
+            q, k, v = qkv.reshape(b, n, 3, blk.attn.heads, blk.attn.head_dim).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+            h = h + F.linear(o, sd[p + "attn.proj.weight"][s], sd[p + "attn.proj.bias"][s])
+            m = F.gelu(F.linear(ln(h, p + "norm2"), sd[p + "mlp.fc1.weight"][:, s], sd[p + "mlp.fc1.bias"]))
+            h = h + F.linear(m, sd[p + "mlp.fc2.weight"][s], sd[p + "mlp.fc2.bias"][s])
+        return F.linear(ln(h, "norm")[:, 0], sd["head.weight"][:, s], sd["head.bias"]).numpy()
+
+
+@pytest.mark.parametrize("name", ["vit", "vit23"])
+def test_vit_stream_matches_the_narrower_network(exported, name, tmp_path):
+    """The default (``ignore_stem: auto``) prunes a ViT's embedding width. With the heads and MLPs left whole
+    (named in ``ignore``), the pruned model must equal the original network computed on the kept channels, LayerNorm
+    statistics included; the masked-model reference of the zoo test does not hold there."""
+    import torch
+
+    path = exported(name)
+    module, _ = zoo.zoo_model(name)
+    ignore = [f"blocks.{i}.{p}" for i in range(4) for p in ("attn.qkv.bias", "mlp.fc1.bias")]
+    plan_path = tmp_path / "plan.json"
+    model, result = _prune(path, ratio=0.25, ignore=ignore, plan_out=str(plan_path))
+    plan = json.loads(plan_path.read_text())
+    assert [(g["size"], g["kept"]) for g in plan["groups"]] == [(64, 48)], result.skipped
+    original = ir.load(path)
+    assert count_flops(model).flops < 0.85 * count_flops(original).flops
+    feeds = example_inputs(original, batch=3, seed=1)
+    out = zoo.run(model, feeds, tmp_path, "stream")[0]
+    ref = _vit_on_channels(module, torch.from_numpy(next(iter(feeds.values()))), torch.tensor(plan["groups"][0]["keep"]))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert float(np.abs(out - zoo.run(original, feeds, tmp_path, "base")[0]).max()) > 1e-3  # really narrower

@@ -90,6 +90,7 @@ class Builder:
         self.space_nodes: list[ir.Node] = []
         self.space_sizes: list[int] = []
         self.stem_spaces: set[int] = set()
+        self.lookup_stems: set[int] = set()  # stem spaces made by an embedding lookup (token ids), not a float input
         self.blocked: dict[int, str] = {}  # atom -> reason (first reason wins)
         self.members: list[Member] = []
         self.count_edits: list[CountEdit] = []

@@ -147,6 +147,8 @@ def _gather(b: Builder, node: ir.Node) -> None:
     table = const_value(data)
     if table is not None and table.ndim == 2 and axis == 0 and b.label(idx) is None:  # embedding lookup
         out = _new_space(b, node, table.shape[1], idx)
+        if len(b.space_nodes) - 1 in b.stem_spaces:
+            b.lookup_stems.add(len(b.space_nodes) - 1)
         b.member(node, 0, 1, out, "out")
         b.set_label(node.outputs[0], (rank(node.outputs[0]) or 2) - 1, out)
         return

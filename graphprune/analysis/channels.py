@@ -96,7 +96,22 @@ class ChannelAnalysis:
         return self.groups[self.group_of_root[int(self.root[atom])]]
 
 
-def _groups(b: Builder, ignore: set[str], ignore_stem: bool) -> ChannelAnalysis:
+def _keeps_stem(b: Builder, spaces: list[int], ignore_stem: bool | str, stream: set[int]) -> str | None:
+    """Why the input stem's group stays whole, or None. ``auto`` keeps a CNN's stem channels and a token embedding's
+    width, and prunes a vision transformer's embedding width: a stem on a float input whose group attention blocks
+    read (the residual stream every block reads and writes), as Torch-Pruning does."""
+    stems = [s for s in spaces if s in b.stem_spaces]
+    if not stems or ignore_stem is False:
+        return None
+    if ignore_stem == "auto":
+        if any(s in b.lookup_stems for s in stems):
+            return "input stem: the token embedding width (kept by default; set ignore_stem: false to prune it)"
+        if stream.intersection(spaces):
+            return None
+    return "input stem (kept by default; set ignore_stem: false to prune it)"
+
+
+def _groups(b: Builder, ignore: set[str], ignore_stem: bool | str, stream: set[int]) -> ChannelAnalysis:
     n = len(b.parent)
     root = np.array([b.find(a) for a in range(n)], dtype=np.int64) if n else np.zeros(0, dtype=np.int64)
     # spaces sharing a class are one group
@@ -138,8 +153,8 @@ def _groups(b: Builder, ignore: set[str], ignore_stem: bool) -> ChannelAnalysis:
         hit = sorted(names & ignore)
         if reason is None and hit:
             reason = f"ignored by config ({', '.join(hit)})"
-        if reason is None and ignore_stem and any(s in b.stem_spaces for s in spaces):
-            reason = "input stem (ignored by default; set ignore_stem: false to prune it)"
+        if reason is None:
+            reason = _keeps_stem(b, spaces, ignore_stem, stream)
         if reason is None and len(roots) < 2:
             reason = "a single channel"
         kinds = {b.kinds[s] for s in spaces}
@@ -151,9 +166,11 @@ def _groups(b: Builder, ignore: set[str], ignore_stem: bool) -> ChannelAnalysis:
                            b.shape_lines)
 
 
-def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), ignore_stem: bool = True,
+def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), ignore_stem: bool | str = "auto",
                      folded_biases: bool = True) -> ChannelAnalysis:
     """Run the dependency analysis on the main graph (shapes must be inferred; dynamo exports carry them).
+    ``ignore_stem``: true keeps the input stem's group whole, false prunes it, ``auto`` (the default) prunes it only
+    where it is a vision transformer's embedding width (see ``_keeps_stem``).
     ``folded_biases=False``: an attention block with a constant per-head bias keeps its heads whole."""
     b = Builder(model)
     b.folded_biases = folded_biases
@@ -178,7 +195,13 @@ def analyze_channels(model: ir.Model, ignore: list[str] | tuple[str, ...] = (), 
         if value.is_graph_output():
             b.block(lab.atoms, f"reaches graph output {value.name!r}")
     _couple_shared_counts(b)
-    return _groups(b, set(ignore), ignore_stem)
+    stream = set()  # spaces the attention blocks read and add to
+    for blk in blocks:
+        for v in (blk.attn_input, blk.residual_in):
+            lab = b.label(v) if v is not None else None
+            if lab is not None:
+                stream.update(int(b.atom_space[a]) for a in np.asarray(lab.atoms).ravel().tolist())
+    return _groups(b, set(ignore), ignore_stem, stream)
 
 
 def _couple_shared_counts(b: Builder) -> None:
@@ -201,7 +224,7 @@ def _couple_shared_counts(b: Builder) -> None:
 
 
 def find_channel_groups(model: ir.Model) -> list[ChannelGroup]:
-    """Channel dependency groups with default settings (stem ignored), as ``graphprune inspect`` lists them."""
+    """Channel dependency groups with default settings, as ``graphprune inspect`` lists them."""
     return analyze_channels(model).groups
 
 

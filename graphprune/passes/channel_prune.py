@@ -84,7 +84,10 @@ class ChannelPruneConfig(PassConfig):
     global_: bool | None = pydantic.Field(None, alias="global", description="one ranking over all groups (null: auto)")
     max_group_ratio: float = pydantic.Field(0.9, gt=0.0, le=1.0, description="global: most a group may lose")
     ignore: list[str] = pydantic.Field(default_factory=list, description="node/initializer names left alone")
-    ignore_stem: bool = pydantic.Field(True, description="leave the input stem's channels alone")
+    ignore_stem: bool | Literal["auto"] = pydantic.Field(
+        "auto", description="leave the input stem's group whole: true always, false never; auto keeps a CNN's stem "
+        "and a token embedding's width and prunes a vision transformer's embedding width (a stem on a float input "
+        "that the attention blocks read), as Torch-Pruning does")
     folded_biases: bool = pydantic.Field(
         True, description="prune heads whose attention adds a constant per-head bias (the exporter's folded "
         "relative-position bias), slicing that constant (graphprune.torch.optimize sets false: its module computes "

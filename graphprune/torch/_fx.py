@@ -8,7 +8,8 @@ directly. Rewritten, for the listed (node, axis):
   1. ``view`` / ``reshape`` / ``_unsafe_view`` / ``expand`` targets and ``new_*`` / ``zeros`` / ``ones`` /
      ``full`` / ``empty`` sizes: the static entry at that axis (``-1`` stays);
   2. ``split`` / ``split_with_sizes``: the sizes, from the new sizes of the ``getitem`` users on the split axis.
-Then the plan's parameter slices (``_apply.resolve``) are applied to the GraphModule's tensors (same FQNs).
+Then the plan's parameter slices (``_apply.resolve``) are applied to the GraphModule's tensors (same FQNs), and
+``layer_norm``'s ``normalized_shape`` follows its sliced weight (a pruned embedding width).
 Preserved: dynamic axes of the export (batch by default), parameter names, ``requires_grad``.
 Values the plan lists that are not FX nodes (``val_*``: made inside one op's ONNX translation) carry no torch
 shape argument and are ignored. The rewritten graph is run once on the example inputs; a failure there is a
@@ -36,6 +37,7 @@ _SHAPE_ARG0 = {aten.zeros.default, aten.ones.default, aten.empty.memory_format, 
 FX_META = "graphprune_fx"
 """``GraphModule.meta`` key: the example input specs and dynamic axes that rebuild an FX-rewritten module."""
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default}
 
 
 def trace(module: nn.Module, example_inputs: tuple, dynamic_axes: dict[int, str] | None = None) -> torch.fx.GraphModule:
@@ -85,6 +87,24 @@ def retarget_shapes(gm: torch.fx.GraphModule, value_shapes: list[dict]) -> int:
     return changed
 
 
+def _retarget_norms(gm: torch.fx.GraphModule) -> None:
+    """``layer_norm``'s ``normalized_shape`` literal follows its (sliced) weight: a pruned embedding width."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _NORMS or len(node.args) < 3:
+            continue
+        w = node.args[2]
+        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+            continue
+        shape = list(gm.get_parameter(w.target).shape) if w.target in dict(gm.named_parameters()) else None
+        if shape is not None and list(node.args[1]) != shape:
+            node.args = (node.args[0], shape, *node.args[2:])
+            changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
 def _retarget_split(node: torch.fx.Node, want: dict[str, dict[int, int]]) -> int:
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     src = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
@@ -119,6 +139,7 @@ def rewrite_shapes(module: nn.Module, plan: dict, slicing, example_inputs: tuple
     if unknown:
         raise GraphpruneError(f"apply_plan (fx): parameter {unknown[0]!r} is not in the traced module")
     pruned = slice_module(gm, slicing)
+    _retarget_norms(pruned)
     pruned.train(module.training)
     try:
         with torch.no_grad():
