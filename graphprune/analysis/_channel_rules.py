@@ -39,6 +39,24 @@ def _new_space(b: Builder, node: ir.Node, size: int, data: ir.Value | None, kind
     return atoms
 
 
+def _reads_input_data(value: ir.Value, limit: int = 256) -> bool:
+    """Whether ``value`` is computed from a graph input's values (token ids), not from constants and shapes only
+    (position ids: a constant table, or ``arange`` over a ``Shape``)."""
+    seen: set[ir.Value] = set()
+    stack = [value]
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v.is_graph_input():
+            return True
+        p = v.producer()
+        if p is not None and p.op_type not in _SINKS:
+            stack.extend(x for x in p.inputs if x is not None)
+    return False
+
+
 @rule("Conv", producer=True)
 def _conv(b: Builder, node: ir.Node) -> None:
     x, w = node.inputs[0], node.inputs[1]
@@ -147,7 +165,7 @@ def _gather(b: Builder, node: ir.Node) -> None:
     table = const_value(data)
     if table is not None and table.ndim == 2 and axis == 0 and b.label(idx) is None:  # embedding lookup
         out = _new_space(b, node, table.shape[1], idx)
-        if len(b.space_nodes) - 1 in b.stem_spaces:
+        if len(b.space_nodes) - 1 in b.stem_spaces and _reads_input_data(idx):
             b.lookup_stems.add(len(b.space_nodes) - 1)
         b.member(node, 0, 1, out, "out")
         b.set_label(node.outputs[0], (rank(node.outputs[0]) or 2) - 1, out)
