@@ -117,7 +117,7 @@ def optimize(
     sparse_attention: Annotated[
         str | None, typer.Option("--sparse-attention", help="Add sparse_attention: PATTERN[:key=value,...].")
     ] = None,
-    prune_channels: Annotated[float | None, typer.Option("--prune-channels", help="Add channel_prune removing this fraction of channels (activation importance, measured group sensitivity and a least-squares refit with --data; magnitude without).")] = None,
+    prune_channels: Annotated[float | None, typer.Option("--prune-channels", help="Add channel_prune removing this fraction of channels from every prunable group: heads, hidden units and a vision transformer's embedding width (activation importance, measured group sensitivity and a least-squares refit with --data; magnitude without).")] = None,
     prune_depth: Annotated[float | None, typer.Option("--prune-depth", help="Add depth_prune removing this share of the transformer blocks (the ones that change the residual stream least on the calibration data; see docs/passes.md).")] = None,
     data: Annotated[Path | None, typer.Option(
         "--data", help="Real samples for calibration and verification: .npz (one key per input, [S, ...]), a folder "

@@ -301,9 +301,10 @@ def test_search_default_space_removes_blocks_last(export, tmp_path):
     assert params["ratio"].high == DEPTH_MAX_RATIO and params["unit"].choices == ("block", "sublayer")
     plain = default_space(ir.load(mlp(tmp_path / "mlp.onnx", hidden=16)))
     assert "depth_prune: 0 removable transformer blocks (needs 3)" in plain.excluded
-    # a ViT's embedding width (pruned by ignore_stem: auto) is tried both ways; a model without one has no such key
+    # a ViT's embedding width (pruned by ignore_stem: auto) stays whole in the default space, written into every
+    # trial's pipeline; a model without one has no such key
     channels = {p.name: {q.key: q for q in p.params} for p in space.passes}["channel_prune"]
-    assert channels["ignore_stem"].choices == ("auto", True)
+    assert channels["ignore_stem"].choices is None and channels["ignore_stem"].to_yaml() is True
     plain_channels = {p.name: {q.key: q for q in p.params} for p in plain.passes}["channel_prune"]
     assert "ignore_stem" not in plain_channels
 

@@ -108,6 +108,8 @@ def _keeps_stem(b: Builder, spaces: list[int], ignore_stem: bool | str, stream: 
             return "input stem: the token embedding width (kept by default; set ignore_stem: false to prune it)"
         if stream.intersection(spaces):
             return None
+    if ignore_stem is True:
+        return "input stem (ignore_stem: true)"
     return "input stem (kept by default; set ignore_stem: false to prune it)"
 
 
