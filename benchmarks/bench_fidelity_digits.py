@@ -184,8 +184,12 @@ def main(argv: list[str] | None = None) -> None:
                           f"{base_top1[name]:.2%} → {top1:.2%} | {'passed' if row['verify_passed'] else 'FAILED'}: "
                           f"{row['verify_summary']} | {row['data_source']} | {meth} | {secs:.1f} s |")
     total = time.perf_counter() - t_start
-    table.save(a.result, description=f"{a.images} training images as the PNG `--data` folder; top-1 on the "
-               f"{len(y_te)} test images.")
+    table.save(a.result, description=(
+        f"{a.images} training images written as 8-bit PNGs (32×32, so the loader's resize is the identity; loaded "
+        f"back within 0.5/255) are the `--data` folder (`--no-normalize`: the models take [0, 1]); the pruned models "
+        f"are scored on the {len(y_te)} test images no step has seen. `channel_prune` at each ratio with the "
+        f"defaults of each data source (the method column); on the ViT these include its embedding width "
+        f"(`ignore_stem: auto`). The digits models are trained on first use (benchmarks/digits.py)."))
     result = {"png": png, "test_images": int(len(y_te)), "base_test_top1": base_top1,
               "calibration_samples": CALIBRATION, "verify_samples": VERIFY, "rows": rows,
               "seconds": {"models": round(t_models, 1), "total": round(total, 1)}}

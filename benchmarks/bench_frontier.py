@@ -59,6 +59,11 @@ ROWS: dict[str, list[tuple[str, dict]]] = {
     "tokens 0.9 + channels 20% (defaults)": [("token_drop", {"keep_ratio": 0.9}), (CP, {"ratio": 0.2})],
     "tokens 0.9 + mask flops 20%": [("token_drop", {"keep_ratio": 0.9}), (CP, {"ratio": 0.2, **MASK})],
     "mask flops 20%": [(CP, {"ratio": 0.2, **MASK})],
+    # the embedding width (the residual stream, which the default leaves whole as the input stem's group) pruned too
+    "channels 30%, embedding too": [(CP, {"ratio": 0.3, "ignore_stem": False})],
+    "channels 20%, embedding too": [(CP, {"ratio": 0.2, "ignore_stem": False})],
+    "flops 30%, embedding too": [(CP, {"ratio": 0.3, "target": "flops", "ignore_stem": False})],
+    "flops 40%, embedding too": [(CP, {"ratio": 0.4, "target": "flops", "ignore_stem": False})],
 }
 
 
