@@ -24,6 +24,7 @@ YAML::
         round_to: 8         # kept channel counts are multiples of this
         global: null        # one ranking over all groups instead of the same ratio in each (null: auto)
         ignore: []          # node or initializer names whose groups are left alone
+        ignore_stem: auto   # auto | true | false (auto: prunes a ViT's embedding width, not CNN stems or tokens)
         reconstruct: null   # refit the layers reading pruned channels by least squares (null: auto)
         allocate: auto      # auto | score | sensitivity: group ratios from each group's measured output change
         refit: independent  # independent: every refit reads the original's activations | sequential: the pruned
