@@ -92,7 +92,7 @@ def train_kd(model, teacher, cfg: dict, alpha: float, temperature: float, log) -
 
 
 def _row(name: str, module, ratio: float, epochs: int, lr: float, tmp: Path, log, kd: float = 0.0,
-         temperature: float = 2.0) -> dict:
+         temperature: float = 2.0, ignore_stem: str | None = None) -> dict:
     import torch
 
     import graphprune.torch as gt
@@ -101,7 +101,9 @@ def _row(name: str, module, ratio: float, epochs: int, lr: float, tmp: Path, log
     example = (torch.from_numpy(x_te[:8]),)
     base = digits.evaluate(digits.get_cnn() if name == "cnn" else digits.get_vit(), x_te, y_te)
     t0 = time.perf_counter()
-    res = gt.optimize(module, example, [{"name": "channel_prune", "ratio": ratio}], out=tmp / f"{name}_{ratio}.onnx",
+    stem = {} if ignore_stem is None else {"ignore_stem": {"true": True, "false": False}.get(ignore_stem, ignore_stem)}
+    res = gt.optimize(module, example, [{"name": "channel_prune", "ratio": ratio, **stem}],
+                      out=tmp / f"{name}_{ratio}.onnx",
                       force=True)
     free = digits.evaluate(res.onnx_path, x_te, y_te)
     pruned = gt.apply_plan(module, res.plan, example)
@@ -268,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minilm-texts", type=int, default=512, help="calibration texts to distil on")
     p.add_argument("--minilm-max-length", type=int, default=128, help="tokens per distillation text")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--ignore-stem", choices=["auto", "true", "false"], default=None,
+                   help="channel_prune's ignore_stem for the digits models (default: graphprune.torch.optimize's, "
+                   "which keeps the embedding width; auto prunes the ViT's)")
     add_result_option(p)
     a = p.parse_args(argv)
     rows = []
@@ -287,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} ratio {ratio}: pruning, then {epochs} epochs", flush=True)
                 kd = a.vit_kd if name == "vit" else 0.0
                 rows.append(_row(name, module, ratio, epochs, lr, Path(d), lambda s: print(s, flush=True), kd,
-                                 a.kd_temperature))
+                                 a.kd_temperature, a.ignore_stem))
                 print(json.dumps(rows[-1]), flush=True)
     print()
     table = Table("| model | channels | params kept | metric | original | training-free | fine-tuned | recipe | epochs | "

@@ -3,7 +3,10 @@
 Steps
   1. export with :func:`graphprune.torch.export` (dynamo; parameter names kept) to ``<out stem>.source.onnx``;
   2. a ``channel_prune`` step gets ``folded_biases: false`` (a constant per-head bias folded by the exporter has no
-     module parameter to slice) and, without ``plan_out``, ``<out stem>.plan.json``, so the plan comes back;
+     module parameter to slice), ``ignore_stem: true`` unless the step sets it (a ViT's embedding width is often
+     carried by exporter-made constants, such as CLIP's position table looked up by constant ids, that map to no
+     parameter; ``ignore_stem: auto`` prunes it where they do, as in timm-style ViTs) and, without ``plan_out``,
+     ``<out stem>.plan.json``, so the plan comes back;
   3. :func:`graphprune.optimize` runs the passes, verifies the optimized graph against the export on held-out
      samples (``data``, else synthetic), and writes ``out``;
   4. the module itself runs on the same verification samples: its outputs are compared with the export's
@@ -78,6 +81,10 @@ def _with_plan_out(pipeline, plan_path: Path):
                 cfg = cfg.model_copy(update={"plan_out": str(plan_path)})
             # a folded per-head bias (Swin's relative-position bias) has no module parameter to slice
             cfg = cfg.model_copy(update={"folded_biases": False})
+            if "ignore_stem" not in step.config.model_fields_set:
+                # the embedding width stays whole unless asked for: its tensors may be exporter-made constants
+                # (a position table looked up by constant ids, deduplicated zero biases) that map to no parameter
+                cfg = cfg.model_copy(update={"ignore_stem": True})
             plan_files.append(Path(cfg.plan_out))
             step = Step(step.cls, cfg)
         steps.append(step)
