@@ -90,14 +90,15 @@ def retarget_shapes(gm: torch.fx.GraphModule, value_shapes: list[dict]) -> int:
 def _retarget_norms(gm: torch.fx.GraphModule) -> None:
     """``layer_norm``'s ``normalized_shape`` literal follows its (sliced) weight: a pruned embedding width."""
     changed = False
+    params = dict(gm.named_parameters())
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _NORMS or len(node.args) < 3:
             continue
         w = node.args[2]
-        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
+        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr" and w.target in params):
             continue
-        shape = list(gm.get_parameter(w.target).shape) if w.target in dict(gm.named_parameters()) else None
-        if shape is not None and list(node.args[1]) != shape:
+        shape = list(params[w.target].shape)
+        if list(node.args[1]) != shape:
             node.args = (node.args[0], shape, *node.args[2:])
             changed = True
     if changed:
