@@ -297,3 +297,45 @@ def test_three_d_attention_head_attributes(folder, kind):
     assert all(att.attributes[a].value == 2 for a in names)
     ref = zoo.masked_copy(_three_d_attention_model(kind), json.loads(plan_path.read_text()))
     np.testing.assert_allclose(zoo.run(model, feeds, folder, "a3")[0], zoo.run(ref, feeds, folder, "a4")[0], atol=1e-4)
+
+
+def _twin_token_model() -> ir.Model:
+    """x [B, 4, 6] → MatMul w1 [6 → 8] (the stem); one token [1, 1, 8] expanded to [B, 1, 8] and read twice by the
+    Concat (two zero-initialised class tokens the exporter deduplicated) → [B, 6, 8] → Relu → MatMul w2 [8 → 3]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in [("w1", (6, 8)), ("tok", (1, 1, 8)), ("w2", (8, 3))]]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="stem"),
+             helper.make_node("Shape", ["x"], ["sx"], name="shape", start=0, end=1),
+             helper.make_node("Concat", ["sx", "one_c"], ["tshape"], name="tshape", axis=0),
+             helper.make_node("Expand", ["tok", "tshape"], ["t"], name="expand"),
+             helper.make_node("Concat", ["t", "t", "h"], ["cat"], name="cat", axis=1),
+             helper.make_node("Relu", ["cat"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="head")]
+    inits.append(numpy_helper.from_array(np.array([1, 8], dtype=np.int64), "one_c"))
+    graph = helper.make_graph(nodes, "twin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6, 3])], inits)
+    proto = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                                                ir_version=10))
+    return ir.from_proto(proto)
+
+
+def test_one_token_read_twice_by_a_concat_is_sliced_once(folder):
+    """HF DeiT's class and distillation tokens start as zeros, and the exporter makes them one Expand that the Concat
+    reads twice: the stream stays prunable, the token is sliced once, and the pruned model equals numpy on the kept
+    channels."""
+    model = _twin_token_model()
+    g = [g for g in analyze_channels(model, ignore_stem=False).groups if g.size == 8]
+    assert len(g) == 1 and g[0].prunable, [x.describe() for x in g]
+    plan_path = folder / "twin.json"
+    get_pass("channel_prune")({"ratio": 0.5, "ignore_stem": False, "round_to": 1, "plan_out": str(plan_path)})(model)
+    keep = json.loads(plan_path.read_text())["groups"][0]["keep"]
+    assert len(keep) == 4
+    x = np.random.default_rng(1).standard_normal((2, 4, 6)).astype(np.float32)
+    w = {k: v.const_value.numpy() for k, v in _twin_token_model().graph.initializers.items()}
+    t = np.broadcast_to(w["tok"][..., keep], (2, 1, 4))
+    want = np.maximum(np.concatenate([t, t, x @ w["w1"][:, keep]], axis=1), 0) @ w["w2"][keep]
+    np.testing.assert_allclose(zoo.run(model, {"x": x}, folder, "twin")[0], want, rtol=1e-5, atol=1e-5)

@@ -204,8 +204,10 @@ def _const_member(b: Builder, node: ir.Node, index: int, axis_from_end: int, ato
         src = const_value(p.inputs[0])
         if src.ndim < axis_from_end or src.shape[src.ndim - axis_from_end] != len(atoms):
             return f"{v.name!r} broadcasts a constant to the channel axis"
-        if len(v.uses()) != 1:
+        if any(u.node is not node for u in v.uses()):
             return f"{v.name!r} is also used elsewhere"
+        if index != next(i for i, x in enumerate(node.inputs) if x is v):
+            return None  # read twice by this node (one constant the exporter deduplicated): recorded at the first
         if p.op_type == "Expand":
             shp = _ints(p.inputs[1]) if const_value(p.inputs[1]) is not None else None
             if shp is None:  # Concat of pieces: check the piece at the channel axis
