@@ -56,6 +56,7 @@ class ChannelGroup:
     prunable: bool
     reason: str | None
     kind: str = "channels"  # "channels" | "heads" | "groups" (grouped conv)
+    stem: bool = False  # holds the input stem's channels (what ignore_stem decides on)
 
     @property
     def size(self) -> int:
@@ -161,7 +162,8 @@ def _groups(b: Builder, ignore: set[str], ignore_stem: bool | str, stream: set[i
             reason = "a single channel"
         kinds = {b.kinds[s] for s in spaces}
         kind = "heads" if "heads" in kinds else ("groups" if "groups" in kinds else "channels")
-        groups.append(ChannelGroup(gid, spaces, roots, widths, members, reason is None, reason, kind))
+        groups.append(ChannelGroup(gid, spaces, roots, widths, members, reason is None, reason, kind,
+                                   any(s in b.stem_spaces for s in spaces)))
         for r in roots.tolist():
             group_of_root[r] = gid
     return ChannelAnalysis(groups, b.members, b.count_edits, b.gather_edits, b.costs, root, group_of_root, b.space_nodes,
