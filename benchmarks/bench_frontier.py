@@ -43,6 +43,7 @@ MASK = {"search": "mask", "target": "flops"}
 ROWS: dict[str, list[tuple[str, dict]]] = {
     "channels 20% (defaults)": [(CP, {"ratio": 0.2})],
     "channels 30% (defaults)": [(CP, {"ratio": 0.3})],
+    "channels 40% (defaults)": [(CP, {"ratio": 0.4})],
     "flops 30% (defaults)": [(CP, {"ratio": 0.3, "target": "flops"})],
     "flops 40% (defaults)": [(CP, {"ratio": 0.4, "target": "flops"})],
     "mask flops 30%": [(CP, {"ratio": 0.3, **MASK})],
