@@ -26,8 +26,7 @@ from torch import nn
 
 #: Ops whose floating-point initializer inputs are trained (any input position). Not ``Gather``: an embedding table
 #: would move only the rows of the tokens the distillation texts contain.
-_WEIGHTED = {"MatMul", "Gemm", "Conv", "ConvTranspose", "LayerNormalization", "Add", "Mul",
-             "BatchNormalization", "InstanceNormalization", "GroupNormalization", "RMSNormalization",
+_WEIGHTED = {"MatMul", "Gemm", "Conv", "LayerNormalization", "Add", "Mul", "BatchNormalization", "RMSNormalization",
              "SimplifiedLayerNormalization"}
 
 
@@ -67,14 +66,13 @@ def _slice(node: ir.Node, x, starts, ends, axes=None, steps=None):
     for s, e, a, st in zip(starts, ends, axes, steps):
         a = _axis(a, x.dim())
         n = x.shape[a]
-        if st < 0:  # negative steps: flip, then slice forward
-            lo = max(-1, min(n - 1, e + n if e < 0 else e))
-            hi = max(-1, min(n - 1, s + n if s < 0 else s))
-            x = x.flip(a).narrow(a, n - 1 - hi, hi - lo)[(slice(None),) * a + (slice(None, None, -st),)]
-            continue
-        s = max(0, min(n, s + n if s < 0 else s))
-        e = max(0, min(n, e + n if e < 0 else e))
-        x = x.narrow(a, s, max(0, e - s))[(slice(None),) * a + (slice(None, None, st),)]
+        s, e = s + n if s < 0 else s, e + n if e < 0 else e
+        if st > 0:  # ONNX clamps to [0, n]; a view
+            s, e = max(0, min(n, s)), max(0, min(n, e))
+            x = x.narrow(a, s, max(0, e - s))[(slice(None),) * a + (slice(None, None, st),)]
+        else:  # negative step: start clamped to [0, n - 1], end to [-1, n - 1]
+            s, e = max(0, min(n - 1, s)), max(-1, min(n - 1, e))
+            x = torch.index_select(x, a, torch.arange(s, e, st, dtype=torch.long))
     return x
 
 

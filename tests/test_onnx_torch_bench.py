@@ -75,3 +75,52 @@ def test_an_unsupported_op_is_named_before_anything_runs():
     assert unsupported(model) == ["ai.onnx.Hardmax"]
     with pytest.raises(ValueError, match="Hardmax"):
         OnnxModule(model)
+
+
+def _one_node(op: str, inputs: dict[str, np.ndarray], consts: dict[str, np.ndarray], n_out: int = 1, **attrs):
+    from onnx import helper, numpy_helper
+
+    ins = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in inputs.items()]
+    outs = [helper.make_tensor_value_info(f"y{i}", 0, None) for i in range(n_out)]
+    node = helper.make_node(op, [*inputs, *consts], [o.name for o in outs], **attrs)
+    graph = helper.make_graph([node], "g", ins, outs, [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+_I = np.int64
+_CASES = [
+    ("Slice", {"starts": np.array([-1, 1], _I), "ends": np.array([-100, 2**62], _I), "axes": np.array([1, 0], _I),
+               "steps": np.array([-2, 1], _I)}, 1, {}),
+    ("Slice", {"starts": np.array([7], _I), "ends": np.array([0], _I), "axes": np.array([-1], _I),
+               "steps": np.array([-3], _I)}, 1, {}),
+    ("Expand", {"shape": np.array([2, 1, 1, 5], _I)}, 1, {}),
+    ("Gather", {"idx": np.array([[-1, 0], [2, -3]], _I)}, 1, {"axis": 1}),
+    ("GatherElements", {"idx": np.array([[0, -1, 2, 1, 0], [3, 0, 1, 2, -2], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], _I)},
+     1, {"axis": 0}),
+    ("Split", {}, 2, {"axis": 1, "num_outputs": 2}),
+    ("Split", {"split": np.array([1, 3], _I)}, 2, {"axis": 0}),
+    ("ReduceMean", {"axes": np.array([-1, 0], _I)}, 1, {"keepdims": 0}),
+    ("ReduceL2", {"axes": np.array([1], _I)}, 1, {}),
+    ("Trilu", {"k": np.array(1, _I)}, 1, {"upper": 0}),
+    ("Unsqueeze", {"axes": np.array([-1, 0], _I)}, 1, {}),
+    ("CumSum", {"axis": np.array(-1, _I)}, 1, {}),
+    ("Softmax", {}, 1, {"axis": 0}),
+    ("Transpose", {}, 1, {}),
+    ("Flatten", {}, 1, {"axis": 0}),
+]
+
+
+@pytest.mark.parametrize("op,consts,n_out,attrs", _CASES, ids=[f"{c[0]}{i}" for i, c in enumerate(_CASES)])
+def test_ops_equal_the_onnx_reference_evaluator(op, consts, n_out, attrs):
+    from onnx.reference import ReferenceEvaluator
+
+    x = np.random.default_rng(0).standard_normal((4, 5)).astype(np.float32)
+    if op == "Expand":
+        x = x[:, :1]
+    proto = _one_node(op, {"x": x}, consts, n_out, **attrs)
+    ref = ReferenceEvaluator(proto).run(None, {"x": x})
+    got = _outputs(OnnxModule(ir.from_proto(proto)), {"x": x})
+    assert len(got) == len(ref) == n_out
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape, (g.shape, r.shape)
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
