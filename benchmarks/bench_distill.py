@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import graphprune  # noqa: E402
 from benchmarks import minilm  # noqa: E402
+from benchmarks.bench_finetune import _text_batches  # noqa: E402
 from benchmarks.bench_search import search_pairs  # noqa: E402
 from benchmarks.results import Table, add_result_option  # noqa: E402
 from graphprune.io import load_model, save_model  # noqa: E402
@@ -47,17 +48,6 @@ def scores(model, tok, test) -> tuple[float, float, np.ndarray]:
     s = q @ d.T
     rank = (s > np.diag(s)[:, None]).sum(1)
     return float(np.mean(rank == 0)), float(np.mean(1.0 / (rank + 1))), np.concatenate([q, d])
-
-
-def text_batches(tok, texts: list[str], batch: int, max_length: int, names: list[str]):
-    import torch
-
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: little padding
-    out = []
-    for i in range(0, len(order), batch):
-        feeds = minilm.tokenize(tok, [texts[j] for j in order[i:i + batch]], max_length)
-        out.append([torch.from_numpy(feeds[k]) for k in names])
-    return out
 
 
 def distill_loss(kind: str, emb, target):
@@ -109,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     teacher = OnnxModule(load_model(original))
     names = teacher.input_names
-    batches = text_batches(tok, texts, 16, 128, names)
+    if names != list(minilm.INPUT_NAMES):
+        raise SystemExit(f"{original}: inputs {names}, expected {list(minilm.INPUT_NAMES)}")
+    batches = _text_batches(tok, texts, 16, 128)  # tuples in minilm.INPUT_NAMES order
     with torch.no_grad():
         targets = [torch.nn.functional.normalize(teacher(*b)[0], dim=-1) for b in batches]
     del teacher

@@ -339,9 +339,7 @@ class OnnxModule(nn.Module):
         if bad:
             raise ValueError(f"training runs standard ONNX ops only; this model has {', '.join(bad[:6])}"
                               + (f" and {len(bad) - 6} more" if len(bad) > 6 else ""))
-        self.graph = model.graph
         self.params = nn.ParameterDict()
-        self._param_of: dict[int, str] = {}
         self._const: dict[int, torch.Tensor] = {}
         self._dtypes: dict[str, np.dtype] = {}
         self._names: dict[str, ir.Value] = {}
@@ -351,7 +349,6 @@ class OnnxModule(nn.Module):
             if np.issubdtype(arr.dtype, np.floating) and arr.size > 1 and pick(v):
                 key = f"p{i}"
                 self.params[key] = nn.Parameter(torch.from_numpy(np.array(arr, dtype=np.float32)))
-                self._param_of[id(v)] = key
                 self._dtypes[key] = arr.dtype
                 self._names[key] = v
             else:
@@ -362,7 +359,8 @@ class OnnxModule(nn.Module):
                 self._const[id(node.outputs[0])] = torch.from_numpy(np.array(ir.convenience.get_const_tensor(node.outputs[0]).numpy()))
                 continue
             self._run.append((node, _custom(node) if node.domain == DOMAIN else _OPS[node.op_type]))
-        self._inputs = [v for v in model.graph.inputs if id(v) not in self._param_of and id(v) not in self._const]
+        trained = {id(v) for v in self._names.values()}
+        self._inputs = [v for v in model.graph.inputs if id(v) not in trained and id(v) not in self._const]
         self._outputs = list(model.graph.outputs)
 
     @property
